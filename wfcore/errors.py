@@ -1,0 +1,15 @@
+"""User-facing errors: the CLI prints them as one line, without a traceback."""
+
+from __future__ import annotations
+
+
+class WfcoreError(Exception):
+    """An error caused by the user's input (config, files, plugins), not by a bug."""
+
+
+class ConfigError(WfcoreError):
+    """A config key is unknown, or its value is invalid."""
+
+
+class PluginError(WfcoreError):
+    """A plugin failed to load, or two plugins clash."""

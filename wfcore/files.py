@@ -1,0 +1,47 @@
+"""Atomic file writes: a temporary file in the same directory, then a rename.
+
+A reader (or a crash) never sees a half-written report or checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _atomic(path: str | Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return _atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    return _atomic(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only."""
+    return torch.load(path, map_location=map_location, weights_only=True)

@@ -1,0 +1,101 @@
+"""Every wfcore hook. Plugins implement them with ``@wfcore.hookimpl``.
+
+Registration hooks return ``{name: factory}``. A factory is called with the component's
+validated options; it may carry an ``Options`` dataclass attribute, against which the
+config section is validated. Call hooks with keyword arguments only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("wfcore")
+
+
+@hookspec
+def wfcore_estimators() -> dict[str, Any]:
+    """Register Hessian estimators: ``{name: factory(options) -> HessianEstimator}``.
+
+    All results are collected; one name registered by two plugins is an error.
+    """
+
+
+@hookspec
+def wfcore_scorers() -> dict[str, Any]:
+    """Register saliency scorers: ``{name: factory(options) -> Scorer}``.
+
+    All results are collected; one name registered by two plugins is an error.
+    """
+
+
+@hookspec
+def wfcore_allocators() -> dict[str, Any]:
+    """Register sparsity allocators: ``{name: factory(options) -> Allocator}``.
+
+    All results are collected; one name registered by two plugins is an error.
+    """
+
+
+@hookspec
+def wfcore_schedulers() -> dict[str, Any]:
+    """Register pruning schedules: ``{name: factory(options) -> Scheduler}``.
+
+    All results are collected; one name registered by two plugins is an error.
+    """
+
+
+@hookspec
+def wfcore_exporters() -> dict[str, Any]:
+    """Register exporters: ``{name: factory(options) -> Exporter}``.
+
+    All results are collected; one name registered by two plugins is an error.
+    """
+
+
+@hookspec
+def wfcore_models() -> dict[str, Any]:
+    """Register models: ``{name: factory(options, num_classes, input_shape) -> nn.Module}``.
+
+    A name ending in ``:`` is a prefix: ``torchvision:`` serves ``torchvision:resnet50`` and
+    its factory receives ``target="resnet50"`` as well. All results are collected; one name
+    registered by two plugins is an error.
+    """
+
+
+@hookspec
+def wfcore_datasets() -> dict[str, Any]:
+    """Register data sets: ``{name: factory(options, data) -> DataBundle}``.
+
+    ``data`` is the resolved ``data`` config section (root, batch_size, ...). Prefix names
+    work as for models. All results are collected; one name registered by two plugins is
+    an error.
+    """
+
+
+@hookspec
+def wfcore_step_start(step: Any, run_dir: str) -> None:
+    """Called before a pruning step runs.
+
+    ``step`` is the scheduler's ``PruneStep``; ``run_dir`` the run directory.
+    All implementations are called; results are ignored.
+    """
+
+
+@hookspec
+def wfcore_step_end(step: Any, record: dict, run_dir: str) -> None:
+    """Called after a pruning step was evaluated.
+
+    ``step`` is the ``PruneStep``; ``record`` the step's entry of report.json ``steps``.
+    All implementations are called; results are ignored.
+    """
+
+
+@hookspec
+def wfcore_run_end(report: dict, run_dir: str) -> None:
+    """Called once the run's report is written.
+
+    ``report`` is the content of report.json. All implementations are called; results
+    are ignored.
+    """

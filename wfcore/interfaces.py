@@ -1,0 +1,149 @@
+"""The contracts every plugin implements.
+
+Tensors are passed as ``{param_name: tensor}`` dicts in the order of the prunable
+parameters, so that a curvature may couple layers (one block over all of them).
+Masks are boolean tensors, True where a weight is kept.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from wfcore.gradients import GradientSampler
+    from wfcore.masks import Masks
+
+Tensors = dict[str, torch.Tensor]
+
+UPDATE_MODES = ("independent", "joint")
+
+
+@dataclass
+class DataBundle:
+    """What a data set plugin gives: train and test sets and the input they produce."""
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]  # one sample, without the batch dimension
+
+
+@dataclass
+class PruningProblem:
+    """What an estimator sees: the model, its prunable parameters and their gradients."""
+
+    model: nn.Module
+    params: dict[str, nn.Parameter]  # prunable parameters, in a fixed order
+    masks: Masks
+    sampler: GradientSampler  # m gradients of the masked weights, (m, d)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    device: torch.device
+
+    def weights(self) -> Tensors:
+        """Detached copies of the prunable weights."""
+        return {name: p.detach().clone() for name, p in self.params.items()}
+
+
+class Curvature(ABC):
+    """An estimate of the inverse Hessian over the prunable parameters."""
+
+    @abstractmethod
+    def inverse_diagonal(self) -> Tensors:
+        """diag(F^-1), one tensor of each parameter's shape."""
+
+    @abstractmethod
+    def inverse_mul(self, v: Tensors) -> Tensors:
+        """F^-1 v."""
+
+    def prune_update(self, prune_mask: Tensors, w: Tensors, mode: str) -> Tensors:
+        """The OBS weight change that removes the weights where ``prune_mask`` is True.
+
+        ``independent``: the sum of single-weight OBS updates,
+        dw = -F^-1 sum_q e_q w_q / [F^-1]_qq. ``joint``: the exact OBS solution for the
+        whole pruned set, -F^-1 E_Q (E_Q^T F^-1 E_Q)^-1 w_Q; curvatures that can solve it
+        override this method.
+        """
+        if mode == "independent":
+            diag = self.inverse_diagonal()
+            u = {n: torch.where(prune_mask[n], w[n] / diag[n], torch.zeros_like(w[n])) for n in w}
+            return {n: -dv for n, dv in self.inverse_mul(u).items()}
+        if mode == "joint":
+            raise NotImplementedError(
+                f"{type(self).__name__} has no joint OBS update; use scorer.update=independent"
+            )
+        raise ValueError(f"unknown update mode {mode!r}; expected one of {UPDATE_MODES}")
+
+
+class HessianEstimator(ABC):
+    """Builds a Curvature from a PruningProblem."""
+
+    needs_gradients: bool = True
+
+    @abstractmethod
+    def fit(self, problem: PruningProblem) -> Curvature:
+        """Estimate the curvature at the problem's current (masked) weights."""
+
+
+class Scorer(ABC):
+    """Per-weight saliency, and the weight update that goes with removing weights."""
+
+    needs_gradient: bool = False  # first-order scorers get the mean gradient
+
+    @abstractmethod
+    def scores(self, weights: Tensors, curvature: Curvature, gradient: Tensors | None) -> Tensors:
+        """One finite saliency per weight: the loss increase of removing it (lower goes first)."""
+
+    def update(
+        self,
+        weights: Tensors,
+        curvature: Curvature,
+        prune_mask: Tensors,
+        gradient: Tensors | None,
+    ) -> Tensors | None:
+        """The change to apply to the weights when ``prune_mask`` is removed; None: mask only."""
+        return None
+
+
+class Allocator(ABC):
+    """Turns scores into masks for a target sparsity over all prunable weights."""
+
+    @abstractmethod
+    def allocate(self, scores: Tensors, masks: Tensors, target: float) -> Tensors:
+        """New keep-masks. Already pruned weights (False in ``masks``) stay pruned."""
+
+
+@dataclass
+class PruneStep:
+    """One pruning step of a schedule, evaluated and recorded on its own."""
+
+    index: int
+    target_sparsity: float
+    substeps: list[float] = field(default_factory=list)  # sparsity after each sub-step
+    from_dense: bool = False  # restart from the dense model (one-shot sweeps)
+    finetune_epochs: int = 0  # fine-tuning after the step, masks held fixed
+
+    def __post_init__(self) -> None:
+        if not self.substeps:
+            self.substeps = [self.target_sparsity]
+
+
+class Scheduler(ABC):
+    """Plans the pruning steps of a run."""
+
+    @abstractmethod
+    def plan(self) -> list[PruneStep]:
+        """The steps, in order. Deterministic: a resumed run re-plans and skips done steps."""
+
+
+class Exporter(ABC):
+    """Turns a pruned model into an artefact and checks it."""
+
+    @abstractmethod
+    def export(self, model: nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:
+        """Write the artefact to ``path``; return what was checked (for the report)."""

@@ -1,0 +1,277 @@
+"""run(config): model -> data -> dense -> pruning steps -> report -> export."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from wfcore import config as config_mod
+from wfcore import files, manager
+from wfcore.errors import ConfigError, WfcoreError
+from wfcore.gradients import GradientSampler
+from wfcore.interfaces import (
+    Allocator,
+    DataBundle,
+    Exporter,
+    HessianEstimator,
+    PruneStep,
+    PruningProblem,
+    Scheduler,
+    Scorer,
+)
+from wfcore.masks import Masks, select_params
+from wfcore.report import Report
+from wfcore.training import evaluate, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    estimator: HessianEstimator
+    scorer: Scorer
+    allocator: Allocator
+    scheduler: Scheduler
+    exporter: Exporter | None
+
+
+def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
+    """The component that ``cfg[section]`` names, built from its validated options."""
+    kind = config_mod.COMPONENT_KINDS[section]
+    entry, extra = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
+    options = config_mod.component_options(section, cfg, entry.options_class)
+    return entry.factory(options, **extra)
+
+
+def build_components(cfg: DictConfig, plugins: manager.Plugins) -> Components:
+    made = {s: instantiate(cfg, s, plugins) for s in ("estimator", "scorer", "allocator",
+                                                     "scheduler")}
+    exporter = instantiate(cfg, "export", plugins) if cfg.export is not None else None
+    return Components(exporter=exporter, **made)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config key 'device': '{name}' is not a device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': '{name}' asked for, but CUDA is not available")
+    return device
+
+
+def load_data(cfg: DictConfig, plugins: manager.Plugins) -> DataBundle:
+    entry, extra = plugins.registry("datasets").lookup(cfg.data.name, "data.name")
+    options = config_mod.validate_options("data.options", config_mod.to_dict(cfg.data.options),
+                                          entry.options_class)
+    return entry.factory(options, cfg.data, **extra)
+
+
+def build_model(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) -> nn.Module:
+    entry, extra = plugins.registry("models").lookup(cfg.model.name, "model.name")
+    options = config_mod.validate_options("model.options", config_mod.to_dict(cfg.model.options),
+                                          entry.options_class)
+    torch.manual_seed(cfg.seed)
+    return entry.factory(options, num_classes=data.num_classes, input_shape=data.input_shape,
+                         **extra)
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("WFCORE_CACHE") or "~/.cache/wfcore"
+    return Path(root).expanduser()
+
+
+def dense_cache_path(cfg: DictConfig) -> Path:
+    """Where the dense model trained for this model/data/train config is cached."""
+    key = config_mod.digest(cfg.model.name, cfg.model.options, cfg.data.name, cfg.data.root,
+                            cfg.data.options, cfg.data.batch_size, cfg.train, cfg.seed)
+    stem = f"{cfg.model.name}-{cfg.data.name}".replace(":", "_").replace("/", "_")
+    return cache_dir(cfg) / "dense" / f"{stem}-{key}.pt"
+
+
+def load_state(model: nn.Module, path: Path, what: str) -> None:
+    if not path.is_file():
+        raise WfcoreError(f"{what}: file not found: {path}")
+    try:
+        state = files.load_torch(path)
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise WfcoreError(f"{what}: cannot load {path}: {str(exc).splitlines()[0]}") from None
+
+
+def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: torch.device,
+                loss_fn: nn.Module) -> str:
+    """Load or train the dense model in place; returns where it came from."""
+    if cfg.model.checkpoint:
+        load_state(model, Path(cfg.model.checkpoint).expanduser(), "model.checkpoint")
+        return str(cfg.model.checkpoint)
+    path = dense_cache_path(cfg)
+    if path.is_file():
+        log.info("dense model: cached %s", path)
+        load_state(model, path, "dense model cache")
+        return str(path)
+    log.info("dense model: training %s for %d epochs", cfg.model.name, cfg.train.epochs)
+    train(model, data.train, cfg.train, epochs=cfg.train.epochs, batch_size=cfg.data.batch_size,
+          loss_fn=loss_fn, device=device, seed=cfg.seed, num_workers=cfg.data.num_workers,
+          desc="dense")
+    files.save_torch(path, {k: v.cpu() for k, v in model.state_dict().items()})
+    log.info("dense model cached at %s", path)
+    return str(path)
+
+
+class Pruning:
+    """One pruning run: the model, its masks, and how to prune it to a target."""
+
+    def __init__(self, cfg: DictConfig, plugins: manager.Plugins, components: Components,
+                 run_dir: Path):
+        self.cfg = cfg
+        self.plugins = plugins
+        self.c = components
+        self.run_dir = run_dir
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = load_data(cfg, plugins)
+        self.model = build_model(cfg, plugins, self.data).to(self.device)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.dense_source = dense_model(cfg, self.model, self.data, self.device, self.loss_fn)
+        self.params = select_params(self.model, cfg.model.params)
+        if not self.params:
+            raise ConfigError("config key 'model.params': no prunable parameters selected")
+        self.masks = Masks(self.params)
+        self.dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        fisher = cfg.fisher
+        self.sampler = GradientSampler(
+            self.model, self.params, self.masks.keep, self.data.train, self.loss_fn,
+            num_grads=fisher.num_grads, grad_batch=fisher.grad_batch, labels=fisher.labels,
+            seed=cfg.seed, device=self.device)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.data.test, batch_size=self.cfg.data.batch_size,
+                        loss_fn=self.loss_fn, device=self.device,
+                        num_workers=self.cfg.data.num_workers)
+
+    def restore_dense(self) -> None:
+        self.model.load_state_dict(self.dense_state)
+        self.masks.reset()
+
+    def prune_to(self, target: float, timings: dict[str, float]) -> None:
+        """Estimate, score, allocate and update: the model ends at ``target`` sparsity."""
+        c, sampler = self.c, self.sampler
+        sampler.seconds, sampler.last = 0.0, None
+        problem = PruningProblem(self.model, self.params, self.masks, sampler, self.loss_fn,
+                                 self.device)
+        start = time.perf_counter()
+        curvature = c.estimator.fit(problem)
+        gradient = sampler.mean_gradient() if c.scorer.needs_gradient else None
+        timings["gradients"] += sampler.seconds
+        timings["estimate"] += time.perf_counter() - start - sampler.seconds
+        start = time.perf_counter()
+        weights = problem.weights()
+        scores = c.scorer.scores(weights, curvature, gradient)
+        for n, s in scores.items():
+            if s.shape != weights[n].shape or not torch.isfinite(s[self.masks.keep[n]]).all():
+                raise WfcoreError(f"scorer '{self.cfg.scorer.name}' gave non-finite or "
+                                  f"misshapen scores for '{n}'")
+        new_keep = c.allocator.allocate(scores, dict(self.masks.keep), target)
+        prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
+        update = c.scorer.update(weights, curvature, prune_mask, gradient)
+        if update is not None:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.add_(update[n].to(device=p.device, dtype=p.dtype))
+        self.masks.set(new_keep)
+        sampler.last = None
+        timings["prune"] += time.perf_counter() - start
+
+    def finetune(self, epochs: int, seed: int) -> None:
+        train(self.model, self.data.train, self.cfg.train, epochs=epochs,
+              batch_size=self.cfg.data.batch_size, loss_fn=self.loss_fn, device=self.device,
+              seed=seed, masks=self.masks, num_workers=self.cfg.data.num_workers,
+              desc="fine-tune")
+
+    def run_step(self, step: PruneStep) -> dict[str, Any]:
+        """Run one step of the plan and return its report record."""
+        timings = dict.fromkeys(("gradients", "estimate", "prune", "finetune", "evaluate"), 0.0)
+        if step.from_dense:
+            self.restore_dense()
+        for target in step.substeps:
+            self.prune_to(target, timings)
+        if step.finetune_epochs:
+            start = time.perf_counter()
+            self.finetune(step.finetune_epochs, seed=self.cfg.seed + 1000 + step.index)
+            timings["finetune"] = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics = self.evaluate()
+        timings["evaluate"] = time.perf_counter() - start
+        return {
+            "index": step.index,
+            "target_sparsity": step.target_sparsity,
+            "sparsity": self.masks.sparsity(),
+            "accuracy": metrics["accuracy"],
+            "loss": metrics["loss"],
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "layers": self.masks.layer_sparsity(),
+        }
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def prepare_run_dir(cfg: DictConfig, force: bool = False) -> Path:
+    run_dir = Path(cfg.output or Path("runs") / cfg.name).expanduser()
+    report = run_dir / "report.json"
+    if report.is_file() and not force:
+        import json
+
+        try:
+            finished = json.loads(report.read_text()).get("finished", False)
+        except ValueError:
+            finished = False
+        if finished:
+            raise WfcoreError(f"{run_dir} holds a finished run; use --force to overwrite it "
+                              "or choose another output=")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def run(cfg: DictConfig, *, force: bool = False,
+        plugins: manager.Plugins | None = None) -> dict[str, Any]:
+    """Run the whole pipeline for a loaded config; returns the report."""
+    plugins = plugins or manager.build(cfg.plugins)
+    components = build_components(cfg, plugins)
+    plan = components.scheduler.plan()
+    run_dir = prepare_run_dir(cfg, force)
+    files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
+    pruning = Pruning(cfg, plugins, components, run_dir)
+    files.save_torch(run_dir / "dense.pt", pruning.model_state())
+    dense = pruning.evaluate()
+    report = Report(run_dir, config_mod.to_dict(cfg))
+    report.set_dense(accuracy=dense["accuracy"], loss=dense["loss"],
+                     params=sum(p.numel() for p in pruning.model.parameters()),
+                     prunable=pruning.masks.numel(), source=pruning.dense_source)
+    log.info("dense: top-1 %.4f, loss %.4f", dense["accuracy"], dense["loss"])
+    for step in plan:
+        plugins.hook.wfcore_step_start(step=step, run_dir=str(run_dir))
+        record = pruning.run_step(step)
+        files.save_torch(run_dir / f"model_step{step.index}.pt", pruning.model_state())
+        report.add_step(record)
+        log.info("step %d: sparsity %.4f (target %.4f), top-1 %.4f", step.index,
+                 record["sparsity"], step.target_sparsity, record["accuracy"])
+        plugins.hook.wfcore_step_end(step=step, record=record, run_dir=str(run_dir))
+    if components.exporter is not None:
+        example = pruning.data.test[0][0].unsqueeze(0)
+        report.data["export"] = components.exporter.export(
+            pruning.model.cpu().eval(), example, str(run_dir / "model.onnx"))
+    report.finish()
+    plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir))
+    return report.data

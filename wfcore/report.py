@@ -1,0 +1,108 @@
+"""report.json, report.md and the accuracy-vs-sparsity plot of a run directory.
+
+The files are rewritten atomically after each step, so an interrupted run still has a
+valid report of the steps it finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from wfcore import files
+
+TIMING_KEYS = ("gradients", "estimate", "prune", "finetune", "evaluate")
+
+
+class Report:
+    def __init__(self, run_dir: str | Path, config: dict[str, Any]):
+        self.run_dir = Path(run_dir)
+        self.data: dict[str, Any] = {"name": config.get("name"), "config": config,
+                                     "dense": {}, "steps": [], "finished": False}
+
+    def set_dense(self, **values: Any) -> None:
+        self.data["dense"] = values
+        self.write()
+
+    def add_step(self, record: dict[str, Any]) -> None:
+        self.data["steps"].append(record)
+        self.write()
+
+    def finish(self) -> None:
+        self.data["finished"] = True
+        self.write()
+        plot_accuracy(self.data, self.run_dir / "accuracy_vs_sparsity.png")
+
+    def write(self) -> None:
+        files.write_json(self.run_dir / "report.json", self.data)
+        files.write_text(self.run_dir / "report.md", markdown(self.data))
+
+
+def table(report: dict[str, Any]) -> str:
+    """The steps as a Markdown table, dense first."""
+    dense = report.get("dense", {})
+    rows = ["| step | target | sparsity | top-1 | loss | seconds |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    if dense:
+        rows.append(f"| dense | - | 0.00% | {dense['accuracy']:.2%} | {dense['loss']:.4f} | - |")
+    for s in report.get("steps", []):
+        seconds = sum(s["timings"].get(k, 0.0) for k in TIMING_KEYS)
+        rows.append(f"| {s['index']} | {s['target_sparsity']:.2%} | {s['sparsity']:.2%} | "
+                    f"{s['accuracy']:.2%} | {s['loss']:.4f} | {seconds:.1f} |")
+    return "\n".join(rows)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg = report.get("config", {})
+    lines = [f"# {report.get('name')}", ""]
+    for key in ("estimator", "scorer", "allocator", "scheduler"):
+        section = cfg.get(key) or {}
+        opts = ", ".join(f"{k}={v}" for k, v in section.items() if k != "name")
+        lines.append(f"- **{key}**: {section.get('name')}" + (f" ({opts})" if opts else ""))
+    model, data = cfg.get("model", {}), cfg.get("data", {})
+    lines.append(f"- **model**: {model.get('name')} on {data.get('name')}")
+    dense = report.get("dense", {})
+    if dense:
+        lines.append(f"- **prunable weights**: {dense.get('prunable')} of {dense.get('params')}")
+    lines += ["", table(report), ""]
+    steps = report.get("steps", [])
+    if steps:
+        last = steps[-1]
+        lines += [f"## Layers at step {last['index']}", "", "| parameter | weights | sparsity |",
+                  "|---|---:|---:|"]
+        lines += [f"| {n} | {v['numel']} | {v['sparsity']:.2%} |"
+                  for n, v in last["layers"].items()]
+        lines.append("")
+    if not report.get("finished"):
+        lines.append("_Run in progress or interrupted._\n")
+    return "\n".join(lines)
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> Path | None:
+    """Top-1 against sparsity for the run's steps, the dense accuracy dashed."""
+    steps = report.get("steps", [])
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [100 * s["sparsity"] for s in steps]
+    ys = [100 * s["accuracy"] for s in steps]
+    ax.plot(xs, ys, marker="o", label=report["config"]["estimator"]["name"])
+    dense = report.get("dense", {})
+    if dense:
+        ax.axhline(100 * dense["accuracy"], ls="--", color="gray", label="dense")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(str(report.get("name")))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
