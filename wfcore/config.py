@@ -131,7 +131,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
         value = cfg[section]
         if value is None:
             continue
-        if not isinstance(value, DictConfig) or "name" not in value:
+        if not isinstance(value, DictConfig) or value.get("name") is None:
             raise ConfigError(f"config key '{section}' needs a 'name'")
     return cfg
 

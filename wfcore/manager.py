@@ -131,9 +131,13 @@ def _register(pm: pluggy.PluginManager, module: ModuleType | object, name: str) 
     try:
         pm.register(module, name=name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin '{name}' is invalid: {exc}") from None
+        raise PluginError(f"plugin '{name}' is invalid: {_one_line(exc)}") from None
     except ValueError as exc:  # already registered under another name, or name taken
         raise PluginError(f"plugin '{name}' could not be registered: {exc}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def _import(module_name: str, what: str) -> ModuleType:
@@ -172,7 +176,7 @@ def build(extra_modules: Iterable[str] = (), extra_plugins: Iterable[tuple[str, 
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"unknown hook: {exc}") from None
+        raise PluginError(f"unknown hook: {_one_line(exc)}") from None
     return Plugins(pm, sources)
 
 

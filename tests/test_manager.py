@@ -1,0 +1,110 @@
+"""The plugin manager: inline plugins, duplicates, invalid hooks, registries."""
+
+from __future__ import annotations
+
+import pytest
+
+import wfcore
+from wfcore import manager
+from wfcore.errors import ConfigError, PluginError
+
+
+class ScorerPlugin:
+    @wfcore.hookimpl
+    def wfcore_scorers(self):
+        return {"my_scorer": lambda options: "made"}
+
+
+class ObsAgain:
+    @wfcore.hookimpl
+    def wfcore_scorers(self):
+        return {"obs": lambda options: None}
+
+
+class WrongArgument:
+    @wfcore.hookimpl
+    def wfcore_step_end(self, step, recrod, run_dir):  # misspelt argument
+        pass
+
+
+class UnknownHook:
+    @wfcore.hookimpl
+    def wfcore_scorer(self):  # no such hook (singular)
+        return {}
+
+
+class NotADict:
+    @wfcore.hookimpl
+    def wfcore_allocators(self):
+        return ["global"]
+
+
+def test_builtins_register_every_kind():
+    plugins = manager.build()
+    names = {kind: plugins.registry(kind).names() for kind in manager.KINDS}
+    for kind, name in [("estimators", "magnitude"), ("scorers", "obs"), ("allocators", "global"),
+                       ("allocators", "uniform"), ("schedulers", "oneshot"), ("models", "mlpnet"),
+                       ("models", "mnist_cnn"), ("datasets", "mnist5k")]:
+        assert name in names[kind]
+    assert plugins.info["models"].source == "built-in"
+
+
+def test_inline_plugin_registers_and_is_found():
+    plugins = manager.build(extra_plugins=[("mine", ScorerPlugin())])
+    entry, extra = plugins.registry("scorers").lookup("my_scorer", "scorer.name")
+    assert entry.plugin == "mine" and extra == {}
+    assert entry.factory(None) == "made"
+    assert plugins.info["mine"].registers == {"scorers": ["my_scorer"]}
+
+
+def test_duplicate_name_names_both_plugins():
+    with pytest.raises(PluginError) as err:
+        manager.build(extra_plugins=[("obs_again", ObsAgain())])
+    msg = str(err.value)
+    assert "'obs'" in msg and "'scorers'" in msg and "'obs_again'" in msg
+
+
+def test_hook_with_wrong_argument_name_is_rejected():
+    with pytest.raises(PluginError, match="wrong_arg.*recrod"):
+        manager.build(extra_plugins=[("wrong_arg", WrongArgument())])
+
+
+def test_unknown_hook_is_rejected():
+    with pytest.raises(PluginError, match="wfcore_scorer"):
+        manager.build(extra_plugins=[("unknown_hook", UnknownHook())])
+
+
+def test_registration_must_return_a_dict():
+    with pytest.raises(PluginError, match="not_a_dict.*must return a dict"):
+        manager.build(extra_plugins=[("not_a_dict", NotADict())])
+
+
+def test_unknown_name_lists_registered():
+    plugins = manager.build()
+    with pytest.raises(ConfigError) as err:
+        plugins.registry("schedulers").lookup("nope", "scheduler.name")
+    assert "scheduler.name" in str(err.value) and "oneshot" in str(err.value)
+
+
+def test_prefix_names_pass_the_target():
+    plugins = manager.build()
+    entry, extra = plugins.registry("models").lookup("torchvision:resnet18", "model.name")
+    assert entry.name == "torchvision:" and extra == {"target": "resnet18"}
+
+
+def test_missing_config_plugin_module_names_the_key():
+    with pytest.raises(PluginError, match="plugins.*no_such_module_xyz"):
+        manager.build(["no_such_module_xyz"])
+
+
+def test_event_hooks_are_called_with_keywords():
+    seen = []
+
+    class Listener:
+        @wfcore.hookimpl
+        def wfcore_run_end(self, report, run_dir):
+            seen.append((report["name"], run_dir))
+
+    plugins = manager.build(extra_plugins=[("listener", Listener())])
+    plugins.hook.wfcore_run_end(report={"name": "x"}, run_dir="d")
+    assert seen == [("x", "d")]

@@ -1,0 +1,103 @@
+"""End to end on mnist5k with MLPNet and magnitude pruning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wfcore import cli
+
+ROOT = Path(__file__).parents[1]
+CONFIG = ROOT / "configs" / "mnist_mlpnet.yaml"
+FIXTURE = ROOT / "tests" / "fixtures" / "wfcore-dense-first"
+
+
+def prune(tmp_path: Path, *overrides: str) -> dict:
+    out = tmp_path / "run"
+    code = cli.main(["-q", "prune", str(CONFIG), "estimator.name=magnitude", "scorer.update=none",
+                     "scheduler.name=oneshot", "scheduler.sparsities=[0.5,0.9]", f"output={out}",
+                     *overrides])
+    assert code == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("allocator", ["global", "uniform"])
+def test_magnitude_oneshot_reaches_targets(tmp_path, allocator):
+    report = prune(tmp_path, f"allocator.name={allocator}")
+    assert report["dense"]["accuracy"] >= 0.90
+    assert report["finished"] is True
+    assert [s["target_sparsity"] for s in report["steps"]] == [0.5, 0.9]
+    for step in report["steps"]:
+        assert abs(step["sparsity"] - step["target_sparsity"]) <= 0.001
+        assert set(step["timings"]) == {"gradients", "estimate", "prune", "finetune", "evaluate"}
+        assert 0.0 <= step["accuracy"] <= 1.0
+    run = tmp_path / "run"
+    for name in ("report.md", "config.yaml", "dense.pt", "model_step0.pt", "model_step1.pt",
+                 "accuracy_vs_sparsity.png"):
+        assert (run / name).is_file(), name
+    # The saved model has exactly the reported zeros in its prunable weights.
+    state = torch.load(run / "model_step1.pt", weights_only=True)
+    layers = report["steps"][1]["layers"]
+    zeros = sum(int((state[n] == 0).sum()) for n in layers)
+    assert zeros == round(sum(v["sparsity"] * v["numel"] for v in layers.values()))
+
+
+def test_dense_model_is_cached(tmp_path):
+    first = prune(tmp_path / "a")
+    second = prune(tmp_path / "b")
+    assert second["dense"]["source"] == first["dense"]["source"]
+    assert second["dense"]["accuracy"] == first["dense"]["accuracy"]
+
+
+def test_finished_run_is_not_overwritten(tmp_path, capsys):
+    prune(tmp_path)
+    code = cli.main(["prune", str(CONFIG), "estimator.name=magnitude",
+                     "scheduler.sparsities=[0.5]", f"output={tmp_path / 'run'}"])
+    assert code == 2
+    assert "--force" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def third_party_site(tmp_path_factory) -> Path:
+    """The fixture plugin package, installed with pip into its own directory."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--no-build-isolation", "--target", str(target), str(FIXTURE)],
+                   check=True, capture_output=True)
+    return target
+
+
+def wfcore_subprocess(site: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(site))
+    return subprocess.run([sys.executable, "-m", "wfcore.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_third_party_plugin_is_listed_and_used(third_party_site, tmp_path):
+    listing = wfcore_subprocess(third_party_site, "plugins")
+    assert listing.returncode == 0, listing.stderr
+    out = listing.stdout
+    assert "wfcore-dense-first:dense_first" in out and "entry point (wfcore-dense-first)" in out
+    assert "allocators: dense_first" in out
+    for name in ("magnitude", "obs", "global", "uniform", "oneshot", "mlpnet", "mnist_cnn",
+                 "mnist5k"):
+        assert name in out
+
+    run = tmp_path / "run"
+    result = wfcore_subprocess(
+        third_party_site, "-q", "prune", str(CONFIG), "estimator.name=magnitude",
+        "scorer.update=none", "scheduler.name=oneshot", "scheduler.sparsities=[0.8]",
+        "allocator.name=dense_first", "allocator.keep=[fc1.*]", f"output={run}")
+    assert result.returncode == 0, result.stderr
+    layers = json.loads((run / "report.json").read_text())["steps"][0]["layers"]
+    assert layers["fc1.weight"]["sparsity"] == 0.0
+    assert layers["fc2.weight"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    bad = wfcore_subprocess(third_party_site, "prune", str(CONFIG), "allocator.name=dense_first",
+                            "allocator.kepe=[x]", f"output={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "allocator.kepe" in bad.stderr
