@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,8 +68,9 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys):
 def third_party_site(tmp_path_factory) -> Path:
     """The fixture plugin package, installed with pip into its own directory."""
     target = tmp_path_factory.mktemp("site")
+    source = shutil.copytree(FIXTURE, tmp_path_factory.mktemp("src") / FIXTURE.name)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    "--no-build-isolation", "--target", str(target), str(FIXTURE)],
+                    "--no-build-isolation", "--target", str(target), str(source)],
                    check=True, capture_output=True)
     return target
 
