@@ -140,7 +140,7 @@ def imagefolder(options: ImageOptions, data) -> DataBundle:
     split_dirs = {"train": root / "train"}
     split_dirs["test"] = next((root / s for s in ("val", "test") if (root / s).is_dir()),
                               root / "val")
-    for split, path in split_dirs.items():
+    for path in split_dirs.values():
         if not path.is_dir():
             raise ConfigError(f"data.root: imagefolder needs {path} (one folder per class)")
     size = options.image_size

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from wfcore import hookimpl
 from wfcore.errors import ConfigError

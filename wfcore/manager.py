@@ -112,7 +112,8 @@ class Plugins:
                 try:
                     result = impl.function()
                 except Exception as exc:  # a plugin's own failure: name the plugin
-                    raise PluginError(f"plugin '{plugin_name}' failed in wfcore_{kind}: {exc}")
+                    raise PluginError(
+                        f"plugin '{plugin_name}' failed in wfcore_{kind}: {exc}") from exc
                 if not isinstance(result, dict):
                     raise PluginError(
                         f"plugin '{plugin_name}': wfcore_{kind} must return a dict "
@@ -147,7 +148,10 @@ def _import(module_name: str, what: str) -> ModuleType:
         raise PluginError(f"{what}: cannot import plugin module '{module_name}': {exc}") from None
 
 
-def build(extra_modules: Iterable[str] = (), extra_plugins: Iterable[tuple[str, object]] = ()) -> Plugins:
+def build(
+    extra_modules: Iterable[str] = (),
+    extra_plugins: Iterable[tuple[str, object]] = (),
+) -> Plugins:
     """Load every plugin: entry points of group ``wfcore``, then ``extra_modules`` (config
     ``plugins:``), then ``extra_plugins`` ((name, object) pairs, for tests and embedding).
     """
