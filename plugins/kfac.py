@@ -1,0 +1,327 @@
+"""K-FAC: the Fisher of each Linear / Conv2d weight as a Kronecker product of two factors.
+
+For a layer s = W a (W of shape (out, in); a Conv2d weight (out, C, kh, kw) acts on the
+(C*kh*kw,) input patches), the gradient of one sample is g a^T with g = dL/ds, and
+F ~ A (x) G with A = E[a a^T] (in, in) and G = E[g g^T] (out, out) (Martens & Grosse
+2015; Grosse & Martens 2016 for convolutions, positions treated as independent). In the
+column-major vec of the papers that is A (x) G; over PyTorch's row-major flattening of W
+it is ``torch.kron(G, A)``. Layers are independent blocks (block-diagonal F).
+
+Statistics come from the problem's model and the gradient sampler's data set: forward
+hooks record the layer inputs, ``autograd.grad`` w.r.t. the layer outputs gives g. Each
+of the m "gradients" is a group of ``fisher.grad_batch`` samples, as in the empirical
+Fisher: A averages over samples and positions, G sums g g^T over the samples and
+positions of a group (g of the group's mean loss) and averages over the m groups.
+
+Damping: ``factored`` (default) splits damp between the factors with the pi heuristic,
+(A + pi sqrt(damp) I) (x) (G + sqrt(damp)/pi I), pi = sqrt((tr A / dim A) / (tr G / dim G));
+``exact`` inverts A (x) G + damp I. Both go through the eigendecompositions
+A = Q_A diag(a) Q_A^T, G = Q_G diag(g) Q_G^T, so the Kronecker product is never formed:
+F^-1 V = Q_G [(Q_G^T V Q_A) / D] Q_A^T and diag(F^-1) = (Q_G o Q_G) (1 / D) (Q_A o Q_A)^T,
+with D[i, j] = g_i a_j (+ damp) the eigenvalues of the damped F, all in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from wfcore import hookimpl
+from wfcore.errors import ConfigError, WfcoreError
+from wfcore.interfaces import Curvature, HessianEstimator, PruningProblem, Tensors
+
+log = logging.getLogger(__name__)
+
+DAMPINGS = ("factored", "exact")
+
+
+@dataclass
+class KroneckerBlock:
+    """One layer's damped F = (Q_G (x) Q_A) diag(vec D) (Q_G (x) Q_A)^T, row-major order.
+
+    D = g a^T + extra: ``a``, ``g`` the (damped) eigenvalues of the factors; the damped F is
+    G_f (x) A_f + extra I with G_f = Q_G diag(g) Q_G^T, A_f = Q_A diag(a) Q_A^T.
+    """
+
+    Q_A: torch.Tensor  # (in, in) eigenvectors of A
+    a: torch.Tensor  # (in,) eigenvalues of A_f
+    Q_G: torch.Tensor  # (out, out) eigenvectors of G
+    g: torch.Tensor  # (out,) eigenvalues of G_f
+    extra: float  # damp for damping=exact, 0 for factored
+    shape: tuple[int, ...]  # the weight's shape
+
+    def __post_init__(self) -> None:
+        self.D = torch.outer(self.g, self.a) + self.extra  # (out, in)
+
+    def factor(self, which: str, power: float = 1.0) -> torch.Tensor:
+        """A_f^power or G_f^power, explicit (in, in) / (out, out)."""
+        Q, e = (self.Q_A, self.a) if which == "A" else (self.Q_G, self.g)
+        return (Q * e.pow(power)) @ Q.T
+
+    def mul(self, V: torch.Tensor) -> torch.Tensor:
+        """F V for V of shape (out, in)."""
+        return self.Q_G @ ((self.Q_G.T @ V @ self.Q_A) * self.D) @ self.Q_A.T
+
+    def inverse_mul(self, V: torch.Tensor) -> torch.Tensor:
+        """F^-1 V for V of shape (out, in), through the eigenbasis."""
+        return self.Q_G @ ((self.Q_G.T @ V @ self.Q_A) / self.D) @ self.Q_A.T
+
+    def submatrix(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Explicit F[S, S] over the flat (row-major) indices S = (rows, cols)."""
+        G_f, A_f = self.factor("G"), self.factor("A")
+        F_S = G_f[rows][:, rows] * A_f[cols][:, cols]  # (|S|, |S|)
+        return F_S + self.extra * torch.eye(len(rows), dtype=F_S.dtype, device=F_S.device)
+
+
+def damped_block(A: torch.Tensor, G: torch.Tensor, damp: float, damping: str,
+                 shape: tuple[int, ...]) -> KroneckerBlock:
+    """Eigendecompose A (in, in) and G (out, out) in float64 and damp them."""
+    A, G = A.double(), G.double()
+    a, Q_A = torch.linalg.eigh(A)  # (in,), (in, in)
+    g, Q_G = torch.linalg.eigh(G)  # (out,), (out, out)
+    a, g = a.clamp_min(0.0), g.clamp_min(0.0)  # PSD up to round-off
+    if damping == "factored":
+        mean_a = torch.diagonal(A).mean().item()
+        mean_g = torch.diagonal(G).mean().item()
+        pi = math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
+        gamma = math.sqrt(damp)
+        return KroneckerBlock(Q_A, a + pi * gamma, Q_G, g + gamma / pi, 0.0, tuple(shape))
+    if damping == "exact":
+        return KroneckerBlock(Q_A, a, Q_G, g, damp, tuple(shape))
+    raise ValueError(f"damping '{damping}' is not one of {', '.join(DAMPINGS)}")
+
+
+def spd_solve(M: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """M^-1 b for a symmetric positive definite M (float64 Cholesky, LU if it fails)."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+    log.warning("kfac: Cholesky failed on a %d x %d system; solving with LU", *M.shape)
+    return torch.linalg.solve(M, b)
+
+
+def joint_update(block: KroneckerBlock, W: torch.Tensor, C: torch.Tensor,
+                 max_size: int) -> torch.Tensor:
+    """Exact OBS change of W (out, in) that zeroes the set C (bool (out, in)) of one layer.
+
+    dw = -F^-1 E_C (E_C^T F^-1 E_C)^-1 w_C. Solved on the smaller side: |C| <= |K| (K the
+    free weights) in the dual with explicit (F^-1)_CC (factored damping only, where F^-1 is
+    itself a Kronecker product); otherwise in the primal, dw_C = -w_C and
+    dw_K = F_KK^-1 F_KC w_C, with explicit F_KK.
+    """
+    K = ~C
+    num_c, num_k = int(C.sum()), int(K.sum())
+    dW = torch.zeros_like(W)
+    if num_c == 0:
+        return dW
+    if num_k == 0:
+        return -W
+    if block.extra == 0.0 and num_c <= num_k:
+        if num_c > max_size:
+            raise WfcoreError(f"estimator 'kfac': joint update of {num_c} weights in one layer "
+                              f"exceeds joint_max={max_size}; raise it or use "
+                              "scorer.update=independent")
+        G_inv, A_inv = block.factor("G", -1.0), block.factor("A", -1.0)
+        rows, cols = C.nonzero(as_tuple=True)
+        S = G_inv[rows][:, rows] * A_inv[cols][:, cols]  # (|C|, |C|) = (F^-1)_CC
+        X = torch.zeros_like(W)
+        X[rows, cols] = spd_solve(S, W[rows, cols])
+        return -(G_inv @ X @ A_inv)
+    if num_k > max_size:
+        raise WfcoreError(f"estimator 'kfac': joint update keeping {num_k} weights in one layer "
+                          f"exceeds joint_max={max_size}; raise it or use "
+                          "scorer.update=independent")
+    rows, cols = K.nonzero(as_tuple=True)
+    F_KC_w = block.mul(torch.where(C, W, torch.zeros_like(W)))[rows, cols]  # (|K|,)
+    dW[rows, cols] = spd_solve(block.submatrix(rows, cols), F_KC_w)
+    dW[C] = -W[C]
+    return dW
+
+
+class KfacCurvature(Curvature):
+    """Block-diagonal F^-1 over the prunable weights, one Kronecker block per layer.
+
+    ``joint``: the exact OBS update inside each layer (see ``joint_update``).
+    """
+
+    def __init__(self, blocks: dict[str, KroneckerBlock], joint_max: int = 8192):
+        self.blocks = blocks
+        self.joint_max = joint_max
+
+    def inverse_diagonal(self) -> Tensors:
+        out = {}
+        for n, b in self.blocks.items():
+            diag = (b.Q_G ** 2) @ (1.0 / b.D) @ (b.Q_A ** 2).T  # (out, in)
+            out[n] = diag.reshape(b.shape)
+        return out
+
+    def _matrix(self, n: str, t: torch.Tensor) -> torch.Tensor:
+        b = self.blocks[n]
+        return t.to(device=b.D.device, dtype=torch.float64).reshape(b.D.shape)  # (out, in)
+
+    def inverse_mul(self, v: Tensors) -> Tensors:
+        return {n: b.inverse_mul(self._matrix(n, v[n])).reshape(b.shape)
+                for n, b in self.blocks.items()}
+
+    def prune_update(self, prune_mask: Tensors, w: Tensors, mode: str) -> Tensors:
+        if mode != "joint":
+            return super().prune_update(prune_mask, w, mode)
+        out = {}
+        for n, b in self.blocks.items():
+            W = self._matrix(n, w[n])
+            # weights already at zero stay there: they join the constrained set
+            C = self._matrix(n, prune_mask[n]).bool() | (W == 0)
+            out[n] = joint_update(b, W, C, self.joint_max).reshape(b.shape)
+        return out
+
+
+def layer_modules(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
+    """The Linear / Conv2d module that owns each prunable weight."""
+    modules = {}
+    for name, p in params.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if attr != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)) or \
+                module.weight is not p:
+            raise ConfigError(f"estimator 'kfac': '{name}' is not the weight of a Linear or "
+                              "Conv2d layer; restrict model.params to those")
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or
+                                              isinstance(module.padding, str) or
+                                              module.padding_mode != "zeros"):
+            raise ConfigError(f"estimator 'kfac': '{name}': grouped convolutions, string "
+                              "padding and non-zero padding modes are not supported")
+        modules[name] = module
+    return modules
+
+
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(rows, in) inputs of the layer: features, or unfolded patches of a Conv2d."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation,
+                           padding=module.padding, stride=module.stride)  # (B, C*kh*kw, L)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """(rows, out) gradients w.r.t. the layer outputs, rows matching ``layer_inputs``."""
+    if isinstance(module, nn.Conv2d):
+        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])  # (B*L, out)
+    return g.reshape(-1, g.shape[-1])
+
+
+def collect_factors(problem: PruningProblem, num_grads: int, grad_batch: int, labels: str,
+                    generator: torch.Generator, batch_size: int = 256,
+                    progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A (in, in) and G (out, out) of every prunable layer, in float64."""
+    model, device = problem.model, problem.device
+    modules = layer_modules(model, problem.params)
+    dataset = problem.sampler.dataset
+    total = num_grads * grad_batch
+    chunk = max(grad_batch, (batch_size // grad_batch) * grad_batch)  # whole groups only
+    A = {n: torch.zeros(m.weight[0].numel(), m.weight[0].numel(), dtype=torch.float64,
+                        device=device) for n, m in modules.items()}
+    G = {n: torch.zeros(m.weight.shape[0], m.weight.shape[0], dtype=torch.float64,
+                        device=device) for n, m in modules.items()}
+    rows = dict.fromkeys(modules, 0)
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}
+    handles = [m.register_forward_hook(
+        lambda mod, inp, out, n=n: seen[n].append((inp[0].detach(), out)))
+        for n, m in modules.items()]
+    if len(dataset) == 0:
+        raise WfcoreError("estimator 'kfac': the training set is empty")
+    loader = DataLoader(dataset, batch_size=chunk, shuffle=True, generator=generator)
+    was_training = model.training
+    model.eval()
+    done = 0
+    try:
+        with torch.enable_grad(), tqdm(total=total, desc="kfac factors", unit="sample",
+                                       leave=False, disable=not progress) as bar:
+            while done < total:
+                for x, y in loader:
+                    x, y = x[:total - done].to(device), y[:total - done].to(device)
+                    for n in seen:
+                        seen[n].clear()
+                    logits = model(x)
+                    if labels == "sampled":
+                        probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
+                        y = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
+                    # sum over groups of each group's mean loss: dL/ds is g of its group
+                    loss = problem.loss_fn(logits, y) * (len(x) / grad_batch)
+                    outputs = [out for n in modules for _, out in seen[n]]
+                    grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True,
+                                                     materialize_grads=True))
+                    for n, module in modules.items():
+                        for inp, _ in seen[n]:
+                            a = layer_inputs(module, inp).double()  # (rows, in)
+                            g = output_grads(module, next(grads)).double()  # (rows, out)
+                            A[n] += a.T @ a
+                            G[n] += g.T @ g
+                            rows[n] += a.shape[0]
+                    done += len(x)
+                    bar.update(len(x))
+                    if done >= total:
+                        break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    groups = done / grad_batch
+    for n in modules:
+        A[n] /= max(rows[n], 1)
+        G[n] /= groups
+        if not (torch.isfinite(A[n]).all() and torch.isfinite(G[n]).all()):
+            raise WfcoreError(f"estimator 'kfac': non-finite factors for '{n}'")
+    return {n: (A[n], G[n]) for n in modules}
+
+
+@dataclass
+class KfacOptions:
+    # Tikhonov damping of F (split between the factors when damping=factored); K-FAC
+    # factors are much larger than the per-weight Fisher, hence more than diag_fisher's.
+    damp: float = 1e-3
+    damping: str = "factored"  # factored (pi heuristic, the K-FAC papers) | exact (A (x) G + damp)
+    batch_size: int = 256  # samples per forward/backward pass while collecting the factors
+    # joint update: largest explicit system (min of pruned and kept weights of a layer)
+    # solved; 8192 is 512 MiB of float64
+    joint_max: int = 8192
+
+    def validate(self) -> None:
+        if not self.damp > 0:
+            raise ValueError(f"damp must be > 0, got {self.damp}")
+        if self.damping not in DAMPINGS:
+            raise ValueError(f"damping '{self.damping}' is not one of {', '.join(DAMPINGS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+class Kfac(HessianEstimator):
+    """K-FAC from ``fisher.num_grads`` groups of ``fisher.grad_batch`` samples."""
+
+    Options = KfacOptions
+
+    def __init__(self, options: KfacOptions | None = None):
+        self.options = options or KfacOptions()
+
+    def fit(self, problem: PruningProblem) -> Curvature:
+        s = problem.sampler
+        factors = collect_factors(problem, s.num_grads, s.grad_batch, s.labels, s.generator,
+                                  batch_size=self.options.batch_size, progress=s.progress)
+        blocks = {n: damped_block(A, G, self.options.damp, self.options.damping,
+                                  tuple(problem.params[n].shape))
+                  for n, (A, G) in factors.items()}
+        log.debug("kfac: %d layers from %d groups of %d samples", len(blocks), s.num_grads,
+                  s.grad_batch)
+        return KfacCurvature(blocks, self.options.joint_max)
+
+
+@hookimpl
+def wfcore_estimators():
+    return {"kfac": Kfac}
