@@ -43,9 +43,37 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from wfcore.export.onnx import export_run
+
+    result = export_run(args.run_dir, step=args.step, output=args.output)
+    for kind in ("sparse", "dense"):
+        if kind in result:
+            r = result[kind]
+            print(f"{kind:<6} {r['path']}: sparsity {r['sparsity']:.4f}, zeros kept "
+                  f"{r['zeros']['kept_zeros']}/{r['zeros']['torch_zeros']}, ONNX Runtime max "
+                  f"|diff| {r['parity']['max_abs_diff']:.2g}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from wfcore import files
+    from wfcore.export.bench import bench, format_table
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    timings = bench(args.model, dense=args.dense, batch_size=args.batch_size, engines=engines,
+                    warmup=args.warmup, runs=args.runs, threads=args.threads)
+    print(format_table(timings))
+    if args.json:
+        files.write_json(args.json, [t.as_dict() for t in timings])
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prune": cmd_prune,
     "plugins": cmd_plugins,
+    "export": cmd_export,
+    "bench": cmd_bench,
 }
 
 
@@ -65,6 +93,26 @@ def parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list plugins and what they register")
     plugins.add_argument("config", nargs="?", help="also load the config's plugins: modules")
     plugins.add_argument("--plugin", action="append", help="an extra plugin module to import")
+
+    export = sub.add_parser("export", help="export a run's pruned model (and its dense one) to "
+                            "ONNX, with the zero and parity checks")
+    export.add_argument("run_dir", help="a run directory (holds config.yaml, model_step<N>.pt)")
+    export.add_argument("--step", type=int, help="the step to export (default: the last)")
+    export.add_argument("-o", "--output", help="the ONNX file (default: RUN_DIR/"
+                        "model_step<N>.onnx); dense.onnx is written beside it")
+
+    bench = sub.add_parser("bench", help="time an ONNX model on DeepSparse, ONNX Runtime "
+                           "and PyTorch")
+    bench.add_argument("model", help="the (sparse) ONNX model")
+    bench.add_argument("--dense", help="the dense ONNX model: speed-ups are against it on "
+                       "ONNX Runtime")
+    bench.add_argument("--batch-size", type=int, default=1, help="items per batch")
+    bench.add_argument("--engines", default="deepsparse,onnxruntime,torch",
+                       help="comma-separated: deepsparse, onnxruntime, torch")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    bench.add_argument("--runs", type=int, default=20, help="timed batches (at least)")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    bench.add_argument("--json", help="also write the timings to this JSON file")
     return p
 
 

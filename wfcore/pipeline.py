@@ -270,8 +270,16 @@ def run(cfg: DictConfig, *, force: bool = False,
         plugins.hook.wfcore_step_end(step=step, record=record, run_dir=str(run_dir))
     if components.exporter is not None:
         example = pruning.data.test[0][0].unsqueeze(0)
-        report.data["export"] = components.exporter.export(
-            pruning.model.cpu().eval(), example, str(run_dir / "model.onnx"))
+        model = pruning.model.cpu().eval()
+        step = getattr(components.exporter, "step", None)  # export.step; None = the last step
+        if step is not None:
+            load_state(model, run_dir / f"model_step{step}.pt", "config key 'export.step'")
+        report.data["export"] = components.exporter.export(model, example,
+                                                           str(run_dir / "model.onnx"))
+        if getattr(components.exporter, "dense", False):  # export.dense: dense.onnx beside it
+            load_state(model, run_dir / "dense.pt", "dense model")
+            report.data["export"]["dense"] = components.exporter.export(
+                model, example, str(run_dir / "dense.onnx"))
     report.finish()
     plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir))
     return report.data

@@ -1,0 +1,230 @@
+"""CPU latency of ONNX models on DeepSparse, ONNX Runtime and PyTorch, side by side.
+
+Each measurement builds the engine for one model at one batch size, runs ``warmup``
+untimed batches, then timed batches until both ``runs`` batches and ``min_seconds``
+have passed. It reports the median and p90 latency of a batch, items per second, and
+the speed-up against the dense model on ONNX Runtime at the same batch size.
+
+Engines run one at a time and each is freed before the next starts: DeepSparse's
+worker threads keep spinning for a while after a batch, which would slow the next
+engine down on a small machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wfcore.errors import WfcoreError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("deepsparse", "onnxruntime", "torch")
+INSTALL = {
+    "deepsparse": "pip install 'wfcore[deepsparse]' (deepsparse 1.8.0: Python < 3.12, "
+                  "x86-64 Linux or macOS)",
+    "onnxruntime": "pip install onnxruntime",
+    "torch": "pip install torch",
+}
+
+
+@dataclass
+class Timing:
+    """One engine on one model at one batch size."""
+
+    model: str  # a label: the file name, or what the caller calls it
+    engine: str
+    batch_size: int
+    median_ms: float
+    p90_ms: float
+    items_per_s: float
+    runs: int
+    speedup: float | None = None  # dense ONNX Runtime median / this median
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def installed(engine: str) -> bool:
+    if engine not in ENGINES:
+        raise WfcoreError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
+    return importlib.util.find_spec(engine) is not None
+
+
+def available(engines: tuple[str, ...] | list[str]) -> list[str]:
+    """The installed engines among ``engines``; each missing one is logged with its install."""
+    found = []
+    for engine in engines:
+        if installed(engine):
+            found.append(engine)
+        else:
+            log.warning("%s: not installed, skipped (install: %s)", engine, INSTALL[engine])
+    return found
+
+
+def read_onnx(path: str | Path) -> Any:
+    """The ONNX model at ``path``; a missing or non-ONNX file is a one-line error."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise WfcoreError(f"ONNX file not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise WfcoreError(f"{path} is not an ONNX model: {str(exc).splitlines()[0][:120]}") \
+            from None
+    if not proto.graph.node or not proto.graph.input:
+        raise WfcoreError(f"{path} is not an ONNX model: no graph")
+    return proto
+
+
+def input_shape(proto: Any, batch_size: int) -> tuple[int, ...]:
+    """The first graph input's shape with the batch dimension set (dynamic dims -> error)."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    shape = [batch_size] + [d.dim_value for d in dims[1:]]
+    if dims and dims[0].dim_value and dims[0].dim_value != batch_size:
+        raise WfcoreError(f"the model's batch dimension is fixed at {dims[0].dim_value}; "
+                          f"export it with a dynamic batch to bench batch {batch_size}")
+    if any(s <= 0 for s in shape[1:]):
+        raise WfcoreError(f"the model's input has dynamic dimensions besides the batch: {shape}")
+    return tuple(shape)
+
+
+def _runner(engine: str, path: str, batch_size: int, threads: int,
+            torch_model: nn.Module | None) -> Callable[[np.ndarray], Any]:
+    if engine == "deepsparse":
+        os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+        import deepsparse
+
+        ds = deepsparse.Engine(model=path, batch_size=batch_size, num_cores=threads)
+        return lambda x: ds.run([x])
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})
+    if torch_model is None:
+        raise WfcoreError("torch: no PyTorch model for this ONNX file")
+    torch.set_num_threads(threads)
+    model = torch_model.cpu().eval()
+
+    def run_torch(x: np.ndarray) -> Any:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x))
+
+    return run_torch
+
+
+def time_engine(engine: str, path: str | Path, batch_size: int, *, label: str | None = None,
+                torch_model: nn.Module | None = None, warmup: int = 5, runs: int = 20,
+                min_seconds: float = 2.0, threads: int | None = None,
+                seed: int = 0) -> Timing:
+    """Warm up, then time ``engine`` on the ONNX model at ``path`` (see module doc)."""
+    threads = threads or os.cpu_count() or 1
+    shape = input_shape(read_onnx(path), batch_size)
+    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    run = _runner(engine, str(path), batch_size, threads, torch_model)
+    try:
+        for _ in range(warmup):
+            run(x)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < runs or time.perf_counter() - start < min_seconds:
+            t0 = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 10 * runs:
+                break
+    finally:
+        del run
+        gc.collect()
+    ms = np.array(times) * 1e3
+    median = float(np.median(ms))
+    return Timing(label or Path(path).name, engine, batch_size, round(median, 3),
+                  round(float(np.percentile(ms, 90)), 3), round(batch_size * 1e3 / median, 2),
+                  len(times))
+
+
+def add_speedups(timings: list[Timing], dense_label: str) -> None:
+    """Fill ``speedup`` against the dense model on ONNX Runtime, per batch size."""
+    base = {t.batch_size: t.median_ms for t in timings
+            if t.model == dense_label and t.engine == "onnxruntime"}
+    for t in timings:
+        if t.batch_size in base:
+            t.speedup = round(base[t.batch_size] / t.median_ms, 3)
+
+
+def bench(path: str | Path, *, dense: str | Path | None = None, batch_size: int = 1,
+          engines: tuple[str, ...] | list[str] = ENGINES,
+          torch_models: dict[str, nn.Module] | None = None, **kwargs: Any) -> list[Timing]:
+    """Time ``path`` (and ``dense``) on every installed engine in ``engines``.
+
+    ``torch_models``: {file path: module} for the torch engine; without one, an ONNX file
+    that ``wfcore export`` wrote is rebuilt from its run, and any other is skipped.
+    """
+    if batch_size < 1:
+        raise WfcoreError(f"batch size must be at least 1, got {batch_size}")
+    paths = [Path(path)] + ([Path(dense)] if dense else [])
+    for p in paths:
+        read_onnx(p)
+    torch_models = {str(Path(k)): v for k, v in (torch_models or {}).items()}
+    out: list[Timing] = []
+    for p in paths:
+        for engine in available(engines):
+            model = None
+            if engine == "torch":
+                model = torch_models.get(str(p)) or torch_model_for(p)
+                if model is None:
+                    log.warning("torch: skipped for %s: it does not name a wfcore run "
+                                "(export it with `wfcore export`)", p.name)
+                    continue
+            log.info("timing %s on %s at batch %d", p.name, engine, batch_size)
+            out.append(time_engine(engine, p, batch_size, torch_model=model,
+                                   label=str(p), **kwargs))
+    if dense:
+        add_speedups(out, str(Path(dense)))
+    return out
+
+
+def torch_model_for(path: str | Path) -> nn.Module | None:
+    """The PyTorch model behind an ONNX file that ``wfcore export`` wrote, or None."""
+    meta = {p.key: p.value for p in read_onnx(path).metadata_props}
+    run_dir, state = meta.get("wfcore.run_dir"), meta.get("wfcore.state")
+    if not run_dir or not state or not Path(state).is_file():
+        return None
+    from wfcore.pipeline import load_state
+
+    from .onnx import rebuild
+
+    _, model, _, _ = rebuild(Path(run_dir))
+    load_state(model, Path(state), "torch engine")
+    return model.eval()
+
+
+def format_table(timings: list[Timing]) -> str:
+    """The timings as fixed-width text, one line per model and engine."""
+    head = (f"{'model':<28} {'engine':<12} {'batch':>5} {'median ms':>10} {'p90 ms':>9} "
+            f"{'items/s':>9} {'vs dense ORT':>12}")
+    lines = [head, "-" * len(head)]
+    for t in timings:
+        speedup = f"{t.speedup:.2f}x" if t.speedup is not None else "-"
+        lines.append(f"{Path(t.model).name[:28]:<28} {t.engine:<12} {t.batch_size:>5} "
+                     f"{t.median_ms:>10.2f} {t.p90_ms:>9.2f} {t.items_per_s:>9.1f} "
+                     f"{speedup:>12}")
+    return "\n".join(lines)

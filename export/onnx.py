@@ -1,0 +1,222 @@
+"""The ``onnx`` exporter: a pruned model to ONNX, with its zeros and outputs checked.
+
+The TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) writes the model in
+eval mode with the batch dimension dynamic. Two checks follow, and the export fails
+with a one-line error if either does not hold:
+
+- every weight that is zero in PyTorch is zero in the ONNX initializers (a
+  per-initializer sparsity table; see export/checks.py for how weights are found);
+- ONNX Runtime's outputs match PyTorch's on a batch (max abs difference <= ``atol``).
+
+``export_run`` does the same for a finished run directory (``wfcore export``): it
+rebuilds the model from the run's config.yaml, loads ``model_step<N>.pt`` and exports
+the dense model (``dense.pt``) beside it for comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from wfcore import hookimpl
+from wfcore.errors import WfcoreError
+from wfcore.interfaces import Exporter
+
+from . import checks
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+
+
+@dataclass
+class OnnxOptions:
+    opset: int = 13  # ONNX opset (13 or newer); 13 is the widest supported by DeepSparse 1.8
+    atol: float = 1e-4  # parity: max |ONNX Runtime - PyTorch| allowed on the check batch
+    parity_batch: int = 8  # inputs in the parity batch (the example repeated plus noise)
+    step: Optional[int] = None  # pipeline: the step whose model is exported; null = last step
+    dense: bool = True  # pipeline: also export the dense model as dense.onnx beside it
+
+    def validate(self) -> None:
+        if self.opset < MIN_OPSET:
+            raise ValueError(f"opset must be {MIN_OPSET} or newer, got {self.opset}")
+        if not self.atol > 0:
+            raise ValueError("atol must be positive")
+        if self.parity_batch < 1:
+            raise ValueError("parity_batch must be at least 1")
+
+
+def conv_linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of every Conv and Linear layer: what pruning zeroes and ONNX must keep."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return {f"{name}.weight" if name else "weight": m.weight.detach()
+            for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def parity_inputs(example: torch.Tensor, batch: int, seed: int = 0) -> torch.Tensor:
+    """A batch for the parity check: the example's first item, then noise of its scale."""
+    g = torch.Generator().manual_seed(seed)
+    one = example[:1].detach().float().cpu()  # (1, ...)
+    scale = float(one.std()) if one.numel() > 1 and float(one.std()) > 0 else 1.0
+    noise = torch.randn((batch - 1, *one.shape[1:]), generator=g) * scale
+    return torch.cat([one, noise + float(one.mean())])  # (batch, ...)
+
+
+def torch_to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
+                  opset: int = 13) -> Path:
+    """Write ``model`` (eval mode, CPU) to ``path`` with a dynamic batch dimension."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(
+            model, (example,), str(tmp), dynamo=False, opset_version=opset,
+            input_names=["input"], output_names=["output"], do_constant_folding=True,
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    tmp.replace(path)
+    return path
+
+
+def export_checked(model: nn.Module, example: torch.Tensor, path: str | Path,
+                   options: OnnxOptions | None = None,
+                   params: dict[str, torch.Tensor] | None = None,
+                   metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Export, then check zeros and parity; returns the checks for the report.
+
+    ``params``: the weights whose zeros must survive (default: every Conv/Linear weight).
+    ``metadata``: strings stored in the ONNX file (``wfcore.*`` keys), e.g. the run.
+    """
+    import onnx
+
+    options = options or OnnxOptions()
+    model = model.cpu().eval()
+    example = example.detach().float().cpu()[:1]
+    path = torch_to_onnx(model, example, path, options.opset)
+    proto = onnx.load(str(path))
+    if metadata:
+        for key, value in metadata.items():
+            proto.metadata_props.add(key=f"wfcore.{key}", value=str(value))
+        onnx.save(proto, str(path))
+    params = params if params is not None else conv_linear_weights(model)
+    try:
+        table = checks.check_zeros(proto, params)
+        parity = checks.check_parity(str(path), model,
+                                     parity_inputs(example, options.parity_batch), options.atol)
+    except WfcoreError as exc:
+        raise WfcoreError(f"{path}: {exc}") from None
+    log.info("exported %s: opset %d, %d/%d weights zero (all kept), parity max diff %.2g",
+             path, options.opset, table["torch_zeros"], table["numel"], parity["max_abs_diff"])
+    log.debug("ONNX sparsity:\n%s", checks.format_sparsity(table))
+    return {
+        "path": str(path),
+        "opset": options.opset,
+        "sparsity": table["torch_zeros"] / max(table["numel"], 1),
+        "zeros": {k: table[k] for k in ("numel", "torch_zeros", "onnx_zeros", "kept_zeros")},
+        "initializers": table["rows"],
+        "parity": parity,
+    }
+
+
+class OnnxExporter(Exporter):
+    """The registered exporter: ``export: {name: onnx, opset: 13, ...}``."""
+
+    def __init__(self, options: OnnxOptions | dict | None = None):
+        self.options = options if isinstance(options, OnnxOptions) else OnnxOptions()
+        self.step = self.options.step  # read by the pipeline's export stage
+        self.dense = self.options.dense
+
+    def export(self, model: nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:
+        return export_checked(model, example, path, self.options)
+
+
+OnnxExporter.Options = OnnxOptions
+
+
+# -- run directories (wfcore export) -----------------------------------------------------
+
+def steps_in(run_dir: Path) -> list[int]:
+    """The step indices with a saved model in ``run_dir``, ascending."""
+    found = (re.fullmatch(r"model_step(\d+)\.pt", p.name) for p in run_dir.glob("model_step*.pt"))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def rebuild(run_dir: Path) -> tuple[Any, nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
+    """(config, model, example input, prunable params) of a run, from its config.yaml."""
+    from wfcore import config as config_mod
+    from wfcore import manager, pipeline
+    from wfcore.masks import select_params
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise WfcoreError(f"{run_dir} is not a run directory: no config.yaml")
+    cfg = config_mod.load(cfg_path)
+    plugins = manager.build(cfg.plugins)
+    data = pipeline.load_data(cfg, plugins)
+    model = pipeline.build_model(cfg, plugins, data)
+    example = data.test[0][0].unsqueeze(0)
+    params = select_params(model, cfg.model.params)
+    return cfg, model, example, dict(params)
+
+
+def exporter_options(cfg: Any) -> OnnxOptions:
+    """The run's ``export`` options when it names this exporter, else the defaults."""
+    from wfcore import config as config_mod
+
+    if cfg.export is None or cfg.export.name != "onnx":
+        return OnnxOptions()
+    return config_mod.component_options("export", cfg, OnnxOptions)
+
+
+def export_run(run_dir: str | Path, step: int | None = None, output: str | Path | None = None,
+               dense: bool = True) -> dict[str, Any]:
+    """Export step ``step`` (default: the last) of a run, and its dense model beside it.
+
+    The sparse model goes to ``output`` (default ``RUN_DIR/model_step<N>.onnx``), the
+    dense one to ``dense.onnx`` in the same directory. Returns both exports' checks.
+    """
+    from wfcore.pipeline import load_state
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise WfcoreError(f"run directory not found: {run_dir}")
+    steps = steps_in(run_dir)
+    if not steps:
+        raise WfcoreError(f"{run_dir} holds no model_step<N>.pt: has the run pruned anything?")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise WfcoreError(f"{run_dir} has no step {step}; saved steps: "
+                          f"{', '.join(map(str, steps))}")
+    cfg, model, example, params = rebuild(run_dir)
+    options = exporter_options(cfg)
+    output = Path(output) if output else run_dir / f"model_step{step}.onnx"
+    state_path = run_dir / f"model_step{step}.pt"
+    load_state(model, state_path, "wfcore export")
+    meta = {"run_dir": str(run_dir.resolve()), "state": str(state_path.resolve()),
+            "step": str(step)}
+    params = {n: p.detach() for n, p in params.items()}
+    result = {"step": step, "sparse": export_checked(model, example, output, options, params,
+                                                     meta)}
+    if dense:
+        dense_path = run_dir / "dense.pt"
+        dense_model = copy.deepcopy(model)
+        load_state(dense_model, dense_path, "wfcore export (dense model)")
+        meta = {**meta, "state": str(dense_path.resolve()), "step": "dense"}
+        result["dense"] = export_checked(
+            dense_model, example, output.with_name("dense.onnx"), options,
+            {n: p.detach() for n, p in dense_model.named_parameters() if n in params}, meta)
+    return result
+
+
+@hookimpl
+def wfcore_exporters():
+    return {"onnx": OnnxExporter}
