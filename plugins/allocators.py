@@ -1,16 +1,27 @@
-"""Allocators: scores -> keep-masks at a target sparsity.
+"""Allocators: scores -> keep-masks at a target sparsity over all prunable weights.
 
 ``global``: one threshold over all prunable weights (the lowest scores go first), so
-layers get the sparsity their scores earn. ``uniform``: every layer to the target.
-Both reach the requested count of zeros exactly (ties broken by position).
+layers get the sparsity their scores earn; optional per-layer floors (a minimum fraction
+of each layer kept) and ``exclude`` globs (layers left dense). ``uniform``: every layer to
+the target. ``manual``: per-layer sparsities by glob, the other layers share the rest.
+All reach the requested count of zeros exactly (ties broken by position), or raise a
+``WfcoreError`` that says why the target cannot be met.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field
+
 import torch
 
 from wfcore import hookimpl
+from wfcore.errors import WfcoreError
 from wfcore.interfaces import Allocator, Tensors
+
+log = logging.getLogger(__name__)
 
 
 def prune_lowest(scores: torch.Tensor, keep: torch.Tensor, num_zeros: int) -> torch.Tensor:
@@ -27,21 +38,111 @@ def prune_lowest(scores: torch.Tensor, keep: torch.Tensor, num_zeros: int) -> to
     return new_keep
 
 
+def first_match(name: str, patterns: dict[str, float] | list[str]) -> str | None:
+    """The first glob (in config order) that matches a parameter name, or None."""
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def check_globs(where: str, patterns: dict[str, float] | list[str], names: list[str]) -> None:
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise WfcoreError(f"config key 'allocator.{where}': '{pat}' matches no prunable "
+                              f"parameter; they are: {', '.join(names)}")
+
+
+def check_fraction(where: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: {value} is not in [0, 1]")
+
+
+def global_with_caps(scores: Tensors, masks: Tensors, num_zeros: int,
+                     caps: dict[str, int]) -> Tensors:
+    """Exactly ``num_zeros`` zeros, the lowest scores first, at most ``caps[n]`` in layer n.
+
+    The greedy choice under per-layer capacities (a partition matroid) is optimal: a weight
+    is eligible when its rank among the kept weights of its layer is below the layer's room
+    for new zeros; the lowest eligible scores go. Already pruned weights stay pruned.
+    """
+    names = list(scores)
+    flat_s, eligible = [], []
+    for n in names:
+        keep = masks[n].reshape(-1).cpu()
+        s = scores[n].reshape(-1).cpu().double().masked_fill(~keep, float("inf"))
+        room = caps[n] - int((~keep).sum())
+        rank = torch.empty_like(keep, dtype=torch.long)
+        rank[torch.argsort(s, stable=True)] = torch.arange(s.numel())
+        flat_s.append(s)
+        eligible.append(keep & (rank < room))
+    flat_s, eligible = torch.cat(flat_s), torch.cat(eligible)
+    flat_k = torch.cat([masks[n].reshape(-1).cpu() for n in names])
+    new_zeros = max(num_zeros - int((~flat_k).sum()), 0)
+    new_keep = flat_k.clone()
+    order = torch.argsort(flat_s.masked_fill(~eligible, float("inf")), stable=True)
+    new_keep[order[:new_zeros]] = False
+    out, offset = {}, 0
+    for n in names:
+        k = masks[n].numel()
+        out[n] = new_keep[offset:offset + k].reshape(masks[n].shape).to(masks[n].device)
+        offset += k
+    return out
+
+
+@dataclass
+class GlobalOptions:
+    # Minimum fraction of every layer kept, so that no layer is emptied (0 = a pure
+    # global threshold; e.g. 0.02 keeps at least 2% of each layer).
+    floor: float = 0.0
+    # Per-layer floors by glob over parameter names (first match wins), overriding `floor`.
+    floors: dict[str, float] = field(default_factory=dict)
+    # Globs of prunable parameters left dense; the others prune more to reach the target.
+    exclude: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check_fraction("floor", self.floor)
+        for pat, value in self.floors.items():
+            check_fraction(f"floors.{pat}", value)
+
+
 class GlobalAllocator(Allocator):
-    def __init__(self, options=None):
-        self.options = options
+    Options = GlobalOptions
+
+    def __init__(self, options: GlobalOptions | None = None):
+        self.options = options or GlobalOptions()
+
+    def caps(self, masks: Tensors) -> dict[str, int]:
+        """The most zeros each layer may hold: its floor or exclusion, never fewer than now."""
+        o = self.options
+        names = list(masks)
+        check_globs("floors", o.floors, names)
+        check_globs("exclude", o.exclude, names)
+        caps = {}
+        for n, m in masks.items():
+            zeros = int((~m).sum())
+            if first_match(n, o.exclude) is not None:
+                caps[n] = zeros
+                continue
+            pat = first_match(n, o.floors)
+            floor = o.floors[pat] if pat is not None else o.floor
+            caps[n] = max(m.numel() - math.ceil(floor * m.numel() - 1e-9), zeros)
+        return caps
 
     def allocate(self, scores: Tensors, masks: Tensors, target: float) -> Tensors:
-        names = list(scores)
-        flat_s = torch.cat([scores[n].reshape(-1).cpu() for n in names])
-        flat_k = torch.cat([masks[n].reshape(-1).cpu() for n in names])
-        new = prune_lowest(flat_s, flat_k, round(target * flat_s.numel()))
-        out, offset = {}, 0
-        for n in names:
-            k = masks[n].numel()
-            out[n] = new[offset:offset + k].reshape(masks[n].shape).to(masks[n].device)
-            offset += k
-        return out
+        total = sum(s.numel() for s in scores.values())
+        num_zeros = round(target * total)
+        caps = self.caps(masks)
+        most = sum(caps.values())
+        if num_zeros > most:
+            raise WfcoreError(
+                f"allocator 'global': sparsity {target:.4g} needs {num_zeros} of {total} "
+                f"weights pruned, but the floors and excluded layers allow at most {most} "
+                f"(sparsity {most / total:.4g}); lower allocator.floor / allocator.floors or "
+                "exclude fewer layers")
+        new = global_with_caps(scores, masks, num_zeros, caps)
+        bound = [n for n in new if int((~new[n]).sum()) == caps[n] < masks[n].numel()
+                 and caps[n] > int((~masks[n]).sum())]
+        if bound:
+            log.info("allocator 'global': floors bind in %s", ", ".join(bound))
+        return new
 
 
 class UniformAllocator(Allocator):
@@ -56,6 +157,53 @@ class UniformAllocator(Allocator):
         }
 
 
+@dataclass
+class ManualOptions:
+    # Per-layer sparsity by glob over parameter names (first match wins), e.g.
+    # {"conv1.*": 0.5, "fc.*": 0.9}. Layers matched by no glob share the rest of the target
+    # through one global threshold; if every layer is matched, the target is ignored.
+    sparsities: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.sparsities:
+            raise ValueError("sparsities must give at least one glob: sparsity")
+        for pat, value in self.sparsities.items():
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"sparsities.{pat}: {value} is not in [0, 1)")
+
+
+class ManualAllocator(Allocator):
+    Options = ManualOptions
+
+    def __init__(self, options: ManualOptions | None = None):
+        self.options = options or ManualOptions()
+
+    def allocate(self, scores: Tensors, masks: Tensors, target: float) -> Tensors:
+        table = self.options.sparsities
+        check_globs("sparsities", table, list(scores))
+        fixed = {n: table[p] for n in scores if (p := first_match(n, table)) is not None}
+        out = {n: prune_lowest(scores[n].reshape(-1).cpu(), masks[n].reshape(-1).cpu(),
+                               round(fixed[n] * scores[n].numel()))
+               .reshape(scores[n].shape).to(masks[n].device) for n in fixed}
+        rest = [n for n in scores if n not in fixed]
+        if not rest:
+            return out
+        total = sum(s.numel() for s in scores.values())
+        fixed_zeros = sum(int((~out[n]).sum()) for n in fixed)
+        rest_total = sum(scores[n].numel() for n in rest)
+        need = round(target * total) - fixed_zeros
+        if not 0 <= need <= rest_total:
+            raise WfcoreError(
+                f"allocator 'manual': sparsity {target:.4g} needs {round(target * total)} "
+                f"zeros; the layers set by allocator.sparsities hold {fixed_zeros}, so the "
+                f"other {rest_total} weights would need {need}")
+        sub_scores = {n: scores[n] for n in rest}
+        sub_masks = {n: masks[n] for n in rest}
+        caps = {n: masks[n].numel() for n in rest}
+        out.update(global_with_caps(sub_scores, sub_masks, need, caps))
+        return {n: out[n] for n in scores}
+
+
 @hookimpl
 def wfcore_allocators():
-    return {"global": GlobalAllocator, "uniform": UniformAllocator}
+    return {"global": GlobalAllocator, "uniform": UniformAllocator, "manual": ManualAllocator}
