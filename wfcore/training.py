@@ -1,9 +1,15 @@
-"""Training, fine-tuning under masks, and evaluation."""
+"""Training, fine-tuning under masks, and evaluation.
+
+``Trainer`` holds what lives across epochs (optimizer, learning-rate schedule, the data
+order's generator) so that a run can be driven one epoch at a time, checkpointed and
+resumed exactly; ``train`` is the plain loop over it used for dense training.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,6 +68,76 @@ def train_epoch(
     return total / max(count, 1)
 
 
+class Trainer:
+    """Training driven one epoch at a time, with state that can be saved and restored.
+
+    ``epochs`` sizes the LR schedule (cosine anneals over ``epochs - decay_start``);
+    the LR stays at ``train.lr`` for the first ``decay_start`` epochs. With ``masks``,
+    pruned weights get no gradient and are re-zeroed after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        train_cfg,
+        *,
+        epochs: int,
+        batch_size: int,
+        loss_fn: nn.Module,
+        device: torch.device,
+        seed: int,
+        masks: Masks | None = None,
+        num_workers: int = 0,
+        decay_start: int = 0,
+        desc: str = "train",
+    ):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.device = device
+        self.masks = masks
+        self.decay_start = decay_start
+        self.desc = desc
+        self.generator = torch.Generator().manual_seed(seed)  # the data order
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                 num_workers=num_workers, generator=self.generator)
+        self.optimizer = make_optimizer(model, train_cfg)
+        self.schedule = make_lr_schedule(self.optimizer, train_cfg, max(epochs - decay_start, 1))
+        self.epochs_done = 0
+        if masks is not None:
+            masks.attach(self.optimizer)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def run_epoch(self) -> float:
+        """Train one epoch, then step the LR schedule; returns the mean training loss."""
+        loss = train_epoch(self.model, self.loader, self.optimizer, self.loss_fn, self.device,
+                           desc=f"{self.desc} epoch {self.epochs_done + 1}")
+        self.epochs_done += 1
+        if self.epochs_done > self.decay_start:
+            self.schedule.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain containers only (loadable with weights_only=True)."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "lr_schedule": self.schedule.state_dict(),
+                "generator": self.generator.get_state(),
+                "epochs_done": self.epochs_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["lr_schedule"])
+        self.generator.set_state(state["generator"])
+        self.epochs_done = int(state["epochs_done"])
+
+    def close(self) -> None:
+        """Remove the mask hooks from the model and the optimizer."""
+        if self.masks is not None:
+            self.masks.detach()
+
+
 def train(
     model: nn.Module,
     dataset: Dataset,
@@ -77,24 +153,18 @@ def train(
     desc: str = "train",
 ) -> list[float]:
     """Train for ``epochs`` with a fresh optimizer; masks, when given, stay applied."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(seed))
-    optimizer = make_optimizer(model, train_cfg)
-    schedule = make_lr_schedule(optimizer, train_cfg, epochs)
-    if masks is not None:
-        masks.attach(optimizer)
+    trainer = Trainer(model, dataset, train_cfg, epochs=epochs, batch_size=batch_size,
+                      loss_fn=loss_fn, device=device, seed=seed, masks=masks,
+                      num_workers=num_workers, desc=desc)
     losses = []
     try:
         bar = tqdm(range(epochs), desc=desc, unit="epoch")
         for epoch in bar:
-            losses.append(train_epoch(model, loader, optimizer, loss_fn, device,
-                                      desc=f"{desc} {epoch + 1}/{epochs}"))
-            schedule.step()
+            losses.append(trainer.run_epoch())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             log.debug("%s epoch %d/%d: loss %.4f", desc, epoch + 1, epochs, losses[-1])
     finally:
-        if masks is not None:
-            masks.detach()
+        trainer.close()
     return losses
 
 
