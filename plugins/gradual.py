@@ -14,7 +14,7 @@ scorer and allocator, optionally in ``substeps`` sub-steps that recompute the cu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from wfcore import hookimpl
 from wfcore.interfaces import PruneStep, Scheduler
@@ -43,10 +43,10 @@ class GradualOptions:
     substeps: int = 1  # sub-steps per pruning step, each re-estimating the curvature
     # Fine-tuning overrides of the train section (null = as train.*), so that the dense
     # model (cached by the train section) need not be retrained to change them.
-    lr: float | None = None  # fine-tuning learning rate
-    lr_schedule: str | None = None  # cosine | step | exponential | constant
-    lr_gamma: float | None = None  # decay factor of step / exponential
-    lr_step: int | None = None  # epochs between decays of the step schedule
+    lr: Optional[float] = None  # fine-tuning learning rate
+    lr_schedule: Optional[str] = None  # cosine | step | exponential | constant
+    lr_gamma: Optional[float] = None  # decay factor of step / exponential
+    lr_step: Optional[int] = None  # epochs between decays of the step schedule
     lr_decay_start: int = 0  # epochs at the full LR before the LR schedule starts
 
     def validate(self) -> None:

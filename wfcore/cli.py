@@ -21,8 +21,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from wfcore import config, pipeline
     from wfcore.report import table
 
-    cfg = config.load(args.config, args.overrides)
-    report = pipeline.run(cfg, force=args.force)
+    if args.resume:
+        cfg = pipeline.resume_config(args.resume, args.config, args.overrides)
+    elif args.config is None:
+        raise WfcoreError("prune needs a config file (or --resume RUN_DIR)")
+    else:
+        cfg = config.load(args.config, args.overrides)
+    report = pipeline.run(cfg, force=args.force, resume=bool(args.resume))
     print(table(report))
     print(f"\nrun directory: {report['config']['output'] or 'runs/' + report['name']}")
     return 0
@@ -85,10 +90,14 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model as a config says")
-    prune.add_argument("config", help="YAML config (see configs/)")
+    prune.add_argument("config", nargs="?",
+                       help="YAML config (see configs/); optional with --resume")
     prune.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
     prune.add_argument("--force", action="store_true",
                        help="overwrite a finished run in the output directory")
+    prune.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the interrupted run in RUN_DIR from its last checkpoint "
+                       "(its config.yaml is used unless a config is given)")
 
     plugins = sub.add_parser("plugins", help="list plugins and what they register")
     plugins.add_argument("config", nargs="?", help="also load the config's plugins: modules")
@@ -126,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WfcoreError as exc:
         print(f"wfcore: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("wfcore: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # the pipeline says how to resume, where it can
+        print(f"wfcore: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

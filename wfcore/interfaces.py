@@ -127,6 +127,9 @@ class PruneStep:
     substeps: list[float] = field(default_factory=list)  # sparsity after each sub-step
     from_dense: bool = False  # restart from the dense model (one-shot sweeps)
     finetune_epochs: int = 0  # fine-tuning after the step, masks held fixed
+    # Gradual schedules: the fine-tuning epoch (counted over the whole run) at which the
+    # step prunes; epochs before it are fine-tuned at the previous sparsity. None = at once.
+    epoch: int | None = None
 
     def __post_init__(self) -> None:
         if not self.substeps:
@@ -139,6 +142,12 @@ class Scheduler(ABC):
     @abstractmethod
     def plan(self) -> list[PruneStep]:
         """The steps, in order. Deterministic: a resumed run re-plans and skips done steps."""
+
+    def train_overrides(self) -> dict[str, Any]:
+        """Keys of the ``train`` section to override while fine-tuning (lr, lr_schedule,
+        ...), plus ``lr_decay_start`` (epochs at the full LR before the schedule decays).
+        """
+        return {}
 
 
 class Exporter(ABC):

@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from wfcore import checkpoint, files, manager
 from wfcore import config as config_mod
-from wfcore import files, manager
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import GradientSampler
 from wfcore.interfaces import (
@@ -227,47 +227,85 @@ class Pruning:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
 
-def prepare_run_dir(cfg: DictConfig, force: bool = False) -> Path:
+def prepare_run_dir(cfg: DictConfig, force: bool = False, resume: bool = False) -> Path:
+    """The run directory. A finished or interrupted run in it is kept unless ``force``;
+    ``resume`` expects an unfinished run there (its checkpoint is checked by the caller).
+    """
     run_dir = Path(cfg.output or Path("runs") / cfg.name).expanduser()
     report = run_dir / "report.json"
-    if report.is_file() and not force:
+    finished = False
+    if report.is_file() and (resume or not force):
         import json
 
         try:
             finished = json.loads(report.read_text()).get("finished", False)
         except ValueError:
             finished = False
+    if resume:
         if finished:
-            raise WfcoreError(f"{run_dir} holds a finished run; use --force to overwrite it "
-                              "or choose another output=")
+            raise WfcoreError(f"--resume {run_dir}: the run there is finished; nothing to "
+                              "resume (use --force without --resume to run it again)")
+        return run_dir
+    if finished:
+        raise WfcoreError(f"{run_dir} holds a finished run; use --force to overwrite it "
+                          "or choose another output=")
+    if checkpoint.path(run_dir).is_file():
+        if not force:
+            raise WfcoreError(f"{run_dir} holds an interrupted run; continue it with "
+                              f"--resume {run_dir} or start over with --force")
+        checkpoint.path(run_dir).unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
-def run(cfg: DictConfig, *, force: bool = False,
+def resume_config(run_dir: str | Path, config_path: str | None = None,
+                  overrides: list[str] = ()) -> DictConfig:
+    """The config to resume ``run_dir`` with: the run's own config.yaml unless a config
+    file is given, with the overrides applied and ``output`` set to ``run_dir``.
+    """
+    run_dir = Path(run_dir).expanduser()
+    overrides = list(overrides)
+    if config_path is not None and "=" in config_path and not Path(config_path).is_file():
+        overrides.insert(0, config_path)  # `prune --resume DIR key=value`: no config given
+        config_path = None
+    checkpoint.require(run_dir)
+    if config_path is None:
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise WfcoreError(f"--resume {run_dir}: config.yaml is missing; give the run's "
+                              "config file as well")
+    cfg = config_mod.load(config_path, overrides)
+    cfg.output = str(run_dir)
+    return cfg
+
+
+def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
         plugins: manager.Plugins | None = None) -> dict[str, Any]:
-    """Run the whole pipeline for a loaded config; returns the report."""
+    """Run the whole pipeline for a loaded config; returns the report.
+
+    ``resume``: continue the interrupted run in ``cfg.output`` from its last checkpoint.
+    """
     plugins = plugins or manager.build(cfg.plugins)
     components = build_components(cfg, plugins)
     plan = components.scheduler.plan()
-    run_dir = prepare_run_dir(cfg, force)
+    run_dir = prepare_run_dir(cfg, force, resume)
+    saved = checkpoint.load(run_dir, cfg) if resume else None
     files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
     pruning = Pruning(cfg, plugins, components, run_dir)
-    files.save_torch(run_dir / "dense.pt", pruning.model_state())
-    dense = pruning.evaluate()
     report = Report(run_dir, config_mod.to_dict(cfg))
-    report.set_dense(accuracy=dense["accuracy"], loss=dense["loss"],
-                     params=sum(p.numel() for p in pruning.model.parameters()),
-                     prunable=pruning.masks.numel(), source=pruning.dense_source)
-    log.info("dense: top-1 %.4f, loss %.4f", dense["accuracy"], dense["loss"])
-    for step in plan:
-        plugins.hook.wfcore_step_start(step=step, run_dir=str(run_dir))
-        record = pruning.run_step(step)
-        files.save_torch(run_dir / f"model_step{step.index}.pt", pruning.model_state())
-        report.add_step(record)
-        log.info("step %d: sparsity %.4f (target %.4f), top-1 %.4f", step.index,
-                 record["sparsity"], step.target_sparsity, record["accuracy"])
-        plugins.hook.wfcore_step_end(step=step, record=record, run_dir=str(run_dir))
+    overrides = getattr(components.scheduler, "train_overrides", dict)()
+    runner = checkpoint.Runner(pruning, plan, report, overrides)
+    if saved is not None:
+        runner.restore(saved)
+    else:
+        files.save_torch(run_dir / "dense.pt", pruning.model_state())
+        dense = pruning.evaluate()
+        report.set_dense(accuracy=dense["accuracy"], loss=dense["loss"],
+                         params=sum(p.numel() for p in pruning.model.parameters()),
+                         prunable=pruning.masks.numel(), source=pruning.dense_source)
+        log.info("dense: top-1 %.4f, loss %.4f", dense["accuracy"], dense["loss"])
+        runner.save()
+    runner.run()
     if components.exporter is not None:
         example = pruning.data.test[0][0].unsqueeze(0)
         model = pruning.model.cpu().eval()
@@ -281,5 +319,6 @@ def run(cfg: DictConfig, *, force: bool = False,
             report.data["export"]["dense"] = components.exporter.export(
                 model, example, str(run_dir / "dense.onnx"))
     report.finish()
+    checkpoint.path(run_dir).unlink(missing_ok=True)  # finished: nothing left to resume
     plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir))
     return report.data

@@ -18,7 +18,8 @@ class Report:
     def __init__(self, run_dir: str | Path, config: dict[str, Any]):
         self.run_dir = Path(run_dir)
         self.data: dict[str, Any] = {"name": config.get("name"), "config": config,
-                                     "dense": {}, "steps": [], "finished": False}
+                                     "dense": {}, "steps": [], "epochs": [],
+                                     "finished": False}
 
     def set_dense(self, **values: Any) -> None:
         self.data["dense"] = values
@@ -28,10 +29,16 @@ class Report:
         self.data["steps"].append(record)
         self.write()
 
+    def add_epoch(self, record: dict[str, Any]) -> None:
+        """One fine-tuning epoch: epoch, step, lr, train_loss, accuracy, loss, sparsity."""
+        self.data.setdefault("epochs", []).append(record)
+        self.write()
+
     def finish(self) -> None:
         self.data["finished"] = True
         self.write()
         plot_accuracy(self.data, self.run_dir / "accuracy_vs_sparsity.png")
+        plot_epochs(self.data, self.run_dir / "epochs.png")
 
     def write(self) -> None:
         files.write_json(self.run_dir / "report.json", self.data)
@@ -73,6 +80,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {n} | {v['numel']} | {v['sparsity']:.2%} |"
                   for n, v in last["layers"].items()]
         lines.append("")
+    epochs = report.get("epochs", [])
+    if epochs:
+        lines += ["## Fine-tuning epochs", "", "| epoch | step | lr | train loss | sparsity | "
+                  "top-1 | loss |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {e['epoch']} | {e['step']} | {e['lr']:.3g} | {e['train_loss']:.4f} | "
+                  f"{e['sparsity']:.2%} | {e['accuracy']:.2%} | {e['loss']:.4f} |"
+                  for e in epochs]
+        lines.append("")
     if not report.get("finished"):
         lines.append("_Run in progress or interrupted._\n")
     return "\n".join(lines)
@@ -100,6 +115,42 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path | None:
     ax.set_title(str(report.get("name")))
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_epochs(report: dict[str, Any], path: Path) -> Path | None:
+    """Top-1 accuracy and sparsity against fine-tuning epochs (gradual runs)."""
+    epochs = report.get("epochs", [])
+    if not epochs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [e["epoch"] for e in epochs]
+    ax.plot(xs, [100 * e["accuracy"] for e in epochs], marker=".", color="C0", label="top-1")
+    dense = report.get("dense", {})
+    if dense:
+        ax.axhline(100 * dense["accuracy"], ls="--", color="gray", label="dense top-1")
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel("top-1 accuracy (%)", color="C0")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    right.step(xs, [100 * e["sparsity"] for e in epochs], where="post", color="C3",
+               label="sparsity")
+    right.set_ylabel("sparsity (%)", color="C3")
+    right.set_ylim(0, 100)
+    handles = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], loc="lower left")
+    ax.set_title(str(report.get("name")))
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
