@@ -204,7 +204,8 @@ def bench(path: str | Path, *, dense: str | Path | None = None, batch_size: int 
 
 def torch_model_for(path: str | Path) -> nn.Module | None:
     """The PyTorch model behind an ONNX file that ``wfcore export`` wrote, or None."""
-    meta = {p.key: p.value for p in read_onnx(path).metadata_props}
+    proto = read_onnx(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
     run_dir, state = meta.get("wfcore.run_dir"), meta.get("wfcore.state")
     if not run_dir or not state or not Path(state).is_file():
         return None
@@ -212,7 +213,9 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
 
     from .onnx import rebuild
 
-    _, model, _, _ = rebuild(Path(run_dir))
+    shape = input_shape(proto, 1)[1:]
+    num_classes = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    _, model, _, _ = rebuild(Path(run_dir), (shape, num_classes))
     load_state(model, Path(state), "torch engine")
     return model.eval()
 

@@ -149,8 +149,15 @@ def steps_in(run_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def rebuild(run_dir: Path) -> tuple[Any, nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
-    """(config, model, example input, prunable params) of a run, from its config.yaml."""
+def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None
+            ) -> tuple[Any, nn.Module, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(config, model, example input, prunable params) of a run, from its config.yaml.
+
+    ``shapes``: (input shape, number of classes) when known (from an ONNX file); then the
+    data set is not loaded and the example is None.
+    """
+    from types import SimpleNamespace
+
     from wfcore import config as config_mod
     from wfcore import manager, pipeline
     from wfcore.masks import select_params
@@ -160,9 +167,13 @@ def rebuild(run_dir: Path) -> tuple[Any, nn.Module, torch.Tensor, dict[str, torc
         raise WfcoreError(f"{run_dir} is not a run directory: no config.yaml")
     cfg = config_mod.load(cfg_path)
     plugins = manager.build(cfg.plugins)
-    data = pipeline.load_data(cfg, plugins)
+    if shapes is None:
+        data = pipeline.load_data(cfg, plugins)
+        example = data.test[0][0].unsqueeze(0)
+    else:
+        data = SimpleNamespace(input_shape=tuple(shapes[0]), num_classes=shapes[1])
+        example = None
     model = pipeline.build_model(cfg, plugins, data)
-    example = data.test[0][0].unsqueeze(0)
     params = select_params(model, cfg.model.params)
     return cfg, model, example, dict(params)
 
