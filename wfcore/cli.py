@@ -74,8 +74,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from wfcore.sweep import run_sweep, table
+
+    result = run_sweep(args.config, args.overrides, force=args.force)
+    print(table(result))
+    print(f"\n{result.count('done')} ran, {result.count('skipped')} finished before, "
+          f"{result.count('failed')} failed, in {result.seconds:.1f} s")
+    for run in result.runs:
+        if run.status == "failed":
+            print(f"failed: {run.run_dir} ({run.error})")
+    print(f"sweep directory: {result.root} (results.csv, results.md, "
+          "accuracy_vs_sparsity.png, layer_sparsity.png)")
+    return 1 if result.count("failed") else 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prune": cmd_prune,
+    "sweep": cmd_sweep,
     "plugins": cmd_plugins,
     "export": cmd_export,
     "bench": cmd_bench,
@@ -98,6 +114,15 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--resume", metavar="RUN_DIR",
                        help="continue the interrupted run in RUN_DIR from its last checkpoint "
                        "(its config.yaml is used unless a config is given)")
+
+    sweep = sub.add_parser("sweep", help="run every combination of key=a,b,c overrides; "
+                           "one CSV table and accuracy-vs-sparsity plots")
+    sweep.add_argument("config", help="YAML config (see configs/)")
+    sweep.add_argument("overrides", nargs="*",
+                       help="key=value (every run) or key=a,b,c (swept); output=DIR is the "
+                       "sweep directory (default sweeps/<name>)")
+    sweep.add_argument("--force", action="store_true",
+                       help="run finished runs again instead of skipping them")
 
     plugins = sub.add_parser("plugins", help="list plugins and what they register")
     plugins.add_argument("config", nargs="?", help="also load the config's plugins: modules")

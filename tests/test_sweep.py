@@ -1,0 +1,105 @@
+"""`wfcore sweep`: combinations, one CSV, the plots, skipping finished runs, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from wfcore import cli, pipeline, sweep
+from wfcore.errors import ConfigError
+
+ROOT = Path(__file__).parents[1]
+CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")
+FAST = ["train.epochs=1", "fisher.num_grads=16", "scorer.update=none",
+        "scheduler.name=oneshot", "scheduler.sparsities=[0.5,0.9]"]
+
+
+def test_split_values_keeps_brackets_and_quotes_whole():
+    assert sweep.split_values("a,b,c") == ["a", "b", "c"]
+    assert sweep.split_values("[0.5,0.9],[0.8]") == ["[0.5,0.9]", "[0.8]"]
+    assert sweep.split_values("{a: 1, b: 2},'x,y'") == ["{a: 1, b: 2}", "'x,y'"]
+    assert sweep.split_values("[0.5,0.8,0.9,0.95]") == ["[0.5,0.8,0.9,0.95]"]
+
+
+def test_parse_overrides_separates_fixed_and_swept_keys():
+    fixed, swept = sweep.parse_overrides(["estimator.name=kfac,random", "seed=1",
+                                          "scheduler.sparsities=[0.5,0.9]"])
+    assert fixed == ["seed=1", "scheduler.sparsities=[0.5,0.9]"]
+    assert swept == {"estimator.name": ["kfac", "random"]}
+    with pytest.raises(ConfigError, match="twice"):
+        sweep.parse_overrides(["seed=1", "seed=2"])
+    with pytest.raises(ConfigError, match="output"):
+        sweep.parse_overrides(["output=a,b"])
+    with pytest.raises(ConfigError, match="key=value"):
+        sweep.parse_overrides(["estimator.name"])
+
+
+def test_a_bad_key_fails_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(ConfigError, match="estimator_typo"):
+        sweep.run_sweep(CONFIG, [f"output={tmp_path}", "estimator_typo.name=a,b"])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_table_and_plots_trains_once_and_skips_on_rerun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WFCORE_CACHE", str(tmp_path / "cache"))
+    trained = []
+    real_train = pipeline.train
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    out = tmp_path / "sweep"
+    args = ["-q", "sweep", CONFIG, f"output={out}", *FAST,
+            "estimator.name=magnitude,random", "allocator.name=global,uniform"]
+    assert cli.main(args) == 0
+    assert len(trained) == 1  # four runs, one model config: one dense training
+
+    rows = read_csv(out / "results.csv")
+    assert list(rows[0]) == ["estimator.name", "allocator.name", "target_sparsity", "sparsity",
+                             "accuracy", "loss", "seconds"]
+    assert len(rows) == 4 * 2
+    assert [(r["estimator.name"], r["allocator.name"], r["target_sparsity"]) for r in rows[:4]] \
+        == [("magnitude", "global", "0.5"), ("magnitude", "global", "0.9"),
+            ("magnitude", "uniform", "0.5"), ("magnitude", "uniform", "0.9")]
+    for r in rows:
+        assert abs(float(r["sparsity"]) - float(r["target_sparsity"])) <= 1e-3
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+    run_dir = out / "estimator.name=random__allocator.name=uniform"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["finished"] and report["config"]["estimator"]["name"] == "random"
+    assert f"{report['steps'][1]['accuracy']:.4f}" == rows[-1]["accuracy"]
+    for name in ("accuracy_vs_sparsity.png", "layer_sparsity.png", "results.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| 90% |" in (out / "results.md").read_text()
+
+    # Started again: no run, no training, the same CSV byte for byte.
+    before = (out / "results.csv").read_bytes()
+    (out / "results.csv").unlink()
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("a finished run ran again"))
+    assert cli.main(args) == 0
+    assert (out / "results.csv").read_bytes() == before
+    assert len(trained) == 1
+
+
+def test_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", CONFIG, f"output={out}", *FAST, "estimator.name=no_such_method,magnitude"]
+    assert cli.main(args) == 1
+    printed = capsys.readouterr().out
+    assert "1 failed" in printed and "no_such_method" in printed
+    assert (out / "estimator.name=no_such_method" / "error.txt").is_file()
+    rows = read_csv(out / "results.csv")
+    assert [r["estimator.name"] for r in rows] == ["magnitude", "magnitude"]
+
+    # A changed config runs again; the finished magnitude run is kept when nothing changed.
+    result = sweep.run_sweep(CONFIG, [f"output={out}", *FAST, "estimator.name=magnitude,random"])
+    assert [r.status for r in result.runs] == ["skipped", "done"]
+    result = sweep.run_sweep(CONFIG, [f"output={out}", *FAST[:-1], "scheduler.sparsities=[0.7]",
+                                      "estimator.name=magnitude,random"])
+    assert [r.status for r in result.runs] == ["done", "done"]
+    assert [r["target_sparsity"] for r in read_csv(out / "results.csv")] == ["0.7", "0.7"]

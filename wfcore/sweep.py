@@ -1,0 +1,336 @@
+"""``wfcore sweep CONFIG key=a,b,c ...``: every combination, one table and the plots.
+
+An override whose value lists several values at top level (commas outside brackets and
+quotes) is swept; one with a single value applies to every run. Every combination of the
+swept values is one ordinary run (``pipeline.run``) in its own directory under the sweep
+directory, which is the config's ``output`` (``output=DIR`` on the command line) or
+``sweeps/<name>``; a run's directory is named by its swept values, e.g.
+``estimator.name=kfac``. The runs share the dense-model cache (keyed by the model, data,
+train and seed config), so runs that differ only in pruning train the dense model once.
+
+A finished run whose saved config equals the one it would run with is not run again; a
+failed run is logged, its error kept in ``error.txt`` of its directory, and the sweep goes
+on. The sweep directory then holds ``results.csv`` (one row per run and step: the swept
+keys by dotted name, then target_sparsity, sparsity, accuracy, loss, seconds),
+``results.md`` (accuracy by target sparsity and method), ``accuracy_vs_sparsity.png`` (a
+line per method, dense accuracy dashed) and ``layer_sparsity.png`` (per-layer sparsity of
+each method at the highest target). All are rebuilt from the runs' ``report.json`` files,
+so re-running a finished sweep rewrites them identically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from wfcore import config as config_mod
+from wfcore import files, manager, pipeline
+from wfcore.errors import ConfigError
+from wfcore.report import TIMING_KEYS
+
+log = logging.getLogger(__name__)
+
+METRICS = ("target_sparsity", "sparsity", "accuracy", "loss", "seconds")
+
+
+def split_values(text: str) -> list[str]:
+    """Split on commas outside brackets, braces, parentheses and quotes."""
+    values, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    values.append(text[start:])
+    return [v.strip() for v in values]
+
+
+def parse_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(fixed overrides, {swept key: values}) from ``key=value`` / ``key=a,b,c`` items."""
+    fixed: list[str] = []
+    swept: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value or key=a,b,c")
+        if key in seen:
+            raise ConfigError(f"config key '{key}' is given twice")
+        seen.add(key)
+        values = split_values(value)
+        if len(values) == 1:
+            fixed.append(f"{key}={values[0]}")
+            continue
+        if key == "output":
+            raise ConfigError("config key 'output' is the sweep directory; it cannot be swept")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"config key '{key}': a swept value is repeated in '{value}'")
+        swept[key] = values
+    return fixed, swept
+
+
+def run_name(combo: dict[str, str]) -> str:
+    """A directory name from the swept values, e.g. ``estimator.name=kfac``."""
+    if not combo:
+        return "run"
+    parts = [f"{k}={v}" for k, v in combo.items()]
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", "__".join(parts)).strip("_")
+
+
+def method_label(combo: dict[str, str]) -> str:
+    """What a line of the plots stands for: the swept values, scheduler keys left out."""
+    shown = {k: v for k, v in combo.items() if not k.startswith("scheduler.")}
+    if len(shown) == 1:
+        return next(iter(shown.values()))
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "run"
+
+
+@dataclass
+class SweepRun:
+    combo: dict[str, str]
+    cfg: DictConfig
+    run_dir: Path
+    status: str = "pending"  # done (ran now) | skipped (finished before) | failed
+    error: str = ""
+    report: dict[str, Any] | None = None
+
+
+@dataclass
+class SweepResult:
+    root: Path
+    swept: list[str]
+    runs: list[SweepRun]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.runs)
+
+
+def finished_report(run: SweepRun) -> dict[str, Any] | None:
+    """The run's report if it finished with exactly this config, else None."""
+    path = run.run_dir / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if not report.get("finished"):
+        return None
+    if report.get("config") != config_mod.to_dict(run.cfg):
+        log.info("%s: finished with another config; running it again", run.run_dir.name)
+        return None
+    return report
+
+
+def plan(config_path: str, overrides: list[str]) -> tuple[Path, list[str], list[SweepRun]]:
+    """Load every combination's config first, so that a bad key fails before any run."""
+    fixed, swept = parse_overrides(overrides)
+    base = config_mod.load(config_path, fixed)
+    root = Path(base.output or Path("sweeps") / base.name).expanduser()
+    runs, names = [], set()
+    for values in itertools.product(*swept.values()):
+        combo = dict(zip(swept, values, strict=True))
+        cfg = config_mod.load(config_path, fixed + [f"{k}={v}" for k, v in combo.items()])
+        name = run_name(combo)
+        if name in names:
+            name = f"{name}__{len(names)}"
+        names.add(name)
+        cfg.output = str(root / name)
+        runs.append(SweepRun(combo, cfg, root / name))
+    return root, list(swept), runs
+
+
+def execute(run: SweepRun, plugins_cache: dict[tuple[str, ...], manager.Plugins]) -> None:
+    key = tuple(run.cfg.plugins)
+    try:
+        if key not in plugins_cache:
+            plugins_cache[key] = manager.build(run.cfg.plugins)
+        run.report = pipeline.run(run.cfg, force=True, plugins=plugins_cache[key])
+        run.status = "done"
+        (run.run_dir / "error.txt").unlink(missing_ok=True)
+    except Exception as exc:  # one failed run must not stop the sweep
+        run.status = "failed"
+        run.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        log.error("sweep: %s failed: %s", run.run_dir.name, run.error)
+        log.debug("%s", traceback.format_exc())
+        files.write_text(run.run_dir / "error.txt", traceback.format_exc())
+
+
+def run_sweep(config_path: str, overrides: list[str], *, force: bool = False) -> SweepResult:
+    """Run (or skip) every combination, then write results.csv, results.md and the plots."""
+    start = time.perf_counter()
+    root, swept, runs = plan(config_path, overrides)
+    dense = {str(r.cfg.model.checkpoint or pipeline.dense_cache_path(r.cfg)) for r in runs}
+    log.info("sweep: %d runs under %s, %d dense model(s)", len(runs), root, len(dense))
+    plugins_cache: dict[tuple[str, ...], manager.Plugins] = {}
+    for i, run in enumerate(runs, 1):
+        run.report = None if force else finished_report(run)
+        if run.report is not None:
+            run.status = "skipped"
+            log.info("sweep [%d/%d] %s: finished before, skipped", i, len(runs), run.run_dir.name)
+            continue
+        log.info("sweep [%d/%d] %s", i, len(runs), run.run_dir.name)
+        execute(run, plugins_cache)
+    result = SweepResult(root, swept, runs)
+    result.rows = rows(result)
+    write_outputs(result)
+    result.seconds = time.perf_counter() - start
+    log.info("sweep: %d ran, %d skipped, %d failed in %.1f s", result.count("done"),
+             result.count("skipped"), result.count("failed"), result.seconds)
+    return result
+
+
+def rows(result: SweepResult) -> list[dict[str, Any]]:
+    out = []
+    for run in result.runs:
+        if run.report is None:
+            continue
+        for step in run.report["steps"]:
+            seconds = sum(step["timings"].get(k, 0.0) for k in TIMING_KEYS)
+            out.append({**run.combo, "target_sparsity": step["target_sparsity"],
+                        "sparsity": step["sparsity"], "accuracy": step["accuracy"],
+                        "loss": step["loss"], "seconds": seconds})
+    return out
+
+
+def csv_text(result: SweepResult) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*result.swept, *METRICS])
+    for row in result.rows:
+        writer.writerow([*(row[k] for k in result.swept), f"{row['target_sparsity']:g}",
+                         f"{row['sparsity']:.6f}", f"{row['accuracy']:.4f}",
+                         f"{row['loss']:.6f}", f"{row['seconds']:.2f}"])
+    return buf.getvalue()
+
+
+def lines(result: SweepResult) -> dict[str, list[SweepRun]]:
+    """The finished runs grouped by method label, in sweep order."""
+    out: dict[str, list[SweepRun]] = {}
+    for run in result.runs:
+        if run.report is not None:
+            out.setdefault(method_label(run.combo), []).append(run)
+    return out
+
+
+def table(result: SweepResult) -> str:
+    """Top-1 accuracy by target sparsity (rows) and method (columns), Markdown."""
+    groups = lines(result)
+    cells: dict[float, dict[str, float]] = {}
+    dense: dict[str, float] = {}
+    for label, runs in groups.items():
+        for run in runs:
+            dense.setdefault(label, run.report["dense"]["accuracy"])
+            for step in run.report["steps"]:
+                cells.setdefault(step["target_sparsity"], {})[label] = step["accuracy"]
+    header = "| sparsity | " + " | ".join(groups) + " |"
+    out = [header, "|---:|" + "---:|" * len(groups)]
+    out.append("| dense | " + " | ".join(f"{dense[g]:.2%}" for g in groups) + " |")
+    for target in sorted(cells):
+        row = [f"{cells[target][g]:.2%}" if g in cells[target] else "-" for g in groups]
+        out.append(f"| {target:.0%} | " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
+def write_outputs(result: SweepResult) -> None:
+    files.write_text(result.root / "results.csv", csv_text(result))
+    failed = [r for r in result.runs if r.status == "failed"]
+    md = [f"# sweep {result.root.name}", "", "Top-1 accuracy.", "", table(result), ""]
+    if failed:
+        md += ["## Failed runs", ""] + [f"- {r.run_dir.name}: {r.error}" for r in failed] + [""]
+    files.write_text(result.root / "results.md", "\n".join(md))
+    groups = lines(result)
+    if groups:
+        title = str(result.runs[0].cfg.name)
+        plot_accuracy(groups, result.root / "accuracy_vs_sparsity.png", title)
+        plot_layers(groups, result.root / "layer_sparsity.png")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    _pyplot().close(fig)
+    tmp.replace(path)
+
+
+def plot_accuracy(groups: dict[str, list[SweepRun]], path: Path, title: str) -> None:
+    """Top-1 against sparsity, a line per method, each distinct dense accuracy dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = []
+    for label, runs in groups.items():
+        steps = sorted((s for r in runs for s in r.report["steps"]),
+                       key=lambda s: s["target_sparsity"])
+        ax.plot([100 * s["sparsity"] for s in steps], [100 * s["accuracy"] for s in steps],
+                marker="o", label=label)
+        for r in runs:
+            if r.report["dense"]["accuracy"] not in dense:
+                dense.append(r.report["dense"]["accuracy"])
+    for i, acc in enumerate(dense):
+        ax.axhline(100 * acc, ls="--", color="gray", label="dense" if i == 0 else None)
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_layers(groups: dict[str, list[SweepRun]], path: Path) -> None:
+    """Per-layer sparsity of every method at the highest target sparsity, grouped bars."""
+    top = max(s["target_sparsity"] for runs in groups.values() for r in runs
+              for s in r.report["steps"])
+    layers: dict[str, dict[str, float]] = {}
+    for label, runs in groups.items():
+        step = next((s for r in runs for s in r.report["steps"] if s["target_sparsity"] == top),
+                    None)
+        if step is not None:
+            layers[label] = {n: v["sparsity"] for n, v in step["layers"].items()}
+    names = list(next(iter(layers.values())))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) * max(len(layers), 2) / 2), 4.5))
+    width = 0.8 / len(layers)
+    for i, (label, values) in enumerate(layers.items()):
+        xs = [j + (i - (len(layers) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [100 * values.get(n, 0.0) for n in names], width, label=label)
+    ax.axhline(100 * top, ls="--", color="gray", label=f"target {top:.0%}")
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right"
+                  if len(names) > 4 else "center")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"per-layer sparsity at {top:.0%} target")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save(fig, path)
