@@ -193,3 +193,34 @@ def test_bench_cli_one_line_errors(tmp_path, capsys):
     assert err.count("\n") == 1 and "not an ONNX model" in err
     assert cli.main(["export", str(tmp_path)]) == 2
     assert "no model_step" in capsys.readouterr().err
+
+
+def test_deepsparse_runs_the_sparse_export_in_this_process(tmp_path):
+    """The one-environment decision: export, ONNX Runtime and DeepSparse side by side."""
+    deepsparse = pytest.importorskip("deepsparse")
+    torch.manual_seed(0)
+    model = MnistCNN().eval()
+    prune_randomly(model, 0.9)
+    path = tmp_path / "cnn.onnx"
+    export_checked(model, torch.randn(1, 1, 28, 28), path)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    engine = deepsparse.Engine(model=str(path), batch_size=4)
+    got = engine.run([x.numpy()])[0]
+    with torch.inference_mode():
+        want = model(x).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_an_engine_not_installed_is_skipped_with_how_to_install(tmp_path, monkeypatch, caplog):
+    torch.manual_seed(0)
+    path = tmp_path / "cnn.onnx"
+    export_checked(MnistCNN().eval(), torch.randn(1, 1, 28, 28), path)
+    monkeypatch.setattr(bench, "installed", lambda engine: engine != "deepsparse")
+    with caplog.at_level("WARNING", logger="wfcore.export.bench"):
+        timings = bench.bench(path, batch_size=2, engines=["deepsparse", "onnxruntime"],
+                              warmup=1, runs=2, min_seconds=0)
+    assert [t.engine for t in timings] == ["onnxruntime"]
+    assert timings[0].speedup is None  # no dense model given
+    skipped = [r.getMessage() for r in caplog.records]
+    assert len(skipped) == 1 and "deepsparse: not installed, skipped" in skipped[0]
+    assert "pip install 'wfcore[deepsparse]'" in skipped[0]

@@ -1,0 +1,132 @@
+"""CPU speed-up of sparse ResNet-50: DeepSparse, ONNX Runtime and PyTorch, side by side.
+
+torchvision resnet50 with random weights (speed does not depend on the values) is pruned
+by magnitude to each sparsity with the ``uniform`` and ``global`` allocators, exported
+with the checked ONNX exporter, and timed at each batch size on every installed engine.
+Prints one JSON object per line (model, sparsity, allocation, batch_size, engine,
+median_ms, items_per_s, plus p90_ms, runs and speedup against dense ONNX Runtime at the
+same batch size), then a summary table on stderr.
+
+    NM_DISABLE_ANALYTICS=1 .venv/bin/python benchmarks/cpu_speedup.py > speedup.jsonl
+    .venv/bin/python benchmarks/cpu_speedup.py --quick      # 0 and 90% uniform, batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from wfcore.export import bench
+from wfcore.export.onnx import OnnxOptions, conv_linear_weights, export_checked
+from wfcore.plugins.allocators import GlobalAllocator, UniformAllocator
+
+log = logging.getLogger("cpu_speedup")
+ALLOCATORS = {"uniform": UniformAllocator, "global": GlobalAllocator}
+
+
+def magnitude_prune(model: nn.Module, sparsity: float, allocation: str) -> float:
+    """Zero the smallest-magnitude Conv/Linear weights in place; returns the sparsity reached."""
+    weights = conv_linear_weights(model)
+    scores = {n: w.double() ** 2 for n, w in weights.items()}  # OBS with F^-1 = I
+    keep = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    keep = ALLOCATORS[allocation]().allocate(scores, keep, sparsity)
+    with torch.no_grad():
+        for n, w in weights.items():
+            w.mul_(keep[n])
+    return sum(int((w == 0).sum()) for w in weights.values()) / sum(
+        w.numel() for w in weights.values())
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="a short run: 0 and 90%% uniform, batch 16, fewer timed batches")
+    p.add_argument("--model", default="resnet50", help="a torchvision classifier")
+    p.add_argument("--sparsities", default="0,0.8,0.9,0.95")
+    p.add_argument("--allocations", default="uniform,global")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--engines", default=",".join(bench.ENGINES))
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--runs", type=int, default=10, help="timed batches (at least)")
+    p.add_argument("--min-seconds", type=float, default=3.0, help="and at least this long")
+    p.add_argument("--threads", type=int, default=None, help="default: all cores")
+    p.add_argument("--workdir", help="where the ONNX files go (default: a temporary directory)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sparsities, args.allocations, args.batch_sizes = "0,0.9", "uniform", "16"
+        args.warmup, args.runs, args.min_seconds = 2, 5, 0.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+    import torchvision
+
+    started = time.perf_counter()
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    allocations = args.allocations.split(",")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    engines = bench.available(args.engines.split(","))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cpu_speedup-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(0)
+    dense = torchvision.models.get_model(args.model, weights=None).eval()
+    example = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    models = []  # (sparsity, allocation, reached, path, module)
+    for sparsity in sparsities:
+        for allocation in (["none"] if sparsity == 0 else allocations):
+            model = copy.deepcopy(dense)
+            reached = magnitude_prune(model, sparsity, allocation) if sparsity else 0.0
+            path = workdir / f"{args.model}-{allocation}-{round(sparsity * 100)}.onnx"
+            log.info("exporting %s (sparsity %.4f)", path.name, reached)
+            export_checked(model, example, path, OnnxOptions())
+            models.append((sparsity, allocation, reached, path, model))
+
+    records = []
+    for batch_size in batch_sizes:
+        base = None
+        for sparsity, allocation, reached, path, model in models:
+            for engine in engines:
+                log.info("%s on %s, batch %d", path.name, engine, batch_size)
+                t = bench.time_engine(engine, path, batch_size, torch_model=model,
+                                      warmup=args.warmup, runs=args.runs,
+                                      min_seconds=args.min_seconds, threads=args.threads)
+                if sparsity == 0 and engine == "onnxruntime":
+                    base = t.median_ms
+                record = {"model": args.model, "sparsity": sparsity, "allocation": allocation,
+                          "batch_size": batch_size, "engine": engine,
+                          "median_ms": t.median_ms, "items_per_s": t.items_per_s,
+                          "p90_ms": t.p90_ms, "runs": t.runs,
+                          "achieved_sparsity": round(reached, 4),
+                          "speedup": round(base / t.median_ms, 3) if base else None}
+                records.append(record)
+                print(json.dumps(record), flush=True)
+
+    wall = time.perf_counter() - started
+    lines = [f"{'sparsity':>8} {'alloc':<7} {'batch':>5} {'engine':<12} {'median ms':>10} "
+             f"{'items/s':>9} {'vs dense ORT':>12}"]
+    for r in records:
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        lines.append(f"{r['sparsity']:>8.2f} {r['allocation']:<7} {r['batch_size']:>5} "
+                     f"{r['engine']:<12} {r['median_ms']:>10.2f} {r['items_per_s']:>9.1f} "
+                     f"{speedup:>12}")
+    print("\n".join(lines) + f"\nwall time {wall:.0f} s on {os.cpu_count()} CPUs",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
