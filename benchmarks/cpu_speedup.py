@@ -53,11 +53,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet50", help="a torchvision classifier")
     p.add_argument("--sparsities", default="0,0.8,0.9,0.95")
     p.add_argument("--allocations", default="uniform,global")
-    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--batch-sizes", default="16,1")
     p.add_argument("--engines", default=",".join(bench.ENGINES))
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     p.add_argument("--runs", type=int, default=10, help="timed batches (at least)")
     p.add_argument("--min-seconds", type=float, default=3.0, help="and at least this long")
+    p.add_argument("--max-seconds", type=float, default=40.0,
+                   help="but a slow engine stops after this long (3 batches at least)")
     p.add_argument("--threads", type=int, default=None, help="default: all cores")
     p.add_argument("--workdir", help="where the ONNX files go (default: a temporary directory)")
     args = p.parse_args(argv)
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s on %s, batch %d", path.name, engine, batch_size)
                 t = bench.time_engine(engine, path, batch_size, torch_model=model,
                                       warmup=args.warmup, runs=args.runs,
-                                      min_seconds=args.min_seconds, threads=args.threads)
+                                      min_seconds=args.min_seconds,
+                                      max_seconds=args.max_seconds, threads=args.threads)
                 if sparsity == 0 and engine == "onnxruntime":
                     base = t.median_ms
                 record = {"model": args.model, "sparsity": sparsity, "allocation": allocation,

@@ -2,12 +2,13 @@
 
 Each measurement builds the engine for one model at one batch size, runs ``warmup``
 untimed batches, then timed batches until both ``runs`` batches and ``min_seconds``
-have passed. It reports the median and p90 latency of a batch, items per second, and
-the speed-up against the dense model on ONNX Runtime at the same batch size.
+have passed (a slow engine stops at ``max_seconds``). It reports the median and p90
+latency of a batch, items per second, and the speed-up against the dense model on ONNX
+Runtime at the same batch size.
 
-Engines run one at a time and each is freed before the next starts: DeepSparse's
-worker threads keep spinning for a while after a batch, which would slow the next
-engine down on a small machine.
+Engines run one at a time and each is freed before the next starts, so that no idle
+engine's threads or memory compete with the one being timed. Every engine gets the same
+number of threads (default: all cores).
 """
 
 from __future__ import annotations
@@ -133,9 +134,12 @@ def _runner(engine: str, path: str, batch_size: int, threads: int,
 
 def time_engine(engine: str, path: str | Path, batch_size: int, *, label: str | None = None,
                 torch_model: nn.Module | None = None, warmup: int = 5, runs: int = 20,
-                min_seconds: float = 2.0, threads: int | None = None,
-                seed: int = 0) -> Timing:
-    """Warm up, then time ``engine`` on the ONNX model at ``path`` (see module doc)."""
+                min_seconds: float = 2.0, max_seconds: float = 60.0,
+                threads: int | None = None, seed: int = 0) -> Timing:
+    """Warm up, then time ``engine`` on the ONNX model at ``path`` (see module doc).
+
+    A slow engine stops after ``max_seconds`` of timed batches (but never before 3).
+    """
     threads = threads or os.cpu_count() or 1
     shape = input_shape(read_onnx(path), batch_size)
     x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
@@ -149,7 +153,8 @@ def time_engine(engine: str, path: str | Path, batch_size: int, *, label: str | 
             t0 = time.perf_counter()
             run(x)
             times.append(time.perf_counter() - t0)
-            if len(times) >= 10 * runs:
+            elapsed = time.perf_counter() - start
+            if len(times) >= 10 * runs or (len(times) >= 3 and elapsed > max_seconds):
                 break
     finally:
         del run
