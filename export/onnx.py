@@ -75,14 +75,12 @@ def torch_to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
     """Write ``model`` (eval mode, CPU) to ``path`` with a dynamic batch dimension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         torch.onnx.export(
-            model, (example,), str(tmp), dynamo=False, opset_version=opset,
+            model, (example,), str(path), dynamo=False, opset_version=opset,
             input_names=["input"], output_names=["output"], do_constant_folding=True,
             dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-    tmp.replace(path)
     return path
 
 
@@ -100,19 +98,25 @@ def export_checked(model: nn.Module, example: torch.Tensor, path: str | Path,
     options = options or OnnxOptions()
     model = model.cpu().eval()
     example = example.detach().float().cpu()[:1]
-    path = torch_to_onnx(model, example, path, options.opset)
-    proto = onnx.load(str(path))
+    path = Path(path)
+    # Checked under a temporary name: ``path`` only ever holds a file that passed.
+    tmp = torch_to_onnx(model, example, path.with_name(f".{path.stem}.unchecked.onnx"),
+                        options.opset)
+    proto = onnx.load(str(tmp))
     if metadata:
         for key, value in metadata.items():
             proto.metadata_props.add(key=f"wfcore.{key}", value=str(value))
-        onnx.save(proto, str(path))
+        onnx.save(proto, str(tmp))
     params = params if params is not None else conv_linear_weights(model)
     try:
         table = checks.check_zeros(proto, params)
-        parity = checks.check_parity(str(path), model,
+        parity = checks.check_parity(str(tmp), model,
                                      parity_inputs(example, options.parity_batch), options.atol)
     except WfcoreError as exc:
-        raise WfcoreError(f"{path}: {exc}") from None
+        failed = tmp.replace(path.with_name(f"{path.stem}.failed.onnx"))
+        raise WfcoreError(f"{path}: {exc} (the export is kept as {failed})") from None
+    tmp.replace(path)
+    path.with_name(f"{path.stem}.failed.onnx").unlink(missing_ok=True)
     log.info("exported %s: opset %d, %d/%d weights zero (all kept), parity max diff %.2g",
              path, options.opset, table["torch_zeros"], table["numel"], parity["max_abs_diff"])
     log.debug("ONNX sparsity:\n%s", checks.format_sparsity(table))

@@ -224,3 +224,16 @@ def test_an_engine_not_installed_is_skipped_with_how_to_install(tmp_path, monkey
     skipped = [r.getMessage() for r in caplog.records]
     assert len(skipped) == 1 and "deepsparse: not installed, skipped" in skipped[0]
     assert "pip install 'wfcore[deepsparse]'" in skipped[0]
+
+
+def test_a_failed_check_leaves_no_file_under_the_requested_name(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise WfcoreError("ONNX parity check failed: forced")
+
+    monkeypatch.setattr(checks, "check_parity", fail)
+    with pytest.raises(WfcoreError, match=r"cnn\.onnx: ONNX parity check failed: forced"):
+        export_checked(MnistCNN().eval(), torch.randn(1, 1, 28, 28), tmp_path / "cnn.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.failed.onnx"]
+    monkeypatch.undo()
+    export_checked(MnistCNN().eval(), torch.randn(1, 1, 28, 28), tmp_path / "cnn.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx"]
