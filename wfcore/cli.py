@@ -120,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", help="YAML config (see configs/)")
     sweep.add_argument("overrides", nargs="*",
                        help="key=value (every run) or key=a,b,c (swept); output=DIR is the "
-                       "sweep directory (default sweeps/<name>)")
+                       "sweep directory (default runs/sweep-<name>)")
     sweep.add_argument("--force", action="store_true",
                        help="run finished runs again instead of skipping them")
 

@@ -4,11 +4,12 @@ An override whose value lists several values at top level (commas outside bracke
 quotes) is swept; one with a single value applies to every run. Every combination of the
 swept values is one ordinary run (``pipeline.run``) in its own directory under the sweep
 directory, which is the config's ``output`` (``output=DIR`` on the command line) or
-``sweeps/<name>``; a run's directory is named by its swept values, e.g.
+``runs/sweep-<name>``; a run's directory is named by its swept values, e.g.
 ``estimator.name=kfac``. The runs share the dense-model cache (keyed by the model, data,
 train and seed config), so runs that differ only in pruning train the dense model once.
 
-A finished run whose saved config equals the one it would run with is not run again; a
+A finished run whose saved config equals the one it would run with is not run again, an
+interrupted one is resumed from its checkpoint (``--force`` runs everything afresh); a
 failed run is logged, its error kept in ``error.txt`` of its directory, and the sweep goes
 on. The sweep directory then holds ``results.csv`` (one row per run and step: the swept
 keys by dotted name, then target_sparsity, sparsity, accuracy, loss, seconds),
@@ -36,7 +37,7 @@ from omegaconf import DictConfig
 
 from wfcore import config as config_mod
 from wfcore import files, manager, pipeline
-from wfcore.errors import ConfigError
+from wfcore.errors import ConfigError, WfcoreError
 from wfcore.report import TIMING_KEYS
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,8 @@ class SweepResult:
         return sum(r.status == status for r in self.runs)
 
 
-def finished_report(run: SweepRun) -> dict[str, Any] | None:
-    """The run's report if it finished with exactly this config, else None."""
+def saved_report(run: SweepRun) -> dict[str, Any] | None:
+    """The run's report.json if it was made with exactly this config, else None."""
     path = run.run_dir / "report.json"
     if not path.is_file():
         return None
@@ -135,19 +136,30 @@ def finished_report(run: SweepRun) -> dict[str, Any] | None:
         report = json.loads(path.read_text())
     except ValueError:
         return None
-    if not report.get("finished"):
-        return None
     if report.get("config") != config_mod.to_dict(run.cfg):
-        log.info("%s: finished with another config; running it again", run.run_dir.name)
+        log.info("%s: made with another config; running it again", run.run_dir.name)
         return None
     return report
+
+
+def finished_report(run: SweepRun) -> dict[str, Any] | None:
+    """The run's report if it finished with exactly this config, else None."""
+    report = saved_report(run)
+    return report if report is not None and report.get("finished") else None
+
+
+def resumable(run: SweepRun) -> bool:
+    """An interrupted run of this config with a checkpoint to continue from."""
+    from wfcore import checkpoint
+
+    return checkpoint.path(run.run_dir).is_file() and saved_report(run) is not None
 
 
 def plan(config_path: str, overrides: list[str]) -> tuple[Path, list[str], list[SweepRun]]:
     """Load every combination's config first, so that a bad key fails before any run."""
     fixed, swept = parse_overrides(overrides)
     base = config_mod.load(config_path, fixed)
-    root = Path(base.output or Path("sweeps") / base.name).expanduser()
+    root = Path(base.output or Path("runs") / f"sweep-{base.name}").expanduser()
     runs, names = [], set()
     for values in itertools.product(*swept.values()):
         combo = dict(zip(swept, values, strict=True))
@@ -161,12 +173,20 @@ def plan(config_path: str, overrides: list[str]) -> tuple[Path, list[str], list[
     return root, list(swept), runs
 
 
-def execute(run: SweepRun, plugins_cache: dict[tuple[str, ...], manager.Plugins]) -> None:
+def execute(run: SweepRun, plugins_cache: dict[tuple[str, ...], manager.Plugins],
+            force: bool = False) -> None:
     key = tuple(run.cfg.plugins)
     try:
         if key not in plugins_cache:
             plugins_cache[key] = manager.build(run.cfg.plugins)
-        run.report = pipeline.run(run.cfg, force=True, plugins=plugins_cache[key])
+        if not force and resumable(run):
+            log.info("%s: resuming the interrupted run", run.run_dir.name)
+            try:
+                run.report = pipeline.run(run.cfg, resume=True, plugins=plugins_cache[key])
+            except WfcoreError as exc:
+                log.warning("%s: cannot resume (%s); starting over", run.run_dir.name, exc)
+        if run.report is None:
+            run.report = pipeline.run(run.cfg, force=True, plugins=plugins_cache[key])
         run.status = "done"
         (run.run_dir / "error.txt").unlink(missing_ok=True)
     except Exception as exc:  # one failed run must not stop the sweep
@@ -191,7 +211,7 @@ def run_sweep(config_path: str, overrides: list[str], *, force: bool = False) ->
             log.info("sweep [%d/%d] %s: finished before, skipped", i, len(runs), run.run_dir.name)
             continue
         log.info("sweep [%d/%d] %s", i, len(runs), run.run_dir.name)
-        execute(run, plugins_cache)
+        execute(run, plugins_cache, force)
     result = SweepResult(root, swept, runs)
     result.rows = rows(result)
     write_outputs(result)
