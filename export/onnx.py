@@ -191,9 +191,27 @@ def exporter_options(cfg: Any) -> OnnxOptions:
     return config_mod.component_options("export", cfg, OnnxOptions)
 
 
+def step_for_sparsity(run_dir: Path, target: float) -> int:
+    """The last step of the run's report.json whose target sparsity is ``target``."""
+    import json
+
+    try:
+        steps = json.loads((run_dir / "report.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError):
+        raise WfcoreError(f"{run_dir}: no readable report.json to find sparsity {target} in") \
+            from None
+    found = [s["index"] for s in steps if abs(s["target_sparsity"] - target) < 1e-9]
+    if not found:
+        targets = sorted({s["target_sparsity"] for s in steps})
+        raise WfcoreError(f"{run_dir} has no step with target sparsity {target}; targets: "
+                          f"{', '.join(map(str, targets))}")
+    return found[-1]
+
+
 def export_run(run_dir: str | Path, step: int | None = None, output: str | Path | None = None,
-               dense: bool = True) -> dict[str, Any]:
-    """Export step ``step`` (default: the last) of a run, and its dense model beside it.
+               dense: bool = True, sparsity: float | None = None) -> dict[str, Any]:
+    """Export step ``step`` of a run (or the last step at target ``sparsity``; default: the
+    last step), and its dense model beside it.
 
     The sparse model goes to ``output`` (default ``RUN_DIR/model_step<N>.onnx``), the
     dense one to ``dense.onnx`` in the same directory. Returns both exports' checks.
@@ -206,6 +224,10 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
     steps = steps_in(run_dir)
     if not steps:
         raise WfcoreError(f"{run_dir} holds no model_step<N>.pt: has the run pruned anything?")
+    if sparsity is not None:
+        if step is not None:
+            raise WfcoreError("give a step or a sparsity, not both")
+        step = step_for_sparsity(run_dir, sparsity)
     if step is None:
         step = steps[-1]
     elif step not in steps:

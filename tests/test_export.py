@@ -172,6 +172,10 @@ def test_pipeline_export_and_cli_export_bench(tmp_path, capsys):
     assert cli.main(["-q", "export", str(run)]) == 0  # default: the last step
     assert "sparsity 0.9000" in capsys.readouterr().out
     assert (run / "model_step1.onnx").is_file()
+    half = tmp_path / "elsewhere" / "half.onnx"
+    assert cli.main(["-q", "export", str(run), "--sparsity", "0.5", "-o", str(half)]) == 0
+    assert "sparsity 0.5000" in capsys.readouterr().out
+    assert half.is_file() and (half.parent / "dense.onnx").is_file()
 
     timings = bench.bench(run / "model_step1.onnx", dense=run / "dense.onnx", batch_size=4,
                           engines=["onnxruntime", "torch"], warmup=1, runs=3, min_seconds=0)

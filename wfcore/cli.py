@@ -51,7 +51,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from wfcore.export.onnx import export_run
 
-    result = export_run(args.run_dir, step=args.step, output=args.output)
+    result = export_run(args.run_dir, step=args.step, output=args.output,
+                        sparsity=args.sparsity)
     for kind in ("sparse", "dense"):
         if kind in result:
             r = result[kind]
@@ -132,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
                             "ONNX, with the zero and parity checks")
     export.add_argument("run_dir", help="a run directory (holds config.yaml, model_step<N>.pt)")
     export.add_argument("--step", type=int, help="the step to export (default: the last)")
+    export.add_argument("--sparsity", type=float,
+                        help="or the last step with this target sparsity (e.g. 0.9)")
     export.add_argument("-o", "--output", help="the ONNX file (default: RUN_DIR/"
                         "model_step<N>.onnx); dense.onnx is written beside it")
 
