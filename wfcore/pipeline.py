@@ -227,20 +227,22 @@ class Pruning:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
 
+def is_finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the report of a finished run."""
+    import json
+
+    try:
+        return bool(json.loads((run_dir / "report.json").read_text()).get("finished", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def prepare_run_dir(cfg: DictConfig, force: bool = False, resume: bool = False) -> Path:
     """The run directory. A finished or interrupted run in it is kept unless ``force``;
     ``resume`` expects an unfinished run there (its checkpoint is checked by the caller).
     """
     run_dir = Path(cfg.output or Path("runs") / cfg.name).expanduser()
-    report = run_dir / "report.json"
-    finished = False
-    if report.is_file() and (resume or not force):
-        import json
-
-        try:
-            finished = json.loads(report.read_text()).get("finished", False)
-        except ValueError:
-            finished = False
+    finished = (resume or not force) and is_finished(run_dir)
     if resume:
         if finished:
             raise WfcoreError(f"--resume {run_dir}: the run there is finished; nothing to "
@@ -268,6 +270,9 @@ def resume_config(run_dir: str | Path, config_path: str | None = None,
     if config_path is not None and "=" in config_path and not Path(config_path).is_file():
         overrides.insert(0, config_path)  # `prune --resume DIR key=value`: no config given
         config_path = None
+    if is_finished(run_dir):
+        raise WfcoreError(f"--resume {run_dir}: the run there is finished; nothing to resume "
+                          "(use --force without --resume to run it again)")
     checkpoint.require(run_dir)
     if config_path is None:
         config_path = run_dir / "config.yaml"
