@@ -1,0 +1,66 @@
+"""diag_fisher and random: their curvatures against explicit references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from wfcore.plugins.diag_fisher import DiagFisher, DiagFisherOptions
+from wfcore.plugins.random_pruning import RandomEstimator, RandomOptions
+from wfcore.plugins.scorers import Obs
+
+from wfcore.gradients import GradientSampler
+from wfcore.interfaces import PruningProblem
+from wfcore.masks import Masks, select_params
+
+
+def problem(seed: int = 0) -> PruningProblem:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(seed)
+    data = torch.utils.data.TensorDataset(torch.randn(30, 6, generator=g, dtype=torch.float64),
+                                          torch.randint(0, 3, (30,), generator=g))
+    params = select_params(model, None)
+    masks = Masks(params)
+    loss_fn = nn.CrossEntropyLoss()
+    sampler = GradientSampler(model, params, masks.keep, data, loss_fn, num_grads=12,
+                              seed=seed, dtype=torch.float64, progress=False)
+    return PruningProblem(model, params, masks, sampler, loss_fn, torch.device("cpu"))
+
+
+def test_diag_fisher_is_the_inverse_of_the_damped_gradient_second_moment():
+    prob = problem()
+    curvature = DiagFisher(DiagFisherOptions(damp=1e-4)).fit(prob)
+    G = prob.sampler.last  # (m, d): the gradients the fit used
+    expected = prob.sampler.layout.unflatten(1.0 / (G.pow(2).mean(0) + 1e-4))
+    diag = curvature.inverse_diagonal()
+    v = {n: torch.randn_like(p) for n, p in prob.params.items()}
+    mul = curvature.inverse_mul(v)
+    for n in prob.params:
+        torch.testing.assert_close(diag[n], expected[n], rtol=1e-12, atol=0)
+        torch.testing.assert_close(mul[n], expected[n] * v[n], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["independent", "joint"])
+def test_diagonal_updates_only_zero_the_pruned_weights(mode):
+    prob = problem()
+    curvature = DiagFisher(DiagFisherOptions()).fit(prob)
+    w = prob.weights()
+    prune = {n: torch.rand(t.shape, generator=torch.Generator().manual_seed(1)) < 0.4
+             for n, t in w.items()}
+    dw = curvature.prune_update(prune, w, mode)
+    for n in w:
+        torch.testing.assert_close(w[n] + dw[n], torch.where(prune[n], 0.0, w[n]))
+
+
+def test_random_scores_are_seeded_uniform_draws():
+    prob = problem()
+    w = prob.weights()
+    scores = [Obs().scores(w, RandomEstimator(RandomOptions(seed=s)).fit(prob), None)
+              for s in (3, 3, 4)]
+    g = torch.Generator().manual_seed(3)
+    for n in w:  # rho = u / 2 with u the seed's draws, parameter by parameter
+        u = 1.0 - torch.rand(w[n].shape, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(scores[0][n], u / 2, rtol=1e-12, atol=0)
+        assert torch.equal(scores[0][n], scores[1][n])
+        assert not torch.equal(scores[0][n], scores[2][n])
