@@ -171,3 +171,35 @@ def test_report_has_per_epoch_records_and_plot(tmp_path):
     assert [s["epoch"] for s in report["steps"]] == [1, 2, 4]
     assert report["finished"] and (out / "epochs.png").is_file()
     assert not (out / "checkpoint.pt").exists()  # a finished run keeps no checkpoint
+
+
+RESNET50 = ROOT / "configs" / "resnet50_imagenet_gradual.yaml"
+
+
+def test_resnet50_config_plans_the_paper_schedule():
+    cfg = config.load(RESNET50)
+    plugins = manager.build()
+    plan = pipeline.instantiate(cfg, "scheduler", plugins).plan()
+    assert [s.epoch for s in plan] == [1, 6, 11, 16, 21, 26, 31, 36]
+    assert plan[-1].target_sparsity == pytest.approx(0.9)
+    assert plan[-1].epoch + plan[-1].finetune_epochs == 100
+    for section in ("scorer", "allocator"):
+        pipeline.instantiate(cfg, section, plugins)
+    if "woodfisher" in plugins.registry("estimators").names():
+        pipeline.instantiate(cfg, "estimator", plugins)  # damp, block_size are its options
+
+
+@pytest.mark.slow
+def test_resnet50_config_runs_a_few_steps_on_fake_data(tmp_path):
+    """The ImageNet config end to end on a few tiny random images, magnitude for speed."""
+    cfg = config.load(RESNET50, [
+        "model.checkpoint=null", "train.epochs=1", "data.name=fake", "data.root=null",
+        "data.options.image_size=[3,32,32]", "data.options.train_size=4",
+        "data.options.test_size=2", "data.options.num_classes=10", "data.batch_size=4",
+        "data.num_workers=0", "scheduler.end_epoch=2", "scheduler.freq=1", "scheduler.epochs=3",
+        "scheduler.lr_decay_start=1", f"output={tmp_path / 'run'}"])
+    cfg.estimator = {"name": "magnitude"}
+    report = pipeline.run(cfg)
+    assert [round(s["sparsity"], 4) for s in report["steps"]] == [0.05, 0.9]
+    assert [e["epoch"] for e in report["epochs"]] == [1, 2, 3]
+    assert report["epochs"][2]["lr"] == pytest.approx(0.005 * 0.918)  # decays after epoch 1

@@ -265,7 +265,8 @@ class Runner:
         self.report.add_epoch(record)
         log.info("epoch %d: sparsity %.4f, lr %.3g, train loss %.4f, top-1 %.4f", pos["epoch"],
                  record["sparsity"], lr, train_loss, record["accuracy"])
-        self.save()
+        if not (in_step and pos["step_epochs"] == step.finetune_epochs):
+            self.save()  # (the step's last epoch is saved with the step's record, at once)
 
     def run_step(self, step: PruneStep) -> None:
         pos, p = self.position, self.p
