@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -38,16 +40,18 @@ def run(out: Path, *extra: str, estimator: str = "magnitude", resume: bool = Fal
     return pipeline.run(cfg, resume=resume, plugins=plugins)
 
 
-def interrupt_epoch(monkeypatch, call: int, batches: int = 5) -> None:
+def interrupt_epoch(monkeypatch, call: int, batches: int = 5, kill: bool = False) -> None:
     """Ctrl-C ``batches`` batches into the ``call``-th fine-tuning epoch (weights half-updated;
-    dense training is not counted)."""
+    dense training is not counted). ``kill``: by SIGTERM to this process instead."""
     original = training.train_epoch
     calls = {"n": 0}
 
     def breaking_loader(loader):
         for i, batch in enumerate(loader):
             if i == batches:
-                raise KeyboardInterrupt
+                if not kill:
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGTERM)
             yield batch
 
     def train_epoch(model, loader, *args, **kwargs):
@@ -224,3 +228,15 @@ def test_rng_states_round_trip():
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_sigterm_ends_like_ctrl_c_and_resumes(tmp_path, monkeypatch, uninterrupted):
+    expected = uninterrupted("magnitude")
+    out = tmp_path / "run"
+    interrupt_epoch(monkeypatch, 4, kill=True)
+    with pytest.raises(KeyboardInterrupt, match="resume with"):
+        run(out)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
+    assert torch.load(out / checkpoint.FILENAME, weights_only=True)["position"]["epoch"] == 3
+    assert_same_run(*expected, out, run(out, resume=True))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,6 +235,12 @@ class Runner:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
+        """Run the rest of the plan. Ctrl-C or SIGTERM ends it with a KeyboardInterrupt that
+        says how to resume; the last checkpoint (atomic) stays valid.
+        """
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             while self.position["step"] < len(self.plan):
                 self.run_step(self.plan[self.position["step"]])
@@ -243,6 +251,8 @@ class Runner:
                 f"{self.position['step']} finished step(s); resume with: "
                 f"wfcore prune --resume {self.run_dir}") from None
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             if self.trainer is not None:
                 self.trainer.close()
 
@@ -305,6 +315,10 @@ class Runner:
         self.timings, self.metrics = dict.fromkeys(TIMINGS, 0.0), None
         self.save()
         p.plugins.hook.wfcore_step_end(step=step, record=record, run_dir=str(self.run_dir))
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def sampler_state(sampler: GradientSampler) -> dict[str, Any]:
