@@ -200,6 +200,7 @@ def test_resume_with_another_config_is_a_one_line_error(tmp_path, monkeypatch, c
     assert cli.main(["-q", "prune", "--resume", str(moved)]) == 0
     report = json.loads((moved / "report.json").read_text())
     assert report["finished"] and [e["epoch"] for e in report["epochs"]] == [1, 2, 3, 4, 5]
+    assert report["config"]["output"] == str(moved)
     err = one_line_error(capsys, ["prune", "--resume", str(moved)])
     assert "finished" in err
 

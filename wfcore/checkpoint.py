@@ -225,6 +225,7 @@ class Runner:
         self.p.masks.load_state_dict(state["masks"])
         load_sampler_state(self.p.sampler, state["sampler"])
         self.report.data = state["report"]
+        self.report.data["config"] = config_mod.to_dict(self.cfg)  # output may have moved
         if state["trainer"] is not None:
             saved = dict(state["trainer"])
             self.trainer = self.make_trainer(int(saved.pop("segment")))

@@ -22,7 +22,6 @@ from wfcore.interfaces import (
     DataBundle,
     Exporter,
     HessianEstimator,
-    PruneStep,
     PruningProblem,
     Scheduler,
     Scorer,
@@ -192,36 +191,6 @@ class Pruning:
         self.masks.set(new_keep)
         sampler.last = None
         timings["prune"] += time.perf_counter() - start
-
-    def finetune(self, epochs: int, seed: int) -> None:
-        train(self.model, self.data.train, self.cfg.train, epochs=epochs,
-              batch_size=self.cfg.data.batch_size, loss_fn=self.loss_fn, device=self.device,
-              seed=seed, masks=self.masks, num_workers=self.cfg.data.num_workers,
-              desc="fine-tune")
-
-    def run_step(self, step: PruneStep) -> dict[str, Any]:
-        """Run one step of the plan and return its report record."""
-        timings = dict.fromkeys(("gradients", "estimate", "prune", "finetune", "evaluate"), 0.0)
-        if step.from_dense:
-            self.restore_dense()
-        for target in step.substeps:
-            self.prune_to(target, timings)
-        if step.finetune_epochs:
-            start = time.perf_counter()
-            self.finetune(step.finetune_epochs, seed=self.cfg.seed + 1000 + step.index)
-            timings["finetune"] = time.perf_counter() - start
-        start = time.perf_counter()
-        metrics = self.evaluate()
-        timings["evaluate"] = time.perf_counter() - start
-        return {
-            "index": step.index,
-            "target_sparsity": step.target_sparsity,
-            "sparsity": self.masks.sparsity(),
-            "accuracy": metrics["accuracy"],
-            "loss": metrics["loss"],
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-            "layers": self.masks.layer_sparsity(),
-        }
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
