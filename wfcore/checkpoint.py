@@ -184,6 +184,7 @@ class Runner:
         self.trainer: Trainer | None = None
         self.segment = 0  # the step whose Trainer is live (it seeds the data order)
         self.metrics: dict[str, float] | None = None  # the last epoch's evaluation
+        self.saved = (0, 0)  # (epochs, finished steps) of the last checkpoint written
 
     def segment_epochs(self, first: int) -> int:
         """Fine-tuning epochs from step ``first`` up to the next ``from_dense`` step."""
@@ -212,10 +213,10 @@ class Runner:
         if self.trainer is not None:
             trainer = {"segment": self.segment, **self.trainer.state_dict()}
         save(self.run_dir, digest=self.digest,
-                        position={**self.position, "timings": dict(self.timings)},
-                        model=self.p.model_state(), masks=self.p.masks.state_dict(),
-                        trainer=trainer, sampler=sampler_state(self.p.sampler),
-                        report=self.report.data)
+             position={**self.position, "timings": dict(self.timings)},
+             model=self.p.model_state(), masks=self.p.masks.state_dict(), trainer=trainer,
+             sampler=sampler_state(self.p.sampler), report=self.report.data)
+        self.saved = (self.position["epoch"], self.position["step"])
 
     def restore(self, state: dict[str, Any]) -> None:
         position = dict(state["position"])
@@ -231,6 +232,7 @@ class Runner:
             self.trainer = self.make_trainer(int(saved.pop("segment")))
             self.trainer.load_state_dict(saved)
         set_rng_state(state["rng"])
+        self.saved = (position["epoch"], position["step"])
         log.info("resumed %s at step %d, epoch %d", self.run_dir, position["step"],
                  position["epoch"])
 
@@ -246,11 +248,10 @@ class Runner:
             while self.position["step"] < len(self.plan):
                 self.run_step(self.plan[self.position["step"]])
         except KeyboardInterrupt:
-            done = self.position["epoch"]
+            epochs, steps = self.saved
             raise KeyboardInterrupt(
-                f"the checkpoint holds {done} fine-tuning epoch(s) and "
-                f"{self.position['step']} finished step(s); resume with: "
-                f"wfcore prune --resume {self.run_dir}") from None
+                f"the last checkpoint holds {epochs} fine-tuning epoch(s) and {steps} "
+                f"finished step(s); resume with: wfcore prune --resume {self.run_dir}") from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
