@@ -231,7 +231,7 @@ def format_table(timings: list[Timing]) -> str:
             f"{'items/s':>9} {'vs dense ORT':>12}")
     lines = [head, "-" * len(head)]
     for t in timings:
-        speedup = f"{t.speedup:.2f}x" if t.speedup is not None else "-"
+        speedup = f"{t.speedup:.3g}x" if t.speedup is not None else "-"
         lines.append(f"{Path(t.model).name[:28]:<28} {t.engine:<12} {t.batch_size:>5} "
                      f"{t.median_ms:>10.2f} {t.p90_ms:>9.2f} {t.items_per_s:>9.1f} "
                      f"{speedup:>12}")
