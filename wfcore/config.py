@@ -115,10 +115,14 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-    try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
-        raise _wrap(exc) from None
+    for item in overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _wrap(exc) from None
+        except Exception as exc:  # YAML syntax of the value
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"override '{item}' is not valid: {first}") from None
     try:
         cfg = OmegaConf.merge(schema, *layers)
     except OmegaConfBaseException as exc:
