@@ -1,13 +1,34 @@
-"""The Optimal Brain Surgeon scorer: rho_q = w_q^2 / (2 [F^-1]_qq)."""
+"""Optimal Brain Surgeon scorers.
+
+``obs``: rho_q = w_q^2 / (2 [F^-1]_qq), the loss increase of removing w_q alone on the
+quadratic model 1/2 dw^T F dw (the gradient taken as zero at a trained model).
+
+``woodtaylor`` keeps the first-order term g^T dw. Removing w_q on the model
+g^T dw + 1/2 dw^T F dw is a Newton step s = -F^-1 g followed by OBS on w + s, so
+rho_q = (w_q - [F^-1 g]_q)^2 / (2 [F^-1]_qq) and the update is s plus the OBS update of
+w + s. With a small damping, F^-1 g can be huge (the empirical Fisher is fitted to the
+same m samples as g; its smallest directions are amplified), and the plain step wrecks
+the model. Safeguard: the step is scaled by alpha, found by an exact line search along
+s on the local quadratic model with extra damping ``damp`` (a trust region,
+Levenberg-Marquardt style):
+
+    alpha = argmin_a  a g^T s + 1/2 a^2 (s^T F s + damp |s|^2)
+          = g^T F^-1 g / (g^T F^-1 g + damp |F^-1 g|^2)     (s^T F s = g^T F^-1 g)
+
+in (0, 1]: long steps (|F^-1 g| large against the decrease they promise) are cut back, and
+alpha -> 0 gives back ``obs``. The scores and the update both use alpha * s.
+g is the pipeline's mean of the same m gradients that built F (``sampler.mean_gradient``).
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-
-import torch
 
 from wfcore import hookimpl
 from wfcore.interfaces import Curvature, Scorer, Tensors
+
+log = logging.getLogger(__name__)
 
 UPDATES = ("none", "independent", "joint")
 
@@ -40,6 +61,72 @@ class Obs(Scorer):
         return curvature.prune_update(prune_mask, weights, self.options.update)
 
 
+@dataclass
+class WoodTaylorOptions:
+    # As for obs; the Newton step is added to every mode (none: step, then mask).
+    update: str = "independent"
+    # Extra damping of the quadratic model along the Newton step (the trust region that
+    # scales it); larger = shorter steps, closer to obs. 0 = the plain, unsafe step.
+    # 0.1 kept it within 0.6 points of obs (independent) at 50-95% on both MNIST models.
+    damp: float = 0.1
+    max_step: float = 1.0  # alpha is clipped to [0, max_step]
+
+    def validate(self) -> None:
+        if self.update not in UPDATES:
+            raise ValueError(f"update '{self.update}' is not one of {', '.join(UPDATES)}")
+        if self.damp < 0 or self.max_step < 0:
+            raise ValueError("damp and max_step must be >= 0")
+
+
+def newton_step(curvature: Curvature, gradient: Tensors, damp: float,
+                max_step: float) -> tuple[Tensors, float]:
+    """(alpha * s, alpha): the safeguarded Newton step s = -F^-1 g (see the module doc)."""
+    F_inv_g = curvature.inverse_mul(gradient)
+    decrease = sum(float((gradient[n].double() * F_inv_g[n].double()).sum()) for n in gradient)
+    length2 = sum(float(F_inv_g[n].double().square().sum()) for n in gradient)
+    if not decrease > 0:  # g = 0, or a curvature that is not positive definite
+        alpha = 0.0
+    else:
+        alpha = min(max_step, decrease / (decrease + damp * length2))
+    log.info("woodtaylor: Newton step scale %.3g (|F^-1 g| = %.3g, g^T F^-1 g = %.3g)",
+             alpha, length2 ** 0.5, decrease)
+    return {n: -alpha * t for n, t in F_inv_g.items()}, alpha
+
+
+class WoodTaylor(Scorer):
+    Options = WoodTaylorOptions
+    needs_gradient = True
+
+    def __init__(self, options: WoodTaylorOptions | None = None):
+        self.options = options or WoodTaylorOptions()
+        self._step: tuple[Curvature, Tensors] | None = None  # the step of the last curvature
+
+    def step(self, curvature: Curvature, gradient: Tensors | None) -> Tensors:
+        if gradient is None:
+            raise ValueError("woodtaylor needs the mean gradient")
+        if self._step is None or self._step[0] is not curvature:
+            s, _ = newton_step(curvature, gradient, self.options.damp, self.options.max_step)
+            self._step = (curvature, s)
+        return self._step[1]
+
+    def scores(self, weights: Tensors, curvature: Curvature, gradient: Tensors | None) -> Tensors:
+        s = self.step(curvature, gradient)
+        diag = curvature.inverse_diagonal()
+        return {n: (w.double() + s[n].to(w.device).double()) ** 2 / (2 * diag[n].double())
+                for n, w in weights.items()}
+
+    def update(self, weights: Tensors, curvature: Curvature, prune_mask: Tensors,
+               gradient: Tensors | None) -> Tensors | None:
+        s = self.step(curvature, gradient)
+        self._step = None  # the curvature is dropped after the update
+        moved = {n: w.double() + s[n].to(w.device).double() for n, w in weights.items()}
+        if self.options.update == "none":
+            return {n: moved[n] - weights[n].double() for n in weights}
+        dw = curvature.prune_update(prune_mask, moved, self.options.update)
+        return {n: moved[n] - weights[n].double() + dw[n].to(weights[n].device).double()
+                for n in weights}
+
+
 @hookimpl
 def wfcore_scorers():
-    return {"obs": Obs}
+    return {"obs": Obs, "woodtaylor": WoodTaylor}
