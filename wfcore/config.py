@@ -62,6 +62,8 @@ class FisherSection:
     num_grads: int = 1000  # m: gradients in the empirical Fisher
     grad_batch: int = 1  # samples averaged into one gradient
     labels: str = "empirical"  # empirical (data labels) | sampled (from the model's softmax)
+    storage_dtype: str = "float32"  # of the (m, d) gradient buffer: float32 | float16 | bfloat16
+    offload: bool = False  # keep the buffer in CPU memory (GPU runs whose buffer does not fit)
 
 
 @dataclass
@@ -87,6 +89,7 @@ CHOICES = {
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_schedule": ("cosine", "step", "exponential", "constant"),
     "fisher.labels": ("empirical", "sampled"),
+    "fisher.storage_dtype": ("float32", "float16", "bfloat16"),
 }
 
 

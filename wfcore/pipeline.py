@@ -152,7 +152,8 @@ class Pruning:
         self.sampler = GradientSampler(
             self.model, self.params, self.masks.keep, self.data.train, self.loss_fn,
             num_grads=fisher.num_grads, grad_batch=fisher.grad_batch, labels=fisher.labels,
-            seed=cfg.seed, device=self.device)
+            seed=cfg.seed, device=self.device, dtype=fisher.storage_dtype,
+            offload=fisher.offload)
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.test, batch_size=self.cfg.data.batch_size,
