@@ -74,3 +74,13 @@ def test_cli_prints_one_line_without_traceback(override, expected, capsys, tmp_p
     assert expected in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_switching_a_component_drops_the_old_components_options():
+    cfg = load("estimator.name=magnitude", "scorer.name=obs")
+    assert dict(cfg.estimator) == {"name": "magnitude"}
+    assert cfg.scorer["update"] == "joint"  # same scorer: the file's options stay
+    cfg = load("estimator.damp=1e-3", "estimator.name=kfac")
+    assert dict(cfg.estimator) == {"name": "kfac", "damp": 1e-3}
+    cfg = load("estimator.damp=1e-3")
+    assert cfg.estimator.name == "woodfisher" and cfg.estimator.block_size == 500

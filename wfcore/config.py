@@ -1,5 +1,8 @@
 """The config schema, loading, dot-list overrides and per-plugin validation.
 
+Overriding a component's name (``estimator.name=kfac``) drops the options written for the
+component it replaces (see ``_switch_components``).
+
 Top-level sections have a fixed schema (below). Component sections (estimator, scorer,
 allocator, scheduler, export) hold ``name`` plus that component's options; they are
 validated against the options dataclass of the plugin that registered the name.
@@ -118,14 +121,18 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
+    items = []
     for item in overrides:
         try:
-            layers.append(OmegaConf.from_dotlist([item]))
+            items.append(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise _wrap(exc) from None
         except Exception as exc:  # YAML syntax of the value
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"override '{item}' is not valid: {first}") from None
+    if items:
+        layers.append(OmegaConf.merge(*items))
+    _switch_components(layers)
     try:
         cfg = OmegaConf.merge(schema, *layers)
     except OmegaConfBaseException as exc:
@@ -141,6 +148,27 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
         if not isinstance(value, DictConfig) or value.get("name") is None:
             raise ConfigError(f"config key '{section}' needs a 'name'")
     return cfg
+
+
+def _switch_components(layers: list[DictConfig]) -> None:
+    """A later layer that names another component drops the earlier layers' options.
+
+    ``estimator.name=magnitude`` on the command line, over a file whose estimator section
+    is ``{name: woodfisher, damp: 1e-5}``, gives ``{name: magnitude}``: the options belong
+    to the component they were written for (as with Hydra's config groups). Options given
+    beside the new name in the same or later layers are kept.
+    """
+    for section in COMPONENT_KINDS:
+        current = None
+        for i, layer in enumerate(layers):
+            node = layer.get(section) if isinstance(layer, DictConfig) else None
+            if not isinstance(node, DictConfig) or node.get("name") is None:
+                continue
+            if current is not None and node.name != current:
+                for earlier in layers[:i]:
+                    if isinstance(earlier.get(section), DictConfig):
+                        earlier[section] = {"name": node.name}
+            current = node.name
 
 
 def component_options(section: str, cfg: DictConfig, options_class: type | None) -> Any:
