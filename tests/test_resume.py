@@ -185,6 +185,7 @@ def interrupted_run(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
 
 
 def test_resume_with_another_config_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
     out, cfg_file = interrupted_run(tmp_path, monkeypatch)
     err = one_line_error(capsys, ["prune", str(cfg_file), "scheduler.final_sparsity=0.8",
                                   "--resume", str(out)])
