@@ -192,7 +192,7 @@ class GradientSampler:
 
     def _sample_loop(self, G: torch.Tensor) -> None:
         m, names = G.shape[0], self.layout.names
-        for i in tqdm(range(m), desc="gradients", unit="grad", leave=False,
+        for i in tqdm(range(m), desc="gradients", unit="grad", leave=False, delay=1,
                       disable=not self.progress or m < 50):
             x, y = self._fetch(self.grad_batch)
             logits = self.model(x)
@@ -219,7 +219,7 @@ class GradientSampler:
 
         row_grad = vmap(grad(row_loss), in_dims=(None, 0, 0))
         chunk = self._chunk_rows()
-        bar = tqdm(total=m, desc="gradients", unit="grad", leave=False,
+        bar = tqdm(total=m, desc="gradients", unit="grad", leave=False, delay=1,
                    disable=not self.progress or m < 50)
         i = 0
         while i < m:

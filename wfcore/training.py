@@ -55,7 +55,7 @@ def train_epoch(
     """One epoch; returns the mean training loss."""
     model.train()
     total, count = 0.0, 0
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, delay=1):
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
@@ -182,7 +182,7 @@ def evaluate(
     model.eval()
     loader = DataLoader(dataset, batch_size=max(batch_size, 256), num_workers=num_workers)
     correct, total_loss, count = 0, 0.0, 0
-    for x, y in tqdm(loader, desc="evaluate", unit="batch", leave=False):
+    for x, y in tqdm(loader, desc="evaluate", unit="batch", leave=False, delay=1):
         x, y = x.to(device), y.to(device)
         logits = model(x)
         total_loss += loss_fn(logits, y).item() * len(x)
