@@ -103,3 +103,12 @@ def test_third_party_plugin_is_listed_and_used(third_party_site, tmp_path):
     bad = wfcore_subprocess(third_party_site, "prune", str(CONFIG), "allocator.name=dense_first",
                             "allocator.kepe=[x]", f"output={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "allocator.kepe" in bad.stderr
+
+
+def test_oneshot_targets_do_not_depend_on_the_steps_before(tmp_path):
+    """Each one-shot step starts from the dense model with the same gradient samples."""
+    common = ["estimator.name=diag_fisher", "fisher.num_grads=64", "scorer.update=independent"]
+    alone = prune(tmp_path / "a", *common, "scheduler.sparsities=[0.9]")
+    after = prune(tmp_path / "b", *common, "scheduler.sparsities=[0.5,0.9]")
+    assert after["steps"][1]["accuracy"] == alone["steps"][0]["accuracy"]
+    assert after["steps"][1]["loss"] == alone["steps"][0]["loss"]

@@ -104,11 +104,18 @@ class GradientSampler:
         self.method = method
         self.progress = progress
         self.layout = ParamLayout(params)
-        self.generator = torch.Generator().manual_seed(seed)
-        self._order: torch.Tensor | None = None  # the current epoch's permutation
-        self._pos = 0
+        self.seed = seed
+        self.generator = torch.Generator()
+        self.reset()
         self.seconds = 0.0  # time spent sampling, for the report's timings
         self.last: torch.Tensor | None = None  # (m, d) of the last call
+
+    def reset(self) -> None:
+        """Back to the seed's sample order: the dense model then gets the same gradients
+        whatever came before (each one-shot target sees one Fisher)."""
+        self.generator.manual_seed(self.seed)
+        self._order: torch.Tensor | None = None  # the current epoch's permutation
+        self._pos = 0
 
     # -- data ---------------------------------------------------------------------------
     def _next_indices(self, count: int) -> torch.Tensor:

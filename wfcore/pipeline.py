@@ -161,8 +161,10 @@ class Pruning:
                         num_workers=self.cfg.data.num_workers)
 
     def restore_dense(self) -> None:
+        """The dense model, no masks, and the gradient sampler back at its seed."""
         self.model.load_state_dict(self.dense_state)
         self.masks.reset()
+        self.sampler.reset()
 
     def prune_to(self, target: float, timings: dict[str, float]) -> None:
         """Estimate, score, allocate and update: the model ends at ``target`` sparsity."""
