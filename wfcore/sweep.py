@@ -98,8 +98,9 @@ def run_name(combo: dict[str, str]) -> str:
 
 
 def method_label(combo: dict[str, str]) -> str:
-    """What a line of the plots stands for: the swept values, scheduler keys left out."""
-    shown = {k: v for k, v in combo.items() if not k.startswith("scheduler.")}
+    """What a line of the plots stands for: the swept values but the target sparsities
+    (the x axis)."""
+    shown = {k: v for k, v in combo.items() if k != "scheduler.sparsities"}
     if len(shown) == 1:
         return next(iter(shown.values()))
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "run"
