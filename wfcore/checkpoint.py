@@ -1,6 +1,6 @@
-"""Per-epoch checkpoints of a run, loading them, and the loop that resumes a run exactly.
+"""Per-epoch checkpoints of a run, and loading them to resume it exactly.
 
-``Runner`` drives a plan epoch by epoch. A checkpoint (``RUN_DIR/checkpoint.pt``) is
+``wfcore.runner.Runner`` drives a plan epoch by epoch. A checkpoint (``RUN_DIR/checkpoint.pt``) is
 written atomically (temporary file, then rename) after every epoch and every pruning
 step, so an interrupted run loses at most the epoch in progress. It holds only tensors
 and plain containers and is read back with ``weights_only=True``: the model and masks,
@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
-import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from wfcore import config as config_mod
 from wfcore import files
 from wfcore.errors import WfcoreError
-from wfcore.interfaces import PruneStep
-from wfcore.training import Trainer
-
-if TYPE_CHECKING:
-    from wfcore.gradients import GradientSampler
-    from wfcore.pipeline import Pruning
-    from wfcore.report import Report
 
 log = logging.getLogger(__name__)
 
@@ -157,180 +147,3 @@ def load(run_dir: str | Path, cfg: DictConfig) -> dict[str, Any]:
         raise WfcoreError(f"{where}: the checkpoint is from a different config{which}; "
                           "resume with the run's own config.yaml, or start over with --force")
     return state
-
-
-TIMINGS = ("gradients", "estimate", "prune", "finetune", "evaluate")
-
-
-class Runner:
-    """Runs a plan epoch by epoch, with a checkpoint after every epoch and every step.
-
-    The position in the plan is (step, pruned, step_epochs, epoch): the step in progress,
-    whether its pruning is done, its fine-tuning epochs done, and all fine-tuning epochs
-    done. One Trainer (optimizer, LR schedule, data order) lives across the steps of a
-    schedule; a ``from_dense`` step starts a fresh one.
-    """
-
-    def __init__(self, pruning: Pruning, plan: list[PruneStep], report: Report,
-                 overrides: dict[str, Any]):
-        self.p, self.plan, self.report = pruning, plan, report
-        self.cfg, self.run_dir = pruning.cfg, pruning.run_dir
-        self.digest = config_digest(self.cfg)
-        overrides = dict(overrides)
-        self.decay_start = int(overrides.pop("lr_decay_start", 0))
-        self.train_cfg = OmegaConf.merge(self.cfg.train, overrides)
-        self.position = {"step": 0, "pruned": False, "step_epochs": 0, "epoch": 0}
-        self.timings = dict.fromkeys(TIMINGS, 0.0)
-        self.trainer: Trainer | None = None
-        self.segment = 0  # the step whose Trainer is live (it seeds the data order)
-        self.metrics: dict[str, float] | None = None  # the last epoch's evaluation
-        self.saved = (0, 0)  # (epochs, finished steps) of the last checkpoint written
-
-    def segment_epochs(self, first: int) -> int:
-        """Fine-tuning epochs from step ``first`` up to the next ``from_dense`` step."""
-        epoch, total = 0, 0
-        for k, step in enumerate(self.plan):
-            pre = max(step.epoch - epoch, 0) if step.epoch is not None else 0
-            epoch += pre + step.finetune_epochs
-            if k > first and step.from_dense:
-                break
-            if k >= first:
-                total += pre + step.finetune_epochs
-        return total
-
-    def make_trainer(self, segment: int) -> Trainer:
-        p = self.p
-        self.segment = segment
-        return Trainer(p.model, p.data.train, self.train_cfg,
-                       epochs=self.segment_epochs(segment), batch_size=self.cfg.data.batch_size,
-                       loss_fn=p.loss_fn, device=p.device, seed=self.cfg.seed + 1000 + segment,
-                       masks=p.masks, num_workers=self.cfg.data.num_workers,
-                       decay_start=self.decay_start, desc="fine-tune")
-
-    # -- checkpoints ------------------------------------------------------------------
-    def save(self) -> None:
-        trainer = None
-        if self.trainer is not None:
-            trainer = {"segment": self.segment, **self.trainer.state_dict()}
-        save(self.run_dir, digest=self.digest,
-             position={**self.position, "timings": dict(self.timings)},
-             model=self.p.model_state(), masks=self.p.masks.state_dict(), trainer=trainer,
-             sampler=sampler_state(self.p.sampler), report=self.report.data)
-        self.saved = (self.position["epoch"], self.position["step"])
-
-    def restore(self, state: dict[str, Any]) -> None:
-        position = dict(state["position"])
-        self.timings = position.pop("timings")
-        self.position = position
-        self.p.model.load_state_dict(state["model"])
-        self.p.masks.load_state_dict(state["masks"])
-        load_sampler_state(self.p.sampler, state["sampler"])
-        self.report.data = state["report"]
-        self.report.data["config"] = config_mod.to_dict(self.cfg)  # output may have moved
-        if state["trainer"] is not None:
-            saved = dict(state["trainer"])
-            self.trainer = self.make_trainer(int(saved.pop("segment")))
-            self.trainer.load_state_dict(saved)
-        set_rng_state(state["rng"])
-        self.saved = (position["epoch"], position["step"])
-        log.info("resumed %s at step %d, epoch %d", self.run_dir, position["step"],
-                 position["epoch"])
-
-    # -- the loop ---------------------------------------------------------------------
-    def run(self) -> None:
-        """Run the rest of the plan. Ctrl-C or SIGTERM ends it with a KeyboardInterrupt that
-        says how to resume; the last checkpoint (atomic) stays valid.
-        """
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, _terminated)
-        try:
-            while self.position["step"] < len(self.plan):
-                self.run_step(self.plan[self.position["step"]])
-        except KeyboardInterrupt:
-            epochs, steps = self.saved
-            raise KeyboardInterrupt(
-                f"the last checkpoint holds {epochs} fine-tuning epoch(s) and {steps} "
-                f"finished step(s); resume with: wfcore prune --resume {self.run_dir}") from None
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-            if self.trainer is not None:
-                self.trainer.close()
-
-    def run_epoch(self, step: PruneStep, in_step: bool) -> None:
-        if self.trainer is None:
-            self.trainer = self.make_trainer(self.position["step"])
-        start = time.perf_counter()
-        lr = self.trainer.lr()
-        train_loss = self.trainer.run_epoch()
-        self.timings["finetune"] += time.perf_counter() - start
-        start = time.perf_counter()
-        self.metrics = self.p.evaluate()
-        self.timings["evaluate"] += time.perf_counter() - start
-        pos = self.position
-        pos["epoch"] += 1
-        pos["step_epochs"] += int(in_step)
-        record = {"epoch": pos["epoch"], "step": step.index, "lr": lr, "train_loss": train_loss,
-                  "accuracy": self.metrics["accuracy"], "loss": self.metrics["loss"],
-                  "sparsity": self.p.masks.sparsity()}
-        self.report.add_epoch(record)
-        log.info("epoch %d: sparsity %.4f, lr %.3g, train loss %.4f, top-1 %.4f", pos["epoch"],
-                 record["sparsity"], lr, train_loss, record["accuracy"])
-        if not (in_step and pos["step_epochs"] == step.finetune_epochs):
-            self.save()  # (the step's last epoch is saved with the step's record, at once)
-
-    def run_step(self, step: PruneStep) -> None:
-        pos, p = self.position, self.p
-        self.p.plugins.hook.wfcore_step_start(step=step, run_dir=str(self.run_dir))
-        if not pos["pruned"]:
-            while step.epoch is not None and pos["epoch"] < step.epoch:
-                self.run_epoch(step, in_step=False)
-            if step.from_dense:
-                p.restore_dense()
-                if self.trainer is not None:
-                    self.trainer.close()
-                self.trainer = None
-            for target in step.substeps:
-                p.prune_to(target, self.timings)
-            if self.trainer is not None:  # no momentum may revive a pruned weight
-                p.masks.zero_optimizer_state(self.trainer.optimizer)
-            pos["pruned"], self.metrics = True, None
-            self.save()
-        while pos["step_epochs"] < step.finetune_epochs:
-            self.run_epoch(step, in_step=True)
-        metrics = self.metrics
-        if metrics is None:
-            start = time.perf_counter()
-            metrics = p.evaluate()
-            self.timings["evaluate"] += time.perf_counter() - start
-        record = {"index": step.index, "target_sparsity": step.target_sparsity,
-                  "sparsity": p.masks.sparsity(), "accuracy": metrics["accuracy"],
-                  "loss": metrics["loss"], "epoch": pos["epoch"],
-                  "timings": {k: round(v, 4) for k, v in self.timings.items()},
-                  "layers": p.masks.layer_sparsity()}
-        files.save_torch(self.run_dir / f"model_step{step.index}.pt", p.model_state())
-        self.report.add_step(record)
-        log.info("step %d: sparsity %.4f (target %.4f), top-1 %.4f", step.index,
-                 record["sparsity"], step.target_sparsity, record["accuracy"])
-        pos.update(step=pos["step"] + 1, pruned=False, step_epochs=0)
-        self.timings, self.metrics = dict.fromkeys(TIMINGS, 0.0), None
-        self.save()
-        p.plugins.hook.wfcore_step_end(step=step, record=record, run_dir=str(self.run_dir))
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def sampler_state(sampler: GradientSampler) -> dict[str, Any]:
-    """The gradient sampler's random state: its generator and its place in the data."""
-    order = getattr(sampler, "_order", None)
-    return {"generator": sampler.generator.get_state(), "order": order,
-            "pos": int(getattr(sampler, "_pos", 0))}
-
-
-def load_sampler_state(sampler: GradientSampler, state: dict[str, Any]) -> None:
-    sampler.generator.set_state(state["generator"])
-    if hasattr(sampler, "_order"):
-        sampler._order, sampler._pos = state["order"], state["pos"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,6 +117,14 @@ class GradientSampler:
         self.generator.manual_seed(self.seed)
         self._order: torch.Tensor | None = None  # the current epoch's permutation
         self._pos = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The random state: the generator and the place in the shuffled data."""
+        return {"generator": self.generator.get_state(), "order": self._order, "pos": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self._order, self._pos = state["order"], int(state["pos"])
 
     # -- data ---------------------------------------------------------------------------
     def _next_indices(self, count: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from wfcore.interfaces import (
 )
 from wfcore.masks import Masks, select_params
 from wfcore.report import Report
+from wfcore.runner import Runner
 from wfcore.training import evaluate, train
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
     pruning = Pruning(cfg, plugins, components, run_dir)
     report = Report(run_dir, config_mod.to_dict(cfg))
     overrides = getattr(components.scheduler, "train_overrides", dict)()
-    runner = checkpoint.Runner(pruning, plan, report, overrides)
+    runner = Runner(pruning, plan, report, overrides)
     if saved is not None:
         runner.restore(saved)
     else:
