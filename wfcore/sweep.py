@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from wfcore import config as config_mod
 from wfcore import files, manager, pipeline
 from wfcore.errors import ConfigError, WfcoreError
-from wfcore.report import TIMING_KEYS
+from wfcore.report import TIMING_KEYS, pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -288,25 +288,9 @@ def write_outputs(result: SweepResult) -> None:
         plot_layers(groups, result.root / "layer_sparsity.png")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    _pyplot().close(fig)
-    tmp.replace(path)
-
-
 def plot_accuracy(groups: dict[str, list[SweepRun]], path: Path, title: str) -> None:
     """Top-1 against sparsity, a line per method, each distinct dense accuracy dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = []
     for label, runs in groups.items():
@@ -325,7 +309,7 @@ def plot_accuracy(groups: dict[str, list[SweepRun]], path: Path, title: str) -> 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_layers(groups: dict[str, list[SweepRun]], path: Path) -> None:
@@ -339,7 +323,7 @@ def plot_layers(groups: dict[str, list[SweepRun]], path: Path) -> None:
         if step is not None:
             layers[label] = {n: v["sparsity"] for n, v in step["layers"].items()}
     names = list(next(iter(layers.values())))
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) * max(len(layers), 2) / 2), 4.5))
     width = 0.8 / len(layers)
     for i, (label, values) in enumerate(layers.items()):
@@ -354,4 +338,4 @@ def plot_layers(groups: dict[str, list[SweepRun]], path: Path) -> None:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
