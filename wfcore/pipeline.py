@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -202,12 +203,16 @@ class Pruning:
 
 def is_finished(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds the report of a finished run."""
-    import json
-
     try:
         return bool(json.loads((run_dir / "report.json").read_text()).get("finished", False))
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def refuse_finished_resume(run_dir: Path) -> None:
+    if is_finished(run_dir):
+        raise WfcoreError(f"--resume {run_dir}: the run there is finished; nothing to resume "
+                          "(use --force without --resume to run it again)")
 
 
 def prepare_run_dir(cfg: DictConfig, force: bool = False, resume: bool = False) -> Path:
@@ -215,13 +220,10 @@ def prepare_run_dir(cfg: DictConfig, force: bool = False, resume: bool = False) 
     ``resume`` expects an unfinished run there (its checkpoint is checked by the caller).
     """
     run_dir = Path(cfg.output or Path("runs") / cfg.name).expanduser()
-    finished = (resume or not force) and is_finished(run_dir)
     if resume:
-        if finished:
-            raise WfcoreError(f"--resume {run_dir}: the run there is finished; nothing to "
-                              "resume (use --force without --resume to run it again)")
+        refuse_finished_resume(run_dir)
         return run_dir
-    if finished:
+    if not force and is_finished(run_dir):
         raise WfcoreError(f"{run_dir} holds a finished run; use --force to overwrite it "
                           "or choose another output=")
     if checkpoint.path(run_dir).is_file():
@@ -243,9 +245,7 @@ def resume_config(run_dir: str | Path, config_path: str | None = None,
     if config_path is not None and "=" in config_path and not Path(config_path).is_file():
         overrides.insert(0, config_path)  # `prune --resume DIR key=value`: no config given
         config_path = None
-    if is_finished(run_dir):
-        raise WfcoreError(f"--resume {run_dir}: the run there is finished; nothing to resume "
-                          "(use --force without --resume to run it again)")
+    refuse_finished_resume(run_dir)
     checkpoint.require(run_dir)
     if config_path is None:
         config_path = run_dir / "config.yaml"
