@@ -56,10 +56,10 @@ class DiagFisher(HessianEstimator):
         self.options = options or DiagFisherOptions()
 
     def fit(self, problem: PruningProblem) -> Curvature:
-        G = problem.sampler.sample()  # (m, d)
-        fisher = G.double().pow(2).mean(dim=0) + self.options.damp  # (d,)
-        inverse = problem.sampler.layout.unflatten(1.0 / fisher)
-        log.debug("diag_fisher: %d gradients, mean diagonal %.3e", G.shape[0],
+        source = problem.gradient_source()
+        fisher = source.square_mean() + self.options.damp  # (d,), streamed over columns
+        inverse = problem.layout().unflatten(1.0 / fisher.to(problem.device))
+        log.debug("diag_fisher: %d gradients, mean diagonal %.3e", source.m,
                   float(fisher.mean()))
         return DiagonalCurvature(inverse)
 

@@ -35,7 +35,13 @@ from tqdm.auto import tqdm
 
 from wfcore import hookimpl
 from wfcore.errors import ConfigError, WfcoreError
-from wfcore.interfaces import Curvature, HessianEstimator, PruningProblem, Tensors
+from wfcore.interfaces import (
+    Curvature,
+    EstimatorCost,
+    HessianEstimator,
+    PruningProblem,
+    Tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -307,9 +313,26 @@ class Kfac(HessianEstimator):
     """K-FAC from ``fisher.num_grads`` groups of ``fisher.grad_batch`` samples."""
 
     Options = KfacOptions
+    needs_gradients = False  # it collects its own statistics (layer inputs, output gradients)
 
     def __init__(self, options: KfacOptions | None = None):
         self.options = options or KfacOptions()
+
+    def cost(self, layout, m: int, device) -> EstimatorCost:
+        """The factors (in^2 + out^2 per layer, float64, with their eigenvectors) and one
+        layer's explicit joint system; the joint update is refused up front where a layer
+        would exceed ``joint_max``, which the plan reports."""
+        factors, flops = 0, 0.0
+        for name in layout.names:
+            shape = layout.shapes[name]
+            out_dim, in_dim = shape[0], int(math.prod(shape[1:]))
+            factors += 3 * (in_dim ** 2 + out_dim ** 2) * 8
+            flops += 10 * (in_dim ** 3 + out_dim ** 3)  # eigendecompositions
+        joint = self.options.joint_max
+        return EstimatorCost(working_bytes=factors + 4 * joint * joint * 8 + 4 * layout.d * 8,
+                             flops=flops, note=f"{len(layout.names)} Kronecker blocks, "
+                             f"{factors / 2**30:.3g} GiB of factors; a joint update solves at "
+                             f"most {joint} weights of a layer (estimator.joint_max)")
 
     def fit(self, problem: PruningProblem) -> Curvature:
         s = problem.sampler

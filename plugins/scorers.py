@@ -17,7 +17,7 @@ Levenberg-Marquardt style):
 
 in (0, 1]: long steps (|F^-1 g| large against the decrease they promise) are cut back, and
 alpha -> 0 gives back ``obs``. The scores and the update both use alpha * s.
-g is the pipeline's mean of the same m gradients that built F (``sampler.mean_gradient``).
+g is the mean of the same m gradients that built F (the step's gradient store).
 """
 
 from __future__ import annotations

@@ -1,9 +1,14 @@
 """WoodFisher: the empirical Fisher, blockwise, inverted with the Woodbury identity.
 
-Lifecycle (``WoodFisher.fit``): sample the (m, d) gradients G of the masked weights ->
-cut the flat weights into blocks -> factorise every block (blocks of one size batched) ->
-the ``WoodFisherCurvature`` answers ``inverse_diagonal``, ``inverse_mul`` and
-``prune_update`` -> it is dropped after the pruning step.
+Lifecycle (``WoodFisher.fit``): cut the flat weights into blocks -> group consecutive
+blocks into chunks whose working set fits the memory budget -> for each chunk, read its
+columns of the step's (m, d) gradient store, factorise its blocks (blocks of one size
+batched) and keep only diag(F^-1) -> the ``WoodFisherCurvature`` answers
+``inverse_diagonal`` from that, and ``inverse_mul`` and ``prune_update`` by streaming the
+chunks again (factors cached instead when all of them fit the budget) -> it is dropped
+with the store after the pruning step. On CUDA the chunks go to the GPU; the store stays
+on the host. The chunking changes only the order of the work: every block is solved the
+same way, so scores, masks and updates equal those of one chunk holding every block.
 
 Per block, with G the (m, B) gradients of its weights and damp = lambda,
 
@@ -12,9 +17,10 @@ Per block, with G the (m, B) gradients of its weights and damp = lambda,
 Forms (``form``):
   dual       K = G G^T + m*lambda*I (m x m, Cholesky). Nothing of size B x B is formed:
              diag(F^-1) = (1 - colsum(G o K^-1 G)) / lambda, F^-1 v = (v - G^T K^-1 G v) / lambda.
-             The exact joint OBS update for a pruned set Q needs S^-1 = (E_Q^T F^-1 E_Q)^-1
-             = lambda * (I + G_Q^T (K - G_Q G_Q^T)^-1 G_Q); K - G_Q G_Q^T is formed directly
-             as G_R G_R^T + m*lambda*I (R = the rest of the block), again m x m.
+             The exact joint OBS update for a pruned set Q keeps dw_Q = -w_Q and moves the
+             rest R of the block by dw_R = F_RR^-1 F_RQ w_Q = G_R^T K_Q^-1 G_Q w_Q with
+             K_Q = G_R G_R^T + m*lambda*I (Woodbury on F_RR): one m x m solve, from the live
+             columns of R only, and no factor of K at all.
   primal     F itself (B x B, Cholesky, explicit inverse): cheaper when m >= B.
   recursive  the original method's m sequential rank-1 Woodbury updates of F^-1, starting
              from I/lambda. Slow; kept as the reference the tests and benchmarks compare to.
@@ -33,30 +39,42 @@ leave earlier pruned weights exactly where they are (zero), bit for bit: OBS ove
 live weights with the earlier pruned ones held at zero, which is what the iterative
 schedule needs. The pipeline re-applies the masks after every update in any case.
 
-Safeguards: a failed Cholesky raises that block's damping x10 (logged, up to 8 times);
-non-finite gradients are an error naming the parameter (sampler); the memory a fit needs
-is computed before anything is allocated and a fit that does not fit is refused with it.
+Safeguards: a failed Cholesky raises that block's damping x10 (logged, up to 8 times; the
+streamed passes reuse the damping the fit settled on); non-finite gradients are an error
+naming the parameter (sampler); the chunks are planned against the memory budget before
+anything is read, and a block that alone does not fit is refused with the numbers.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from wfcore import hookimpl
 from wfcore.errors import WfcoreError
 from wfcore.gradients import ParamLayout
-from wfcore.interfaces import UPDATE_MODES, Curvature, HessianEstimator, PruningProblem, Tensors
+from wfcore.interfaces import (
+    UPDATE_MODES,
+    Curvature,
+    EstimatorCost,
+    GradientSource,
+    HessianEstimator,
+    PruningProblem,
+    Tensors,
+)
+from wfcore.plan import available_memory
 
 log = logging.getLogger(__name__)
 
 FORMS = ("auto", "dual", "primal", "recursive")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MAX_DAMP_RAISES = 8
+DEFAULT_MEMORY_SHARE = 0.25  # of the solve device's free memory, when max_memory_gb is null
 
 
 @dataclass
@@ -68,7 +86,10 @@ class WoodFisherOptions:
     form: str = "auto"  # auto (dual if m < B else primal) | dual | primal | recursive
     dtype: str = "float64"  # dtype of the solves; float64 keeps 1 - colsum(...) accurate
     device: str = "auto"  # where the solves run: auto = the run's device | cpu | cuda[:N]
-    max_memory_gb: Optional[float] = None  # refuse fits needing more; null = what is free
+    # memory budget of the solves: blocks are factorised in chunks that fit it, and a block
+    # that alone does not is refused before any gradient is sampled. null = a quarter of the
+    # free memory of the solve device (the store, model and per-weight results need the rest)
+    max_memory_gb: Optional[float] = None
 
     def validate(self) -> None:
         if not self.damp > 0:
@@ -110,19 +131,6 @@ def memory_needed(form: str, n: int, m: int, B: int, itemsize: int) -> tuple[int
     return grads + n * B * B * itemsize, 2 * n * B * B * itemsize
 
 
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def cholesky_raising_damp(matrix_at, damp: torch.Tensor, what) -> torch.Tensor:
     """Cholesky of ``matrix_at(damp)`` (batched); failing blocks get damp x10 (in place)."""
     for _ in range(MAX_DAMP_RAISES + 1):
@@ -145,6 +153,18 @@ def add_diagonal(A: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def live_columns(G: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(n, m, R_max): the columns of G (n, m, B) where ``keep`` (n, B) holds and G is not
+    zero, packed to the left and zero-padded to the longest block's count."""
+    keep = keep & (G != 0).any(1)  # (n, B)
+    counts = keep.sum(1)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # (n, width)
+    packed = torch.gather(G, 2, order[:, None, :].expand(-1, G.shape[1], -1))
+    valid = torch.arange(width, device=G.device)[None, :] < counts[:, None]  # (n, width)
+    return packed * valid[:, None, :]
+
+
 def solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A^-1 b for a batch of SPD matrices, with LU where Cholesky breaks down."""
     L, info = torch.linalg.cholesky_ex(A)
@@ -154,33 +174,60 @@ def solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class BlockGroup:
-    """n blocks of size B, solved together. Tensors are (n, ...) batches."""
+    """n blocks of size B, solved together. Tensors are (n, ...) batches.
 
-    def __init__(self, G: torch.Tensor, damp: float, form: str, what):
+    The factorisation (K's Cholesky factor, or F^-1 itself) is made on first use: the dual
+    joint update needs none.
+    """
+
+    def __init__(self, G: torch.Tensor, damp: float | torch.Tensor, form: str, what):
         self.G = G  # (n, m, B), solve dtype
-        n, m, B = G.shape
-        self.m, self.form = m, form
-        self.damp = torch.full((n,), damp, dtype=G.dtype, device=G.device)
+        n, self.m, _ = G.shape
+        self.form, self.what = form, what
+        self.damp = torch.as_tensor(damp, dtype=G.dtype, device=G.device).expand(n).clone()
         self._diag: torch.Tensor | None = None
-        if form == "dual":
-            GGt = G @ G.transpose(1, 2)  # (n, m, m)
-            self.L = cholesky_raising_damp(lambda d: add_diagonal(GGt, m * d),
-                                           self.damp, what)  # (n, m, m), K = L L^T
-        elif form == "primal":
-            GtG = G.transpose(1, 2) @ G / m  # (n, B, B)
-            L = cholesky_raising_damp(lambda d: add_diagonal(GtG, d), self.damp, what)
-            eye = torch.eye(B, dtype=G.dtype, device=G.device).expand_as(L)
-            L_inv = torch.linalg.solve_triangular(L, eye, upper=False)  # (n, B, B)
-            # L^-T L^-1 rather than torch.cholesky_inverse, which is very slow on CPU
-            self.F_inv = L_inv.transpose(1, 2) @ L_inv  # (n, B, B)
-        else:
-            F_inv = add_diagonal(G.new_zeros(n, B, B), 1 / self.damp)  # (n, B, B)
-            for i in range(m):  # F_inv -= v v^T / (m + g^T v), v = F_inv g
-                g = G[:, i, :, None]  # (n, B, 1)
-                v = F_inv @ g  # (n, B, 1)
-                u = v / (m + g.transpose(1, 2) @ v)
-                F_inv.baddbmm_(u, v.transpose(1, 2), alpha=-1)
-            self.F_inv = F_inv
+        self._L: torch.Tensor | None = None
+        self._F_inv: torch.Tensor | None = None
+
+    @property
+    def L(self) -> torch.Tensor:
+        """(n, m, m): the Cholesky factor of K = G G^T + m*damp*I (dual form)."""
+        if self._L is None:
+            GGt = self.G @ self.G.transpose(1, 2)  # (n, m, m)
+            self._L = cholesky_raising_damp(lambda d: add_diagonal(GGt, self.m * d),
+                                            self.damp, self.what)
+        return self._L
+
+    @property
+    def F_inv(self) -> torch.Tensor:
+        """(n, B, B): F^-1 itself (primal and recursive forms)."""
+        if self._F_inv is None:
+            self._F_inv = self._primal() if self.form == "primal" else self._recursive()
+        return self._F_inv
+
+    def _primal(self) -> torch.Tensor:
+        G, m = self.G, self.m
+        GtG = G.transpose(1, 2) @ G / m  # (n, B, B)
+        L = cholesky_raising_damp(lambda d: add_diagonal(GtG, d), self.damp, self.what)
+        eye = torch.eye(G.shape[2], dtype=G.dtype, device=G.device).expand_as(L)
+        L_inv = torch.linalg.solve_triangular(L, eye, upper=False)  # (n, B, B)
+        # L^-T L^-1 rather than torch.cholesky_inverse, which is very slow on CPU
+        return L_inv.transpose(1, 2) @ L_inv
+
+    def _recursive(self) -> torch.Tensor:
+        G, m = self.G, self.m
+        n, _, B = G.shape
+        F_inv = add_diagonal(G.new_zeros(n, B, B), 1 / self.damp)  # (n, B, B)
+        for i in range(m):  # F_inv -= v v^T / (m + g^T v), v = F_inv g
+            g = G[:, i, :, None]  # (n, B, 1)
+            v = F_inv @ g  # (n, B, 1)
+            u = v / (m + g.transpose(1, 2) @ v)
+            F_inv.baddbmm_(u, v.transpose(1, 2), alpha=-1)
+        return F_inv
+
+    def drop_factors(self) -> None:
+        """Free everything but diag(F^-1) and the settled damping."""
+        self.G = self._L = self._F_inv = None
 
     def diag(self) -> torch.Tensor:
         """(n, B): diag(F^-1)."""
@@ -203,20 +250,27 @@ class BlockGroup:
     def joint(self, mask: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact OBS update removing ``mask`` (n, B) of ``w`` (n, B), and the loss increase.
 
-        x = S^-1 w_Q embedded in (n, B) (zero off Q), dw = -F^-1 x, increase = w_Q.x / 2.
+        The update is dw_Q = -w_Q and, on the rest R of the block, dw_R = F_RR^-1 F_RQ w_Q.
+        Dual form: with K_Q = G_R G_R^T + m*damp*I (m x m), Woodbury on F_RR gives
+        dw_R = G_R^T K_Q^-1 G_Q w_Q and the increase damp/2 (|w_Q|^2 + r^T K_Q^-1 r),
+        r = G_Q w_Q; neither K nor anything B x B is needed, and G_R keeps only the live
+        columns of R. Primal forms: x = S^-1 w_Q, S = [F^-1]_QQ, dw = -F^-1 x, increase
+        w_Q.x / 2.
         """
-        w_Q = torch.where(mask, w, torch.zeros_like(w))
+        zero = torch.zeros_like(w)
+        w_Q = torch.where(mask, w, zero)
         if self.form == "dual":
-            m = self.m
-            G_R = self.G * (~mask)[:, None, :]  # (n, m, B): the block less Q
+            G, m = self.G, self.m
+            r = G @ w_Q[..., None]  # (n, m, 1) = G_Q w_Q
+            G_R = live_columns(G, ~mask)  # (n, m, R_max), zero-padded
             K_Q = add_diagonal(G_R @ G_R.transpose(1, 2), m * self.damp)  # (n, m, m)
-            r = self.G @ w_Q[..., None]  # (n, m, 1) = G_Q w_Q
-            z = (self.G.transpose(1, 2) @ solve_spd(K_Q, r))[..., 0]  # (n, B)
-            x = self.damp[:, None] * (w_Q + torch.where(mask, z, torch.zeros_like(z)))
-        else:
-            both = mask[:, :, None] & mask[:, None, :]
-            S = torch.where(both, self.F_inv, torch.diag_embed((~mask).to(w.dtype)))
-            x = solve_spd(S, w_Q[..., None])[..., 0]
+            y = solve_spd(K_Q, r)  # (n, m, 1)
+            dw_R = (G.transpose(1, 2) @ y)[..., 0]  # (n, B)
+            increase = 0.5 * self.damp * ((w_Q * w_Q).sum(1) + (r * y).sum((1, 2)))
+            return torch.where(mask, -w, dw_R), increase
+        both = mask[:, :, None] & mask[:, None, :]
+        S = torch.where(both, self.F_inv, torch.diag_embed((~mask).to(w.dtype)))
+        x = solve_spd(S, w_Q[..., None])[..., 0]
         return -self.mul(x), 0.5 * (w_Q * x).sum(1)
 
     def quadratic(self, dw: torch.Tensor) -> torch.Tensor:
@@ -225,16 +279,87 @@ class BlockGroup:
         return 0.5 * (self.damp * (dw * dw).sum(1) + (Gdw * Gdw).sum((1, 2)) / self.m)
 
 
-class WoodFisherCurvature(Curvature):
-    """F^-1 of every block of the prunable weights, answered block by block."""
+@dataclass
+class Chunk:
+    """Consecutive blocks solved together: columns ``start:stop`` of the gradient store."""
 
-    def __init__(self, layout: ParamLayout, groups: list[tuple[torch.Tensor, BlockGroup]],
-                 out_device: torch.device):
-        self.layout = layout
-        self.groups = groups  # (flat indices (n, B), the group's factors)
-        self.out_device = out_device
-        first = groups[0][1].G
-        self.dtype, self.device = first.dtype, first.device
+    start: int
+    stop: int
+    groups: dict[int, list[int]]  # {block size B: flat offsets of its blocks}
+    nbytes: int  # working set of the chunk's solves
+
+
+def block_bytes(form: str, m: int, B: int, itemsize: int) -> int:
+    """Working set of one block's factorisation (kept + transient)."""
+    kept, transient = memory_needed(form, 1, m, B, itemsize)
+    return kept + transient
+
+
+def plan_chunks(layout: ParamLayout, block_size: int | str, form: str, m: int, itemsize: int,
+                budget: int) -> list[Chunk]:
+    """Consecutive blocks in flat order, as many to a chunk as fit ``budget`` bytes (the
+    chunk's columns in the solve dtype included). A block that alone exceeds the budget is
+    refused with the numbers."""
+    blocks = sorted((o, B) for B, offsets in block_starts(layout, block_size).items()
+                    for o in offsets)
+    chunks: list[Chunk] = []
+    current: Chunk | None = None
+    for offset, B in blocks:
+        cost = block_bytes(choose_form(form, m, B), m, B, itemsize) + m * B * itemsize
+        if cost > budget:
+            raise WfcoreError(
+                f"woodfisher: {describe_block(layout, offset, B)} (form "
+                f"{choose_form(form, m, B)}, m={m}) needs {cost / 2**30:.2f} GiB, more than the "
+                f"{budget / 2**30:.2f} GiB memory budget; use a smaller estimator.block_size, "
+                "form=dual, fewer fisher.num_grads, estimator.dtype=float32 or a larger "
+                "estimator.max_memory_gb")
+        if current is None or current.nbytes + cost > budget:
+            current = Chunk(offset, offset, {}, 0)
+            chunks.append(current)
+        current.groups.setdefault(B, []).append(offset)
+        current.stop, current.nbytes = offset + B, current.nbytes + cost
+    return chunks
+
+
+def algebra_flops(layout: ParamLayout, block_size: int | str, form: str, m: int) -> float:
+    """Floating-point operations of the fit (diag(F^-1)) and one update, all blocks."""
+    total = 0.0
+    for B, offsets in block_starts(layout, block_size).items():
+        f = choose_form(form, m, B)
+        if f == "dual":  # G G^T, Cholesky, L^-1 G; update: G_R G_R^T, Cholesky, products
+            per = 3 * m * m * B + m ** 3 / 3 + 2 * m * m * B + m ** 3 / 3
+        elif f == "primal":  # G^T G, Cholesky, inverse; update: S solve
+            per = m * B * B + B ** 3 / 3 + 2 * B ** 3 + B ** 3 / 3
+        else:
+            per = 4 * m * B * B + B ** 3 / 3
+        total += per * len(offsets)
+    return total
+
+
+class WoodFisherCurvature(Curvature):
+    """F^-1 of every block of the prunable weights, answered chunk by chunk.
+
+    diag(F^-1) is kept (computed at fit); products and updates stream the chunks through
+    ``groups()``, re-reading the store and re-factorising with the damping the fit settled
+    on, unless the fit cached every chunk's factors.
+    """
+
+    def __init__(self, layout: ParamLayout, source: GradientSource, chunks: list[Chunk],
+                 damps: list[dict[int, torch.Tensor]], diag: torch.Tensor,
+                 options: WoodFisherOptions, device: torch.device, out_device: torch.device,
+                 cache: list[tuple[torch.Tensor, BlockGroup]] | None):
+        self.layout, self.source, self.chunks, self.damps = layout, source, chunks, damps
+        self.diag, self.options, self.cache = diag, options, cache
+        self.device, self.dtype, self.out_device = device, DTYPES[options.dtype], out_device
+
+    def groups(self) -> Iterator[tuple[torch.Tensor, BlockGroup]]:
+        """(flat indices (n, B), the group's factors) of every block group, chunk by chunk."""
+        if self.cache is not None:
+            yield from self.cache
+            return
+        for chunk, damps in zip(self.chunks, self.damps, strict=True):
+            yield from chunk_groups(self.layout, self.source, chunk, damps, self.options,
+                                    self.device)
 
     def _flat(self, tensors: Tensors) -> torch.Tensor:
         return self.layout.flatten({n: t.to(self.device, self.dtype) for n, t in
@@ -245,12 +370,12 @@ class WoodFisherCurvature(Curvature):
 
     def _map(self, fn, *flat: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(self.layout.d, dtype=self.dtype, device=self.device)
-        for idx, group in self.groups:
+        for idx, group in self.groups():
             out[idx] = fn(group, *(f[idx] for f in flat))
         return out
 
     def inverse_diagonal(self) -> Tensors:
-        return self._out(self._map(lambda g: g.diag()))
+        return self._out(self.diag)
 
     def inverse_mul(self, v: Tensors) -> Tensors:
         return self._out(self._map(BlockGroup.mul, self._flat(v)))
@@ -261,7 +386,7 @@ class WoodFisherCurvature(Curvature):
         mask = self.layout.flatten({n: t.to(self.device) for n, t in prune_mask.items()})
         w_flat = self._flat(w)
         if mode == "independent":
-            u = torch.where(mask, w_flat / self._map(lambda g: g.diag()), 0.0)
+            u = torch.where(mask, w_flat / self.diag, 0.0)
             return self._out(-self._map(BlockGroup.mul, u))
         return self._out(self._map(lambda g, q, x: g.joint(q, x)[0], mask, w_flat))
 
@@ -269,14 +394,44 @@ class WoodFisherCurvature(Curvature):
         """The quadratic model's loss increase of the joint update: sum of w_Q^T S^-1 w_Q / 2."""
         mask = self.layout.flatten({n: t.to(self.device) for n, t in prune_mask.items()})
         w_flat, total = self._flat(w), 0.0
-        for idx, group in self.groups:
+        for idx, group in self.groups():
             total += float(group.joint(mask[idx], w_flat[idx])[1].sum())
         return total
 
     def quadratic(self, dw: Tensors) -> float:
         """dw^T F dw / 2: the quadratic model's loss increase of a weight change."""
         flat = self._flat(dw)
-        return sum(float(group.quadratic(flat[idx]).sum()) for idx, group in self.groups)
+        return sum(float(group.quadratic(flat[idx]).sum()) for idx, group in self.groups())
+
+
+def chunk_groups(layout: ParamLayout, source: GradientSource, chunk: Chunk,
+                 damps: dict[int, torch.Tensor] | None, options: WoodFisherOptions,
+                 device: torch.device) -> Iterator[tuple[torch.Tensor, BlockGroup]]:
+    """The chunk's block groups: its columns read once, each size's blocks batched.
+
+    ``damps``: each group's damping as the fit settled it ({B: (n,)}); None = the option.
+    """
+    dtype = DTYPES[options.dtype]
+    columns = source.columns(chunk.start, chunk.stop, dtype=dtype, device=device)  # (m, cols)
+    m = columns.shape[0]
+    for B, offsets in chunk.groups.items():
+        local = torch.tensor(offsets, device=device)[:, None] - chunk.start \
+            + torch.arange(B, device=device)  # (n, B)
+        block_G = columns[:, local].transpose(0, 1).contiguous()  # (n, m, B)
+
+        def what(k: int, offsets=offsets, B=B) -> str:
+            return describe_block(layout, offsets[k], B)
+
+        damp = damps[B] if damps is not None else options.damp
+        yield local + chunk.start, BlockGroup(block_G, damp, choose_form(options.form, m, B),
+                                              what)
+
+
+def memory_budget(options: WoodFisherOptions, device: torch.device) -> int:
+    """Bytes the solves may use: ``max_memory_gb``, else a quarter of what is free."""
+    if options.max_memory_gb is not None:
+        return int(options.max_memory_gb * 2**30)
+    return int(DEFAULT_MEMORY_SHARE * available_memory(device))
 
 
 class WoodFisher(HessianEstimator):
@@ -285,57 +440,59 @@ class WoodFisher(HessianEstimator):
     def __init__(self, options: WoodFisherOptions | None = None):
         self.options = options or WoodFisherOptions()
 
-    def _device(self, problem: PruningProblem) -> torch.device:
+    def _device(self, device: torch.device | str) -> torch.device:
         if self.options.device == "auto":
-            return torch.device(problem.device)
+            return torch.device(device)
         device = torch.device(self.options.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise WfcoreError("estimator.device: CUDA asked for, but it is not available")
         return device
 
-    def check_memory(self, starts: dict[int, list[int]], m: int, device: torch.device,
-                     itemsize: int) -> None:
-        kept, transient, biggest = 0, 0, (0, 0, "")
-        for B, offsets in starts.items():
-            form = choose_form(self.options.form, m, B)
-            k, t = memory_needed(form, len(offsets), m, B, itemsize)
-            kept, transient = kept + k, max(transient, t)
-            biggest = max(biggest, (k + t, B, form))
-        need = kept + transient
-        limit = (self.options.max_memory_gb * 2**30 if self.options.max_memory_gb is not None
-                 else available_memory(device))
-        if need > limit:
-            _, B, form = biggest
-            raise WfcoreError(
-                f"woodfisher: block_size={self.options.block_size} (largest block {B} weights, "
-                f"form {form}, m={m}) needs {need / 2**30:.2f} GiB on {device}, more than the "
-                f"{limit / 2**30:.2f} GiB available; use a smaller estimator.block_size, "
-                "form=dual, fewer fisher.num_grads or estimator.dtype=float32")
+    def chunks(self, layout: ParamLayout, m: int, device: torch.device) -> list[Chunk]:
+        opts = self.options
+        return plan_chunks(layout, opts.block_size, opts.form, m, DTYPES[opts.dtype].itemsize,
+                           memory_budget(opts, device))
+
+    def cost(self, layout: ParamLayout, m: int, device: torch.device | str) -> EstimatorCost:
+        device = self._device(device)
+        chunks = self.chunks(layout, m, device)
+        # besides the chunk: diag(F^-1) and the flat vectors of an update, solve dtype
+        flat = 4 * layout.d * DTYPES[self.options.dtype].itemsize
+        return EstimatorCost(
+            working_bytes=max(c.nbytes for c in chunks) + flat,
+            flops=algebra_flops(layout, self.options.block_size, self.options.form, m),
+            note=f"{sum(len(o) for c in chunks for o in c.groups.values())} blocks in "
+                 f"{len(chunks)} chunk(s)")
 
     def fit(self, problem: PruningProblem) -> WoodFisherCurvature:
-        opts, layout = self.options, problem.sampler.layout
-        device, dtype = self._device(problem), DTYPES[opts.dtype]
-        starts = block_starts(layout, opts.block_size)
-        m = problem.sampler.num_grads
-        self.check_memory(starts, m, device, dtype.itemsize)
-        G = problem.sampler.sample()  # (m, d), storage dtype, maybe in CPU memory
-        groups = []
-        for B, offsets in starts.items():
-            form = choose_form(opts.form, m, B)
-            idx = (torch.tensor(offsets)[:, None] + torch.arange(B)).to(G.device)  # (n, B)
-            block_G = G[:, idx].to(device=device, dtype=dtype).transpose(0, 1)  # (n, m, B)
-
-            def what(k: int, offsets=offsets, B=B) -> str:
-                return describe_block(layout, offsets[k], B)
-
-            groups.append((idx.to(device), BlockGroup(block_G.contiguous(), opts.damp, form,
-                                                      what)))
-            log.debug("woodfisher: %d block(s) of %d weights, %s form", len(offsets), B, form)
-        log.info("woodfisher: %d blocks (%s), m=%d, damp %.3g, %s on %s",
-                 sum(len(o) for o in starts.values()),
-                 ", ".join(f"{len(o)} x {B} {choose_form(opts.form, m, B)}"
-                           for B, o in starts.items()), m, opts.damp, opts.dtype, device)
-        return WoodFisherCurvature(layout, groups, torch.device(problem.device))
+        opts = self.options
+        layout, m = problem.layout(), problem.num_grads()
+        device = self._device(problem.device)
+        chunks = self.chunks(layout, m, device)  # refuses a block that cannot fit, first
+        source = problem.gradient_source()
+        diag = torch.empty(layout.d, dtype=DTYPES[opts.dtype], device=device)
+        # every chunk's factors kept when they fit half the budget (the other half is the
+        # working set of an update); else the update streams the chunks again
+        cache: list | None = [] if sum(c.nbytes for c in chunks) <= memory_budget(
+            opts, device) / 2 else None
+        damps = []
+        for chunk in tqdm(chunks, desc="woodfisher", unit="chunk", leave=False, delay=1,
+                          disable=len(chunks) < 2):
+            settled = {}
+            for idx, group in chunk_groups(layout, source, chunk, None, opts, device):
+                diag[idx] = group.diag()
+                settled[idx.shape[1]] = group.damp
+                if cache is not None:
+                    cache.append((idx, group))
+                else:
+                    group.drop_factors()
+            damps.append(settled)
+        log.info("woodfisher: %d blocks in %d chunk(s)%s, m=%d, damp %.3g, %s on %s",
+                 sum(len(o) for c in chunks for o in c.groups.values()), len(chunks),
+                 " (factors cached)" if cache is not None else "", m, opts.damp, opts.dtype,
+                 device)
+        return WoodFisherCurvature(layout, source, chunks, damps, diag, opts, device,
+                                   torch.device(problem.device), cache)
 
 
 def describe_block(layout: ParamLayout, offset: int, size: int) -> str:

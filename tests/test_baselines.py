@@ -12,6 +12,7 @@ from wfcore.plugins.scorers import Obs
 from wfcore.gradients import GradientSampler
 from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params
+from wfcore.store import GradientStore
 
 
 def problem(seed: int = 0) -> PruningProblem:
@@ -30,8 +31,9 @@ def problem(seed: int = 0) -> PruningProblem:
 
 def test_diag_fisher_is_the_inverse_of_the_damped_gradient_second_moment():
     prob = problem()
+    G = prob.sampler.sample()  # (m, d)
+    prob.gradients = GradientStore.from_tensor(G)
     curvature = DiagFisher(DiagFisherOptions(damp=1e-4)).fit(prob)
-    G = prob.sampler.last  # (m, d): the gradients the fit used
     expected = prob.sampler.layout.unflatten(1.0 / (G.pow(2).mean(0) + 1e-4))
     diag = curvature.inverse_diagonal()
     v = {n: torch.randn_like(p) for n, p in prob.params.items()}

@@ -1,5 +1,6 @@
-"""The ``wfcore`` command: prune, plugins (and the subcommands that plugins of the
-project add). User errors print one line and exit 2; nothing prints a traceback for them.
+"""The ``wfcore`` command: prune, plan, sweep, export, bench, plugins (and the subcommands
+that plugins of the project add). User errors print one line and exit 2; nothing prints a
+traceback for them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = pipeline.run(cfg, force=args.force, resume=bool(args.resume))
     print(table(report))
     print(f"\nrun directory: {report['config']['output'] or 'runs/' + report['name']}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from wfcore import config, pipeline
+
+    cfg = config.load(args.config, args.overrides)
+    plan = pipeline.plan_config(cfg)
+    for line in plan.lines():
+        print(line)
+    plan.check()
     return 0
 
 
@@ -92,6 +104,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prune": cmd_prune,
+    "plan": cmd_plan,
     "sweep": cmd_sweep,
     "plugins": cmd_plugins,
     "export": cmd_export,
@@ -115,6 +128,11 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--resume", metavar="RUN_DIR",
                        help="continue the interrupted run in RUN_DIR from its last checkpoint "
                        "(its config.yaml is used unless a config is given)")
+
+    plan = sub.add_parser("plan", help="memory, disk and time of a run's first pruning step, "
+                          "before anything heavy (exit 2 if it cannot fit)")
+    plan.add_argument("config", help="YAML config (see configs/)")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
 
     sweep = sub.add_parser("sweep", help="run every combination of key=a,b,c overrides; "
                            "one CSV table and accuracy-vs-sparsity plots")

@@ -67,6 +67,10 @@ class FisherSection:
     labels: str = "empirical"  # empirical (data labels) | sampled (from the model's softmax)
     storage_dtype: str = "float32"  # of the (m, d) gradient buffer: float32 | float16 | bfloat16
     offload: bool = False  # keep the buffer in CPU memory (GPU runs whose buffer does not fit)
+    # where the step's (m, d) gradient store lives: auto = in memory when it fits in a
+    # quarter of the free memory, else a file on disk (removed when the step ends)
+    store: str = "auto"  # auto | memory | disk
+    store_dir: Optional[str] = None  # directory of an on-disk store; null = the run directory
 
 
 @dataclass
@@ -93,6 +97,7 @@ CHOICES = {
     "train.lr_schedule": ("cosine", "step", "exponential", "constant"),
     "fisher.labels": ("empirical", "sampled"),
     "fisher.storage_dtype": ("float32", "float16", "bfloat16"),
+    "fisher.store": ("auto", "memory", "disk"),
 }
 
 

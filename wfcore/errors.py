@@ -13,3 +13,9 @@ class ConfigError(WfcoreError):
 
 class PluginError(WfcoreError):
     """A plugin failed to load, or two plugins clash."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -1,21 +1,21 @@
-"""Gradient sampling into a preallocated (m, d) buffer, shared by the estimators.
+"""Gradient sampling into a gradient store (``wfcore.store``), shared by the estimators.
 
 Each of the m rows is the gradient of the mean loss over ``grad_batch`` samples, taken
 at the current masked weights with the model in eval mode, flattened over the prunable
 parameters in their fixed order (``ParamLayout``). Labels are the data's (``empirical``)
 or drawn from the model's own softmax (``sampled``: no labels needed).
 
-Per-sample gradients come from torch.func (``vmap`` over ``grad`` of a functional call),
-a chunk of rows at a time, streamed into the buffer; ``method="loop"`` is the plain
-one-backward-per-row reference (and the fallback for models that vmap cannot trace).
-The buffer may be stored in float16 / bfloat16 and kept in (pinned) CPU memory
-(``offload``) for models whose (m, d) buffer does not fit beside them on the GPU.
+With ``grad_batch`` 1, per-sample gradients come from torch.func (``vmap`` over ``grad`` of
+a functional call), a chunk of rows at a time; with ``grad_batch`` > 1 a row is one batched
+backward pass over its samples. ``method="loop"`` is the plain one-backward-per-row
+reference (and the fallback for models that vmap cannot trace). Rows are written into the
+store a chunk at a time: in memory, or in a file on disk (float32 / float16 / bfloat16)
+when the plan says the (m, d) matrix does not fit.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
@@ -23,11 +23,11 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
-from wfcore.errors import WfcoreError
+from wfcore.errors import WfcoreError, first_line
+from wfcore.store import STORAGE_DTYPES, GradientStore
 
 log = logging.getLogger(__name__)
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHUNK_BYTES = 256 * 2**20  # per-sample gradients held at once by one vmap call
 MAX_CHUNK = 256  # rows per vmap call
 
@@ -108,8 +108,6 @@ class GradientSampler:
         self.seed = seed
         self.generator = torch.Generator()
         self.reset()
-        self.seconds = 0.0  # time spent sampling, for the report's timings
-        self.last: torch.Tensor | None = None  # (m, d) of the last call
 
     def reset(self) -> None:
         """Back to the seed's sample order: the dense model then gets the same gradients
@@ -161,66 +159,85 @@ class GradientSampler:
                               "use fisher.labels=sampled for unlabelled data")
         return y
 
-    def _buffer(self, m: int) -> torch.Tensor:
-        device = torch.device("cpu") if self.offload else self.device
-        pin = self.offload and self.device.type == "cuda"
-        return torch.empty(m, self.layout.d, dtype=self.dtype, device=device, pin_memory=pin)
-
     def _chunk_rows(self) -> int:
-        per_row = self.layout.d * 4 * max(self.grad_batch, 1)
+        per_row = self.layout.d * 4  # float32 gradient rows held before a store write
         return max(1, min(MAX_CHUNK, CHUNK_BYTES // per_row))
 
     # -- sampling -----------------------------------------------------------------------
     def sample(self, num_grads: int | None = None) -> torch.Tensor:
-        """(m, d) gradients at the current weights, pruned coordinates zero."""
+        """(m, d) gradients at the current weights, pruned coordinates zero, in memory."""
         m = num_grads or self.num_grads
-        start = time.perf_counter()
-        G = self._buffer(m)  # (m, d), storage dtype
+        device = torch.device("cpu") if self.offload else self.device
+        store = GradientStore(m, self.layout.d, dtype=self.dtype, device=device,
+                              pin=self.offload and self.device.type == "cuda")
+        self.sample_into(store)
+        return store.tensor()
+
+    def sample_into(self, store: GradientStore) -> GradientStore:
+        """Write ``store.m`` gradient rows at the current weights into ``store``, each row
+        exactly once, a chunk of rows at a time. Pruned coordinates are zero.
+
+        ``grad_batch`` 1: per-sample gradients with torch.func (vmap over grad), a chunk of
+        rows per call. ``grad_batch`` > 1: a row is the gradient of the mean loss over its
+        samples, one batched backward pass per row.
+        """
+        if store.d != self.layout.d:
+            raise ValueError(f"a store of width {store.d} for {self.layout.d} gradient values")
         was_training = self.model.training
         self.model.eval()
+        bar = tqdm(total=store.m, desc="gradients", unit="grad", leave=False, delay=1,
+                   disable=not self.progress or store.m < 50)
         try:
-            if self.method == "vmap":
+            if self.method == "vmap" and self.grad_batch == 1:
                 try:
-                    self._sample_vmap(G)
+                    self._sample_vmap(store, bar)
                 except WfcoreError:
                     raise
                 except Exception as exc:  # a model torch.func cannot trace
                     log.warning("per-sample gradients with torch.func failed (%s: %s); "
                                 "falling back to one backward pass per gradient",
-                                type(exc).__name__, str(exc).splitlines()[0])
+                                type(exc).__name__, first_line(exc))
                     self.method = "loop"
-                    self._sample_loop(G)
+                    bar.reset()
+                    self._sample_loop(store, bar)
             else:
-                self._sample_loop(G)
+                self._sample_loop(store, bar)
         finally:
+            bar.close()
             self.model.train(was_training)
-        self.seconds += time.perf_counter() - start
-        self.last = G
-        return G
+        return store
 
-    def _store(self, G: torch.Tensor, rows: slice, grads: dict[str, torch.Tensor]) -> None:
-        """Mask, check and copy (c, *shape) gradients into rows of the buffer."""
+    def _flat_rows(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(c, d) masked, checked rows from ``{name: (c, *shape)}`` gradients."""
+        rows = []
         for n in self.layout.names:
             g = grads[n] * self.masks[n]
             if not torch.isfinite(g).all():
                 raise WfcoreError(f"non-finite gradient in parameter '{n}'")
-            G[rows, self.layout.slice(n)].copy_(g.reshape(g.shape[0], -1))
+            rows.append(g.reshape(g.shape[0], -1))
+        return torch.cat(rows, dim=1)
 
-    def _sample_loop(self, G: torch.Tensor) -> None:
-        m, names = G.shape[0], self.layout.names
-        for i in tqdm(range(m), desc="gradients", unit="grad", leave=False, delay=1,
-                      disable=not self.progress or m < 50):
+    def _sample_loop(self, store: GradientStore, bar: tqdm) -> None:
+        names, chunk = self.layout.names, self._chunk_rows()
+        pending: list[torch.Tensor] = []
+        written = 0
+        for _ in range(store.m):
             x, y = self._fetch(self.grad_batch)
             logits = self.model(x)
             loss = self.loss_fn(logits, self._targets(logits, y))
             grads = torch.autograd.grad(loss, [self.params[n] for n in names])
-            rows = {n: g.unsqueeze(0) for n, g in zip(names, grads, strict=True)}
-            self._store(G, slice(i, i + 1), rows)
+            pending.append(self._flat_rows({n: g.unsqueeze(0)
+                                            for n, g in zip(names, grads, strict=True)}))
+            if len(pending) == chunk or written + len(pending) == store.m:
+                store.write(written, torch.cat(pending))
+                written += len(pending)
+                bar.update(len(pending))
+                pending.clear()
 
-    def _sample_vmap(self, G: torch.Tensor) -> None:
+    def _sample_vmap(self, store: GradientStore, bar: tqdm) -> None:
         from torch.func import functional_call, grad, vmap
 
-        m, b = G.shape[0], self.grad_batch
+        m, b = store.m, self.grad_batch
         prunable = {n: p.detach() for n, p in self.params.items()}
         fixed = {n: t.detach() for n, t in
                  [*self.model.named_parameters(), *self.model.named_buffers()]
@@ -235,8 +252,6 @@ class GradientSampler:
 
         row_grad = vmap(grad(row_loss), in_dims=(None, 0, 0))
         chunk = self._chunk_rows()
-        bar = tqdm(total=m, desc="gradients", unit="grad", leave=False, delay=1,
-                   disable=not self.progress or m < 50)
         i = 0
         while i < m:
             c = min(chunk, m - i)
@@ -247,13 +262,6 @@ class GradientSampler:
             else:
                 y = self._targets(x, y)
             grads = row_grad(prunable, x.reshape(c, b, *x.shape[1:]), y.reshape(c, b))
-            self._store(G, slice(i, i + c), grads)
+            store.write(i, self._flat_rows(grads))
             i += c
             bar.update(c)
-        bar.close()
-
-    def mean_gradient(self) -> dict[str, torch.Tensor]:
-        """Mean of the last sampled gradients (sampled now if none), as ``{name: tensor}``."""
-        G = self.last if self.last is not None else self.sample()
-        mean = G.float().mean(dim=0) if G.dtype != torch.float32 else G.mean(dim=0)
-        return self.layout.unflatten(mean.to(self.device))

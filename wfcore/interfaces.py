@@ -10,14 +10,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
-    from wfcore.gradients import GradientSampler
+    from wfcore.gradients import GradientSampler, ParamLayout
     from wfcore.masks import Masks
 
 Tensors = dict[str, torch.Tensor]
@@ -35,6 +35,37 @@ class DataBundle:
     input_shape: tuple[int, ...]  # one sample, without the batch dimension
 
 
+@runtime_checkable
+class GradientSource(Protocol):
+    """The m gradient rows of one pruning step, read a range of columns at a time.
+
+    Column j is flat weight j of the problem's ``ParamLayout`` (parameters in order, each
+    flattened row-major). ``wfcore.store.GradientStore`` is the implementation.
+    """
+
+    m: int  # rows
+    d: int  # columns
+
+    def columns(self, start: int, stop: int, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+        """(m, stop - start): columns ``start:stop`` of every row, a new tensor."""
+
+    def mean(self) -> torch.Tensor:
+        """(d,) float32: the mean gradient."""
+
+    def square_mean(self) -> torch.Tensor:
+        """(d,) float64: the mean of the squared gradients, diag(G^T G) / m."""
+
+
+@dataclass
+class EstimatorCost:
+    """What an estimator's fit needs beside the gradient store: for the plan of a run."""
+
+    working_bytes: int  # peak memory of the fit and the update, store not included
+    flops: float  # floating-point operations of the algebra (fit and one update)
+    note: str = ""  # how the work is split, e.g. '12800 blocks in 40 chunk(s)'
+
+
 @dataclass
 class PruningProblem:
     """What an estimator sees: the model, its prunable parameters and their gradients."""
@@ -42,13 +73,30 @@ class PruningProblem:
     model: nn.Module
     params: dict[str, nn.Parameter]  # prunable parameters, in a fixed order
     masks: Masks
-    sampler: GradientSampler  # m gradients of the masked weights, (m, d)
+    sampler: GradientSampler  # draws gradients and data batches (K-FAC's statistics)
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device: torch.device
+    # the step's m gradients of the masked weights, sampled by the pipeline's gradient
+    # stage (None when the estimator declared needs_gradients = False)
+    gradients: GradientSource | None = None
 
     def weights(self) -> Tensors:
         """Detached copies of the prunable weights."""
         return {name: p.detach().clone() for name, p in self.params.items()}
+
+    def layout(self) -> ParamLayout:
+        return self.sampler.layout
+
+    def num_grads(self) -> int:
+        return self.gradients.m if self.gradients is not None else self.sampler.num_grads
+
+    def gradient_source(self) -> GradientSource:
+        """The step's gradients; sampled into memory now if the pipeline gave none."""
+        if self.gradients is None:
+            from wfcore.store import GradientStore
+
+            self.gradients = GradientStore.from_tensor(self.sampler.sample())
+        return self.gradients
 
 
 class Curvature(ABC):
@@ -84,11 +132,21 @@ class Curvature(ABC):
 class HessianEstimator(ABC):
     """Builds a Curvature from a PruningProblem."""
 
+    # whether fit reads problem.gradients: the pipeline samples the step's m gradients into
+    # a store first (a visible, timed stage) only for estimators that do
     needs_gradients: bool = True
 
     @abstractmethod
     def fit(self, problem: PruningProblem) -> Curvature:
         """Estimate the curvature at the problem's current (masked) weights."""
+
+    def cost(self, layout: ParamLayout, m: int, device: torch.device | str) -> EstimatorCost:
+        """Memory and flops of a fit over ``layout`` with m gradients, for the plan.
+
+        Raise ``WfcoreError`` (one line: what does not fit, and what to change) for a fit
+        that cannot run. The default counts a few per-weight float64 vectors.
+        """
+        return EstimatorCost(working_bytes=4 * layout.d * 8, flops=4.0 * m * layout.d)
 
 
 class Scorer(ABC):

@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from wfcore import checkpoint, files, manager
@@ -28,8 +29,10 @@ from wfcore.interfaces import (
     Scorer,
 )
 from wfcore.masks import Masks, select_params
+from wfcore.plan import Plan, make_plan, store_place
 from wfcore.report import Report
 from wfcore.runner import Runner
+from wfcore.store import STORAGE_DTYPES, GradientStore, store_bytes
 from wfcore.training import evaluate, train
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,48 @@ def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: tor
     return str(path)
 
 
+def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
+             params: dict[str, nn.Parameter], data: DataBundle, loss_fn: nn.Module,
+             device: torch.device, store_dir: Path, calibrate: bool = True) -> Plan:
+    """The plan of the run's first pruning step (``wfcore.plan``)."""
+    example = data.train[0][0] if isinstance(data.train[0], (tuple, list)) else data.train[0]
+    needs = components.estimator.needs_gradients or components.scorer.needs_gradient
+    return make_plan(model=model, params=params, example=example.unsqueeze(0).to(device),
+                     num_classes=data.num_classes, loss_fn=loss_fn,
+                     estimator=components.estimator, estimator_name=cfg.estimator.name,
+                     needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
+                     device=device, calibrate=calibrate)
+
+
+def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None) -> Plan:
+    """The plan of a config without running it: the model is built, not trained or loaded.
+
+    Data that cannot be read here (an ImageNet root on another machine) is replaced by a
+    stand-in of the fake data set's default shape (3 x 224 x 224, 1000 classes), said in
+    the plan's notes.
+    """
+    plugins = plugins or manager.build(cfg.plugins)
+    components = build_components(cfg, plugins)
+    device = resolve_device(cfg.device)
+    notes = []
+    try:
+        data = load_data(cfg, plugins)
+    except WfcoreError as exc:
+        stand_in = OmegaConf.merge(cfg, {"data": {"name": "fake", "options": {}}})
+        data = load_data(stand_in, plugins)
+        notes.append(f"data: {exc}; planned on stand-in data of shape "
+                     f"{'x'.join(map(str, data.input_shape))} with {data.num_classes} classes")
+    model = build_model(cfg, plugins, data).to(device)
+    params = select_params(model, cfg.model.params)
+    if not params:
+        raise ConfigError("config key 'model.params': no prunable parameters selected")
+    run_dir = Path(cfg.output or Path("runs") / cfg.name)
+    plan = plan_run(cfg, components, model, params, data, nn.CrossEntropyLoss(), device,
+                    Path(cfg.fisher.store_dir or run_dir).expanduser())
+    plan.notes += notes
+    return plan
+
+
 class Pruning:
     """One pruning run: the model, its masks, and how to prune it to a target."""
 
@@ -144,10 +189,16 @@ class Pruning:
         self.data = load_data(cfg, plugins)
         self.model = build_model(cfg, plugins, self.data).to(self.device)
         self.loss_fn = nn.CrossEntropyLoss()
-        self.dense_source = dense_model(cfg, self.model, self.data, self.device, self.loss_fn)
         self.params = select_params(self.model, cfg.model.params)
         if not self.params:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
+        self.store_dir = Path(cfg.fisher.store_dir or run_dir).expanduser()
+        self.plan = plan_run(cfg, components, self.model, self.params, self.data, self.loss_fn,
+                             self.device, self.store_dir)
+        for line in self.plan.lines():
+            log.info("plan: %s", line)
+        self.plan.check()  # before the dense model is trained or any gradient sampled
+        self.dense_source = dense_model(cfg, self.model, self.data, self.device, self.loss_fn)
         self.masks = Masks(self.params)
         self.dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         fisher = cfg.fisher
@@ -168,34 +219,54 @@ class Pruning:
         self.masks.reset()
         self.sampler.reset()
 
+    def gradient_store(self) -> GradientStore:
+        """An empty store for this step's m gradient rows, where the plan puts it."""
+        fisher, layout = self.cfg.fisher, self.sampler.layout
+        dtype = STORAGE_DTYPES[fisher.storage_dtype]
+        place = store_place(fisher.store, store_bytes(fisher.num_grads, layout.d, dtype))
+        host = torch.device("cpu") if fisher.offload else self.device
+        return GradientStore(fisher.num_grads, layout.d, dtype=dtype, place=place,
+                             directory=self.store_dir, device=host,
+                             pin=fisher.offload and self.device.type == "cuda")
+
     def prune_to(self, target: float, timings: dict[str, float]) -> None:
-        """Estimate, score, allocate and update: the model ends at ``target`` sparsity."""
-        c, sampler = self.c, self.sampler
-        sampler.seconds, sampler.last = 0.0, None
-        problem = PruningProblem(self.model, self.params, self.masks, sampler, self.loss_fn,
-                                 self.device)
-        start = time.perf_counter()
-        curvature = c.estimator.fit(problem)
-        gradient = sampler.mean_gradient() if c.scorer.needs_gradient else None
-        timings["gradients"] += sampler.seconds
-        timings["estimate"] += time.perf_counter() - start - sampler.seconds
-        start = time.perf_counter()
-        weights = problem.weights()
-        scores = c.scorer.scores(weights, curvature, gradient)
-        for n, s in scores.items():
-            if s.shape != weights[n].shape or not torch.isfinite(s[self.masks.keep[n]]).all():
-                raise WfcoreError(f"scorer '{self.cfg.scorer.name}' gave non-finite or "
-                                  f"misshapen scores for '{n}'")
-        new_keep = c.allocator.allocate(scores, dict(self.masks.keep), target)
-        prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
-        update = c.scorer.update(weights, curvature, prune_mask, gradient)
-        if update is not None:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.add_(update[n].to(device=p.device, dtype=p.dtype))
-        self.masks.set(new_keep)
-        sampler.last = None
-        timings["prune"] += time.perf_counter() - start
+        """gradients -> estimate -> score -> allocate -> update: the model ends at ``target``
+        sparsity. Each stage is timed; the gradient store lives for this step only (it is
+        closed, and an on-disk one removed, also on an error or Ctrl-C)."""
+        c = self.c
+        needs = c.estimator.needs_gradients or c.scorer.needs_gradient
+        with ExitStack() as stack:
+            gradients = None
+            if needs:
+                start = time.perf_counter()
+                gradients = stack.enter_context(self.gradient_store())
+                self.sampler.sample_into(gradients)
+                timings["gradients"] += time.perf_counter() - start
+            problem = PruningProblem(self.model, self.params, self.masks, self.sampler,
+                                     self.loss_fn, self.device,
+                                     gradients if c.estimator.needs_gradients else None)
+            start = time.perf_counter()
+            curvature = c.estimator.fit(problem)
+            timings["estimate"] += time.perf_counter() - start
+            start = time.perf_counter()
+            gradient = (self.sampler.layout.unflatten(gradients.mean().to(self.device))
+                        if c.scorer.needs_gradient else None)
+            weights = problem.weights()
+            scores = c.scorer.scores(weights, curvature, gradient)
+            for n, s in scores.items():
+                if s.shape != weights[n].shape or not torch.isfinite(s[self.masks.keep[n]]).all():
+                    raise WfcoreError(f"scorer '{self.cfg.scorer.name}' gave non-finite or "
+                                      f"misshapen scores for '{n}'")
+            new_keep = c.allocator.allocate(scores, dict(self.masks.keep), target)
+            prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
+            del scores
+            update = c.scorer.update(weights, curvature, prune_mask, gradient)
+            if update is not None:
+                with torch.no_grad():
+                    for n, p in self.params.items():
+                        p.add_(update[n].to(device=p.device, dtype=p.dtype))
+            self.masks.set(new_keep)
+            timings["prune"] += time.perf_counter() - start
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

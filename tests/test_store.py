@@ -1,0 +1,232 @@
+"""The gradient store, streamed WoodFisher chunks and the plan of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from wfcore.plugins.allocators import GlobalAllocator
+from wfcore.plugins.models import MLPNet, MnistCNN
+from wfcore.plugins.scorers import Obs
+from wfcore.plugins.woodfisher import (
+    DTYPES,
+    WoodFisher,
+    WoodFisherOptions,
+    block_bytes,
+    block_starts,
+    choose_form,
+)
+
+from wfcore import cli
+from wfcore.errors import WfcoreError
+from wfcore.gradients import GradientSampler, ParamLayout
+from wfcore.interfaces import PruningProblem
+from wfcore.masks import Masks, select_params
+from wfcore.store import GradientStore
+
+ROOT = Path(__file__).parents[1]
+
+
+def open_store_files() -> list[str]:
+    """This process's open files that are gradient stores (named or already unlinked)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if ".wfcore-gradients-" in target:
+            out.append(target)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("place", ["memory", "disk"])
+def test_rows_written_in_chunks_read_back_by_columns(tmp_path, place, dtype):
+    G = torch.randn(13, 101, generator=torch.Generator().manual_seed(0))
+    with GradientStore(13, 101, dtype=dtype, place=place, directory=tmp_path) as store:
+        for start in range(0, 13, 5):
+            store.write(start, G[start:start + 5])
+        expected = G.to(dtype)
+        for a, b in [(0, 101), (7, 8), (40, 99), *store.column_ranges(17)]:
+            assert torch.equal(store.columns(a, b), expected[:, a:b])
+        torch.testing.assert_close(store.columns(3, 9, torch.float64),
+                                   expected[:, 3:9].double(), rtol=0, atol=0)
+        torch.testing.assert_close(store.mean(budget_bytes=500),
+                                   expected.double().mean(0).float())
+        torch.testing.assert_close(store.square_mean(budget_bytes=500),
+                                   expected.double().square().mean(0))
+        if place == "disk":
+            assert store.nbytes == 13 * 101 * dtype.itemsize
+            assert not list(tmp_path.iterdir())  # nameless while in use
+            assert len(open_store_files()) == 1
+    assert not open_store_files()
+
+
+def test_disk_store_refused_when_the_disk_is_too_small(tmp_path):
+    with pytest.raises(WfcoreError, match=r"GiB needed on disk .* free"):
+        GradientStore(10**6, 10**6, place="disk", directory=tmp_path)
+    assert not list(tmp_path.iterdir()) and not open_store_files()
+
+
+# -- streamed chunks equal the in-memory fit ---------------------------------------------
+
+def gradients(model: torch.nn.Module, params: list[str], m: int) -> tuple[dict, torch.Tensor]:
+    torch.manual_seed(0)
+    model = model.double()
+    chosen = select_params(model, params)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 1, 28, 28, generator=g, dtype=torch.float64)
+    data = torch.utils.data.TensorDataset(x, torch.randint(0, 10, (64,), generator=g))
+    masks = Masks(chosen)
+    sampler = GradientSampler(model, chosen, masks.keep, data, torch.nn.CrossEntropyLoss(),
+                              num_grads=m, dtype=torch.float64, progress=False)
+    return chosen, sampler.sample()
+
+
+def fit(params, G: torch.Tensor, store: GradientStore, **options):
+    problem = PruningProblem(None, params, None, _Layout(params, G.shape[0]), None,
+                             torch.device("cpu"), store)
+    return WoodFisher(WoodFisherOptions(damp=1e-3, **options)).fit(problem)
+
+
+class _Layout:
+    def __init__(self, params, m):
+        self.layout, self.num_grads = ParamLayout(params), m
+
+
+CASES = {"mlpnet": (MLPNet, ["fc2.weight", "fc3.weight"]),
+         "mnist_cnn": (MnistCNN, ["conv1.weight", "fc.weight"])}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("form", ["auto", "dual", "primal", "recursive"])
+@pytest.mark.parametrize("block_size", [64, "layer", "full"])
+def test_chunks_on_disk_equal_the_in_memory_fit(tmp_path, case, form, block_size):
+    make, names = CASES[case]
+    if form in ("primal", "recursive") and case == "mnist_cnn":
+        names = names[:1]  # B x B forms of the 5,120-weight fc: slow, nothing more tested
+    params, G = gradients(make(), names, m=24)
+    layout = ParamLayout(params)
+    # the budget holds about one block: every int block is a chunk of its own
+    largest = max(block_bytes(choose_form(form, 24, B), 24, B, 8) + 24 * B * 8
+                  for B in block_starts(layout, block_size))
+    small = {"max_memory_gb": 1.5 * largest / 2**30}
+    reference = fit(params, G, GradientStore.from_tensor(G), form=form, block_size=block_size)
+    with GradientStore(24, layout.d, dtype=torch.float64, place="disk",
+                       directory=tmp_path) as store:
+        store.write(0, G)
+        streamed = fit(params, G, store, form=form, block_size=block_size, **small)
+        assert streamed.cache is None and reference.cache is not None
+        if block_size == 64:
+            assert len(streamed.chunks) >= 5
+        weights = {n: p.detach().clone() for n, p in params.items()}
+        masks = []
+        for cur in (reference, streamed):
+            scores = Obs().scores(weights, cur, None)
+            keep = GlobalAllocator().allocate(scores, {n: torch.ones_like(w, dtype=torch.bool)
+                                                       for n, w in weights.items()}, 0.7)
+            masks.append({n: ~k for n, k in keep.items()})
+        for n in weights:
+            assert torch.equal(masks[0][n], masks[1][n])
+        for mode in ("independent", "joint"):
+            a = reference.prune_update(masks[0], weights, mode)
+            b = streamed.prune_update(masks[0], weights, mode)
+            for n in weights:
+                torch.testing.assert_close(b[n], a[n], rtol=1e-12,
+                                           atol=1e-12 * float(a[n].abs().max()))
+        assert streamed.predicted_increase(masks[0], weights) == pytest.approx(
+            reference.predicted_increase(masks[0], weights), rel=1e-12)
+    assert not open_store_files()
+
+
+def test_a_block_larger_than_the_budget_is_refused_with_numbers():
+    params, G = gradients(MLPNet(), ["fc2.weight"], m=8)
+    with pytest.raises(WfcoreError, match=r"fc2.weight\[0:800\].*needs .* GiB, more than"):
+        fit(params, G, GradientStore.from_tensor(G), block_size="full", form="primal",
+            max_memory_gb=1e-6)
+
+
+def test_float32_solves_read_float64_chunks():
+    params, G = gradients(MLPNet(), ["fc3.weight"], m=16)
+    cur = fit(params, G, GradientStore.from_tensor(G), dtype="float32", block_size=50)
+    assert cur.diag.dtype == DTYPES["float32"]
+
+
+# -- the pipeline: the store lives for one step; the plan comes first ----------------------
+
+def prune(tmp_path: Path, *overrides: str) -> int:
+    return cli.main(["-q", "prune", str(ROOT / "configs" / "mnist_mlpnet.yaml"),
+                     f"output={tmp_path / 'run'}", "train.epochs=1", "fisher.num_grads=32",
+                     "scheduler.sparsities=[0.5,0.9]", *overrides])
+
+
+def test_on_disk_store_is_gone_after_each_step(tmp_path, monkeypatch):
+    from wfcore.plugins import woodfisher
+
+    seen = []
+    fit_before = woodfisher.WoodFisher.fit
+
+    def spy(self, problem):
+        seen.append((problem.gradients.place, open_store_files()))
+        return fit_before(self, problem)
+
+    monkeypatch.setattr(woodfisher.WoodFisher, "fit", spy)
+    store_dir = tmp_path / "store"
+    assert prune(tmp_path, "fisher.store=disk", f"fisher.store_dir={store_dir}") == 0
+    assert [place for place, _ in seen] == ["disk", "disk"]
+    assert all(len(files) == 1 for _, files in seen)  # one store at a time, while in use
+    assert not open_store_files() and not list(store_dir.iterdir())
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert all(s["timings"]["gradients"] > 0 for s in report["steps"])
+
+
+@pytest.mark.parametrize("fault", [WfcoreError("bad block"), KeyboardInterrupt()])
+def test_on_disk_store_is_gone_after_an_error_or_ctrl_c(tmp_path, monkeypatch, fault):
+    from wfcore.plugins import woodfisher
+
+    def failing(self, problem):
+        assert len(open_store_files()) == 1
+        raise fault
+
+    monkeypatch.setattr(woodfisher.WoodFisher, "fit", failing)
+    code = prune(tmp_path, "fisher.store=disk", f"fisher.store_dir={tmp_path / 'store'}")
+    assert code == (2 if isinstance(fault, WfcoreError) else 130)
+    assert not open_store_files() and not list((tmp_path / "store").iterdir())
+
+
+@pytest.mark.parametrize("estimator, message", [
+    ("diag_fisher", "plan: the peak working set .* GiB is more than the .* GiB of memory"),
+    ("woodfisher", "woodfisher: the block of 500 weights at fc1.weight.* needs .* GiB")])
+def test_a_plan_that_does_not_fit_is_refused_before_the_dense_model(tmp_path, capsys,
+                                                                    estimator, message):
+    cache = tmp_path / "cache"
+    code = prune(tmp_path, "fisher.num_grads=100000000", "fisher.store=memory",
+                 f"cache_dir={cache}", f"estimator.name={estimator}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert re.match(f"wfcore: error: {message}", err[0])
+    assert not cache.exists()  # no dense model was trained
+
+
+def test_plan_prints_the_store_and_the_time(capsys, tmp_path):
+    code = cli.main(["plan", str(ROOT / "configs" / "mnist_mlpnet.yaml"),
+                     f"output={tmp_path / 'run'}", "fisher.store=disk"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "gradient store: 0.121 GiB disk" in out and "estimated time of the step" in out
+    assert "d=32,360" in out and "m=1000" in out
+
+
+def test_plan_refuses_a_store_larger_than_the_disk(capsys, tmp_path):
+    code = cli.main(["plan", str(ROOT / "configs" / "mnist_mlpnet.yaml"),
+                     f"output={tmp_path / 'run'}", "fisher.num_grads=100000000",
+                     "fisher.store=disk", "estimator.name=diag_fisher"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert re.match(r"wfcore: error: plan: the gradient store needs [\d,]+ bytes .* on disk "
+                    r"in .*, [\d,]+ bytes .* free; use fewer fisher.num_grads", err[0])

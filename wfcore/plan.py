@@ -1,0 +1,232 @@
+"""The plan of a run: memory, disk and time of its first pruning step, before anything heavy.
+
+``wfcore plan CONFIG`` prints it; ``wfcore prune`` logs it first and refuses a run that
+cannot fit (``Plan.check``) before it trains or samples anything. The numbers:
+
+- d (prunable weights), m (gradients), the samples behind them;
+- the gradient store: m x d values in ``fisher.storage_dtype``, in memory when it fits in
+  a quarter of the free memory (``fisher.store: auto``), else in a file in
+  ``fisher.store_dir`` (default: the run directory);
+- the peak working set: the model, the per-weight vectors of a step (weights, scores,
+  masks, update), the gradient rows sampled at once, the store when in memory, and the
+  estimator's own working set (``HessianEstimator.cost``);
+- flops: the gradients (forward + backward, counted with torch's FlopCounterMode on one
+  sample) and the estimator's algebra;
+- time: the gradients from timing a few forward/backward passes of this model on this
+  machine, the algebra from the measured float64 matrix-multiply rate of the solve device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wfcore.errors import WfcoreError
+from wfcore.gradients import ParamLayout
+from wfcore.interfaces import EstimatorCost, HessianEstimator
+from wfcore.store import DISK_MARGIN, STORAGE_DTYPES, free_disk, store_bytes
+
+log = logging.getLogger(__name__)
+
+STORE_MEMORY_SHARE = 0.25  # fisher.store=auto keeps the store in memory up to this share
+MEMORY_SHARE = 0.9  # of the available memory a run may plan to use at its peak
+GiB = 2**30
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Free bytes on ``device``: MemAvailable on the host, free memory on a GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def store_place(setting: str, nbytes: int) -> str:
+    """Where ``fisher.store`` puts an ``nbytes`` store: memory | disk."""
+    if setting != "auto":
+        return setting
+    return "memory" if nbytes <= STORE_MEMORY_SHARE * available_memory() else "disk"
+
+
+def forward_flops(model: nn.Module, example: torch.Tensor) -> float:
+    """Floating-point operations of one forward pass on ``example`` (batch of one)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        model.train(was_training)
+    return float(counter.get_total_flops())
+
+
+_MATMUL_RATE: dict[str, float] = {}
+
+
+def matmul_rate(device: torch.device) -> float:
+    """Measured float64 flops per second of batched (m x B) @ (B x m) products on ``device``
+    (once per process and device)."""
+    key = str(device)
+    if key not in _MATMUL_RATE:
+        a = torch.randn(8, 256, 1024, dtype=torch.float64, device=device)
+        flops, runs, start = 2 * 8 * 256 * 256 * 1024, 0, time.perf_counter()
+        while runs < 2 or time.perf_counter() - start < 0.3:
+            a @ a.transpose(1, 2)
+            runs += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        _MATMUL_RATE[key] = flops * runs / (time.perf_counter() - start)
+    return _MATMUL_RATE[key]
+
+
+def gradient_seconds(model: nn.Module, example: torch.Tensor, loss_fn: nn.Module,
+                     num_classes: int, samples: int) -> float:
+    """Seconds for ``samples`` forward/backward passes, from timing one sample and, for a
+    fast model, a batch of up to 64 (per-sample overheads amortise as in the sampler)."""
+    was_training = model.training
+    model.eval()
+
+    def timed(batch: int) -> float:
+        x = example.expand(batch, *example.shape[1:]).clone()
+        y = torch.zeros(batch, dtype=torch.long, device=x.device) % max(num_classes, 1)
+        start = time.perf_counter()
+        loss_fn(model(x), y).backward()
+        return (time.perf_counter() - start) / batch
+
+    try:
+        timed(1)  # warm-up
+        per_sample = timed(1)
+        if per_sample < 0.02 and samples > 1:
+            per_sample = timed(min(samples, 64))
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return per_sample * samples
+
+
+@dataclass
+class Plan:
+    """The first pruning step of a run, in numbers (bytes, flops, seconds)."""
+
+    d: int
+    m: int
+    grad_batch: int
+    estimator: str
+    store_place: str | None  # memory | disk | None (the estimator needs no gradients)
+    store_dir: str
+    store_bytes: int
+    model_bytes: int
+    working_bytes: int  # the estimator's, beside the store
+    peak_bytes: int
+    memory_available: int
+    disk_available: int
+    gradient_flops: float
+    algebra_flops: float
+    gradient_seconds: float
+    algebra_seconds: float
+    nproc: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """What does not fit: one line each, with the numbers and what to change."""
+        out = []
+        if self.peak_bytes > MEMORY_SHARE * self.memory_available:
+            out.append(f"the peak working set {self.peak_bytes / GiB:.2f} GiB is more than the "
+                       f"{self.memory_available / GiB:.2f} GiB of memory available; use fewer "
+                       "fisher.num_grads, a smaller estimator.block_size or "
+                       "estimator.max_memory_gb, or fisher.store=disk")
+        if self.store_place == "disk" and self.store_bytes + DISK_MARGIN > self.disk_available:
+            out.append(f"the gradient store needs {self.store_bytes:,} bytes "
+                       f"({self.store_bytes / GiB:.2f} GiB) on disk in {self.store_dir}, "
+                       f"{self.disk_available:,} bytes ({self.disk_available / GiB:.2f} GiB) "
+                       "free; use fewer fisher.num_grads, fisher.storage_dtype=float16 or a "
+                       "fisher.store_dir on a larger file system")
+        return out
+
+    def check(self) -> None:
+        """Raise a one-line WfcoreError naming the first thing that does not fit."""
+        problems = self.problems()
+        if problems:
+            raise WfcoreError(f"plan: {problems[0]}")
+
+    def lines(self) -> list[str]:
+        seconds = self.gradient_seconds + self.algebra_seconds
+        store = ("none (the estimator needs no gradients)" if self.store_place is None else
+                 f"{self.store_bytes / GiB:.3g} GiB {self.store_place}"
+                 + (f" in {self.store_dir}" if self.store_place == "disk" else ""))
+        out = [
+            f"weights d={self.d:,}, gradients m={self.m} of {self.grad_batch} sample(s) "
+            f"({self.m * self.grad_batch:,} samples), estimator {self.estimator}",
+            f"gradient store: {store}",
+            f"peak working set: {self.peak_bytes / GiB:.3g} GiB (model "
+            f"{self.model_bytes / GiB:.3g}, estimator {self.working_bytes / GiB:.3g}) of "
+            f"{self.memory_available / GiB:.3g} GiB available",
+            f"flops: gradients {self.gradient_flops:.3g}, algebra {self.algebra_flops:.3g}",
+            f"estimated time of the step: {format_seconds(seconds)} (gradients "
+            f"{format_seconds(self.gradient_seconds)}, algebra "
+            f"{format_seconds(self.algebra_seconds)})",
+        ]
+        out += self.notes
+        out += [f"does not fit: {p}" for p in self.problems()]
+        return out
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: torch.Tensor,
+              num_classes: int, loss_fn: nn.Module, estimator: HessianEstimator,
+              estimator_name: str, needs_gradients: bool, fisher, store_dir: str | Path,
+              device: torch.device, calibrate: bool = True) -> Plan:
+    """The plan of one pruning step of ``model`` (see the module doc).
+
+    ``fisher`` is the config's fisher section. ``example``: one input, batch of one, on
+    ``device``. Raises the estimator's WfcoreError for a fit that cannot run at all.
+    """
+    layout = ParamLayout(params)
+    d, m, grad_batch = layout.d, fisher.num_grads, fisher.grad_batch
+    dtype = STORAGE_DTYPES[fisher.storage_dtype]
+    nbytes = store_bytes(m, d, dtype) if needs_gradients else 0
+    place = store_place(fisher.store, nbytes) if needs_gradients else None
+    cost: EstimatorCost = estimator.cost(layout, m, device)
+    model_bytes = sum(t.numel() * t.element_size()
+                      for t in [*model.parameters(), *model.buffers()])
+    rows_at_once = min(m, max(1, 256 * 2**20 // (4 * d)))  # the sampler's chunk of rows
+    step_vectors = 6 * d * 8  # weights, scores, masks, update, diag copies (float64)
+    peak = (2 * model_bytes + step_vectors + cost.working_bytes
+            + (2 * rows_at_once * d * 4 if needs_gradients else 0)
+            + (nbytes if place == "memory" else 0))
+    fwd = forward_flops(model, example) if needs_gradients else 0.0
+    samples = m * grad_batch if needs_gradients else 0
+    grad_s = (gradient_seconds(model, example, loss_fn, num_classes, samples)
+              if calibrate and needs_gradients else math.nan)
+    algebra_s = cost.flops / matmul_rate(device) if calibrate else math.nan
+    notes = [f"estimator: {cost.note}"] if cost.note else []
+    return Plan(d=d, m=m, grad_batch=grad_batch, estimator=estimator_name, store_place=place,
+                store_dir=str(store_dir), store_bytes=nbytes, model_bytes=model_bytes,
+                working_bytes=cost.working_bytes, peak_bytes=peak,
+                memory_available=available_memory(device if device.type == "cuda" else "cpu"),
+                disk_available=free_disk(store_dir), gradient_flops=3 * fwd * samples,
+                algebra_flops=cost.flops, gradient_seconds=grad_s, algebra_seconds=algebra_s,
+                notes=notes)

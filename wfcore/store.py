@@ -1,0 +1,203 @@
+"""The gradient store: the (m, d) rows of one pruning step, in memory or in a file on disk.
+
+Rows are written once, a chunk of rows at a time, while the gradients are sampled; the
+estimators then read a contiguous range of columns (a chunk of blocks) for all m rows at
+once, as many times as they need (``columns``). The layout is row-major, so a chunk of rows
+is one contiguous write and a column range is m contiguous reads.
+
+``memory``: one (m, d) tensor (pinned CPU memory when the solves run on a GPU, so that
+chunks copy to the device asynchronously). ``disk``: a file of m*d values in the storage
+dtype (float32, float16 or bfloat16), allocated in full up front (a full disk fails at
+once, not half-way through the sampling) and read and written with explicit ``pread`` /
+``pwrite``, never mapped: its pages stay in the kernel's page cache and never count in the
+process's resident set, so a 20 GB store does not inflate the peak memory. On POSIX the file
+is unlinked as soon as it is open: it has no name while in use and its space returns to the
+file system when the store is closed or the process ends, even when it is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from wfcore.errors import WfcoreError
+
+log = logging.getLogger(__name__)
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PLACES = ("memory", "disk")
+DISK_MARGIN = 1 * 2**30  # free space left on the file system beside a store
+
+
+def store_bytes(m: int, d: int, dtype: torch.dtype) -> int:
+    return m * d * dtype.itemsize
+
+
+def free_disk(directory: str | Path) -> int:
+    """Free bytes on the file system that holds ``directory`` (or its nearest parent)."""
+    path = Path(directory).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (any dtype, bfloat16 included)."""
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+class GradientStore:
+    """m rows of d gradient values; see the module doc."""
+
+    def __init__(self, m: int, d: int, *, dtype: torch.dtype = torch.float32,
+                 place: str = "memory", directory: str | Path | None = None,
+                 device: torch.device | str = "cpu", pin: bool = False):
+        if place not in PLACES:
+            raise WfcoreError(f"fisher.store: '{place}' is not one of auto, memory, disk")
+        self.m, self.d, self.dtype, self.place = m, d, dtype, place
+        self.device = torch.device(device)
+        self.nbytes = store_bytes(m, d, dtype)
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self._rows: torch.Tensor | None = None
+        if place == "memory":
+            self._rows = torch.empty(m, d, dtype=dtype, device=self.device,
+                                     pin_memory=pin and self.device.type == "cpu")
+        else:
+            self._open_file(Path(directory if directory is not None else tempfile.gettempdir()))
+
+    @classmethod
+    def from_tensor(cls, G: torch.Tensor) -> GradientStore:
+        """An in-memory store holding ``G`` (m, d) itself (no copy)."""
+        store = cls.__new__(cls)
+        store.m, store.d = G.shape
+        store.dtype, store.place, store.device = G.dtype, "memory", G.device
+        store.nbytes, store.path, store._fd, store._rows = G.numel() * G.element_size(), \
+            None, None, G
+        return store
+
+    def _open_file(self, directory: Path) -> None:
+        directory = directory.expanduser()
+        free = free_disk(directory)
+        if self.nbytes + DISK_MARGIN > free:
+            raise WfcoreError(
+                f"gradient store: {self.nbytes / 2**30:.2f} GiB needed on disk in {directory}, "
+                f"{free / 2**30:.2f} GiB free (less a {DISK_MARGIN / 2**30:.0f} GiB margin); "
+                "set fisher.store_dir to a larger file system, fewer fisher.num_grads or "
+                "fisher.storage_dtype=float16")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=directory, prefix=".wfcore-gradients-",
+                                        suffix=".bin")
+        except OSError as exc:
+            raise WfcoreError(f"gradient store: cannot create a file in {directory}: "
+                              f"{exc.strerror or exc}") from None
+        self._fd, self.path = fd, Path(name)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, self.nbytes)
+            else:
+                os.ftruncate(fd, self.nbytes)
+        except OSError as exc:
+            self.close()
+            raise WfcoreError(f"gradient store: cannot allocate {self.nbytes / 2**30:.2f} GiB "
+                              f"in {directory}: {exc.strerror or exc}") from None
+        if os.name == "posix":  # nameless from now on: gone with the process, however it ends
+            self.path.unlink()
+        log.info("gradient store: %.2f GiB on disk in %s (%d x %d, %s)", self.nbytes / 2**30,
+                 directory, self.m, self.d, str(self.dtype).removeprefix("torch."))
+
+    # -- writing --------------------------------------------------------------------------
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        """Rows ``start .. start + len(rows)`` from ``rows`` (c, d), cast to the storage dtype."""
+        if rows.shape[1] != self.d or start + rows.shape[0] > self.m:
+            raise ValueError(f"rows {start}..{start + rows.shape[0]} of width {rows.shape[1]} "
+                             f"do not fit a ({self.m}, {self.d}) store")
+        if self._rows is not None:
+            self._rows[start:start + rows.shape[0]].copy_(rows)
+            return
+        data = _bytes_view(rows.detach().to("cpu", self.dtype).contiguous())
+        offset, done = start * self.d * self.dtype.itemsize, 0
+        while done < len(data):
+            done += os.pwrite(self._require_fd(), data[done:], offset + done)
+
+    # -- reading --------------------------------------------------------------------------
+    def columns(self, start: int, stop: int, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+        """(m, stop - start): columns ``start:stop`` of every row, a new tensor."""
+        dtype = dtype or self.dtype
+        device = torch.device(device) if device is not None else self.device
+        if self._rows is not None:
+            return self._rows[:, start:stop].to(device=device, dtype=dtype, copy=True)
+        out = torch.empty(self.m, stop - start, dtype=self.dtype)
+        width = (stop - start) * self.dtype.itemsize
+        row_bytes, fd = self.d * self.dtype.itemsize, self._require_fd()
+        for i in range(self.m):
+            view = _bytes_view(out[i])
+            offset, done = i * row_bytes + start * self.dtype.itemsize, 0
+            while done < width:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise WfcoreError("gradient store: the file ended early (was it removed?)")
+                done += got
+        return out.to(device=device, dtype=dtype)
+
+    def column_ranges(self, max_columns: int) -> Iterator[tuple[int, int]]:
+        """Consecutive (start, stop) ranges of at most ``max_columns`` covering 0..d."""
+        step = max(1, max_columns)
+        for start in range(0, self.d, step):
+            yield start, min(self.d, start + step)
+
+    def chunk_columns(self, budget_bytes: int, copies: int = 3) -> int:
+        """Columns per chunk so that ``copies`` float64 copies of an (m, cols) chunk fit."""
+        return max(1, budget_bytes // max(1, self.m * 8 * copies))
+
+    def mean(self, budget_bytes: int = 256 * 2**20) -> torch.Tensor:
+        """(d,) float32: the mean of the rows, streamed over column chunks."""
+        out = torch.empty(self.d, dtype=torch.float32)
+        for a, b in self.column_ranges(self.chunk_columns(budget_bytes)):
+            out[a:b] = self.columns(a, b, torch.float64, "cpu").mean(0).float()
+        return out
+
+    def square_mean(self, budget_bytes: int = 256 * 2**20) -> torch.Tensor:
+        """(d,) float64: the mean of the squared rows (diag(G^T G) / m), streamed."""
+        out = torch.empty(self.d, dtype=torch.float64)
+        for a, b in self.column_ranges(self.chunk_columns(budget_bytes)):
+            out[a:b] = self.columns(a, b, torch.float64, "cpu").square_().mean(0)
+        return out
+
+    def tensor(self) -> torch.Tensor:
+        """The whole (m, d) matrix in memory (small stores and tests)."""
+        return self._rows if self._rows is not None else self.columns(0, self.d)
+
+    # -- lifetime -------------------------------------------------------------------------
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise WfcoreError("gradient store: used after it was closed")
+        return self._fd
+
+    def close(self) -> None:
+        """Free the rows; a disk store's file is closed and removed."""
+        self._rows = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> GradientStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        where = "in memory" if self.place == "memory" else "on disk"
+        return (f"{self.m} x {self.d} {str(self.dtype).removeprefix('torch.')}, "
+                f"{self.nbytes / 2**30:.3g} GiB {where}")
