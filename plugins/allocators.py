@@ -69,9 +69,12 @@ def global_with_caps(scores: Tensors, masks: Tensors, num_zeros: int,
         keep = masks[n].reshape(-1).cpu()
         s = scores[n].reshape(-1).cpu().double().masked_fill(~keep, float("inf"))
         room = caps[n] - int((~keep).sum())
+        flat_s.append(s)
+        if room >= int(keep.sum()):  # the cap does not bind: every kept weight is eligible
+            eligible.append(keep)
+            continue
         rank = torch.empty_like(keep, dtype=torch.long)
         rank[torch.argsort(s, stable=True)] = torch.arange(s.numel())
-        flat_s.append(s)
         eligible.append(keep & (rank < room))
     flat_s, eligible = torch.cat(flat_s), torch.cat(eligible)
     flat_k = torch.cat([masks[n].reshape(-1).cpu() for n in names])

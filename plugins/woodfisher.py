@@ -75,6 +75,7 @@ FORMS = ("auto", "dual", "primal", "recursive")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MAX_DAMP_RAISES = 8
 DEFAULT_MEMORY_SHARE = 0.25  # of the solve device's free memory, when max_memory_gb is null
+CPU_MEMORY_CAP = 4 * 2**30  # ... and at most this on a CPU
 
 
 @dataclass
@@ -88,7 +89,8 @@ class WoodFisherOptions:
     device: str = "auto"  # where the solves run: auto = the run's device | cpu | cuda[:N]
     # memory budget of the solves: blocks are factorised in chunks that fit it, and a block
     # that alone does not is refused before any gradient is sampled. null = a quarter of the
-    # free memory of the solve device (the store, model and per-weight results need the rest)
+    # free memory of the solve device, at most 4 GiB on a CPU (the store, the model and the
+    # per-weight results need the rest)
     max_memory_gb: Optional[float] = None
 
     def validate(self) -> None:
@@ -156,10 +158,16 @@ def add_diagonal(A: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def live_columns(G: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """(n, m, R_max): the columns of G (n, m, B) where ``keep`` (n, B) holds and G is not
     zero, packed to the left and zero-padded to the longest block's count."""
+    n, _, B = G.shape
     keep = keep & (G != 0).any(1)  # (n, B)
     counts = keep.sum(1)
     width = max(int(counts.max()) if counts.numel() else 0, 1)
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # (n, width)
+    # order[k, j] = the j-th kept column of block k: scatter each kept column to its rank
+    # (the dropped ones all land in an extra slot, cut off below)
+    rank = torch.where(keep, keep.cumsum(1) - 1, width)  # (n, B)
+    order = torch.zeros(n, width + 1, dtype=torch.long, device=G.device)
+    order.scatter_(1, rank, torch.arange(B, device=G.device).expand(n, B))
+    order = order[:, :width]
     packed = torch.gather(G, 2, order[:, None, :].expand(-1, G.shape[1], -1))
     valid = torch.arange(width, device=G.device)[None, :] < counts[:, None]  # (n, width)
     return packed * valid[:, None, :]
@@ -412,26 +420,31 @@ def chunk_groups(layout: ParamLayout, source: GradientSource, chunk: Chunk,
     ``damps``: each group's damping as the fit settled it ({B: (n,)}); None = the option.
     """
     dtype = DTYPES[options.dtype]
-    columns = source.columns(chunk.start, chunk.stop, dtype=dtype, device=device)  # (m, cols)
+    columns = source.columns(chunk.start, chunk.stop)  # (m, cols), storage dtype, host
     m = columns.shape[0]
+    # blocks stacked in the storage dtype, then one conversion on the solve device
+    stacked = {B: torch.stack([columns[:, o - chunk.start:o - chunk.start + B]
+                               for o in offsets]).to(device=device, dtype=dtype)  # (n, m, B)
+               for B, offsets in chunk.groups.items()}
+    del columns
     for B, offsets in chunk.groups.items():
-        local = torch.tensor(offsets, device=device)[:, None] - chunk.start \
+        flat = torch.tensor(offsets, device=device)[:, None] \
             + torch.arange(B, device=device)  # (n, B)
-        block_G = columns[:, local].transpose(0, 1).contiguous()  # (n, m, B)
 
         def what(k: int, offsets=offsets, B=B) -> str:
             return describe_block(layout, offsets[k], B)
 
         damp = damps[B] if damps is not None else options.damp
-        yield local + chunk.start, BlockGroup(block_G, damp, choose_form(options.form, m, B),
-                                              what)
+        yield flat, BlockGroup(stacked.pop(B), damp, choose_form(options.form, m, B), what)
 
 
 def memory_budget(options: WoodFisherOptions, device: torch.device) -> int:
-    """Bytes the solves may use: ``max_memory_gb``, else a quarter of what is free."""
+    """Bytes the solves may use: ``max_memory_gb``, else a quarter of what is free on the
+    solve device, at most 4 GiB on a CPU (larger chunks run no faster there)."""
     if options.max_memory_gb is not None:
         return int(options.max_memory_gb * 2**30)
-    return int(DEFAULT_MEMORY_SHARE * available_memory(device))
+    share = int(DEFAULT_MEMORY_SHARE * available_memory(device))
+    return share if device.type == "cuda" else min(share, CPU_MEMORY_CAP)
 
 
 class WoodFisher(HessianEstimator):

@@ -347,6 +347,7 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
     if saved is not None:
         runner.restore(saved)
     else:
+        report.data["plan"] = pruning.plan.as_dict()
         files.save_torch(run_dir / "dense.pt", pruning.model_state())
         dense = pruning.evaluate()
         report.set_dense(accuracy=dense["accuracy"], loss=dense["loss"],

@@ -18,6 +18,7 @@ cannot fit (``Plan.check``) before it trains or samples anything. The numbers:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -142,6 +143,11 @@ class Plan:
     algebra_seconds: float
     nproc: int = 1
     notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """The plan for report.json (NaN times, when not calibrated, as null)."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in dataclasses.asdict(self).items()}
 
     def problems(self) -> list[str]:
         """What does not fit: one line each, with the numbers and what to change."""
