@@ -320,8 +320,8 @@ class Kfac(HessianEstimator):
 
     def cost(self, layout, m: int, device) -> EstimatorCost:
         """The factors (in^2 + out^2 per layer, float64, with their eigenvectors) and one
-        layer's explicit joint system; the joint update is refused up front where a layer
-        would exceed ``joint_max``, which the plan reports."""
+        layer's explicit joint system. A joint update solves min(pruned, kept) weights of a
+        layer, at most ``joint_max``: the note names how many layers cannot."""
         factors, flops = 0, 0.0
         for name in layout.names:
             shape = layout.shapes[name]
@@ -329,10 +329,15 @@ class Kfac(HessianEstimator):
             factors += 3 * (in_dim ** 2 + out_dim ** 2) * 8
             flops += 10 * (in_dim ** 3 + out_dim ** 3)  # eigendecompositions
         joint = self.options.joint_max
+        large = [n for n in layout.names if layout.numels[n] > 2 * joint]
+        note = (f"{len(layout.names)} Kronecker blocks, {factors / 2**30:.3g} GiB of factors")
+        if large:
+            note += (f"; a joint update fails in {len(large)} of {len(layout.names)} layers "
+                     f"(more than 2 x joint_max={joint} weights, at sparsities between "
+                     "joint_max/numel and 1 - joint_max/numel): use scorer.update=independent "
+                     "or a larger estimator.joint_max")
         return EstimatorCost(working_bytes=factors + 4 * joint * joint * 8 + 4 * layout.d * 8,
-                             flops=flops, note=f"{len(layout.names)} Kronecker blocks, "
-                             f"{factors / 2**30:.3g} GiB of factors; a joint update solves at "
-                             f"most {joint} weights of a layer (estimator.joint_max)")
+                             flops=flops, note=note)
 
     def fit(self, problem: PruningProblem) -> Curvature:
         s = problem.sampler
