@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wfcore.errors import WfcoreError
+from wfcore.errors import WfcoreError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def read_onnx(path: str | Path) -> Any:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise WfcoreError(f"{path} is not an ONNX model: {str(exc).splitlines()[0][:120]}") \
+        raise WfcoreError(f"{path} is not an ONNX model: {first_line(exc)[:120]}") \
             from None
     if not proto.graph.node or not proto.graph.input:
         raise WfcoreError(f"{path} is not an ONNX model: no graph")

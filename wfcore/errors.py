@@ -13,3 +13,11 @@ class ConfigError(WfcoreError):
 
 class PluginError(WfcoreError):
     """A plugin failed to load, or two plugins clash."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message, or its type's name when it has none."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

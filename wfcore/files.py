@@ -5,6 +5,7 @@ A reader (or a crash) never sees a half-written report or checkpoint.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -13,19 +14,28 @@ from typing import Any
 
 import torch
 
+from wfcore.errors import WfcoreError, first_line
+
 
 def _atomic(path: str | Path, write) -> Path:
+    """Write through ``write(file)``; an OSError (disk full, no permission) is a one-line
+    error naming the file, and whatever ``path`` held before stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WfcoreError(f"cannot write {path}: {exc.strerror or first_line(exc)}") \
+                from None
         raise
     return path
 
@@ -39,7 +49,9 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:
-    return _atomic(path, lambda f: torch.save(obj, f))
+    buffer = io.BytesIO()  # serialised first: a full disk is then an OSError of write()
+    torch.save(obj, buffer)
+    return _atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

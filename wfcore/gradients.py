@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
-from wfcore.errors import WfcoreError
+from wfcore.errors import WfcoreError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class GradientSampler:
                 except Exception as exc:  # a model torch.func cannot trace
                     log.warning("per-sample gradients with torch.func failed (%s: %s); "
                                 "falling back to one backward pass per gradient",
-                                type(exc).__name__, str(exc).splitlines()[0])
+                                type(exc).__name__, first_line(exc))
                     self.method = "loop"
                     self._sample_loop(G)
             else:

@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 
 from wfcore import config as config_mod
 from wfcore import files, manager, pipeline
-from wfcore.errors import ConfigError, WfcoreError
+from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.report import TIMING_KEYS, pyplot, save_figure
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def execute(run: SweepRun, plugins_cache: dict[tuple[str, ...], manager.Plugins]
         (run.run_dir / "error.txt").unlink(missing_ok=True)
     except Exception as exc:  # one failed run must not stop the sweep
         run.status = "failed"
-        run.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        run.error = f"{type(exc).__name__}: {first_line(exc)}"
         log.error("sweep: %s failed: %s", run.run_dir.name, run.error)
         log.debug("%s", traceback.format_exc())
         files.write_text(run.run_dir / "error.txt", traceback.format_exc())
