@@ -40,6 +40,21 @@ def _atomic(path: str | Path, write) -> Path:
     return path
 
 
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse early a file that ``write_*`` could not write: a directory, or a place under
+    a file or in a directory that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise WfcoreError(f"{what}: {path} is a directory")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WfcoreError(f"{what}: cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WfcoreError(f"{what}: cannot write {path}: {parent} is not writable")
+
+
 def write_text(path: str | Path, text: str) -> Path:
     return _atomic(path, lambda f: f.write(text.encode()))
 

@@ -35,8 +35,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from wfcore import checkpoint, files, manager, pipeline
 from wfcore import config as config_mod
-from wfcore import files, manager, pipeline
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.report import TIMING_KEYS, pyplot, save_figure
 
@@ -128,19 +128,40 @@ class SweepResult:
         return sum(r.status == status for r in self.runs)
 
 
+def read_report(run_dir: Path) -> dict[str, Any] | None:
+    """The report.json of ``run_dir``, or None when there is none or it is not a report."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
 def saved_report(run: SweepRun) -> dict[str, Any] | None:
     """The run's report.json if it was made with exactly this config, else None."""
-    path = run.run_dir / "report.json"
-    if not path.is_file():
-        return None
-    try:
-        report = json.loads(path.read_text())
-    except ValueError:
+    report = read_report(run.run_dir)
+    if report is None:
         return None
     if report.get("config") != config_mod.to_dict(run.cfg):
         log.info("%s: made with another config; running it again", run.run_dir.name)
         return None
     return report
+
+
+def refuse_replacing(runs: list[SweepRun]) -> None:
+    """Without --force a sweep replaces no run made with another config (other fixed
+    overrides): every run directory is checked before any run starts."""
+    for run in runs:
+        report = read_report(run.run_dir)
+        if report is None:
+            continue
+        keys = checkpoint.config_differences(report.get("config") or {}, run.cfg)
+        if keys:
+            state = "finished" if report.get("finished") else "unfinished"
+            shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+            raise WfcoreError(f"sweep: {run.run_dir} holds a {state} run of another config "
+                              f"(differs in {shown}); use --force to replace it or choose "
+                              "another output=")
 
 
 def finished_report(run: SweepRun) -> dict[str, Any] | None:
@@ -151,8 +172,6 @@ def finished_report(run: SweepRun) -> dict[str, Any] | None:
 
 def resumable(run: SweepRun) -> bool:
     """An interrupted run of this config with a checkpoint to continue from."""
-    from wfcore import checkpoint
-
     return checkpoint.path(run.run_dir).is_file() and saved_report(run) is not None
 
 
@@ -202,6 +221,8 @@ def run_sweep(config_path: str, overrides: list[str], *, force: bool = False) ->
     """Run (or skip) every combination, then write results.csv, results.md and the plots."""
     start = time.perf_counter()
     root, swept, runs = plan(config_path, overrides)
+    if not force:
+        refuse_replacing(runs)
     dense = {str(r.cfg.model.checkpoint or pipeline.dense_cache_path(r.cfg)) for r in runs}
     log.info("sweep: %d runs under %s, %d dense model(s)", len(runs), root, len(dense))
     plugins_cache: dict[tuple[str, ...], manager.Plugins] = {}
