@@ -17,6 +17,10 @@ import torch
 from wfcore.errors import WfcoreError, first_line
 
 
+class WriteError(WfcoreError):
+    """A file could not be written (disk full, no permission); what it held is kept."""
+
+
 def _atomic(path: str | Path, write) -> Path:
     """Write through ``write(file)``; an OSError (disk full, no permission) is a one-line
     error naming the file, and whatever ``path`` held before stays as it was."""
@@ -34,7 +38,7 @@ def _atomic(path: str | Path, write) -> Path:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise WfcoreError(f"cannot write {path}: {exc.strerror or first_line(exc)}") \
+            raise WriteError(f"cannot write {path}: {exc.strerror or first_line(exc)}") \
                 from None
         raise
     return path

@@ -52,8 +52,12 @@ def is_owned(run_dir: Path) -> bool:
 
 def check_usable(run_dir: Path) -> None:
     """Refuse a path that is a file, or a directory holding files that no run wrote."""
-    if not run_dir.exists():
-        return
+    try:
+        if not run_dir.exists():
+            return
+    except OSError as exc:  # a name too long, a loop of links
+        raise WfcoreError(f"output={run_dir}: cannot create the run directory: "
+                          f"{exc.strerror or exc}") from None
     if not run_dir.is_dir():
         raise WfcoreError(f"output={run_dir} is a file, not a directory; choose another output=")
     if is_owned(run_dir):
@@ -80,15 +84,18 @@ def clear(run_dir: Path) -> None:
 
 
 class RunLock:
-    """An exclusive lock on ``run_dir`` (created if missing) while the context is open."""
+    """An exclusive lock on ``run_dir`` while the context is open. A directory it created
+    is removed again when the run fails before writing anything into it."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.fd: int | None = None
+        self.created = False
 
     def __enter__(self) -> RunLock:
         run_dir = self.run_dir
         check_usable(run_dir)
+        self.created = not run_dir.exists()
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -112,9 +119,17 @@ class RunLock:
         self.fd = fd
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        if self.fd is None:
+            return
+        lock = self.run_dir / LOCK
+        empty = exc_type is not None and self.created \
+            and [p.name for p in self.run_dir.iterdir()] == [LOCK]
+        if empty:
+            lock.unlink()
+        os.ftruncate(self.fd, 0)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+        if empty:
+            self.run_dir.rmdir()

@@ -120,6 +120,10 @@ class Runner:
             raise KeyboardInterrupt(
                 f"the last checkpoint holds {epochs} fine-tuning epoch(s) and {steps} "
                 f"finished step(s); resume with: wfcore prune --resume {self.run_dir}") from None
+        except files.WriteError as exc:
+            raise files.WriteError(f"{exc}; the last checkpoint is whole: resume with "
+                                   f"wfcore prune --resume {self.run_dir} once it can be "
+                                   "written") from None
         except TrainingDiverged as exc:
             raise TrainingDiverged(f"{exc} and start over with --force (the last checkpoint "
                                    "is from before this epoch: --resume would diverge again)"

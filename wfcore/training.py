@@ -170,7 +170,7 @@ def train(
                       num_workers=num_workers, desc=desc)
     losses = []
     try:
-        bar = tqdm(range(epochs), desc=desc, unit="epoch")
+        bar = tqdm(range(epochs), desc=desc, unit="epoch", delay=1)
         for epoch in bar:
             losses.append(trainer.run_epoch())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
