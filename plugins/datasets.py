@@ -179,11 +179,15 @@ class ImageReadError(WfcoreError):
 
 
 def _read_image(path: str):
+    from PIL import UnidentifiedImageError
     from torchvision.datasets.folder import default_loader
 
     try:
         return default_loader(path)
-    except Exception as exc:  # PIL's UnidentifiedImageError, OSError of a truncated file
+    except UnidentifiedImageError:
+        raise ImageReadError(f"data: cannot read image {path}: not an image file, or a "
+                             "corrupt one") from None
+    except Exception as exc:  # OSError of a truncated image, ...
         raise ImageReadError(f"data: cannot read image {path}: {first_line(exc)}") from None
 
 

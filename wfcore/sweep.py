@@ -9,13 +9,15 @@ directory, which is the config's ``output`` (``output=DIR`` on the command line)
 train and seed config), so runs that differ only in pruning train the dense model once.
 
 A finished run whose saved config equals the one it would run with is not run again, an
-interrupted one is resumed from its checkpoint (``--force`` runs everything afresh); a
-failed run is logged, its error kept in ``error.txt`` of its directory, and the sweep goes
-on. The sweep directory then holds ``results.csv`` (one row per run and step: the swept
-keys by dotted name, then target_sparsity, sparsity, accuracy, loss, seconds),
-``results.md`` (accuracy by target sparsity and method), ``accuracy_vs_sparsity.png`` (a
-line per method, dense accuracy dashed) and ``layer_sparsity.png`` (per-layer sparsity of
-each method at the highest target). All are rebuilt from the runs' ``report.json`` files,
+interrupted one is resumed from its checkpoint; a run of another config in a run's
+directory refuses the whole sweep before anything runs (``--force`` runs everything
+afresh, replacing them); a failed run is logged, its error kept in ``error.txt`` of its
+directory, and the sweep goes on. The sweep directory then holds ``results.csv`` (one
+row per run and step: the swept keys by dotted name, then target_sparsity, sparsity,
+accuracy, loss, seconds), ``results.md`` (accuracy by target sparsity and method),
+``accuracy_vs_sparsity.png`` (a line per method, dense accuracy dashed) and
+``layer_sparsity.png`` (per-layer sparsity of each method at the highest target). All
+are rebuilt from the runs' ``report.json`` files,
 so re-running a finished sweep rewrites them identically.
 """
 
