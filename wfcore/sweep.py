@@ -17,8 +17,8 @@ row per run and step: the swept keys by dotted name, then target_sparsity, spars
 accuracy, loss, seconds), ``results.md`` (accuracy by target sparsity and method),
 ``accuracy_vs_sparsity.png`` (a line per method, dense accuracy dashed) and
 ``layer_sparsity.png`` (per-layer sparsity of each method at the highest target). All
-are rebuilt from the runs' ``report.json`` files,
-so re-running a finished sweep rewrites them identically.
+are rebuilt from the runs' ``report.json`` files, so re-running a finished sweep rewrites
+them identically.
 """
 
 from __future__ import annotations
