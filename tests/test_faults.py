@@ -111,8 +111,10 @@ def interrupted(tmp_path_factory) -> Path:
 
 # -- data lost or overwritten ------------------------------------------------------------
 def test_force_leaves_no_step_of_the_earlier_run(run_copy, capsys):
+    (run_copy / "notes.txt").write_text("mine\n")
     assert cli.main(["-q", *prune(run_copy, "scheduler.sparsities=[0.3]", force=True)]) == 0
     assert not (run_copy / "model_step1.pt").exists()
+    assert (run_copy / "notes.txt").read_text() == "mine\n"  # not a file a run writes
     assert cli.main(["-q", "export", str(run_copy)]) == 0
     assert (run_copy / "model_step0.onnx").is_file()
     assert not (run_copy / "model_step1.onnx").exists()

@@ -123,8 +123,11 @@ class RunLock:
         if self.fd is None:
             return
         lock = self.run_dir / LOCK
-        empty = exc_type is not None and self.created \
-            and [p.name for p in self.run_dir.iterdir()] == [LOCK]
+        try:
+            empty = exc_type is not None and self.created \
+                and [p.name for p in self.run_dir.iterdir()] == [LOCK]
+        except OSError:  # the directory went away meanwhile
+            empty = False
         if empty:
             lock.unlink()
         os.ftruncate(self.fd, 0)
