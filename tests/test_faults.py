@@ -391,7 +391,8 @@ def image_folder(root: Path) -> Path:
 IMAGES = ["data.name=imagefolder", "data.options.image_size=8", "data.batch_size=4"]
 
 
-@pytest.mark.parametrize("fault", ["empty class", "val class not in train", "corrupt image"])
+@pytest.mark.parametrize("fault", ["empty class", "val class not in train", "corrupt image",
+                                   "corrupt image, read by a worker"])
 def test_image_folder_faults_are_named(tmp_path, capsys, fault):
     root = image_folder(tmp_path / "images")
     if fault == "empty class":
@@ -403,7 +404,8 @@ def test_image_folder_faults_are_named(tmp_path, capsys, fault):
     else:
         (root / "train" / "a" / "1.png").write_bytes(b"not a png")
         said = f"cannot read image {root / 'train' / 'a' / '1.png'}"
-    line = fails(capsys, *prune(tmp_path / "run", *IMAGES, f"data.root={root}",
+    workers = ["data.num_workers=1"] if "worker" in fault else []
+    line = fails(capsys, *prune(tmp_path / "run", *IMAGES, *workers, f"data.root={root}",
                                 f"cache_dir={tmp_path / 'cache'}"))
     assert said in line
 
