@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wfcore.errors import WfcoreError
+from wfcore.errors import WfcoreError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,57 @@ def read_onnx(path: str | Path) -> Any:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise WfcoreError(f"{path} is not an ONNX model: {str(exc).splitlines()[0][:120]}") \
+        raise WfcoreError(f"{path} is not an ONNX model: {first_line(exc)[:120]}") \
             from None
     if not proto.graph.node or not proto.graph.input:
         raise WfcoreError(f"{path} is not an ONNX model: no graph")
     return proto
 
 
+def graph_inputs(proto: Any) -> list[Any]:
+    """The graph's inputs that are fed at run time (not initializers)."""
+    weights = {t.name for t in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in weights]
+
+
+def check_benchable(proto: Any, path: str | Path) -> None:
+    """One float32 input: what every engine here is fed (random normal data)."""
+    import onnx
+
+    inputs = graph_inputs(proto)
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise WfcoreError(f"{path}: the model has {len(inputs)} inputs ({names}); bench times "
+                          "models with one float32 input")
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        kind = onnx.TensorProto.DataType.Name(elem).lower() if elem else "not a tensor"
+        raise WfcoreError(f"{path}: input '{inputs[0].name}' is {kind}; bench times models "
+                          "with one float32 input")
+
+
+def signature(proto: Any) -> tuple[Any, ...]:
+    """Input and output shapes (less the batch dimension) and element types."""
+    def shape(value: Any) -> tuple[Any, ...]:
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value or d.dim_param for d in tensor.shape.dim[1:])
+        return (tensor.elem_type, dims)
+
+    return (tuple(shape(i) for i in graph_inputs(proto)),
+            tuple(shape(o) for o in proto.graph.output))
+
+
+def check_same_model(proto: Any, dense_proto: Any, path: Path, dense: Path) -> None:
+    """A speed-up against ``dense`` means something only for the same inputs and outputs."""
+    if signature(proto) != signature(dense_proto):
+        raise WfcoreError(f"--dense {dense}: its inputs or outputs differ from those of "
+                          f"{path} ({signature(dense_proto)} vs {signature(proto)}); a speed-up "
+                          "compares one model dense and sparse")
+
+
 def input_shape(proto: Any, batch_size: int) -> tuple[int, ...]:
-    """The first graph input's shape with the batch dimension set (dynamic dims -> error)."""
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    """The input's shape with the batch dimension set (dynamic dims -> error)."""
+    dims = graph_inputs(proto)[0].type.tensor_type.shape.dim
     shape = [batch_size] + [d.dim_value for d in dims[1:]]
     if dims and dims[0].dim_value and dims[0].dim_value != batch_size:
         raise WfcoreError(f"the model's batch dimension is fixed at {dims[0].dim_value}; "
@@ -187,8 +228,11 @@ def bench(path: str | Path, *, dense: str | Path | None = None, batch_size: int 
     if batch_size < 1:
         raise WfcoreError(f"batch size must be at least 1, got {batch_size}")
     paths = [Path(path)] + ([Path(dense)] if dense else [])
-    for p in paths:
-        read_onnx(p)
+    protos = [read_onnx(p) for p in paths]
+    for p, proto in zip(paths, protos, strict=True):
+        check_benchable(proto, p)
+    if dense:
+        check_same_model(protos[0], protos[1], paths[0], paths[1])
     torch_models = {str(Path(k)): v for k, v in (torch_models or {}).items()}
     out: list[Timing] = []
     for p in paths:
@@ -209,20 +253,41 @@ def bench(path: str | Path, *, dense: str | Path | None = None, batch_size: int 
 
 
 def torch_model_for(path: str | Path) -> nn.Module | None:
-    """The PyTorch model behind an ONNX file that ``wfcore export`` wrote, or None."""
-    proto = read_onnx(path)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    run_dir, state = meta.get("wfcore.run_dir"), meta.get("wfcore.state")
-    if not run_dir or not state or not Path(state).is_file():
-        return None
+    """The PyTorch model behind an ONNX file that ``wfcore export`` wrote, or None.
+
+    The file names its run (paths relative to the file). The run's config.yaml and
+    state_dict are read, but no module is imported on the file's word: a run whose config
+    names ``plugins:`` gets no torch timing.
+    """
+    from wfcore import config as config_mod
+    from wfcore import manager
     from wfcore.pipeline import load_state
 
     from .onnx import rebuild
 
-    shape = input_shape(proto, 1)[1:]
-    num_classes = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-    _, model, _, _ = rebuild(Path(run_dir), (shape, num_classes))
-    load_state(model, Path(state), "torch engine")
+    path = Path(path)
+    proto = read_onnx(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    run_dir, state = meta.get("wfcore.run_dir"), meta.get("wfcore.state")
+    if not run_dir or not state:
+        return None
+    base = path.resolve().parent
+    run_dir, state = base / run_dir, base / state  # (an absolute path stays as it is)
+    if not state.is_file() or not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        plugins = config_mod.load(run_dir / "config.yaml").plugins
+        if plugins:
+            log.warning("torch: skipped for %s: its run imports plugins (%s), and bench "
+                        "imports nothing that a model file names", path.name, ", ".join(plugins))
+            return None
+        shape = input_shape(proto, 1)[1:]
+        num_classes = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+        _, model, _, _ = rebuild(run_dir, (shape, num_classes), plugins=manager.build())
+        load_state(model, state, "torch engine")
+    except WfcoreError as exc:
+        log.warning("torch: skipped for %s: %s", path.name, exc)
+        return None
     return model.eval()
 
 

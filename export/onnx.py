@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -153,12 +154,14 @@ def steps_in(run_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None
+def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
+            plugins: Any = None
             ) -> tuple[Any, nn.Module, torch.Tensor | None, dict[str, torch.Tensor]]:
     """(config, model, example input, prunable params) of a run, from its config.yaml.
 
     ``shapes``: (input shape, number of classes) when known (from an ONNX file); then the
-    data set is not loaded and the example is None.
+    data set is not loaded and the example is None. ``plugins``: the loaded plugins to
+    build with (default: the installed ones and the run's ``plugins:`` modules).
     """
     from types import SimpleNamespace
 
@@ -170,7 +173,7 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None
     if not cfg_path.is_file():
         raise WfcoreError(f"{run_dir} is not a run directory: no config.yaml")
     cfg = config_mod.load(cfg_path)
-    plugins = manager.build(cfg.plugins)
+    plugins = plugins or manager.build(cfg.plugins)
     if shapes is None:
         data = pipeline.load_data(cfg, plugins)
         example = data.test[0][0].unsqueeze(0)
@@ -180,6 +183,37 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None
     model = pipeline.build_model(cfg, plugins, data)
     params = select_params(model, cfg.model.params)
     return cfg, model, example, dict(params)
+
+
+def run_of(path: Path) -> Path | None:
+    """The run directory that an ONNX file written by ``wfcore export`` names (resolved
+    against the file's own directory), or None for any other file."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file: certainly not one of ours
+        return None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    run_dir = meta.get("wfcore.run_dir")
+    return (path.parent / run_dir).resolve() if run_dir else None
+
+
+def refuse_foreign(path: Path, run_dir: Path) -> None:
+    """``path`` may be written: it is missing, a file the run wrote in its own directory,
+    or an earlier ``wfcore export`` of this run. Anything else is kept."""
+    from wfcore import rundir
+
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        raise WfcoreError(f"{path} is a directory; give the ONNX file's name")
+    if path.parent.resolve() == run_dir.resolve() and rundir.is_owned(run_dir) \
+            and path.resolve() in {p.resolve() for p in rundir.owned_files(run_dir)}:
+        return
+    if run_of(path) != run_dir.resolve():
+        raise WfcoreError(f"{path} exists and is not an export of {run_dir}; wfcore export "
+                          "replaces only its own files: remove it or choose another -o")
 
 
 def exporter_options(cfg: Any) -> OnnxOptions:
@@ -233,13 +267,23 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
     elif step not in steps:
         raise WfcoreError(f"{run_dir} has no step {step}; saved steps: "
                           f"{', '.join(map(str, steps))}")
+    reported = report_steps(run_dir)
+    if reported is not None and step not in reported:
+        raise WfcoreError(f"{run_dir}: model_step{step}.pt is not a step of the run's "
+                          "report.json (left by another run?); steps reported: "
+                          f"{', '.join(map(str, sorted(reported))) or 'none'}")
+    output = Path(output) if output else run_dir / f"model_step{step}.onnx"
+    dense_output = output.with_name("dense.onnx")
+    for target in (output, dense_output) if dense else (output,):
+        refuse_foreign(target, run_dir)
     cfg, model, example, params = rebuild(run_dir)
     options = exporter_options(cfg)
-    output = Path(output) if output else run_dir / f"model_step{step}.onnx"
     state_path = run_dir / f"model_step{step}.pt"
     load_state(model, state_path, "wfcore export")
-    meta = {"run_dir": str(run_dir.resolve()), "state": str(state_path.resolve()),
-            "step": str(step)}
+    # Paths relative to the ONNX file: nothing of the machine that made it is kept.
+    where = output.parent.resolve()
+    meta = {"run_dir": os.path.relpath(run_dir.resolve(), where),
+            "state": os.path.relpath(state_path.resolve(), where), "step": str(step)}
     params = {n: p.detach() for n, p in params.items()}
     result = {"step": step, "sparse": export_checked(model, example, output, options, params,
                                                      meta)}
@@ -247,11 +291,22 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
         dense_path = run_dir / "dense.pt"
         dense_model = copy.deepcopy(model)
         load_state(dense_model, dense_path, "wfcore export (dense model)")
-        meta = {**meta, "state": str(dense_path.resolve()), "step": "dense"}
+        meta = {**meta, "state": os.path.relpath(dense_path.resolve(), where), "step": "dense"}
         result["dense"] = export_checked(
-            dense_model, example, output.with_name("dense.onnx"), options,
+            dense_model, example, dense_output, options,
             {n: p.detach() for n, p in dense_model.named_parameters() if n in params}, meta)
     return result
+
+
+def report_steps(run_dir: Path) -> set[int] | None:
+    """The step indices in the run's report.json; None when it has no readable one."""
+    import json
+
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+        return {int(s["index"]) for s in report["steps"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @hookimpl

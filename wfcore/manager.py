@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 
 from wfcore import hookspecs
-from wfcore.errors import ConfigError, PluginError
+from wfcore.errors import ConfigError, PluginError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,15 @@ def _one_line(exc: Exception) -> str:
 
 
 def _import(module_name: str, what: str) -> ModuleType:
+    """Import a plugin module; any exception it raises (a SyntaxError too) is one line."""
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
-        raise PluginError(f"{what}: cannot import plugin module '{module_name}': {exc}") from None
+        raise PluginError(f"{what}: cannot import plugin module '{module_name}': "
+                          f"{first_line(exc)}") from None
+    except Exception as exc:  # the module's own code failed
+        raise PluginError(f"{what}: plugin module '{module_name}' failed on import: "
+                          f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
 def build(

@@ -15,9 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wfcore import checkpoint, files, manager
+from wfcore import checkpoint, files, manager, rundir, states
 from wfcore import config as config_mod
-from wfcore.errors import ConfigError, WfcoreError
+from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
 from wfcore.gradients import GradientSampler
 from wfcore.interfaces import (
     Allocator,
@@ -52,7 +52,14 @@ def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
     kind = config_mod.COMPONENT_KINDS[section]
     entry, extra = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
     options = config_mod.component_options(section, cfg, entry.options_class)
-    return entry.factory(options, **extra)
+    try:
+        return entry.factory(options, **extra)
+    except WfcoreError:
+        raise
+    except Exception as exc:  # a plugin's factory failed: name the plugin and the key
+        raise PluginError(f"{section}.name: plugin '{entry.plugin}' failed to build "
+                          f"'{cfg[section].name}': {type(exc).__name__}: {first_line(exc)}"
+                          ) from None
 
 
 def build_components(cfg: DictConfig, plugins: manager.Plugins) -> Components:
@@ -104,13 +111,8 @@ def dense_cache_path(cfg: DictConfig) -> Path:
 
 
 def load_state(model: nn.Module, path: Path, what: str) -> None:
-    if not path.is_file():
-        raise WfcoreError(f"{what}: file not found: {path}")
-    try:
-        state = files.load_torch(path)
-        model.load_state_dict(state)
-    except Exception as exc:
-        raise WfcoreError(f"{what}: cannot load {path}: {str(exc).splitlines()[0]}") from None
+    """Load a state_dict file into ``model`` (see ``wfcore.states``: one-line errors)."""
+    states.load_state(model, path, what)
 
 
 def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: torch.device,
@@ -122,7 +124,10 @@ def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: tor
     path = dense_cache_path(cfg)
     if path.is_file():
         log.info("dense model: cached %s", path)
-        load_state(model, path, "dense model cache")
+        try:
+            load_state(model, path, "dense model cache")
+        except WfcoreError as exc:
+            raise WfcoreError(f"{exc}; delete it to train the dense model again") from None
         return str(path)
     log.info("dense model: training %s for %d epochs", cfg.model.name, cfg.train.epochs)
     train(model, data.train, cfg.train, epochs=cfg.train.epochs, batch_size=cfg.data.batch_size,
@@ -192,6 +197,9 @@ class Pruning:
         self.params = select_params(self.model, cfg.model.params)
         if not self.params:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
+        if cfg.fisher.grad_batch > len(self.data.train):
+            raise ConfigError(f"config key 'fisher.grad_batch': {cfg.fisher.grad_batch} is more "
+                              f"than the {len(self.data.train)} training samples")
         self.store_dir = Path(cfg.fisher.store_dir or run_dir).expanduser()
         self.plan = plan_run(cfg, components, self.model, self.params, self.data, self.loss_fn,
                              self.device, self.store_dir)
@@ -286,24 +294,27 @@ def refuse_finished_resume(run_dir: Path) -> None:
                           "(use --force without --resume to run it again)")
 
 
-def prepare_run_dir(cfg: DictConfig, force: bool = False, resume: bool = False) -> Path:
-    """The run directory. A finished or interrupted run in it is kept unless ``force``;
-    ``resume`` expects an unfinished run there (its checkpoint is checked by the caller).
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.output or Path("runs") / cfg.name).expanduser()
+
+
+def check_run_dir(run_dir: Path, force: bool = False, resume: bool = False) -> None:
+    """Refuse what this run may not touch: a directory that is not a run's (``rundir``),
+    a finished or interrupted run unless ``force``, a finished run to ``resume``.
+    Reads only: nothing is written.
     """
-    run_dir = Path(cfg.output or Path("runs") / cfg.name).expanduser()
+    rundir.check_usable(run_dir)
     if resume:
         refuse_finished_resume(run_dir)
-        return run_dir
-    if not force and is_finished(run_dir):
+        return
+    if force:
+        return
+    if is_finished(run_dir):
         raise WfcoreError(f"{run_dir} holds a finished run; use --force to overwrite it "
                           "or choose another output=")
     if checkpoint.path(run_dir).is_file():
-        if not force:
-            raise WfcoreError(f"{run_dir} holds an interrupted run; continue it with "
-                              f"--resume {run_dir} or start over with --force")
-        checkpoint.path(run_dir).unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        raise WfcoreError(f"{run_dir} holds an interrupted run; continue it with "
+                          f"--resume {run_dir} or start over with --force")
 
 
 def resume_config(run_dir: str | Path, config_path: str | None = None,
@@ -333,14 +344,33 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
     """Run the whole pipeline for a loaded config; returns the report.
 
     ``resume``: continue the interrupted run in ``cfg.output`` from its last checkpoint.
+    Everything that can be checked (components, plan, data, model, dense model, run
+    directory) is checked before a file of the run directory is written or removed; the
+    directory is locked for the whole run.
     """
     plugins = plugins or manager.build(cfg.plugins)
     components = build_components(cfg, plugins)
     plan = components.scheduler.plan()
-    run_dir = prepare_run_dir(cfg, force, resume)
-    saved = checkpoint.load(run_dir, cfg) if resume else None
-    files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
-    pruning = Pruning(cfg, plugins, components, run_dir)
+    step = getattr(components.exporter, "step", None)
+    if step is not None and not 0 <= step < len(plan):
+        raise ConfigError(f"config key 'export.step': {step} is not a step of the plan "
+                          f"(0..{len(plan) - 1})")
+    run_dir = run_dir_of(cfg)
+    check_run_dir(run_dir, force, resume)
+    with rundir.RunLock(run_dir):
+        check_run_dir(run_dir, force, resume)  # again: another run may have ended meanwhile
+        saved = checkpoint.load(run_dir, cfg) if resume else None
+        pruning = Pruning(cfg, plugins, components, run_dir)
+        if saved is None:
+            rundir.clear(run_dir)  # no step, report or export of an earlier run stays
+        rundir.claim(run_dir)
+        files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
+        return run_plan(pruning, plan, saved)
+
+
+def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The steps, the export and the report of a prepared run."""
+    cfg, components, run_dir = pruning.cfg, pruning.c, pruning.run_dir
     report = Report(run_dir, config_mod.to_dict(cfg))
     overrides = getattr(components.scheduler, "train_overrides", dict)()
     runner = Runner(pruning, plan, report, overrides)
@@ -370,5 +400,5 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
                 model, example, str(run_dir / "dense.onnx"))
     report.finish()
     checkpoint.path(run_dir).unlink(missing_ok=True)  # finished: nothing left to resume
-    plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir))
+    pruning.plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir))
     return report.data

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from wfcore import checkpoint, files
 from wfcore import config as config_mod
 from wfcore.interfaces import PruneStep
-from wfcore.training import Trainer
+from wfcore.training import Trainer, TrainingDiverged
 
 if TYPE_CHECKING:
     from wfcore.pipeline import Pruning
@@ -45,6 +45,7 @@ class Runner:
         self.digest = checkpoint.config_digest(self.cfg)
         overrides = dict(overrides)
         self.decay_start = int(overrides.pop("lr_decay_start", 0))
+        self.lr_key = "scheduler.lr" if overrides.get("lr") is not None else "train.lr"
         self.train_cfg = OmegaConf.merge(self.cfg.train, overrides)
         self.position = {"step": 0, "pruned": False, "step_epochs": 0, "epoch": 0}
         self.timings = dict.fromkeys(TIMINGS, 0.0)
@@ -72,7 +73,7 @@ class Runner:
                        epochs=self.segment_epochs(segment), batch_size=self.cfg.data.batch_size,
                        loss_fn=p.loss_fn, device=p.device, seed=self.cfg.seed + 1000 + segment,
                        masks=p.masks, num_workers=self.cfg.data.num_workers,
-                       decay_start=self.decay_start, desc="fine-tune")
+                       decay_start=self.decay_start, desc="fine-tune", lr_key=self.lr_key)
 
     # -- checkpoints ------------------------------------------------------------------
     def save(self) -> None:
@@ -119,6 +120,14 @@ class Runner:
             raise KeyboardInterrupt(
                 f"the last checkpoint holds {epochs} fine-tuning epoch(s) and {steps} "
                 f"finished step(s); resume with: wfcore prune --resume {self.run_dir}") from None
+        except files.WriteError as exc:
+            raise files.WriteError(f"{exc}; the last checkpoint is whole: resume with "
+                                   f"wfcore prune --resume {self.run_dir} once it can be "
+                                   "written") from None
+        except TrainingDiverged as exc:
+            raise TrainingDiverged(f"{exc} and start over with --force (the last checkpoint "
+                                   "is from before this epoch: --resume would diverge again)"
+                                   ) from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)

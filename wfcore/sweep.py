@@ -9,14 +9,16 @@ directory, which is the config's ``output`` (``output=DIR`` on the command line)
 train and seed config), so runs that differ only in pruning train the dense model once.
 
 A finished run whose saved config equals the one it would run with is not run again, an
-interrupted one is resumed from its checkpoint (``--force`` runs everything afresh); a
-failed run is logged, its error kept in ``error.txt`` of its directory, and the sweep goes
-on. The sweep directory then holds ``results.csv`` (one row per run and step: the swept
-keys by dotted name, then target_sparsity, sparsity, accuracy, loss, seconds),
-``results.md`` (accuracy by target sparsity and method), ``accuracy_vs_sparsity.png`` (a
-line per method, dense accuracy dashed) and ``layer_sparsity.png`` (per-layer sparsity of
-each method at the highest target). All are rebuilt from the runs' ``report.json`` files,
-so re-running a finished sweep rewrites them identically.
+interrupted one is resumed from its checkpoint; a run of another config in a run's
+directory refuses the whole sweep before anything runs (``--force`` runs everything
+afresh, replacing them); a failed run is logged, its error kept in ``error.txt`` of its
+directory, and the sweep goes on. The sweep directory then holds ``results.csv`` (one
+row per run and step: the swept keys by dotted name, then target_sparsity, sparsity,
+accuracy, loss, seconds), ``results.md`` (accuracy by target sparsity and method),
+``accuracy_vs_sparsity.png`` (a line per method, dense accuracy dashed) and
+``layer_sparsity.png`` (per-layer sparsity of each method at the highest target). All
+are rebuilt from the runs' ``report.json`` files, so re-running a finished sweep rewrites
+them identically.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from wfcore import checkpoint, files, manager, pipeline
 from wfcore import config as config_mod
-from wfcore import files, manager, pipeline
-from wfcore.errors import ConfigError, WfcoreError
+from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.report import TIMING_KEYS, pyplot, save_figure
 
 log = logging.getLogger(__name__)
@@ -128,19 +130,40 @@ class SweepResult:
         return sum(r.status == status for r in self.runs)
 
 
+def read_report(run_dir: Path) -> dict[str, Any] | None:
+    """The report.json of ``run_dir``, or None when there is none or it is not a report."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
 def saved_report(run: SweepRun) -> dict[str, Any] | None:
     """The run's report.json if it was made with exactly this config, else None."""
-    path = run.run_dir / "report.json"
-    if not path.is_file():
-        return None
-    try:
-        report = json.loads(path.read_text())
-    except ValueError:
+    report = read_report(run.run_dir)
+    if report is None:
         return None
     if report.get("config") != config_mod.to_dict(run.cfg):
         log.info("%s: made with another config; running it again", run.run_dir.name)
         return None
     return report
+
+
+def refuse_replacing(runs: list[SweepRun]) -> None:
+    """Without --force a sweep replaces no run made with another config (other fixed
+    overrides): every run directory is checked before any run starts."""
+    for run in runs:
+        report = read_report(run.run_dir)
+        if report is None:
+            continue
+        keys = checkpoint.config_differences(report.get("config") or {}, run.cfg)
+        if keys:
+            state = "finished" if report.get("finished") else "unfinished"
+            shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+            raise WfcoreError(f"sweep: {run.run_dir} holds a {state} run of another config "
+                              f"(differs in {shown}); use --force to replace it or choose "
+                              "another output=")
 
 
 def finished_report(run: SweepRun) -> dict[str, Any] | None:
@@ -151,8 +174,6 @@ def finished_report(run: SweepRun) -> dict[str, Any] | None:
 
 def resumable(run: SweepRun) -> bool:
     """An interrupted run of this config with a checkpoint to continue from."""
-    from wfcore import checkpoint
-
     return checkpoint.path(run.run_dir).is_file() and saved_report(run) is not None
 
 
@@ -192,7 +213,7 @@ def execute(run: SweepRun, plugins_cache: dict[tuple[str, ...], manager.Plugins]
         (run.run_dir / "error.txt").unlink(missing_ok=True)
     except Exception as exc:  # one failed run must not stop the sweep
         run.status = "failed"
-        run.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        run.error = f"{type(exc).__name__}: {first_line(exc)}"
         log.error("sweep: %s failed: %s", run.run_dir.name, run.error)
         log.debug("%s", traceback.format_exc())
         files.write_text(run.run_dir / "error.txt", traceback.format_exc())
@@ -202,6 +223,8 @@ def run_sweep(config_path: str, overrides: list[str], *, force: bool = False) ->
     """Run (or skip) every combination, then write results.csv, results.md and the plots."""
     start = time.perf_counter()
     root, swept, runs = plan(config_path, overrides)
+    if not force:
+        refuse_replacing(runs)
     dense = {str(r.cfg.model.checkpoint or pipeline.dense_cache_path(r.cfg)) for r in runs}
     log.info("sweep: %d runs under %s, %d dense model(s)", len(runs), root, len(dense))
     plugins_cache: dict[tuple[str, ...], manager.Plugins] = {}

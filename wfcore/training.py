@@ -16,9 +16,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from wfcore.errors import WfcoreError
 from wfcore.masks import Masks
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(WfcoreError):
+    """The training loss became NaN or inf."""
 
 
 def make_optimizer(model: nn.Module, train) -> torch.optim.Optimizer:
@@ -51,8 +56,10 @@ def train_epoch(
     loss_fn: nn.Module,
     device: torch.device,
     desc: str = "train",
+    lr_key: str = "train.lr",
 ) -> float:
-    """One epoch; returns the mean training loss."""
+    """One epoch; returns the mean training loss. A NaN or inf loss raises
+    TrainingDiverged naming the epoch (``desc``) and the learning rate (``lr_key``)."""
     model.train()
     total, count = 0.0, 0
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, delay=1):
@@ -60,7 +67,9 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{desc}: training loss is {loss.item()}")
+            lr = optimizer.param_groups[0]["lr"]
+            raise TrainingDiverged(f"{desc}: the training loss is {loss.item()} at learning "
+                                   f"rate {lr:g}; lower {lr_key}")
         loss.backward()
         optimizer.step()
         total += loss.item() * len(x)
@@ -91,6 +100,7 @@ class Trainer:
         num_workers: int = 0,
         decay_start: int = 0,
         desc: str = "train",
+        lr_key: str = "train.lr",
     ):
         self.model = model
         self.loss_fn = loss_fn
@@ -98,6 +108,7 @@ class Trainer:
         self.masks = masks
         self.decay_start = decay_start
         self.desc = desc
+        self.lr_key = lr_key  # the config key of the learning rate, for error messages
         self.generator = torch.Generator().manual_seed(seed)  # the data order
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                  num_workers=num_workers, generator=self.generator)
@@ -113,7 +124,8 @@ class Trainer:
     def run_epoch(self) -> float:
         """Train one epoch, then step the LR schedule; returns the mean training loss."""
         loss = train_epoch(self.model, self.loader, self.optimizer, self.loss_fn, self.device,
-                           desc=f"{self.desc} epoch {self.epochs_done + 1}")
+                           desc=f"{self.desc} epoch {self.epochs_done + 1}",
+                           lr_key=self.lr_key)
         self.epochs_done += 1
         if self.epochs_done > self.decay_start:
             self.schedule.step()
@@ -158,7 +170,7 @@ def train(
                       num_workers=num_workers, desc=desc)
     losses = []
     try:
-        bar = tqdm(range(epochs), desc=desc, unit="epoch")
+        bar = tqdm(range(epochs), desc=desc, unit="epoch", delay=1)
         for epoch in bar:
             losses.append(trainer.run_epoch())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
