@@ -1,0 +1,339 @@
+"""`wfcore analyze`: how faithful is each curvature estimator to the exact Hessian?
+
+Lifecycle (``analyze``): the dense model and the analysed parameters (``analyze.params``)
+-> a plan that refuses an exact Hessian too big for memory or time -> the exact Hessian H,
+empirical Fisher and true Fisher over ``analyze.samples`` training samples (wfcore/exact.py)
+-> every estimator of ``analyze.estimators`` fitted through the pipeline's PruningProblem
+at each m of ``analyze.num_grads`` -> each curvature made explicit (F^-1 e_j for every j,
+through ``inverse_mul``) and compared:
+
+- inverse: relative error of ``inverse_diagonal()`` against diag((X + damp I)^-1), and the
+  cosine and relative L2 error of F^-1 v against (X + damp I)^-1 v, for random and gradient
+  directions v, X each exact curvature (medians over the directions);
+- the OBS question: for single weights, the predicted loss increase w_q^2 / (2 [F^-1]_qq)
+  against the actual increase of L after the single-weight OBS update (Spearman rank
+  correlation, and how much of the lowest-ranked fraction the actual increases would also
+  rank lowest); for pruned sets, the config's scorer and allocator at each of
+  ``analyze.sparsities``: the summed scores against the actual increase after the update.
+
+The exact curvatures themselves, damped, go through the same comparisons as references.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from wfcore import config as config_mod
+from wfcore import files, manager
+from wfcore.errors import ConfigError, WfcoreError
+from wfcore.exact import HVP_COLUMNS, DenseCurvature, ExactLoss, damped_inverse
+from wfcore.gradients import GradientSampler, ParamLayout
+from wfcore.interfaces import Curvature, PruningProblem
+from wfcore.masks import Masks, select_params
+from wfcore.pipeline import build_model, dense_model, instantiate, load_data, resolve_device
+
+log = logging.getLogger(__name__)
+
+REFERENCES = ("hessian", "empirical_fisher", "true_fisher")
+DENSE_MATRICES = 10  # (d, d) float64 matrices alive at once: exact curvatures, inverses, M
+
+
+def analysed_params(cfg: DictConfig, model: nn.Module) -> dict[str, nn.Parameter]:
+    patterns = cfg.analyze.params if cfg.analyze.params is not None else cfg.model.params
+    key = "analyze.params" if cfg.analyze.params is not None else "model.params"
+    try:
+        params = select_params(model, patterns)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("'model.params'", f"'{key}'")) from None
+    if not params:
+        raise ConfigError(f"config key '{key}': no parameters selected")
+    return params
+
+
+def memory_limit(cfg: DictConfig) -> float:
+    """Bytes the exact matrices may take: analyze.max_memory_gb, else half the machine's."""
+    if cfg.analyze.max_memory_gb is not None:
+        return cfg.analyze.max_memory_gb * 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+
+
+def narrower(sizes: dict[str, int], fits) -> list[str]:
+    """The most parameters, smallest first, whose total size ``fits``."""
+    chosen, total = [], 0
+    for name, numel in sorted(sizes.items(), key=lambda item: item[1]):
+        if fits(total + numel):
+            chosen.append(name)
+            total += numel
+    return chosen
+
+
+def refuse(cfg: DictConfig, sizes: dict[str, int], why: str, fits) -> None:
+    d = sum(sizes.values())
+    chosen = narrower(sizes, fits)
+    hint = (f"narrow analyze.params, e.g. analyze.params=[{','.join(chosen)}] "
+            f"({sum(sizes[n] for n in chosen)} weights)" if chosen else
+            "no single parameter fits: raise analyze.max_memory_gb / analyze.max_minutes")
+    raise WfcoreError(f"analyze.params: the exact Hessian over {d} weights of "
+                      f"{len(sizes)} parameters {why}; {hint}")
+
+
+def check_memory(cfg: DictConfig, sizes: dict[str, int]) -> dict[str, float]:
+    limit = memory_limit(cfg)
+    need = lambda d: DENSE_MATRICES * 8 * d * d  # noqa: E731
+    d = sum(sizes.values())
+    if need(d) > limit:
+        refuse(cfg, sizes, f"needs {need(d) / 2**30:.1f} GiB (limit {limit / 2**30:.1f} GiB)",
+               lambda k: need(k) <= limit)
+    return {"weights": d, "memory_gib": need(d) / 2**30, "memory_limit_gib": limit / 2**30}
+
+
+def check_time(cfg: DictConfig, exact: ExactLoss, sizes: dict[str, int]) -> float:
+    """Seconds the exact Hessian should take, from one timed chunk of columns."""
+    x, y = exact.x[:exact.batch_size], exact.y[:exact.batch_size]
+    V = torch.eye(exact.d, dtype=exact.w0.dtype, device=exact.w0.device)[:HVP_COLUMNS]
+    start = time.perf_counter()
+    exact.hessian_columns(V, x, y)
+    per_column = (time.perf_counter() - start) / len(V) * math.ceil(exact.num_samples / len(x))
+    limit = cfg.analyze.max_minutes * 60
+    if per_column * exact.d > limit:
+        refuse(cfg, sizes, f"would take about {per_column * exact.d / 60:.0f} min "
+               f"(analyze.max_minutes={cfg.analyze.max_minutes:g})",
+               lambda k: per_column * k <= limit)
+    return per_column * exact.d
+
+
+def analysis_samples(cfg: DictConfig, dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``analyze.samples`` of a seeded permutation of the training set."""
+    n = len(dataset) if cfg.analyze.samples is None else min(cfg.analyze.samples, len(dataset))
+    if n < 1:
+        raise ConfigError("config key 'analyze.samples': must be >= 1")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))
+    x, y = default_collate([dataset[int(i)] for i in order[:n]])[:2]
+    return x.to(device), y.to(device)
+
+
+def build_estimators(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, Any]:
+    """name -> (factory entry, validated options) for every analyze.estimators name."""
+    out = {}
+    for name in cfg.analyze.estimators:
+        entry, extra = plugins.registry("estimators").lookup(name, "analyze.estimators")
+        if name in cfg.analyze.options:
+            values, where = config_mod.to_dict(cfg.analyze.options[name]), f"analyze.options.{name}"
+        elif cfg.estimator.name == name:
+            values = {k: v for k, v in config_mod.to_dict(cfg.estimator).items() if k != "name"}
+            where = "estimator"
+        else:
+            values, where = {}, f"analyze.options.{name}"
+        options = config_mod.validate_options(where, values or {}, entry.options_class)
+        out[name] = (entry, options, extra)
+    return out
+
+
+def materialise(curvature: Curvature, layout: ParamLayout) -> torch.Tensor:
+    """(d, d) float64 M with M e_j = curvature.inverse_mul(e_j): the explicit F^-1."""
+    d = layout.d
+    M = torch.zeros(d, d, dtype=torch.float64)
+    device = next(iter(curvature.inverse_diagonal().values())).device
+    for j in tqdm(range(d), desc="explicit F^-1", leave=False, delay=1):
+        e = torch.zeros(d, device=device)
+        e[j] = 1.0
+        M[:, j] = layout.flatten(curvature.inverse_mul(layout.unflatten(e))).double().cpu()
+    return M
+
+
+def ranks(v: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(torch.argsort(v)).double()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def inverse_metrics(M: torch.Tensor, diag: torch.Tensor, inverses: dict[str, torch.Tensor],
+                    directions: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """diag and IHVP errors of the explicit inverse M against each damped exact inverse."""
+    out = {}
+    for ref, R in inverses.items():
+        row = {"diag_rel_error": float((diag - R.diagonal()).norm() / R.diagonal().norm())}
+        for kind, V in directions.items():  # V (k, d)
+            exact, est = V @ R, V @ M.T
+            cos = torch.nn.functional.cosine_similarity(est, exact, dim=1)
+            rel = (est - exact).norm(dim=1) / exact.norm(dim=1)
+            row[f"ihvp_{kind}_cos"] = float(cos.median())
+            row[f"ihvp_{kind}_rel_error"] = float(rel.median())
+        out[ref] = row
+    return out
+
+
+def single_weights(exact: ExactLoss, M: torch.Tensor, diag: torch.Tensor, S: torch.Tensor,
+                   loss0: float, sparsities: list[float]) -> dict[str, Any]:
+    """Predicted w_q^2 / (2 [F^-1]_qq) against the actual loss increase after the OBS
+    update of each single weight q in S."""
+    w = exact.w0.double().cpu()
+    predicted = w[S] ** 2 / (2 * diag[S])
+    W = w - (M[:, S] * (w[S] / M[S, S])).T  # (k, d): w + the single-weight OBS update
+    W[torch.arange(len(S)), S] = 0.0
+    actual = exact.losses(W, desc="single weights") - loss0
+    overlap = {}
+    for s in sparsities:
+        k = max(1, round(s * len(S)))
+        low_p, low_a = set(torch.argsort(predicted)[:k].tolist()), set(
+            torch.argsort(actual)[:k].tolist())
+        overlap[str(s)] = 1.0 - len(low_p & low_a) / k
+    return {"spearman": spearman(predicted, actual), "ranking_error": overlap,
+            "predicted": predicted.tolist(), "actual": actual.tolist()}
+
+
+def pruned_sets(cfg: DictConfig, parts: dict[str, Any], curvature: Curvature, exact: ExactLoss,
+                loss0: float, H: torch.Tensor, g: torch.Tensor) -> list[dict[str, Any]]:
+    """The config's scorer and allocator at each sparsity: summed scores against the actual
+    loss increase after the scorer's update (and the exact second-order Taylor value)."""
+    layout, scorer, allocator = exact.layout, parts["scorer"], parts["allocator"]
+    weights = layout.unflatten(exact.w0.clone())
+    gradient = layout.unflatten(g.to(exact.w0))
+    scores = scorer.scores(weights, curvature, gradient)
+    out = []
+    for s in cfg.analyze.sparsities:
+        keep = allocator.allocate(scores, {n: torch.ones_like(t, dtype=torch.bool)
+                                           for n, t in weights.items()}, s)
+        prune = {n: ~keep[n] for n in keep}
+        row = {"sparsity": s, "predicted": float(sum(scores[n][prune[n]].double().sum()
+                                                     for n in prune))}
+        try:
+            update = scorer.update(weights, curvature, prune, gradient)
+        except NotImplementedError as exc:
+            out.append({**row, "error": str(exc)})
+            continue
+        dw = layout.flatten(update).double().cpu() if update is not None else torch.zeros(
+            layout.d, dtype=torch.float64)
+        flat_prune = layout.flatten(prune).cpu()
+        dw[flat_prune] = -exact.w0.double().cpu()[flat_prune]  # the masks zero them
+        row["taylor"] = float(0.5 * dw @ H @ dw + g @ dw)
+        row["actual"] = float(exact.losses((exact.w0.double().cpu() + dw)[None],
+                                           desc="pruned set")[0]) - loss0
+        out.append(row)
+    return out
+
+
+def evaluate(cfg: DictConfig, parts: dict[str, Any], curvature: Curvature,
+             M: torch.Tensor) -> dict[str, Any]:
+    exact, layout = parts["exact"], parts["exact"].layout
+    diag = layout.flatten(curvature.inverse_diagonal()).double().cpu()
+    return {"inverse": inverse_metrics(M, diag, parts["inverses"], parts["directions"]),
+            "single": single_weights(exact, M, diag, parts["weights"], parts["loss0"],
+                                     list(cfg.analyze.sparsities)),
+            "sets": pruned_sets(cfg, parts, curvature, exact, parts["loss0"], parts["H"],
+                                parts["g"])}
+
+
+def heatmap_block(cfg: DictConfig, layout: ParamLayout) -> slice:
+    name = cfg.analyze.heatmap_param or layout.names[0]
+    if name not in layout.names:
+        raise ConfigError(f"config key 'analyze.heatmap_param': '{name}' is not analysed; "
+                          f"analysed: {', '.join(layout.names)}")
+    start = layout.offsets[name]
+    return slice(start, start + min(cfg.analyze.heatmap_size, layout.numels[name]))
+
+
+def fit(cfg: DictConfig, parts: dict[str, Any], name: str, m: int) -> Curvature:
+    """The estimator ``name`` fitted at m gradients, through the pipeline's PruningProblem."""
+    entry, options, extra = parts["estimators"][name]
+    estimator = entry.factory(options, **extra)
+    model, params, data = parts["model"], parts["params"], parts["data"]
+    masks = Masks(params)
+    f = cfg.fisher
+    sampler = GradientSampler(model, params, masks.keep, data.train, parts["loss_fn"],
+                              num_grads=m, grad_batch=f.grad_batch, labels=f.labels,
+                              seed=cfg.seed, device=parts["device"], dtype=f.storage_dtype,
+                              offload=f.offload)
+    return estimator.fit(PruningProblem(model, params, masks, sampler, parts["loss_fn"],
+                                        parts["device"]))
+
+
+def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str, Any]:
+    """Run the analysis the config's ``analyze`` section describes; returns analysis.json."""
+    from wfcore.analyze_report import markdown, plot_all
+
+    start = time.perf_counter()
+    plugins = plugins or manager.build(cfg.plugins)
+    a = cfg.analyze
+    if not a.num_grads or min(a.num_grads) < 1:
+        raise ConfigError("config key 'analyze.num_grads': a list of m >= 1")
+    parts: dict[str, Any] = {"estimators": build_estimators(cfg, plugins),
+                             "scorer": instantiate(cfg, "scorer", plugins),
+                             "allocator": instantiate(cfg, "allocator", plugins)}
+    device = parts["device"] = resolve_device(cfg.device)
+    data = parts["data"] = load_data(cfg, plugins)
+    model = parts["model"] = build_model(cfg, plugins, data).to(device)
+    params = parts["params"] = analysed_params(cfg, model)
+    sizes = {n: p.numel() for n, p in params.items()}
+    plan = check_memory(cfg, sizes)
+    loss_fn = parts["loss_fn"] = nn.CrossEntropyLoss()
+    dense_model(cfg, model, data, device, loss_fn)
+    model.eval()
+    x, y = analysis_samples(cfg, data.train, device)
+    exact = parts["exact"] = ExactLoss(model, params, x, y, loss_fn, batch_size=a.batch_size)
+    plan["hessian_seconds_estimate"] = check_time(cfg, exact, sizes)
+    log.info("analyze: %d weights of %s, %d samples; exact Hessian in about %.0f s",
+             exact.d, ", ".join(params), exact.num_samples, plan["hessian_seconds_estimate"])
+    layout = exact.layout
+    H = parts["H"] = exact.hessian()
+    F_emp, F_true, sample_grads = exact.fishers(keep_gradients=a.directions)
+    parts["g"] = exact.gradient().cpu()
+    parts["loss0"] = exact.loss()
+    matrices = {"hessian": H, "empirical_fisher": F_emp, "true_fisher": F_true}
+    inverses, spectra = {}, {}
+    for ref, X in matrices.items():
+        inverses[ref], spectra[ref] = damped_inverse(X, a.damp, psd=a.psd or ref != "hessian")
+    parts["inverses"] = inverses
+    rng = torch.Generator().manual_seed(cfg.seed)
+    parts["directions"] = {
+        "random": torch.randn(a.directions, exact.d, generator=rng, dtype=torch.float64),
+        "gradient": torch.cat([parts["g"][None], sample_grads])[:max(1, a.directions)]}
+    w = exact.w0.cpu()
+    nonzero = (w != 0).nonzero().squeeze(1)
+    k = len(nonzero) if a.num_weights is None else min(a.num_weights, len(nonzero))
+    parts["weights"] = nonzero[torch.randperm(len(nonzero), generator=rng)[:k]]
+    block = heatmap_block(cfg, layout)
+    heatmaps = {ref: X[block, block] for ref, X in matrices.items()}
+    results: list[dict[str, Any]] = []
+    for ref in REFERENCES:
+        log.info("analyze: exact %s (damp %g)", ref, a.damp)
+        curvature = DenseCurvature(inverses[ref], layout)
+        results.append({"curvature": ref, "m": None,
+                        **evaluate(cfg, parts, curvature, inverses[ref])})
+    for name in a.estimators:
+        for m in a.num_grads:
+            log.info("analyze: %s at m=%d", name, m)
+            t0 = time.perf_counter()
+            curvature = fit(cfg, parts, name, m)
+            M = materialise(curvature, layout)
+            results.append({"curvature": name, "m": m, "fit_seconds": time.perf_counter() - t0,
+                            **evaluate(cfg, parts, curvature, M)})
+            if m == max(a.num_grads):
+                heatmaps[name] = torch.linalg.pinv(M, hermitian=True)[block, block]
+    result = {"name": cfg.name, "config": config_mod.to_dict(cfg), "plan": plan,
+              "params": sizes, "samples": exact.num_samples, "loss": parts["loss0"],
+              "spectra": spectra, "heatmap": {"start": block.start, "size": block.stop -
+                                              block.start},
+              "results": results, "seconds": time.perf_counter() - start}
+    run_dir = Path(cfg.output or f"runs/{cfg.name}")
+    files.write_json(run_dir / "analysis.json", result)
+    result["plots"] = plot_all(result, {k: v.numpy() for k, v in heatmaps.items()}, run_dir)
+    files.write_text(run_dir / "analysis.md", markdown(result))
+    files.write_json(run_dir / "analysis.json", result)
+    result["run_dir"] = str(run_dir)
+    return result
