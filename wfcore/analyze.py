@@ -21,6 +21,7 @@ The exact curvatures themselves, damped, go through the same comparisons as refe
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -102,6 +103,7 @@ def check_time(cfg: DictConfig, exact: ExactLoss, sizes: dict[str, int]) -> floa
     """Seconds the exact Hessian should take, from one timed chunk of columns."""
     x, y = exact.x[:exact.batch_size], exact.y[:exact.batch_size]
     V = torch.eye(exact.d, dtype=exact.w0.dtype, device=exact.w0.device)[:HVP_COLUMNS]
+    exact.hessian_columns(V[:1], x, y)  # the first call traces; time the second
     start = time.perf_counter()
     exact.hessian_columns(V, x, y)
     per_column = (time.perf_counter() - start) / len(V) * math.ceil(exact.num_samples / len(x))
@@ -140,11 +142,11 @@ def build_estimators(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, Any
     return out
 
 
-def materialise(curvature: Curvature, layout: ParamLayout) -> torch.Tensor:
+def materialise(curvature: Curvature, layout: ParamLayout,
+                device: torch.device) -> torch.Tensor:
     """(d, d) float64 M with M e_j = curvature.inverse_mul(e_j): the explicit F^-1."""
     d = layout.d
     M = torch.zeros(d, d, dtype=torch.float64)
-    device = next(iter(curvature.inverse_diagonal().values())).device
     for j in tqdm(range(d), desc="explicit F^-1", leave=False, delay=1):
         e = torch.zeros(d, device=device)
         e[j] = 1.0
@@ -239,13 +241,13 @@ def evaluate(cfg: DictConfig, parts: dict[str, Any], curvature: Curvature,
                                 parts["g"])}
 
 
-def heatmap_block(cfg: DictConfig, layout: ParamLayout) -> slice:
+def heatmap_block(cfg: DictConfig, layout: ParamLayout) -> tuple[str, slice]:
     name = cfg.analyze.heatmap_param or layout.names[0]
     if name not in layout.names:
         raise ConfigError(f"config key 'analyze.heatmap_param': '{name}' is not analysed; "
                           f"analysed: {', '.join(layout.names)}")
     start = layout.offsets[name]
-    return slice(start, start + min(cfg.analyze.heatmap_size, layout.numels[name]))
+    return name, slice(start, start + min(cfg.analyze.heatmap_size, layout.numels[name]))
 
 
 def fit(cfg: DictConfig, parts: dict[str, Any], name: str, m: int) -> Curvature:
@@ -285,7 +287,13 @@ def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str
     dense_model(cfg, model, data, device, loss_fn)
     model.eval()
     x, y = analysis_samples(cfg, data.train, device)
-    exact = parts["exact"] = ExactLoss(model, params, x, y, loss_fn, batch_size=a.batch_size)
+    # the exact parts run on a float64 copy: loss changes far below float32's resolution
+    # of the loss still count; the estimators see the model as the pipeline does
+    model64 = copy.deepcopy(model).double()
+    params64 = {n: p for n, p in model64.named_parameters() if n in params}
+    x = x.double() if x.is_floating_point() else x
+    exact = parts["exact"] = ExactLoss(model64, params64, x, y, loss_fn,
+                                       batch_size=a.batch_size)
     plan["hessian_seconds_estimate"] = check_time(cfg, exact, sizes)
     log.info("analyze: %d weights of %s, %d samples; exact Hessian in about %.0f s",
              exact.d, ", ".join(params), exact.num_samples, plan["hessian_seconds_estimate"])
@@ -307,7 +315,7 @@ def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str
     nonzero = (w != 0).nonzero().squeeze(1)
     k = len(nonzero) if a.num_weights is None else min(a.num_weights, len(nonzero))
     parts["weights"] = nonzero[torch.randperm(len(nonzero), generator=rng)[:k]]
-    block = heatmap_block(cfg, layout)
+    heatmap_param, block = heatmap_block(cfg, layout)
     heatmaps = {ref: X[block, block] for ref, X in matrices.items()}
     results: list[dict[str, Any]] = []
     for ref in REFERENCES:
@@ -320,15 +328,16 @@ def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str
             log.info("analyze: %s at m=%d", name, m)
             t0 = time.perf_counter()
             curvature = fit(cfg, parts, name, m)
-            M = materialise(curvature, layout)
+            M = materialise(curvature, layout, parts["device"])
             results.append({"curvature": name, "m": m, "fit_seconds": time.perf_counter() - t0,
                             **evaluate(cfg, parts, curvature, M)})
             if m == max(a.num_grads):
                 heatmaps[name] = torch.linalg.pinv(M, hermitian=True)[block, block]
     result = {"name": cfg.name, "config": config_mod.to_dict(cfg), "plan": plan,
               "params": sizes, "samples": exact.num_samples, "loss": parts["loss0"],
-              "spectra": spectra, "heatmap": {"start": block.start, "size": block.stop -
-                                              block.start},
+              "spectra": spectra,
+              "heatmap": {"param": heatmap_param, "start": block.start,
+                          "size": block.stop - block.start},
               "results": results, "seconds": time.perf_counter() - start}
     run_dir = Path(cfg.output or f"runs/{cfg.name}")
     files.write_json(run_dir / "analysis.json", result)

@@ -42,14 +42,15 @@ def inverse_table(result: dict[str, Any], ref: str) -> list[str]:
 def obs_table(result: dict[str, Any]) -> list[str]:
     sparsities = result["config"]["analyze"]["sparsities"]
     head = ["Spearman"] + [f"rank err. {s:.0%}" for s in sparsities] + [
-        f"set {s:.0%}: predicted / actual" for s in sparsities]
+        f"set {s:.0%}: predicted / Taylor / actual" for s in sparsities]
     lines = ["| curvature | m | " + " | ".join(head) + " |",
              "|---|---:|" + "---:|" * len(head)]
     for r in result["results"]:
         single = r["single"]
         cells = [f"{single['spearman']:.3f}"]
         cells += [f"{single['ranking_error'][str(s)]:.2f}" for s in sparsities]
-        cells += ["n/a" if "error" in s else f"{s['predicted']:.3g} / {s['actual']:.3g}"
+        cells += ["n/a" if "error" in s else
+                  f"{s['predicted']:.3g} / {s['taylor']:.3g} / {s['actual']:.3g}"
                   for s in r["sets"]]
         lines.append(f"| {r['curvature']} | {r['m'] or 'exact'} | " + " | ".join(cells) + " |")
     return lines
@@ -96,7 +97,10 @@ def markdown(result: dict[str, Any]) -> str:
               "with the actual loss increase after the single-weight OBS update; rank error: "
               "the fraction of the lowest-predicted weights that the actual increases do not "
               "also rank lowest. Sets: the scorer's summed scores and the actual loss increase "
-              "after the allocator's pruning and the scorer's update.", ""]
+              "after the allocator's pruning and the scorer's update; Taylor: "
+              "0.5 dw^T H dw + g^T dw of that update with the exact H and gradient g. "
+              "n/a: the curvature has no such "
+              "update (see analysis.json).", ""]
     lines += obs_table(result)
     for ref in ("empirical_fisher", "true_fisher"):
         lines += ["", f"## Inverse against the exact {ref.replace('_', ' ')}", ""]
@@ -105,7 +109,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmaps(blocks: dict[str, np.ndarray], start: int, path: Path) -> Path:
+def plot_heatmaps(blocks: dict[str, np.ndarray], title: str, path: Path) -> Path:
     """One block of each curvature side by side, each on its own symmetric colour scale."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3.4), squeeze=False)
@@ -115,7 +119,7 @@ def plot_heatmaps(blocks: dict[str, np.ndarray], start: int, path: Path) -> Path
         ax.set_title(name.replace("_", " "), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"weights {start}..{start + len(next(iter(blocks.values()))) - 1}", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -163,7 +167,7 @@ def scatter(ax, x: list[float], y: list[float], **kwargs) -> None:
     else:
         ax.set_xscale("symlog", linthresh=linthresh(x))
     ax.set_yscale("symlog", linthresh=linthresh(y))
-    positive = [v for v in x + y if v > 0]
+    positive = [v for v in x if v > 0]
     if positive:
         ax.plot([min(positive), max(positive)], [min(positive), max(positive)], color="gray",
                 lw=0.8, ls="--")
@@ -211,7 +215,9 @@ def plot_sets(result: dict[str, Any], path: Path) -> Path:
 
 def plot_all(result: dict[str, Any], heatmaps: dict[str, np.ndarray], run_dir: Path) -> list[str]:
     """Every plot into ``run_dir``; returns the file names."""
-    paths = [plot_heatmaps(heatmaps, result["heatmap"]["start"], run_dir / "heatmaps.png"),
+    h = result["heatmap"]
+    title = f"{h['param']}: its first {h['size']} weights (row-major)"
+    paths = [plot_heatmaps(heatmaps, title, run_dir / "heatmaps.png"),
              plot_errors(result, run_dir / "errors_vs_m.png"),
              plot_single(result, run_dir / "obs_single.png"),
              plot_sets(result, run_dir / "obs_sets.png")]
