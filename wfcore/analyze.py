@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,14 @@ from wfcore import files, manager
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.exact import HVP_COLUMNS, DenseCurvature, ExactLoss, damped_inverse
 from wfcore.gradients import GradientSampler, ParamLayout
-from wfcore.interfaces import Curvature, PruningProblem
+from wfcore.interfaces import (
+    Allocator,
+    Curvature,
+    DataBundle,
+    PruningProblem,
+    Scorer,
+    Tensors,
+)
 from wfcore.masks import Masks, select_params
 from wfcore.pipeline import build_model, dense_model, instantiate, load_data, resolve_device
 
@@ -180,65 +188,87 @@ def inverse_metrics(M: torch.Tensor, diag: torch.Tensor, inverses: dict[str, tor
     return out
 
 
-def single_weights(exact: ExactLoss, M: torch.Tensor, diag: torch.Tensor, S: torch.Tensor,
-                   loss0: float, sparsities: list[float]) -> dict[str, Any]:
+@dataclass
+class Fitting:
+    """What fitting an estimator needs: the model and its data, as the pipeline builds them."""
+
+    model: nn.Module
+    params: dict[str, nn.Parameter]  # the analysed parameters, in layout order
+    data: DataBundle
+    loss_fn: nn.Module
+    device: torch.device
+    estimators: dict[str, tuple[Any, Any, dict[str, Any]]]  # name -> (entry, options, extra)
+
+
+@dataclass
+class References:
+    """What every curvature is compared with, computed once."""
+
+    exact: ExactLoss
+    H: torch.Tensor  # (d, d) the exact Hessian
+    g: torch.Tensor  # (d,) the exact gradient
+    loss0: float  # the loss at the dense weights
+    inverses: dict[str, torch.Tensor]  # (d, d) damped exact inverses, by reference name
+    directions: dict[str, torch.Tensor]  # (k, d) random and gradient directions
+    weights: torch.Tensor  # (k,) flat indices of the single weights of the OBS question
+    sparsities: list[float]
+    scorer: Scorer
+    allocator: Allocator
+
+
+def single_weights(refs: References, M: torch.Tensor, diag: torch.Tensor) -> dict[str, Any]:
     """Predicted w_q^2 / (2 [F^-1]_qq) against the actual loss increase after the OBS
-    update of each single weight q in S."""
-    w = exact.w0.double().cpu()
+    update of each single weight q."""
+    S = refs.weights
+    w = refs.exact.w0.double().cpu()
     predicted = w[S] ** 2 / (2 * diag[S])
     W = w - (M[:, S] * (w[S] / M[S, S])).T  # (k, d): w + the single-weight OBS update
     W[torch.arange(len(S)), S] = 0.0
-    actual = exact.losses(W, desc="single weights") - loss0
-    overlap = {}
-    for s in sparsities:
+    actual = refs.exact.losses(W, desc="single weights") - refs.loss0
+    ranking_error = {}
+    for s in refs.sparsities:
         k = max(1, round(s * len(S)))
-        low_p, low_a = set(torch.argsort(predicted)[:k].tolist()), set(
-            torch.argsort(actual)[:k].tolist())
-        overlap[str(s)] = 1.0 - len(low_p & low_a) / k
-    return {"spearman": spearman(predicted, actual), "ranking_error": overlap,
+        low_predicted = set(torch.argsort(predicted)[:k].tolist())
+        low_actual = set(torch.argsort(actual)[:k].tolist())
+        ranking_error[str(s)] = 1.0 - len(low_predicted & low_actual) / k
+    return {"spearman": spearman(predicted, actual), "ranking_error": ranking_error,
             "predicted": predicted.tolist(), "actual": actual.tolist()}
 
 
-def pruned_sets(cfg: DictConfig, parts: dict[str, Any], curvature: Curvature, exact: ExactLoss,
-                loss0: float, H: torch.Tensor, g: torch.Tensor) -> list[dict[str, Any]]:
-    """The config's scorer and allocator at each sparsity: summed scores against the actual
-    loss increase after the scorer's update (and the exact second-order Taylor value)."""
-    layout, scorer, allocator = exact.layout, parts["scorer"], parts["allocator"]
-    weights = layout.unflatten(exact.w0.clone())
-    gradient = layout.unflatten(g.to(exact.w0))
-    scores = scorer.scores(weights, curvature, gradient)
-    out = []
-    for s in cfg.analyze.sparsities:
-        keep = allocator.allocate(scores, {n: torch.ones_like(t, dtype=torch.bool)
-                                           for n, t in weights.items()}, s)
-        prune = {n: ~keep[n] for n in keep}
-        row = {"sparsity": s, "predicted": float(sum(scores[n][prune[n]].double().sum()
-                                                     for n in prune))}
-        try:
-            update = scorer.update(weights, curvature, prune, gradient)
-        except NotImplementedError as exc:
-            out.append({**row, "error": str(exc)})
-            continue
-        dw = layout.flatten(update).double().cpu() if update is not None else torch.zeros(
-            layout.d, dtype=torch.float64)
-        flat_prune = layout.flatten(prune).cpu()
-        dw[flat_prune] = -exact.w0.double().cpu()[flat_prune]  # the masks zero them
-        row["taylor"] = float(0.5 * dw @ H @ dw + g @ dw)
-        row["actual"] = float(exact.losses((exact.w0.double().cpu() + dw)[None],
-                                           desc="pruned set")[0]) - loss0
-        out.append(row)
-    return out
+def pruned_set(refs: References, curvature: Curvature, scores: Tensors, gradient: Tensors,
+               sparsity: float) -> dict[str, Any]:
+    """The allocator's set at ``sparsity``: summed scores, the exact second-order Taylor
+    value of the scorer's update and the actual loss increase after it."""
+    layout, w = refs.exact.layout, refs.exact.w0
+    weights = layout.unflatten(w.clone())
+    keep = refs.allocator.allocate(scores, {n: torch.ones_like(t, dtype=torch.bool)
+                                            for n, t in weights.items()}, sparsity)
+    prune = {n: ~keep[n] for n in keep}
+    row = {"sparsity": sparsity,
+           "predicted": float(sum(scores[n][prune[n]].double().sum() for n in prune))}
+    try:
+        update = refs.scorer.update(weights, curvature, prune, gradient)
+    except NotImplementedError as exc:
+        return {**row, "error": str(exc)}
+    dw = torch.zeros(layout.d, dtype=torch.float64) if update is None else \
+        layout.flatten(update).double().cpu()
+    flat_prune = layout.flatten(prune).cpu()
+    dw[flat_prune] = -w.double().cpu()[flat_prune]  # the masks zero them
+    row["taylor"] = float(0.5 * dw @ refs.H @ dw + refs.g @ dw)
+    W = (w.double().cpu() + dw)[None]
+    row["actual"] = float(refs.exact.losses(W, desc="pruned set")[0]) - refs.loss0
+    return row
 
 
-def evaluate(cfg: DictConfig, parts: dict[str, Any], curvature: Curvature,
-             M: torch.Tensor) -> dict[str, Any]:
-    exact, layout = parts["exact"], parts["exact"].layout
+def evaluate(refs: References, curvature: Curvature, M: torch.Tensor) -> dict[str, Any]:
+    """Every comparison of one curvature, M its explicit inverse (d, d)."""
+    layout = refs.exact.layout
     diag = layout.flatten(curvature.inverse_diagonal()).double().cpu()
-    return {"inverse": inverse_metrics(M, diag, parts["inverses"], parts["directions"]),
-            "single": single_weights(exact, M, diag, parts["weights"], parts["loss0"],
-                                     list(cfg.analyze.sparsities)),
-            "sets": pruned_sets(cfg, parts, curvature, exact, parts["loss0"], parts["H"],
-                                parts["g"])}
+    gradient = layout.unflatten(refs.g.to(refs.exact.w0))
+    scores = refs.scorer.scores(layout.unflatten(refs.exact.w0.clone()), curvature, gradient)
+    return {"inverse": inverse_metrics(M, diag, refs.inverses, refs.directions),
+            "single": single_weights(refs, M, diag),
+            "sets": [pruned_set(refs, curvature, scores, gradient, s) for s in refs.sparsities]}
 
 
 def heatmap_block(cfg: DictConfig, layout: ParamLayout) -> tuple[str, slice]:
@@ -250,19 +280,28 @@ def heatmap_block(cfg: DictConfig, layout: ParamLayout) -> tuple[str, slice]:
     return name, slice(start, start + min(cfg.analyze.heatmap_size, layout.numels[name]))
 
 
-def fit(cfg: DictConfig, parts: dict[str, Any], name: str, m: int) -> Curvature:
+def fit(cfg: DictConfig, setup: Fitting, name: str, m: int) -> Curvature:
     """The estimator ``name`` fitted at m gradients, through the pipeline's PruningProblem."""
-    entry, options, extra = parts["estimators"][name]
-    estimator = entry.factory(options, **extra)
-    model, params, data = parts["model"], parts["params"], parts["data"]
-    masks = Masks(params)
+    entry, options, extra = setup.estimators[name]
+    masks = Masks(setup.params)
     f = cfg.fisher
-    sampler = GradientSampler(model, params, masks.keep, data.train, parts["loss_fn"],
-                              num_grads=m, grad_batch=f.grad_batch, labels=f.labels,
-                              seed=cfg.seed, device=parts["device"], dtype=f.storage_dtype,
-                              offload=f.offload)
-    return estimator.fit(PruningProblem(model, params, masks, sampler, parts["loss_fn"],
-                                        parts["device"]))
+    sampler = GradientSampler(setup.model, setup.params, masks.keep, setup.data.train,
+                              setup.loss_fn, num_grads=m, grad_batch=f.grad_batch,
+                              labels=f.labels, seed=cfg.seed, device=setup.device,
+                              dtype=f.storage_dtype, offload=f.offload)
+    problem = PruningProblem(setup.model, setup.params, masks, sampler, setup.loss_fn,
+                             setup.device)
+    return entry.factory(options, **extra).fit(problem)
+
+
+def exact_loss(cfg: DictConfig, setup: Fitting) -> ExactLoss:
+    """The loss over the analysis samples, on a float64 copy of the model: loss changes far
+    below float32's resolution still count; the estimators see the model as it is."""
+    x, y = analysis_samples(cfg, setup.data.train, setup.device)
+    model64 = copy.deepcopy(setup.model).double()
+    params64 = {n: p for n, p in model64.named_parameters() if n in setup.params}
+    x = x.double() if x.is_floating_point() else x
+    return ExactLoss(model64, params64, x, y, setup.loss_fn, batch_size=cfg.analyze.batch_size)
 
 
 def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str, Any]:
@@ -274,47 +313,39 @@ def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str
     a = cfg.analyze
     if not a.num_grads or min(a.num_grads) < 1:
         raise ConfigError("config key 'analyze.num_grads': a list of m >= 1")
-    parts: dict[str, Any] = {"estimators": build_estimators(cfg, plugins),
-                             "scorer": instantiate(cfg, "scorer", plugins),
-                             "allocator": instantiate(cfg, "allocator", plugins)}
-    device = parts["device"] = resolve_device(cfg.device)
-    data = parts["data"] = load_data(cfg, plugins)
-    model = parts["model"] = build_model(cfg, plugins, data).to(device)
-    params = parts["params"] = analysed_params(cfg, model)
+    estimators = build_estimators(cfg, plugins)
+    scorer, allocator = instantiate(cfg, "scorer", plugins), instantiate(cfg, "allocator",
+                                                                        plugins)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg, plugins)
+    model = build_model(cfg, plugins, data).to(device)
+    params = analysed_params(cfg, model)
     sizes = {n: p.numel() for n, p in params.items()}
     plan = check_memory(cfg, sizes)
-    loss_fn = parts["loss_fn"] = nn.CrossEntropyLoss()
-    dense_model(cfg, model, data, device, loss_fn)
+    setup = Fitting(model, params, data, nn.CrossEntropyLoss(), device, estimators)
+    dense_model(cfg, model, data, device, setup.loss_fn)
     model.eval()
-    x, y = analysis_samples(cfg, data.train, device)
-    # the exact parts run on a float64 copy: loss changes far below float32's resolution
-    # of the loss still count; the estimators see the model as the pipeline does
-    model64 = copy.deepcopy(model).double()
-    params64 = {n: p for n, p in model64.named_parameters() if n in params}
-    x = x.double() if x.is_floating_point() else x
-    exact = parts["exact"] = ExactLoss(model64, params64, x, y, loss_fn,
-                                       batch_size=a.batch_size)
+    exact = exact_loss(cfg, setup)
     plan["hessian_seconds_estimate"] = check_time(cfg, exact, sizes)
     log.info("analyze: %d weights of %s, %d samples; exact Hessian in about %.0f s",
              exact.d, ", ".join(params), exact.num_samples, plan["hessian_seconds_estimate"])
     layout = exact.layout
-    H = parts["H"] = exact.hessian()
+    H = exact.hessian()
     F_emp, F_true, sample_grads = exact.fishers(keep_gradients=a.directions)
-    parts["g"] = exact.gradient().cpu()
-    parts["loss0"] = exact.loss()
+    g = exact.gradient().cpu()
     matrices = {"hessian": H, "empirical_fisher": F_emp, "true_fisher": F_true}
     inverses, spectra = {}, {}
     for ref, X in matrices.items():
         inverses[ref], spectra[ref] = damped_inverse(X, a.damp, psd=a.psd or ref != "hessian")
-    parts["inverses"] = inverses
     rng = torch.Generator().manual_seed(cfg.seed)
-    parts["directions"] = {
+    directions = {
         "random": torch.randn(a.directions, exact.d, generator=rng, dtype=torch.float64),
-        "gradient": torch.cat([parts["g"][None], sample_grads])[:max(1, a.directions)]}
-    w = exact.w0.cpu()
-    nonzero = (w != 0).nonzero().squeeze(1)
+        "gradient": torch.cat([g[None], sample_grads])[:max(1, a.directions)]}
+    nonzero = (exact.w0.cpu() != 0).nonzero().squeeze(1)
     k = len(nonzero) if a.num_weights is None else min(a.num_weights, len(nonzero))
-    parts["weights"] = nonzero[torch.randperm(len(nonzero), generator=rng)[:k]]
+    weights = nonzero[torch.randperm(len(nonzero), generator=rng)[:k]]
+    refs = References(exact, H, g, exact.loss(), inverses, directions, weights,
+                      list(a.sparsities), scorer, allocator)
     heatmap_param, block = heatmap_block(cfg, layout)
     heatmaps = {ref: X[block, block] for ref, X in matrices.items()}
     results: list[dict[str, Any]] = []
@@ -322,25 +353,25 @@ def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str
         log.info("analyze: exact %s (damp %g)", ref, a.damp)
         curvature = DenseCurvature(inverses[ref], layout)
         results.append({"curvature": ref, "m": None,
-                        **evaluate(cfg, parts, curvature, inverses[ref])})
+                        **evaluate(refs, curvature, inverses[ref])})
     for name in a.estimators:
         for m in a.num_grads:
             log.info("analyze: %s at m=%d", name, m)
             t0 = time.perf_counter()
-            curvature = fit(cfg, parts, name, m)
-            M = materialise(curvature, layout, parts["device"])
+            curvature = fit(cfg, setup, name, m)
+            M = materialise(curvature, layout, device)
             results.append({"curvature": name, "m": m, "fit_seconds": time.perf_counter() - t0,
-                            **evaluate(cfg, parts, curvature, M)})
+                            **evaluate(refs, curvature, M)})
             if m == max(a.num_grads):
-                heatmaps[name] = torch.linalg.pinv(M, hermitian=True)[block, block]
+                heatmaps[name] = torch.linalg.pinv(M)[block, block]
     result = {"name": cfg.name, "config": config_mod.to_dict(cfg), "plan": plan,
-              "params": sizes, "samples": exact.num_samples, "loss": parts["loss0"],
+              "params": sizes, "samples": exact.num_samples, "loss": refs.loss0,
               "spectra": spectra,
               "heatmap": {"param": heatmap_param, "start": block.start,
                           "size": block.stop - block.start},
               "results": results, "seconds": time.perf_counter() - start}
     run_dir = Path(cfg.output or f"runs/{cfg.name}")
-    files.write_json(run_dir / "analysis.json", result)
+    run_dir.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot_all(result, {k: v.numpy() for k, v in heatmaps.items()}, run_dir)
     files.write_text(run_dir / "analysis.md", markdown(result))
     files.write_json(run_dir / "analysis.json", result)

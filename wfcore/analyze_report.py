@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from wfcore.report import pyplot, save_figure
 
@@ -164,6 +165,7 @@ def scatter(ax, x: list[float], y: list[float], **kwargs) -> None:
     ax.scatter(x, y, **kwargs)
     if min(x) > 0:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
     else:
         ax.set_xscale("symlog", linthresh=linthresh(x))
     ax.set_yscale("symlog", linthresh=linthresh(y))
