@@ -1,6 +1,6 @@
-"""The ``wfcore`` command: prune, plan, sweep, export, bench, plugins (and the subcommands
-that plugins of the project add). User errors print one line and exit 2; nothing prints a
-traceback for them.
+"""The ``wfcore`` command: prune, plan, sweep, analyze, export, bench, plugins (and the
+subcommands that plugins of the project add). User errors print one line and exit 2;
+nothing prints a traceback for them.
 """
 
 from __future__ import annotations
@@ -104,6 +104,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if result.count("failed") else 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from wfcore import config
+    from wfcore.analyze import analyze
+
+    result = analyze(config.load(args.config, args.overrides))
+    print(f"analysis directory: {result['run_dir']} (analysis.json, analysis.md, "
+          f"{', '.join(result['plots'])})")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prune": cmd_prune,
     "plan": cmd_plan,
@@ -111,6 +121,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plugins": cmd_plugins,
     "export": cmd_export,
     "bench": cmd_bench,
+    "analyze": cmd_analyze,
 }
 
 
@@ -157,6 +168,11 @@ def parser() -> argparse.ArgumentParser:
                         help="or the last step with this target sparsity (e.g. 0.9)")
     export.add_argument("-o", "--output", help="the ONNX file (default: RUN_DIR/"
                         "model_step<N>.onnx); dense.onnx is written beside it")
+
+    analyze = sub.add_parser("analyze", help="compare each estimator's curvature with the "
+                             "exact Hessian and Fishers (the config's analyze section)")
+    analyze.add_argument("config", help="YAML config (see configs/)")
+    analyze.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
 
     bench = sub.add_parser("bench", help="time an ONNX model on DeepSparse, ONNX Runtime "
                            "and PyTorch")

@@ -74,6 +74,30 @@ class FisherSection:
 
 
 @dataclass
+class AnalyzeSection:
+    """`wfcore analyze`: exact curvatures against each estimator (see wfcore/analyze.py)."""
+
+    params: Optional[list[str]] = None  # globs over parameter names; null = model.params
+    # registered estimators compared with the exact curvatures (plugins included)
+    estimators: list[str] = field(default_factory=lambda: ["woodfisher", "diag_fisher", "kfac"])
+    # {estimator: {option: value}}; unset: the estimator section's options when it names
+    # the same estimator, else the estimator's defaults
+    options: dict[str, Any] = field(default_factory=dict)
+    num_grads: list[int] = field(default_factory=lambda: [10, 100, 1000])  # m of each fit
+    samples: Optional[int] = 1000  # training samples of the exact H, Fishers and losses; null=all
+    damp: float = 1e-5  # added to the exact curvatures before inverting (the paper's MNIST damp)
+    psd: bool = True  # clip the Hessian's negative eigenvalues before inverting it
+    directions: int = 20  # random directions, and as many gradient directions, for the IHVPs
+    num_weights: Optional[int] = 500  # single weights of the OBS question (random); null = all
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])  # pruned sets
+    batch_size: int = 256  # samples per torch.func call: bounds the memory of the exact parts
+    heatmap_param: Optional[str] = None  # the heatmaps show its first weights; null = the first
+    heatmap_size: int = 40  # weights in the heatmap block (the paper's Figure 1 shows ~20-50)
+    max_memory_gb: Optional[float] = None  # refuse above this; null = half the machine's memory
+    max_minutes: float = 30.0  # refuse an exact Hessian estimated to take longer
+
+
+@dataclass
 class Config:
     name: str = "run"  # shown in reports
     seed: int = 0  # seeds torch, data splits and gradient sampling
@@ -90,6 +114,7 @@ class Config:
     allocator: dict[str, Any] = field(default_factory=lambda: {"name": "global"})
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "oneshot"})
     export: Optional[dict[str, Any]] = None  # null = no export; else {name: onnx, ...}
+    analyze: AnalyzeSection = field(default_factory=AnalyzeSection)  # `wfcore analyze` only
 
 
 CHOICES = {
