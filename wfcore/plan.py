@@ -225,8 +225,9 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
             + (nbytes if place == "memory" else 0))
     fwd = forward_flops(model, example) if needs_gradients else 0.0
     samples = m * grad_batch if needs_gradients else 0
-    grad_s = (gradient_seconds(model, example, loss_fn, num_classes, samples)
-              if calibrate and needs_gradients else math.nan)
+    grad_s = (0.0 if not needs_gradients else
+              gradient_seconds(model, example, loss_fn, num_classes, samples) if calibrate
+              else math.nan)
     algebra_s = cost.flops / matmul_rate(device) if calibrate else math.nan
     notes = [f"estimator: {cost.note}"] if cost.note else []
     return Plan(d=d, m=m, grad_batch=grad_batch, estimator=estimator_name, store_place=place,
