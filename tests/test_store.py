@@ -112,10 +112,11 @@ def test_chunks_on_disk_equal_the_in_memory_fit(tmp_path, case, form, block_size
         names = names[:1]  # B x B forms of the 5,120-weight fc: slow, nothing more tested
     params, G = gradients(make(), names, m=24)
     layout = ParamLayout(params)
-    # the budget holds about one block: every int block is a chunk of its own
+    # the budget holds a few blocks: int blocks are streamed in many chunks
     largest = max(block_bytes(choose_form(form, 24, B), 24, B, 8) + 24 * B * 8
                   for B in block_starts(layout, block_size))
-    small = {"max_memory_gb": 1.5 * largest / 2**30}
+    few = 4.5 if block_size == 64 else 1.5  # nothing cached: the update streams again
+    small = {"max_memory_gb": few * largest / 2**30}
     reference = fit(params, G, GradientStore.from_tensor(G), form=form, block_size=block_size)
     with GradientStore(24, layout.d, dtype=torch.float64, place="disk",
                        directory=tmp_path) as store:
@@ -123,7 +124,7 @@ def test_chunks_on_disk_equal_the_in_memory_fit(tmp_path, case, form, block_size
         streamed = fit(params, G, store, form=form, block_size=block_size, **small)
         assert streamed.cache is None and reference.cache is not None
         if block_size == 64:
-            assert len(streamed.chunks) >= 5
+            assert len(streamed.chunks) >= 2
         weights = {n: p.detach().clone() for n, p in params.items()}
         masks = []
         for cur in (reference, streamed):
