@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from wfcore import hookimpl
+from wfcore import progress as progress_bars
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.interfaces import (
     Curvature,
@@ -248,8 +249,9 @@ def collect_factors(problem: PruningProblem, num_grads: int, grad_batch: int, la
     model.eval()
     done = 0
     try:
-        with torch.enable_grad(), tqdm(total=total, desc="kfac factors", unit="sample",
-                                       leave=False, disable=not progress) as bar:
+        with torch.enable_grad(), tqdm(
+                total=total, desc="kfac factors", unit="sample", leave=False,
+                disable=progress_bars.disabled(not progress)) as bar:
             while done < total:
                 for x, y in loader:
                     x, y = x[:total - done].to(device), y[:total - done].to(device)

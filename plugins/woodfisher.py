@@ -55,7 +55,7 @@ from typing import Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from wfcore import hookimpl
+from wfcore import hookimpl, progress
 from wfcore.errors import WfcoreError
 from wfcore.gradients import ParamLayout
 from wfcore.interfaces import (
@@ -490,7 +490,7 @@ class WoodFisher(HessianEstimator):
             opts, device) / 2 else None
         damps = []
         for chunk in tqdm(chunks, desc="woodfisher", unit="chunk", leave=False, delay=1,
-                          disable=len(chunks) < 2):
+                          disable=progress.disabled(len(chunks) < 2)):
             settled = {}
             for idx, group in chunk_groups(layout, source, chunk, None, opts, device):
                 diag[idx] = group.diag()

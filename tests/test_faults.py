@@ -23,7 +23,7 @@ import torch
 from onnx import TensorProto, helper
 from wfcore.plugins.models import MnistCNN
 
-from wfcore import cli, config, errors, files, pipeline, rundir
+from wfcore import cli, config, errors, files, manager, pipeline, rundir
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")
@@ -282,7 +282,9 @@ def test_a_state_dict_of_another_architecture_names_its_keys(tmp_path, capsys):
 def test_a_corrupt_dense_cache_is_named_with_what_to_do(tmp_path, capsys):
     cache = tmp_path / "cache"
     cfg = config.load(CONFIG, [*FAST, f"cache_dir={cache}"])
-    path = pipeline.dense_cache_path(cfg)
+    plugins = manager.build()
+    path = pipeline.dense_cache_path(cfg, pipeline.dense_provenance(
+        cfg, plugins, pipeline.load_data(cfg, plugins)))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x80\x02garbage")
     line = fails(capsys, *prune(tmp_path / "run", f"cache_dir={cache}"))

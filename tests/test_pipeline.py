@@ -85,7 +85,9 @@ def test_third_party_plugin_is_listed_and_used(third_party_site, tmp_path):
     listing = wfcore_subprocess(third_party_site, "plugins")
     assert listing.returncode == 0, listing.stderr
     out = listing.stdout
-    assert "wfcore-dense-first:dense_first" in out and "entry point (wfcore-dense-first)" in out
+    assert "wfcore-dense-first:dense_first" in out
+    assert "entry point (wfcore-dense-first) 0.1.0" in out  # the distribution's version
+    assert "hooks: wfcore_allocators" in out
     assert "allocators: dense_first" in out
     for name in ("magnitude", "obs", "global", "uniform", "oneshot", "mlpnet", "mnist_cnn",
                  "mnist5k"):
@@ -97,7 +99,10 @@ def test_third_party_plugin_is_listed_and_used(third_party_site, tmp_path):
         "scorer.update=none", "scheduler.name=oneshot", "scheduler.sparsities=[0.8]",
         "allocator.name=dense_first", "allocator.keep=[fc1.*]", f"output={run}")
     assert result.returncode == 0, result.stderr
-    layers = json.loads((run / "report.json").read_text())["steps"][0]["layers"]
+    report = json.loads((run / "report.json").read_text())
+    assert report["versions"]["plugins"]["wfcore-dense-first:dense_first"] == "0.1.0"
+    assert {"python", "torch", "wfcore"} <= set(report["versions"])
+    layers = report["steps"][0]["layers"]
     assert layers["fc1.weight"]["sparsity"] == 0.0
     assert layers["fc2.weight"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
     bad = wfcore_subprocess(third_party_site, "prune", str(CONFIG), "allocator.name=dense_first",

@@ -50,7 +50,14 @@ from wfcore.interfaces import (
     Tensors,
 )
 from wfcore.masks import Masks, select_params
-from wfcore.pipeline import build_model, dense_model, instantiate, load_data, resolve_device
+from wfcore.pipeline import (
+    build_model,
+    dense_model,
+    dense_provenance,
+    instantiate,
+    load_data,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +330,7 @@ def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str
     sizes = {n: p.numel() for n, p in params.items()}
     plan = check_memory(cfg, sizes)
     setup = Fitting(model, params, data, nn.CrossEntropyLoss(), device, estimators)
-    dense_model(cfg, model, data, device, setup.loss_fn)
+    dense_model(cfg, model, data, device, setup.loss_fn, dense_provenance(cfg, plugins, data))
     model.eval()
     exact = exact_loss(cfg, setup)
     plan["hessian_seconds_estimate"] = check_time(cfg, exact, sizes)

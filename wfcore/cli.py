@@ -1,12 +1,13 @@
-"""The ``wfcore`` command: prune, plan, sweep, analyze, export, bench, plugins (and the
-subcommands that plugins of the project add). User errors print one line and exit 2;
-nothing prints a traceback for them.
+"""The ``wfcore`` command: prune, plan, sweep, analyze, export, bench, config, options,
+plugins (and the subcommands that plugins of the project add). User errors print one line
+and exit 2; nothing prints a traceback for them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -51,12 +52,50 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     modules = list(args.plugin or [])
     if args.config:
         modules += list(config.load(args.config, []).plugins)
-    plugins = manager.build(modules)
+    plugins = manager.build(modules, strict=False)
     width = max(len(name) for name in plugins.info) + 2
     for info in plugins.info.values():
-        print(f"{info.name:<{width}}{info.source}")
+        version = f" {info.version}" if info.version and info.source != "built-in" else ""
+        print(f"{info.name:<{width}}{info.source}{version}")
         for kind, names in info.registers.items():
             print(f"{'':<{width}}  {kind}: {', '.join(names)}")
+        if info.hooks:
+            print(f"{'':<{width}}  hooks: {', '.join(info.hooks)}")
+        for function in info.unmarked:
+            print(f"{'':<{width}}  ignored: {function} (no @wfcore.hookimpl)")
+    off = manager.disabled_names()
+    if off:
+        print(f"disabled: {', '.join(sorted(off))}")
+    for clash in plugins.clashes:
+        print(f"clash: {clash}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from wfcore import config, manager, pipeline
+
+    cfg = config.load(args.config, args.overrides)
+    plugins = manager.build(cfg.plugins)
+    print(config.to_yaml(pipeline.resolved_config(cfg, plugins)), end="")
+    return 0
+
+
+def cmd_options(args: argparse.Namespace) -> int:
+    from wfcore import config, manager
+
+    plugins = manager.build()
+    kind = args.kind if args.kind.endswith("s") else f"{args.kind}s"
+    if kind not in manager.KINDS:
+        raise WfcoreError(f"options: unknown kind '{args.kind}'"
+                          f"{manager.did_you_mean(kind, manager.KINDS)}; one of "
+                          f"{', '.join(manager.SINGULAR[k] for k in manager.KINDS)}")
+    entry, _ = plugins.registry(kind).lookup(args.name, f"{manager.SINGULAR[kind]} name")
+    rows = config.describe_options(entry.options_class)
+    print(f"{manager.SINGULAR[kind]} '{entry.name}' (plugin '{entry.plugin}')")
+    if not rows:
+        print("  no options")
+    for name, type_name, default, comment in rows:
+        print(f"  {name}: {type_name} = {default}" + (f"  # {comment}" if comment else ""))
     return 0
 
 
@@ -119,6 +158,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": cmd_plan,
     "sweep": cmd_sweep,
     "plugins": cmd_plugins,
+    "config": cmd_config,
+    "options": cmd_options,
     "export": cmd_export,
     "bench": cmd_bench,
     "analyze": cmd_analyze,
@@ -129,7 +170,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wfcore", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"wfcore {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="warnings and errors only, no progress bars")
+    p.add_argument("--disable", action="append", metavar="NAME", default=[],
+                   help="do not load this plugin (a name `wfcore plugins` shows, or a "
+                   "distribution); repeatable; also $WFCORE_DISABLE=a,b")
     sub = p.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model as a config says")
@@ -156,7 +201,18 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--force", action="store_true",
                        help="run finished runs again instead of skipping them")
 
-    plugins = sub.add_parser("plugins", help="list plugins and what they register")
+    show = sub.add_parser("config", help="print the resolved config: the file, the overrides "
+                          "and every component's options with their defaults")
+    show.add_argument("config", help="YAML config (see configs/)")
+    show.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
+
+    options = sub.add_parser("options", help="a component's options, defaults and comments")
+    options.add_argument("kind", help="estimator, scorer, allocator, scheduler, exporter, "
+                         "model or dataset")
+    options.add_argument("name", help="its registered name, e.g. woodfisher")
+
+    plugins = sub.add_parser("plugins", help="list plugins: where from, version, what they "
+                             "register and which hooks they implement; clashes too")
     plugins.add_argument("config", nargs="?", help="also load the config's plugins: modules")
     plugins.add_argument("--plugin", action="append", help="an extra plugin module to import")
 
@@ -191,6 +247,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.disable:  # one place every manager.build() reads, sweeps and sub-runs included
+        from wfcore.manager import DISABLE_ENV
+
+        os.environ[DISABLE_ENV] = ",".join(
+            [n for n in os.environ.get(DISABLE_ENV, "").split(",") if n] + args.disable)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch; explicit sites check it too
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -11,8 +11,12 @@ validated against the options dataclass of the plugin that registered the name.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import inspect
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -136,13 +140,27 @@ MINIMUMS = {
 }
 
 
-def _wrap(exc: OmegaConfBaseException, where: str = "") -> ConfigError:
+def unknown_key(key: str, known: Iterable[str] = ()) -> ConfigError:
+    """"unknown config key 'a.b'", with the closest of ``known`` (the keys beside it, or
+    the schema's when not given) suggested."""
+    parent, _, last = key.rpartition(".")
+    if not known:
+        node = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else \
+            OmegaConf.structured(Config)
+        known = list(node.keys()) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(last, list(known), n=1, cutoff=0.6)
+    hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _wrap(exc: OmegaConfBaseException, where: str = "", known: Iterable[str] = ()) \
+        -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
     if where and key and not key.startswith(where):
         key = f"{where}.{key}"
     msg = first_line(exc)
     if "not in" in msg or "Key '" in msg and "not" in msg:
-        return ConfigError(f"unknown config key '{key}'")
+        return unknown_key(key, known)
     if "ListConfig" in msg or "to List[" in msg:
         msg = "a list is expected, e.g. [a, b]"
     elif "to Dict[" in msg or "DictConfig" in msg:
@@ -221,6 +239,50 @@ def _switch_components(layers: list[DictConfig]) -> None:
                     if isinstance(earlier.get(section), DictConfig):
                         earlier[section] = {"name": node.name}
             current = node.name
+    for section in ("model", "data"):  # their plugins' options live under `options`
+        current = None
+        for i, layer in enumerate(layers):
+            node = layer.get(section) if isinstance(layer, DictConfig) else None
+            if not isinstance(node, DictConfig) or node.get("name") is None:
+                continue
+            if current is not None and node.name != current:
+                for earlier in layers[:i]:
+                    if isinstance(earlier.get(section), DictConfig):
+                        earlier[section].pop("options", None)
+            current = node.name
+
+
+def describe_options(options_class: type | None) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, comment) of each option: the comments are those of the
+    dataclass's source, beside the field or on the lines just above it."""
+    if options_class is None or not dataclasses.is_dataclass(options_class):
+        return []
+    comments: dict[str, str] = {}
+    try:
+        lines = inspect.getsource(options_class).splitlines()
+    except (OSError, TypeError):
+        lines = []
+    above: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        match = re.match(r"(\w+)\s*:[^#]*(?:#\s*(.*))?$", stripped)
+        if match and not stripped.startswith(("def ", "class ", "@")):
+            comments[match.group(1)] = " ".join([*above, match.group(2) or ""]).strip()
+        above = []
+    rows = []
+    for f in dataclasses.fields(options_class):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", f.type)
+        rows.append((f.name, str(type_name), default, comments.get(f.name, "")))
+    return rows
 
 
 def component_options(section: str, cfg: DictConfig, options_class: type | None) -> Any:
@@ -237,7 +299,7 @@ def validate_options(where: str, values: dict[str, Any], options_class: type | N
     """``values`` checked against the dataclass ``options_class``; errors name ``where.key``."""
     if options_class is None:
         if values:
-            raise ConfigError(f"unknown config key '{where}.{next(iter(values))}'")
+            raise unknown_key(f"{where}.{next(iter(values))}", ["name"])
         return {}
     if not dataclasses.is_dataclass(options_class):
         raise ConfigError(f"{where}: the plugin's Options is not a dataclass")
@@ -245,7 +307,8 @@ def validate_options(where: str, values: dict[str, Any], options_class: type | N
         merged = OmegaConf.merge(OmegaConf.structured(options_class), values)
         options = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise _wrap(exc, where) from None
+        raise _wrap(exc, where, [f.name for f in dataclasses.fields(options_class)]) \
+            from None
     check = getattr(options, "validate", None)
     if callable(check):
         try:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from tqdm.auto import tqdm
 
+from wfcore import progress as progress_bars
 from wfcore.gradients import ParamLayout
 from wfcore.interfaces import Curvature, Tensors
 
@@ -70,7 +71,8 @@ class ExactLoss:
         return self.loss_fn(self.logits(w, x), y)
 
     def _bar(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, leave=False, delay=1, disable=not self.progress)
+        return tqdm(total=total, desc=desc, leave=False, delay=1,
+                    disable=progress_bars.disabled(not self.progress))
 
     # -- values -------------------------------------------------------------------------
     def loss(self, w: torch.Tensor | None = None) -> float:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
+from wfcore import progress
 from wfcore.errors import WfcoreError, first_line
 from wfcore.store import STORAGE_DTYPES, GradientStore
 
@@ -186,7 +187,7 @@ class GradientSampler:
         was_training = self.model.training
         self.model.eval()
         bar = tqdm(total=store.m, desc="gradients", unit="grad", leave=False, delay=1,
-                   disable=not self.progress or store.m < 50)
+                   disable=progress.disabled(not self.progress, store.m < 50))
         try:
             if self.method == "vmap" and self.grad_batch == 1:
                 try:

@@ -7,9 +7,12 @@ load exactly like third-party packages; a config may name extra modules in ``plu
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
+import inspect
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -23,6 +26,7 @@ from wfcore.errors import ConfigError, PluginError, first_line
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "wfcore"
+DISABLE_ENV = "WFCORE_DISABLE"  # comma-separated plugin or distribution names not to load
 KINDS = ("estimators", "scorers", "allocators", "schedulers", "exporters", "models", "datasets")
 SINGULAR = {kind: kind[:-1] for kind in KINDS}
 
@@ -54,7 +58,8 @@ class Registry:
             other = self.entries[name].plugin
             raise PluginError(
                 f"{SINGULAR[self.kind]} '{name}' is registered by two plugins: "
-                f"'{other}' and '{plugin}'"
+                f"'{other}' and '{plugin}'; disable one with --disable NAME (or "
+                f"${DISABLE_ENV}=NAME)"
             )
         if not callable(factory):
             raise PluginError(
@@ -78,8 +83,15 @@ class Registry:
             return self.entries[f"{prefix}:"], {"target": target}
         shown = ", ".join(n + "<name>" if n.endswith(":") else n for n in self.names())
         raise ConfigError(
-            f"{key}: unknown {SINGULAR[self.kind]} '{name}'; registered: {shown or 'none'}"
+            f"{key}: unknown {SINGULAR[self.kind]} '{name}'{did_you_mean(name, self.names())}"
+            f"; registered: {shown or 'none'}"
         )
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the closest candidate, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass
@@ -87,20 +99,37 @@ class PluginInfo:
     """Where a plugin came from and what it registers, for ``wfcore plugins``."""
 
     name: str
-    source: str  # built-in | entry point (<dist>) | config
+    source: str  # built-in | entry point (<dist>) | config | inline
+    version: str = ""  # of the distribution that ships it ("" when unknown)
     registers: dict[str, list[str]] = field(default_factory=dict)
+    hooks: list[str] = field(default_factory=list)  # the wfcore_* hooks it implements
+    unmarked: list[str] = field(default_factory=list)  # wfcore_* functions without @hookimpl
 
 
 class Plugins:
-    """The loaded plugin manager with one registry per kind."""
+    """The loaded plugin manager with one registry per kind.
 
-    def __init__(self, pm: pluggy.PluginManager, sources: dict[str, str]):
+    ``strict``: two plugins registering one name is an error (a run); otherwise the first
+    keeps the name and the clash is listed in ``clashes`` (``wfcore plugins``).
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, sources: dict[str, tuple[str, str]],
+                 strict: bool = True):
         self.pm = pm
         self.hook = pm.hook
+        self.strict = strict
+        self.clashes: list[str] = []
         self.registries: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
         self.info: dict[str, PluginInfo] = {}
-        for plugin_name, source in sources.items():
-            self.info[plugin_name] = PluginInfo(plugin_name, source)
+        for plugin_name, (source, version) in sources.items():
+            plugin = pm.get_plugin(plugin_name)
+            info = PluginInfo(plugin_name, source, version)
+            info.hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+            info.unmarked = unmarked_hooks(plugin)
+            for function in info.unmarked:
+                log.warning("plugin '%s': function %s looks like a hook but has no "
+                            "@wfcore.hookimpl; it is ignored", plugin_name, function)
+            self.info[plugin_name] = info
         self._collect()
 
     def _collect(self) -> None:
@@ -120,12 +149,48 @@ class Plugins:
                         f"{{name: factory}}, got {type(result).__name__}"
                     )
                 for name, factory in result.items():
-                    self.registries[kind].add(name, factory, plugin_name)
+                    try:
+                        self.registries[kind].add(name, factory, plugin_name)
+                    except PluginError as exc:
+                        if self.strict:
+                            raise
+                        self.clashes.append(str(exc))
+                        continue
                     info = self.info.setdefault(plugin_name, PluginInfo(plugin_name, "unknown"))
                     info.registers.setdefault(kind, []).append(name)
 
     def registry(self, kind: str) -> Registry:
         return self.registries[kind]
+
+
+def unmarked_hooks(plugin: object) -> list[str]:
+    """Functions of a plugin named like a hook (``wfcore_*``) but not marked @hookimpl."""
+    out = []
+    for attr, value in inspect.getmembers(plugin, callable):
+        if attr.startswith(f"{ENTRY_POINT_GROUP}_") and not hasattr(
+                value, f"{ENTRY_POINT_GROUP}_impl"):
+            if inspect.ismodule(plugin) and getattr(value, "__module__", None) != \
+                    plugin.__name__:
+                continue  # imported from elsewhere
+            out.append(attr)
+    return out
+
+
+def disabled_names(disable: Iterable[str] = ()) -> set[str]:
+    """Plugin (or distribution) names not to load: ``disable`` and $WFCORE_DISABLE."""
+    names = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    return names | {n for n in disable if n}
+
+
+def _module_version(module_name: str) -> str:
+    """The version of the distribution that ships a module, or "" when unknown."""
+    top = module_name.split(".")[0]
+    for dist in importlib.metadata.packages_distributions().get(top, []):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ""
 
 
 def _register(pm: pluggy.PluginManager, module: ModuleType | object, name: str) -> None:
@@ -156,37 +221,50 @@ def _import(module_name: str, what: str) -> ModuleType:
 def build(
     extra_modules: Iterable[str] = (),
     extra_plugins: Iterable[tuple[str, object]] = (),
+    *,
+    disable: Iterable[str] = (),
+    strict: bool = True,
 ) -> Plugins:
     """Load every plugin: entry points of group ``wfcore``, then ``extra_modules`` (config
     ``plugins:``), then ``extra_plugins`` ((name, object) pairs, for tests and embedding).
+
+    Plugins named in ``disable`` or in $WFCORE_DISABLE (by plugin name as ``wfcore plugins``
+    shows it, or by distribution name) are not imported at all, like pytest's
+    ``-p no:NAME``. ``strict=False`` lists clashes instead of failing (``wfcore plugins``).
     """
+    off = disabled_names(disable)
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
-    sources: dict[str, str] = {}
+    sources: dict[str, tuple[str, str]] = {}
     for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=_ep_order):
         dist = ep.dist.name if ep.dist is not None else "?"
         name = ep.name if dist == "wfcore" else f"{dist}:{ep.name}"
-        if pm.has_plugin(name):
-            continue  # the same distribution seen twice on sys.path
+        if pm.has_plugin(name) or name in off or (dist != "wfcore" and dist in off):
+            continue  # the same distribution seen twice on sys.path, or disabled
         module = _import(ep.value, f"entry point '{ep.name}' of '{dist}'")
         if pm.is_registered(module):
             continue
         _register(pm, module, name)
-        sources[name] = "built-in" if dist == "wfcore" else f"entry point ({dist})"
+        version = ep.dist.version if ep.dist is not None else ""
+        sources[name] = ("built-in" if dist == "wfcore" else f"entry point ({dist})", version)
     for module_name in extra_modules:
+        if module_name in off:
+            continue
         module = _import(module_name, "config key 'plugins'")
         if pm.is_registered(module):
             continue
         _register(pm, module, module_name)
-        sources[module_name] = "config"
+        sources[module_name] = ("config", _module_version(module_name))
     for name, plugin in extra_plugins:
+        if name in off:
+            continue
         _register(pm, plugin, name)
-        sources[name] = "inline"
+        sources[name] = ("inline", "")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"unknown hook: {_one_line(exc)}") from None
-    return Plugins(pm, sources)
+    return Plugins(pm, sources, strict=strict)
 
 
 def _ep_order(ep: importlib.metadata.EntryPoint) -> tuple[int, str]:

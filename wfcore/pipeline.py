@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
+import platform
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wfcore import checkpoint, files, manager, rundir, states
+from wfcore import __version__, checkpoint, files, manager, rundir, states
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
 from wfcore.gradients import GradientSampler
@@ -62,6 +65,27 @@ def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
                           ) from None
 
 
+def resolved_config(cfg: DictConfig, plugins: manager.Plugins) -> DictConfig:
+    """The config with every component's options validated and their defaults filled in
+    (``wfcore config``)."""
+    out = OmegaConf.create(config_mod.to_dict(cfg))
+    for section, kind in config_mod.COMPONENT_KINDS.items():
+        if cfg[section] is None:
+            continue
+        entry, _ = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
+        options = config_mod.component_options(section, cfg, entry.options_class)
+        values = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
+        out[section] = {"name": cfg[section].name, **values}
+    for section, kind in (("model", "models"), ("data", "datasets")):
+        entry, _ = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
+        options = config_mod.validate_options(f"{section}.options",
+                                              config_mod.to_dict(cfg[section].options),
+                                              entry.options_class)
+        if dataclasses.is_dataclass(options):
+            out[section].options = dataclasses.asdict(options)
+    return out
+
+
 def build_components(cfg: DictConfig, plugins: manager.Plugins) -> Components:
     made = {s: instantiate(cfg, s, plugins) for s in ("estimator", "scorer", "allocator",
                                                      "scheduler")}
@@ -102,10 +126,40 @@ def cache_dir(cfg: DictConfig) -> Path:
     return Path(root).expanduser()
 
 
-def dense_cache_path(cfg: DictConfig) -> Path:
-    """Where the dense model trained for this model/data/train config is cached."""
+def data_fingerprint(data: DataBundle, samples: int = 8) -> str:
+    """A short hash of a data set: its sizes, classes, input shape and a few evenly spaced
+    test samples (the test split: its transforms are deterministic, unlike augmentation)."""
+    h = hashlib.sha256(repr((len(data.train), len(data.test), data.num_classes,
+                             tuple(data.input_shape))).encode())
+    count = len(data.test)
+    for i in sorted({round(k * (count - 1) / max(samples - 1, 1)) for k in range(samples)}
+                    if count else set()):
+        item = data.test[i]
+        for part in item if isinstance(item, (tuple, list)) else (item,):
+            t = torch.as_tensor(part)
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dense_provenance(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) \
+        -> dict[str, str]:
+    """What made the dense model besides the config: the versions of the plugins that
+    registered the model and the data set, and the data's fingerprint. Part of the cache
+    key: a plugin reinstalled with other data trains a new dense model."""
+    out = {"data": data_fingerprint(data)}
+    for section, kind in (("model", "models"), ("data", "datasets")):
+        entry, _ = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
+        info = plugins.info.get(entry.plugin)
+        out[f"{section}_plugin"] = f"{entry.plugin} {info.version if info else ''}".strip()
+    return out
+
+
+def dense_cache_path(cfg: DictConfig, provenance: dict[str, str] | None = None) -> Path:
+    """Where the dense model trained for this model/data/train config is cached
+    (``provenance``: ``dense_provenance``; None leaves it out of the key)."""
     key = config_mod.digest(cfg.model.name, cfg.model.options, cfg.data.name, cfg.data.root,
-                            cfg.data.options, cfg.data.batch_size, cfg.train, cfg.seed)
+                            cfg.data.options, cfg.data.batch_size, cfg.train, cfg.seed,
+                            *([provenance] if provenance else []))
     stem = f"{cfg.model.name}-{cfg.data.name}".replace(":", "_").replace("/", "_")
     return cache_dir(cfg) / "dense" / f"{stem}-{key}.pt"
 
@@ -116,12 +170,12 @@ def load_state(model: nn.Module, path: Path, what: str) -> None:
 
 
 def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: torch.device,
-                loss_fn: nn.Module) -> str:
+                loss_fn: nn.Module, provenance: dict[str, str] | None = None) -> str:
     """Load or train the dense model in place; returns where it came from."""
     if cfg.model.checkpoint:
         load_state(model, Path(cfg.model.checkpoint).expanduser(), "model.checkpoint")
         return str(cfg.model.checkpoint)
-    path = dense_cache_path(cfg)
+    path = dense_cache_path(cfg, provenance)
     if path.is_file():
         log.info("dense model: cached %s", path)
         try:
@@ -149,6 +203,14 @@ def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
                      device=device, calibrate=calibrate)
+
+
+def versions(plugins: manager.Plugins) -> dict[str, Any]:
+    """Python, torch, wfcore and every plugin's version, for report.json."""
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "wfcore": __version__,
+            "plugins": {name: info.version or info.source for name, info in plugins.info.items()
+                        if info.source != "built-in"}}
 
 
 def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None) -> Plan:
@@ -206,7 +268,8 @@ class Pruning:
         for line in self.plan.lines():
             log.info("plan: %s", line)
         self.plan.check()  # before the dense model is trained or any gradient sampled
-        self.dense_source = dense_model(cfg, self.model, self.data, self.device, self.loss_fn)
+        self.dense_source = dense_model(cfg, self.model, self.data, self.device, self.loss_fn,
+                                        dense_provenance(cfg, plugins, self.data))
         self.masks = Masks(self.params)
         self.dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         fisher = cfg.fisher
@@ -378,6 +441,7 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         runner.restore(saved)
     else:
         report.data["plan"] = pruning.plan.as_dict()
+        report.data["versions"] = versions(pruning.plugins)
         files.save_torch(run_dir / "dense.pt", pruning.model_state())
         dense = pruning.evaluate()
         report.set_dense(accuracy=dense["accuracy"], loss=dense["loss"],
