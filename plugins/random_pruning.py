@@ -5,7 +5,9 @@ number: [F^-1]_qq = w_q^2 / u_q with u_q ~ U(0, 1], hence rho_q = w_q^2 / (2 [F^
 = u_q / 2. The allocator then removes weights in a uniformly random order (``global``:
 at random over the whole model; ``uniform``: at random inside each layer). Weights that
 are exactly zero score 0 and go first, which costs nothing. The draw comes from the
-``seed`` option, so a run is reproducible; each pruning step of a run draws afresh.
+``seed`` option, so a run is reproducible; each pruning step of a run draws afresh, and
+the generator is saved in the run's checkpoints (a resumed run draws what an uninterrupted
+one would).
 The OBS update of a diagonal curvature only zeroes the pruned weights.
 """
 
@@ -17,7 +19,7 @@ import torch
 from wfcore.plugins.diag_fisher import DiagonalCurvature
 
 from wfcore import hookimpl
-from wfcore.interfaces import Curvature, HessianEstimator, PruningProblem
+from wfcore.interfaces import Curvature, HessianEstimator, PruningProblem, Stateful
 
 
 @dataclass
@@ -25,13 +27,19 @@ class RandomOptions:
     seed: int = 0  # seeds the random order (independent of the run's gradient sampling)
 
 
-class RandomEstimator(HessianEstimator):
+class RandomEstimator(HessianEstimator, Stateful):
     Options = RandomOptions
     needs_gradients = False
 
     def __init__(self, options: RandomOptions | None = None):
         self.options = options or RandomOptions()
         self.generator = torch.Generator().manual_seed(self.options.seed)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
     def fit(self, problem: PruningProblem) -> Curvature:
         inverse = {}

@@ -98,7 +98,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save(run_dir: str | Path, *, digest: str, position: dict[str, Any],
          model: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
          trainer: dict[str, Any] | None, sampler: dict[str, Any],
-         report: dict[str, Any]) -> Path:
+         report: dict[str, Any], components: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint atomically; every argument must be tensors or plain values."""
     payload = {
         "format": FORMAT,
@@ -110,6 +110,8 @@ def save(run_dir: str | Path, *, digest: str, position: dict[str, Any],
         "sampler": sampler,  # the gradient sampler's generator and data position
         "rng": rng_state(),
         "report": report,
+        # the random state of components that hold one ({section: their state_dict()})
+        "components": components or {},
     }
     return files.save_torch(path(run_dir), payload)
 

@@ -129,6 +129,19 @@ class Curvature(ABC):
         raise ValueError(f"unknown update mode {mode!r}; expected one of {UPDATE_MODES}")
 
 
+class Stateful:
+    """A component that holds random state (a generator) defines both methods: the run's
+    checkpoint saves ``state_dict()`` and a resumed run hands it to ``load_state_dict``,
+    so that it draws the same numbers as an uninterrupted run. Tensors and plain values
+    only (checkpoints load with ``weights_only=True``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class HessianEstimator(ABC):
     """Builds a Curvature from a PruningProblem."""
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from wfcore import checkpoint, files
 from wfcore import config as config_mod
-from wfcore.interfaces import PruneStep
+from wfcore.interfaces import PruneStep, Stateful
 from wfcore.training import Trainer, TrainingDiverged
 
 if TYPE_CHECKING:
@@ -76,6 +76,13 @@ class Runner:
                        decay_start=self.decay_start, desc="fine-tune", lr_key=self.lr_key)
 
     # -- checkpoints ------------------------------------------------------------------
+    def stateful(self) -> dict[str, Any]:
+        """The run's components that hold random state (``interfaces.Stateful``)."""
+        c = self.p.c
+        made = {"estimator": c.estimator, "scorer": c.scorer, "allocator": c.allocator,
+                "scheduler": c.scheduler}
+        return {s: comp for s, comp in made.items() if isinstance(comp, Stateful)}
+
     def save(self) -> None:
         trainer = None
         if self.trainer is not None:
@@ -83,7 +90,8 @@ class Runner:
         checkpoint.save(self.run_dir, digest=self.digest,
              position={**self.position, "timings": dict(self.timings)},
              model=self.p.model_state(), masks=self.p.masks.state_dict(), trainer=trainer,
-             sampler=self.p.sampler.state_dict(), report=self.report.data)
+             sampler=self.p.sampler.state_dict(), report=self.report.data,
+             components={section: c.state_dict() for section, c in self.stateful().items()})
         self.saved = (self.position["epoch"], self.position["step"])
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -93,6 +101,10 @@ class Runner:
         self.p.model.load_state_dict(state["model"])
         self.p.masks.load_state_dict(state["masks"])
         self.p.sampler.load_state_dict(state["sampler"])
+        saved_components = state.get("components", {})
+        for section, component in self.stateful().items():
+            if section in saved_components:
+                component.load_state_dict(saved_components[section])
         self.report.data = state["report"]
         self.report.data["config"] = config_mod.to_dict(self.cfg)  # output may have moved
         if state["trainer"] is not None:
