@@ -223,7 +223,15 @@ class Scheduler(ABC):
 
 
 class Exporter(ABC):
-    """Turns a pruned model into an artefact and checks it."""
+    """Turns a pruned model into an artefact and checks it.
+
+    The pipeline's export stage reads two declared fields, which an exporter sets from its
+    options: ``step`` (the step whose model to export; None = the last) and ``dense``
+    (also export the dense model beside it).
+    """
+
+    step: int | None = None
+    dense: bool = False
 
     @abstractmethod
     def export(self, model: nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:

@@ -414,7 +414,7 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
     plugins = plugins or manager.build(cfg.plugins)
     components = build_components(cfg, plugins)
     plan = components.scheduler.plan()
-    step = getattr(components.exporter, "step", None)
+    step = components.exporter.step if components.exporter is not None else None
     if step is not None and not 0 <= step < len(plan):
         raise ConfigError(f"config key 'export.step': {step} is not a step of the plan "
                           f"(0..{len(plan) - 1})")
@@ -435,7 +435,7 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
     """The steps, the export and the report of a prepared run."""
     cfg, components, run_dir = pruning.cfg, pruning.c, pruning.run_dir
     report = Report(run_dir, config_mod.to_dict(cfg))
-    overrides = getattr(components.scheduler, "train_overrides", dict)()
+    overrides = components.scheduler.train_overrides()
     runner = Runner(pruning, plan, report, overrides)
     if saved is not None:
         runner.restore(saved)
@@ -453,12 +453,12 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
     if components.exporter is not None:
         example = pruning.data.test[0][0].unsqueeze(0)
         model = pruning.model.cpu().eval()
-        step = getattr(components.exporter, "step", None)  # export.step; None = the last step
+        step = components.exporter.step  # export.step; None = the last step
         if step is not None:
             load_state(model, run_dir / f"model_step{step}.pt", "config key 'export.step'")
         report.data["export"] = components.exporter.export(model, example,
                                                            str(run_dir / "model.onnx"))
-        if getattr(components.exporter, "dense", False):  # export.dense: dense.onnx beside it
+        if components.exporter.dense:  # export.dense: dense.onnx beside it
             load_state(model, run_dir / "dense.pt", "dense model")
             report.data["export"]["dense"] = components.exporter.export(
                 model, example, str(run_dir / "dense.onnx"))
