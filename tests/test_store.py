@@ -231,3 +231,15 @@ def test_plan_refuses_a_store_larger_than_the_disk(capsys, tmp_path):
     assert code == 2 and len(err) == 1
     assert re.match(r"wfcore: error: plan: the gradient store needs [\d,]+ bytes .* on disk "
                     r"in .*, [\d,]+ bytes .* free; use fewer fisher.num_grads", err[0])
+
+
+@pytest.mark.slow
+def test_plan_of_the_paper_setting_fits_and_a_larger_m_is_refused(capsys):
+    config_path = str(ROOT / "configs" / "resnet50_imagenet_gradual.yaml")
+    assert cli.main(["plan", config_path]) == 0
+    out = capsys.readouterr().out
+    assert "d=25,502,912" in out and "m=400" in out
+    assert "gradient store: 19 GiB disk" in out and "estimated time of the step" in out
+    assert cli.main(["plan", config_path, "fisher.num_grads=100000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"needs [\d,]+ bytes .* [\d,]+ bytes .* free", err[0])
