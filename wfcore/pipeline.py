@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from wfcore import checkpoint, files, manager
 from wfcore import config as config_mod
@@ -30,6 +31,7 @@ from wfcore.interfaces import (
 from wfcore.masks import Masks, select_params
 from wfcore.report import Report
 from wfcore.runner import Runner
+from wfcore.safeguard import Safeguard, calibration_batch
 from wfcore.training import evaluate, train
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,19 @@ def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: tor
     return str(path)
 
 
+def pruning_subset(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, dict[str, Any]]:
+    """The part of the training split that pruning may see, and its record for the report."""
+    total = len(train)
+    if fraction >= 1.0:
+        return train, {"train_fraction": 1.0, "samples": total, "of": total, "seed": None}
+    count = max(1, round(fraction * total))
+    indices = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]
+    log.info("pruning sees %d of the %d training samples (data.train_fraction %g, seed %d)",
+             count, total, fraction, seed)
+    return Subset(train, indices.tolist()), {"train_fraction": fraction, "samples": count,
+                                             "of": total, "seed": seed}
+
+
 class Pruning:
     """One pruning run: the model, its masks, and how to prune it to a target."""
 
@@ -150,9 +165,20 @@ class Pruning:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
         self.masks = Masks(self.params)
         self.dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        subset_seed = cfg.seed if cfg.data.subset_seed is None else cfg.data.subset_seed
+        pool, self.pool_record = pruning_subset(self.data.train, cfg.data.train_fraction,
+                                                subset_seed)
+        self.pool_record["finetune"] = "subset" if cfg.data.finetune_subset else "all"
+        self.finetune_data = pool if cfg.data.finetune_subset else self.data.train
+        guard = cfg.safeguard
+        self.safeguard = Safeguard(
+            self.model, self.params,
+            calibration_batch(pool, guard.calibration_samples, cfg.seed + 1, self.device),
+            alphas=list(guard.alphas), enabled=guard.enabled, labels=cfg.fisher.labels,
+            chunk=cfg.data.batch_size)
         fisher = cfg.fisher
         self.sampler = GradientSampler(
-            self.model, self.params, self.masks.keep, self.data.train, self.loss_fn,
+            self.model, self.params, self.masks.keep, pool, self.loss_fn,
             num_grads=fisher.num_grads, grad_batch=fisher.grad_batch, labels=fisher.labels,
             seed=cfg.seed, device=self.device, dtype=fisher.storage_dtype,
             offload=fisher.offload)
@@ -168,8 +194,11 @@ class Pruning:
         self.masks.reset()
         self.sampler.reset()
 
-    def prune_to(self, target: float, timings: dict[str, float]) -> None:
-        """Estimate, score, allocate and update: the model ends at ``target`` sparsity."""
+    def prune_to(self, target: float, timings: dict[str, float]) -> dict[str, Any]:
+        """Estimate, score, allocate and update: the model ends at ``target`` sparsity.
+
+        Returns the safeguard's record of the step (damp, alpha, loss increases).
+        """
         c, sampler = self.c, self.sampler
         sampler.seconds, sampler.last = 0.0, None
         problem = PruningProblem(self.model, self.params, self.masks, sampler, self.loss_fn,
@@ -189,6 +218,7 @@ class Pruning:
         new_keep = c.allocator.allocate(scores, dict(self.masks.keep), target)
         prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
         update = c.scorer.update(weights, curvature, prune_mask, gradient)
+        update, record = self.safeguard.choose(weights, update, new_keep, curvature, gradient)
         if update is not None:
             with torch.no_grad():
                 for n, p in self.params.items():
@@ -196,6 +226,7 @@ class Pruning:
         self.masks.set(new_keep)
         sampler.last = None
         timings["prune"] += time.perf_counter() - start
+        return {"target_sparsity": target, **record}
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -271,6 +302,7 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
     files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
     pruning = Pruning(cfg, plugins, components, run_dir)
     report = Report(run_dir, config_mod.to_dict(cfg))
+    report.data["pruning_data"] = pruning.pool_record
     overrides = getattr(components.scheduler, "train_overrides", dict)()
     runner = Runner(pruning, plan, report, overrides)
     if saved is not None:
