@@ -16,8 +16,9 @@ positions of a group (g of the group's mean loss) and averages over the m groups
 Damping: ``factored`` (default) splits damp between the factors with the pi heuristic,
 (A + pi sqrt(damp) I) (x) (G + sqrt(damp)/pi I), pi = sqrt((tr A / dim A) / (tr G / dim G));
 ``exact`` inverts A (x) G + damp I. With ``damp_mode: relative``, damp is first
-multiplied by the layer's own Fisher scale, mean(diag(A (x) G)) = mean(diag A) * mean(diag G),
-so one value fits any layer, model or loss scale. Both go through the eigendecompositions
+multiplied by the Fisher's scale, the mean of diag(A (x) G) = mean(diag A) mean(diag G)
+over all prunable weights (one number for all layers, whose scores meet in one global
+threshold). Both go through the eigendecompositions
 A = Q_A diag(a) Q_A^T, G = Q_G diag(g) Q_G^T, so the Kronecker product is never formed:
 F^-1 V = Q_G [(Q_G^T V Q_A) / D] Q_A^T and diag(F^-1) = (Q_G o Q_G) (1 / D) (Q_A o Q_A)^T,
 with D[i, j] = g_i a_j (+ damp) the eigenvalues of the damped F, all in float64.
@@ -82,15 +83,20 @@ class KroneckerBlock:
         return F_S + self.extra * torch.eye(len(rows), dtype=F_S.dtype, device=F_S.device)
 
 
-def layer_damp(A: torch.Tensor, G: torch.Tensor, damp: float, mode: str) -> float:
-    """The absolute damp of one layer: ``damp`` itself, or (relative) ``damp`` times the
-    layer's Fisher scale mean(diag(A (x) G)) = mean(diag A) * mean(diag G) (1 if that is 0).
+def kron_damp(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], damp: float,
+              mode: str) -> float:
+    """The absolute damp: ``damp`` itself, or (relative) ``damp`` times the mean of
+    diag(A (x) G) over the weights of all layers (1 if that is 0).
     """
     if mode == "absolute":
         return damp
     if mode != "relative":
         raise ValueError(f"damp mode '{mode}' is not one of {', '.join(DAMP_MODES)}")
-    scale = torch.diagonal(A).double().mean().item() * torch.diagonal(G).double().mean().item()
+    total, numel = 0.0, 0
+    for A, G in factors.values():  # sum of diag(A (x) G) = tr A tr G
+        total += float(torch.diagonal(A).double().sum() * torch.diagonal(G).double().sum())
+        numel += A.shape[0] * G.shape[0]
+    scale = total / numel if numel else 0.0
     return damp * (scale if scale > 0 else 1.0)
 
 
@@ -166,17 +172,17 @@ class KfacCurvature(Curvature):
     """
 
     def __init__(self, blocks: dict[str, KroneckerBlock], joint_max: int = 8192,
-                 damps: dict[str, float] | None = None):
+                 damp: float | None = None):
         self.blocks = blocks
         self.joint_max = joint_max
-        self.damps = damps or {}  # the damp each layer was given, for the report
+        self.damp = damp  # the absolute damp the blocks were given, for the report
 
     def quadratic(self, dw: Tensors) -> float:
         return sum(0.5 * float((self._matrix(n, dw[n]) * b.mul(self._matrix(n, dw[n]))).sum())
                    for n, b in self.blocks.items())
 
     def damping(self) -> float | None:
-        return sum(self.damps.values()) / len(self.damps) if self.damps else None
+        return self.damp
 
     def inverse_diagonal(self) -> Tensors:
         out = {}
@@ -342,12 +348,12 @@ class Kfac(HessianEstimator):
         factors = collect_factors(problem, s.num_grads, s.grad_batch, s.labels, s.generator,
                                   batch_size=self.options.batch_size, progress=s.progress)
         o = self.options
-        damps = {n: layer_damp(A, G, o.damp, o.damp_mode) for n, (A, G) in factors.items()}
-        blocks = {n: damped_block(A, G, damps[n], o.damping, tuple(problem.params[n].shape))
+        damp = kron_damp(factors, o.damp, o.damp_mode)
+        blocks = {n: damped_block(A, G, damp, o.damping, tuple(problem.params[n].shape))
                   for n, (A, G) in factors.items()}
         log.debug("kfac: %d layers from %d groups of %d samples", len(blocks), s.num_grads,
                   s.grad_batch)
-        return KfacCurvature(blocks, o.joint_max, damps)
+        return KfacCurvature(blocks, o.joint_max, damp)
 
 
 @hookimpl

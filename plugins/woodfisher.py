@@ -9,10 +9,13 @@ Per block, with G the (m, B) gradients of its weights and damp = lambda,
 
     F = lambda*I + (1/m) G^T G.
 
-Damping (``damp_mode``): ``relative`` (the default) reads ``damp`` as a fraction of the
-block's own Fisher scale, lambda = damp * mean(diag(G^T G / m)) over the block's live
-weights (``block_damp``), so one value means the same on any model, loss scale or m;
-``absolute`` uses ``damp`` as lambda itself.
+Damping (``damp_mode``): ``relative`` (the default) reads ``damp`` in units of the
+Fisher's own scale, lambda = damp * mean(diag(G^T G / m)) over all live prunable weights
+(``fisher_scale``), so one value means the same on any model, loss scale or m;
+``absolute`` uses ``damp`` as lambda itself. The scale is one number for all blocks: the
+scores of different blocks meet in one global threshold, and a per-block lambda would
+rescale whole blocks against each other (w_q^2 lambda / 2 for weights the data does not
+constrain).
 
 Forms (``form``):
   dual       K = G G^T + m*lambda*I (m x m, Cholesky). Nothing of size B x B is formed:
@@ -156,22 +159,26 @@ def cholesky_raising_damp(matrix_at, damp: torch.Tensor, what) -> torch.Tensor:
                       f"damp {MAX_DAMP_RAISES} times; check the gradients or use a larger damp")
 
 
-def block_damp(G: torch.Tensor, damp: float, mode: str) -> torch.Tensor:
-    """(n,): lambda of each of the n blocks G (n, m, B).
-
-    absolute: ``damp``. relative: ``damp`` times the mean of diag(G^T G / m) over the
-    block's live weights (columns not all zero: weights pruned earlier do not dilute the
-    scale). A block with no live weight has nothing to prune or move; it gets ``damp``.
+def fisher_scale(G: torch.Tensor, chunk: int = 65536) -> float:
+    """mean(diag(G^T G / m)) over the live columns of G (m, d) (weights pruned earlier,
+    with all-zero columns, do not dilute it); 1.0 when no column is live. Read by column
+    chunks in float64, so a float16 buffer is never copied whole.
     """
-    n, m, B = G.shape
+    total, live = 0.0, 0
+    for start in range(0, G.shape[1], chunk):
+        col = G[:, start:start + chunk].double().square().sum(0)  # (chunk,)
+        total += float(col.sum())
+        live += int((col > 0).sum())
+    return total / (G.shape[0] * live) if live else 1.0
+
+
+def absolute_damp(damp: float, mode: str, G: torch.Tensor) -> float:
+    """lambda: ``damp`` itself (absolute) or ``damp * fisher_scale(G)`` (relative)."""
     if mode == "absolute":
-        return torch.full((n,), damp, dtype=G.dtype, device=G.device)
+        return damp
     if mode != "relative":
         raise ValueError(f"damp mode '{mode}' is not one of {', '.join(DAMP_MODES)}")
-    fisher_diag = G.square().sum(1) / m  # (n, B)
-    live = (fisher_diag > 0).sum(1)  # (n,)
-    scale = fisher_diag.sum(1) / live.clamp_min(1)
-    return damp * torch.where(live > 0, scale, torch.ones_like(scale))
+    return damp * fisher_scale(G)
 
 
 def add_diagonal(A: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -192,12 +199,11 @@ def solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class BlockGroup:
     """n blocks of size B, solved together. Tensors are (n, ...) batches."""
 
-    def __init__(self, G: torch.Tensor, damp: float, form: str, what,
-                 damp_mode: str = "absolute"):
+    def __init__(self, G: torch.Tensor, damp: float, form: str, what):
         self.G = G  # (n, m, B), solve dtype
         n, m, B = G.shape
         self.m, self.form = m, form
-        self.damp = block_damp(G, damp, damp_mode)  # (n,)
+        self.damp = torch.full((n,), damp, dtype=G.dtype, device=G.device)
         self._diag: torch.Tensor | None = None
         if form == "dual":
             GGt = G @ G.transpose(1, 2)  # (n, m, m)
@@ -361,6 +367,7 @@ class WoodFisher(HessianEstimator):
         m = problem.sampler.num_grads
         self.check_memory(starts, m, device, dtype.itemsize)
         G = problem.sampler.sample()  # (m, d), storage dtype, maybe in CPU memory
+        damp = absolute_damp(opts.damp, opts.damp_mode, G)
         groups = []
         for B, offsets in starts.items():
             form = choose_form(opts.form, m, B)
@@ -370,13 +377,13 @@ class WoodFisher(HessianEstimator):
             def what(k: int, offsets=offsets, B=B) -> str:
                 return describe_block(layout, offsets[k], B)
 
-            groups.append((idx.to(device), BlockGroup(block_G.contiguous(), opts.damp, form,
-                                                      what, opts.damp_mode)))
+            groups.append((idx.to(device), BlockGroup(block_G.contiguous(), damp, form,
+                                                      what)))
             log.debug("woodfisher: %d block(s) of %d weights, %s form", len(offsets), B, form)
-        log.info("woodfisher: %d blocks (%s), m=%d, damp %.3g (%s), %s on %s",
+        log.info("woodfisher: %d blocks (%s), m=%d, damp %.3g (%s %g), %s on %s",
                  sum(len(o) for o in starts.values()),
                  ", ".join(f"{len(o)} x {B} {choose_form(opts.form, m, B)}"
-                           for B, o in starts.items()), m, opts.damp, opts.damp_mode,
+                           for B, o in starts.items()), m, damp, opts.damp_mode, opts.damp,
                  opts.dtype, device)
         return WoodFisherCurvature(layout, groups, torch.device(problem.device))
 
