@@ -89,7 +89,8 @@ def test_safeguard_never_above_update_none(labels, scale):
     update = {n: scale * torch.randn(p.shape, generator=g) for n, p in params.items()}
     for n in update:  # an OBS update zeroes what it prunes
         update[n] = torch.where(keep[n], update[n], -weights[n])
-    chosen, record = guard.choose(weights, update, keep, IdentityCurvature(weights), None)
+    chosen, kept, record = guard.choose(weights, update, keep, IdentityCurvature(weights), None)
+    assert kept is keep  # no magnitude fallback offered
     for n, p in params.items():  # choose leaves the model as it came
         assert torch.equal(p, weights[n])
 
@@ -110,6 +111,27 @@ def test_safeguard_never_above_update_none(labels, scale):
     assert record["alpha"] in (1.0, 0.5, 0.25, 0.0)
     if scale != scale:  # a non-finite update is never chosen
         assert chosen is None and record["alpha"] == 0.0
+
+
+def test_safeguard_falls_back_to_the_magnitude_mask_when_it_is_better():
+    """Scores that prune the largest weights lose to magnitude's mask on the calibration
+    batch; the step takes magnitude's mask, without the update."""
+    model, params, data = tiny_model()
+    guard = Safeguard(model, params, calibration_batch(data, 64, seed=0), alphas=[1.0])
+    weights = {n: p.detach().clone() for n, p in params.items()}
+    keep_small = {n: w.abs() < w.abs().flatten().kthvalue(w.numel() // 2).values
+                  for n, w in weights.items()}  # prunes the largest half
+    keep_large = {n: ~k for n, k in keep_small.items()}
+    update = {n: torch.where(keep_small[n], 0.01 * torch.ones_like(w), -w)
+              for n, w in weights.items()}
+    chosen, kept, record = guard.choose(weights, update, keep_small, IdentityCurvature(weights),
+                                        None, magnitude_keep=lambda: keep_large)
+    assert record["mask"] == "magnitude" and chosen is None and kept is keep_large
+    assert record["actual_increase"] == min(t["increase"] for t in record["tried"])
+    off = Safeguard(model, params, guard.batch, alphas=[1.0], fallback=False)
+    _, kept, record = off.choose(weights, update, keep_small, IdentityCurvature(weights), None,
+                                 magnitude_keep=lambda: keep_large)
+    assert kept is keep_small and record["mask"] == "scores"
 
 
 class Watched(Dataset):
@@ -160,6 +182,7 @@ def test_calibration_batch_and_gradients_never_touch_the_test_set(tmp_path, frac
         original = pool.indices[i] if fraction < 1.0 else i
         assert torch.equal(train_x[original], x)
     record = pruning.prune_to(0.5, dict.fromkeys(("gradients", "estimate", "prune"), 0.0))
+    assert record["mask"] in ("scores", "magnitude")
     assert test.reads == 0  # pruning (gradients, calibration, safeguard) never read it
     assert {"damp", "alpha", "predicted_increase", "actual_increase"} <= set(record)
     assert record["predicted_increase"] is not None and record["damp"] > 0

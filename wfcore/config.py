@@ -83,6 +83,9 @@ class SafeguardSection:
     enabled: bool = True
     alphas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0])
     calibration_samples: int = 1000  # drawn once per run (seeded); one forward per alpha
+    # magnitude: also try magnitude pruning's mask (no update) and keep it when its loss is
+    # lower, so a step is never worse than magnitude on that batch. none: the scores' mask.
+    fallback: str = "magnitude"
 
 
 @dataclass
@@ -110,6 +113,7 @@ CHOICES = {
     "train.lr_schedule": ("cosine", "step", "exponential", "constant"),
     "fisher.labels": ("empirical", "sampled"),
     "fisher.storage_dtype": ("float32", "float16", "bfloat16"),
+    "safeguard.fallback": ("magnitude", "none"),
 }
 
 

@@ -31,7 +31,7 @@ from wfcore.interfaces import (
 from wfcore.masks import Masks, select_params
 from wfcore.report import Report
 from wfcore.runner import Runner
-from wfcore.safeguard import Safeguard, calibration_batch
+from wfcore.safeguard import Safeguard, calibration_batch, magnitude_scores
 from wfcore.training import evaluate, train
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,8 @@ class Pruning:
         self.safeguard = Safeguard(
             self.model, self.params,
             calibration_batch(pool, guard.calibration_samples, cfg.seed + 1, self.device),
-            alphas=list(guard.alphas), enabled=guard.enabled, labels=cfg.fisher.labels,
+            alphas=list(guard.alphas), enabled=guard.enabled,
+            fallback=guard.fallback == "magnitude", labels=cfg.fisher.labels,
             chunk=cfg.data.batch_size)
         fisher = cfg.fisher
         self.sampler = GradientSampler(
@@ -218,7 +219,10 @@ class Pruning:
         new_keep = c.allocator.allocate(scores, dict(self.masks.keep), target)
         prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
         update = c.scorer.update(weights, curvature, prune_mask, gradient)
-        update, record = self.safeguard.choose(weights, update, new_keep, curvature, gradient)
+        update, new_keep, record = self.safeguard.choose(
+            weights, update, new_keep, curvature, gradient,
+            magnitude_keep=lambda: c.allocator.allocate(magnitude_scores(weights),
+                                                        dict(self.masks.keep), target))
         if update is not None:
             with torch.no_grad():
                 for n, p in self.params.items():

@@ -111,10 +111,11 @@ def safeguard_table(steps: list[dict[str, Any]]) -> list[str]:
     lines = ["## Update safeguard", "",
              "Loss increases on the calibration batch (training split); predicted by the "
              "quadratic model.", "",
-             "| step | target | damp | alpha | predicted increase | actual increase |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| step | target | damp | mask | alpha | predicted increase | actual increase |",
+             "|---:|---:|---:|---|---:|---:|---:|"]
     lines += [f"| {i} | {r['target_sparsity']:.2%} | {_number(r['damp'], '.3g')} | "
-              f"{_number(r['alpha'], 'g')} | {_number(r['predicted_increase'], '.4g')} | "
+              f"{r.get('mask', 'scores')} | {_number(r['alpha'], 'g')} | "
+              f"{_number(r['predicted_increase'], '.4g')} | "
               f"{_number(r['actual_increase'], '.4g')} |" for i, r in rows]
     return [*lines, ""]
 
