@@ -60,6 +60,10 @@ METHODS: dict[str, list[str]] = {
     "rel1-nosafe": ["estimator.name=woodfisher", "estimator.damp=1", "scorer.update=joint",
                     "safeguard.enabled=false"],
     "old+safeguard": OLD[:-1],
+    # the other second-order methods under the shipped safeguard
+    "woodtaylor": ["estimator.name=woodfisher", "scorer.name=woodtaylor"],
+    "kfac": ["estimator.name=kfac", "scorer.update=joint"],
+    "iterative": ["estimator.name=woodfisher", "scorer.update=joint", "scheduler.name=iterative"],
 }
 CANDIDATES = ("rel0.1", "rel1", "rel10")
 
@@ -71,9 +75,9 @@ def emit(record: dict[str, Any]) -> None:
 def run_one(pair: str, method: str, seed: int, out: Path) -> dict[str, Any]:
     run_dir = out / pair / method / f"seed{seed}"
     if not pipeline.is_finished(run_dir):
-        overrides = [*PAIRS[pair]["overrides"], *METHODS[method], f"seed={seed}",
-                     f"name={pair}-{method}-{seed}", f"output={run_dir}",
-                     f"scheduler.sparsities={SPARSITIES}", "scheduler.name=oneshot"]
+        overrides = [*PAIRS[pair]["overrides"], "scheduler.name=oneshot", *METHODS[method],
+                     f"seed={seed}", f"name={pair}-{method}-{seed}", f"output={run_dir}",
+                     f"scheduler.sparsities={SPARSITIES}"]
         pipeline.run(config_mod.load(BASE, overrides), force=True)
     report = json.loads((run_dir / "report.json").read_text())
     steps = report["steps"]
