@@ -1,4 +1,5 @@
-"""Built-in data sets: mnist5k (embedded), fake, torchvision:<Dataset>, imagefolder.
+"""Built-in data sets: mnist5k and digits (embedded), fake, torchvision:<Dataset>,
+imagefolder.
 
 Nothing here downloads: torchvision and image-folder data must already lie under
 ``data.root``.
@@ -49,6 +50,35 @@ def mnist5k(options: Mnist5kOptions, data) -> DataBundle:
 
 
 mnist5k.Options = Mnist5kOptions
+
+
+@dataclass
+class DigitsOptions:
+    test_size: int = 360  # held out of the 1,797 images (20%); the rest is the train set
+    split_seed: int = 0  # fixed, so every run and method sees the same split
+
+
+def digits(options: DigitsOptions, data) -> DataBundle:
+    """scikit-learn's 1,797 8x8 digits (UCI), shipped with scikit-learn, split 1,437/360.
+
+    Pixels (0..16) are scaled by the train split's mean and standard deviation.
+    """
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)  # (1797, 64) in 0..16, (1797,)
+    X = torch.as_tensor(X, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.as_tensor(y, dtype=torch.long)
+    if not 0 < options.test_size < len(X):
+        raise ConfigError(f"data.options.test_size must be in 1..{len(X) - 1}")
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(options.split_seed))
+    test, train = order[: options.test_size], order[options.test_size :]
+    mean, std = X[train].mean(), X[train].std()
+    X = (X - mean) / std
+    return DataBundle(TensorDataset(X[train], y[train]), TensorDataset(X[test], y[test]),
+                      num_classes=10, input_shape=(1, 8, 8))
+
+
+digits.Options = DigitsOptions
 
 
 @dataclass
@@ -206,5 +236,5 @@ imagefolder.Options = ImageOptions
 
 @hookimpl
 def wfcore_datasets():
-    return {"mnist5k": mnist5k, "fake": fake, "torchvision:": torchvision_dataset,
+    return {"mnist5k": mnist5k, "digits": digits, "fake": fake, "torchvision:": torchvision_dataset,
             "imagefolder": imagefolder}

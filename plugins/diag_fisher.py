@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from wfcore import hookimpl
-from wfcore.interfaces import UPDATE_MODES, Curvature, HessianEstimator, PruningProblem, Tensors
+from wfcore.interfaces import (
+    DAMP_MODES,
+    UPDATE_MODES,
+    Curvature,
+    HessianEstimator,
+    PruningProblem,
+    Tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +29,16 @@ log = logging.getLogger(__name__)
 class DiagonalCurvature(Curvature):
     """F^-1 = diag(inverse_diag): every weight on its own."""
 
-    def __init__(self, inverse_diag: Tensors):
+    def __init__(self, inverse_diag: Tensors, damp: float | None = None):
         self.inverse_diag = inverse_diag  # {name: tensor of the parameter's shape}
+        self.damp = damp
+
+    def quadratic(self, dw: Tensors) -> float:
+        return sum(0.5 * float((dw[n].double() ** 2 / self.inverse_diag[n].double()).sum())
+                   for n in dw)
+
+    def damping(self) -> float | None:
+        return self.damp
 
     def inverse_diagonal(self) -> Tensors:
         return {n: d.clone() for n, d in self.inverse_diag.items()}
@@ -43,10 +58,14 @@ class DiagFisherOptions:
     # Added to every diagonal entry: keeps F invertible where no gradient moved a weight
     # (dead units, pruned weights). 1e-5 is the WoodFisher paper's MNIST damping.
     damp: float = 1e-5
+    # absolute: damp as it is; relative: damp * the mean of diag(F) over the live weights
+    damp_mode: str = "absolute"
 
     def validate(self) -> None:
         if not self.damp > 0:
             raise ValueError(f"damp must be > 0, got {self.damp}")
+        if self.damp_mode not in DAMP_MODES:
+            raise ValueError(f"damp_mode '{self.damp_mode}' is not one of {', '.join(DAMP_MODES)}")
 
 
 class DiagFisher(HessianEstimator):
@@ -57,11 +76,16 @@ class DiagFisher(HessianEstimator):
 
     def fit(self, problem: PruningProblem) -> Curvature:
         source = problem.gradient_source()
-        fisher = source.square_mean() + self.options.damp  # (d,), streamed over columns
+        fisher = source.square_mean()  # (d,), streamed over columns
+        damp = self.options.damp
+        live = fisher[fisher > 0]
+        if self.options.damp_mode == "relative" and len(live):
+            damp *= float(live.mean())
+        fisher += damp
         inverse = problem.layout().unflatten(1.0 / fisher.to(problem.device))
-        log.debug("diag_fisher: %d gradients, mean diagonal %.3e", source.m,
-                  float(fisher.mean()))
-        return DiagonalCurvature(inverse)
+        log.debug("diag_fisher: %d gradients, mean diagonal %.3e, damp %.3g", source.m,
+                  float(fisher.mean()), damp)
+        return DiagonalCurvature(inverse, damp)
 
 
 @hookimpl

@@ -15,7 +15,10 @@ positions of a group (g of the group's mean loss) and averages over the m groups
 
 Damping: ``factored`` (default) splits damp between the factors with the pi heuristic,
 (A + pi sqrt(damp) I) (x) (G + sqrt(damp)/pi I), pi = sqrt((tr A / dim A) / (tr G / dim G));
-``exact`` inverts A (x) G + damp I. Both go through the eigendecompositions
+``exact`` inverts A (x) G + damp I. With ``damp_mode: relative``, damp is first
+multiplied by the Fisher's scale, the mean of diag(A (x) G) = mean(diag A) mean(diag G)
+over all prunable weights (one number for all layers, whose scores meet in one global
+threshold). Both go through the eigendecompositions
 A = Q_A diag(a) Q_A^T, G = Q_G diag(g) Q_G^T, so the Kronecker product is never formed:
 F^-1 V = Q_G [(Q_G^T V Q_A) / D] Q_A^T and diag(F^-1) = (Q_G o Q_G) (1 / D) (Q_A o Q_A)^T,
 with D[i, j] = g_i a_j (+ damp) the eigenvalues of the damped F, all in float64.
@@ -37,6 +40,7 @@ from wfcore import hookimpl
 from wfcore import progress as progress_bars
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.interfaces import (
+    DAMP_MODES,
     Curvature,
     EstimatorCost,
     HessianEstimator,
@@ -85,6 +89,23 @@ class KroneckerBlock:
         G_f, A_f = self.factor("G"), self.factor("A")
         F_S = G_f[rows][:, rows] * A_f[cols][:, cols]  # (|S|, |S|)
         return F_S + self.extra * torch.eye(len(rows), dtype=F_S.dtype, device=F_S.device)
+
+
+def kron_damp(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], damp: float,
+              mode: str) -> float:
+    """The absolute damp: ``damp`` itself, or (relative) ``damp`` times the mean of
+    diag(A (x) G) over the weights of all layers (1 if that is 0).
+    """
+    if mode == "absolute":
+        return damp
+    if mode != "relative":
+        raise ValueError(f"damp mode '{mode}' is not one of {', '.join(DAMP_MODES)}")
+    total, numel = 0.0, 0
+    for A, G in factors.values():  # sum of diag(A (x) G) = tr A tr G
+        total += float(torch.diagonal(A).double().sum() * torch.diagonal(G).double().sum())
+        numel += A.shape[0] * G.shape[0]
+    scale = total / numel if numel else 0.0
+    return damp * (scale if scale > 0 else 1.0)
 
 
 def damped_block(A: torch.Tensor, G: torch.Tensor, damp: float, damping: str,
@@ -158,9 +179,18 @@ class KfacCurvature(Curvature):
     ``joint``: the exact OBS update inside each layer (see ``joint_update``).
     """
 
-    def __init__(self, blocks: dict[str, KroneckerBlock], joint_max: int = 8192):
+    def __init__(self, blocks: dict[str, KroneckerBlock], joint_max: int = 8192,
+                 damp: float | None = None):
         self.blocks = blocks
         self.joint_max = joint_max
+        self.damp = damp  # the absolute damp the blocks were given, for the report
+
+    def quadratic(self, dw: Tensors) -> float:
+        return sum(0.5 * float((self._matrix(n, dw[n]) * b.mul(self._matrix(n, dw[n]))).sum())
+                   for n, b in self.blocks.items())
+
+    def damping(self) -> float | None:
+        return self.damp
 
     def inverse_diagonal(self) -> Tensors:
         out = {}
@@ -296,6 +326,7 @@ class KfacOptions:
     # Tikhonov damping of F (split between the factors when damping=factored); K-FAC
     # factors are much larger than the per-weight Fisher, hence more than diag_fisher's.
     damp: float = 1e-3
+    damp_mode: str = "absolute"  # absolute | relative (damp * mean(diag A) * mean(diag G))
     damping: str = "factored"  # factored (pi heuristic, the K-FAC papers) | exact (A (x) G + damp)
     batch_size: int = 256  # samples per forward/backward pass while collecting the factors
     # joint update: largest explicit system (min of pruned and kept weights of a layer)
@@ -305,6 +336,8 @@ class KfacOptions:
     def validate(self) -> None:
         if not self.damp > 0:
             raise ValueError(f"damp must be > 0, got {self.damp}")
+        if self.damp_mode not in DAMP_MODES:
+            raise ValueError(f"damp_mode '{self.damp_mode}' is not one of {', '.join(DAMP_MODES)}")
         if self.damping not in DAMPINGS:
             raise ValueError(f"damping '{self.damping}' is not one of {', '.join(DAMPINGS)}")
         if self.batch_size < 1:
@@ -345,12 +378,13 @@ class Kfac(HessianEstimator):
         s = problem.sampler
         factors = collect_factors(problem, s.num_grads, s.grad_batch, s.labels, s.generator,
                                   batch_size=self.options.batch_size, progress=s.progress)
-        blocks = {n: damped_block(A, G, self.options.damp, self.options.damping,
-                                  tuple(problem.params[n].shape))
+        o = self.options
+        damp = kron_damp(factors, o.damp, o.damp_mode)
+        blocks = {n: damped_block(A, G, damp, o.damping, tuple(problem.params[n].shape))
                   for n, (A, G) in factors.items()}
         log.debug("kfac: %d layers from %d groups of %d samples", len(blocks), s.num_grads,
                   s.grad_batch)
-        return KfacCurvature(blocks, self.options.joint_max)
+        return KfacCurvature(blocks, o.joint_max, damp)
 
 
 @hookimpl

@@ -1,9 +1,10 @@
-"""Built-in models: mlpnet, mnist_cnn, resnet20 and any torchvision classifier."""
+"""Built-in models: mlpnet, mlp, mnist_cnn, resnet20 and any torchvision classifier."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,37 @@ class MLPNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(x, 1)
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class MLP(nn.Module):
+    """Linear layers of the given hidden widths with ReLU between them."""
+
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int = 10):
+        super().__init__()
+        widths = [in_features, *hidden, num_classes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+
+@dataclass
+class MLPOptions:
+    hidden: list[int] = field(default_factory=lambda: [300, 100])  # LeNet-300-100 by default
+
+    def validate(self) -> None:
+        if any(w < 1 for w in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+
+
+def mlp(options: MLPOptions, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    return MLP(math.prod(input_shape), list(options.hidden), num_classes)
+
+
+mlp.Options = MLPOptions
 
 
 class MnistCNN(nn.Module):
@@ -126,6 +158,7 @@ def torchvision_model(options, num_classes: int, input_shape: tuple[int, ...], t
 def wfcore_models():
     return {
         "mlpnet": mlpnet,
+        "mlp": mlp,
         "mnist_cnn": mnist_cnn,
         "resnet20": resnet20,
         "torchvision:": torchvision_model,

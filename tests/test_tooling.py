@@ -34,7 +34,8 @@ def write_plugin(directory: Path, name: str, body: str) -> str:
 def test_options_lists_defaults_and_comments(capsys):
     assert cli.main(["options", "estimator", "woodfisher"]) == 0
     out = capsys.readouterr().out
-    for line in ("damp: float = 1e-05  # lambda", "block_size: Union[int, str] = 500",
+    for line in ("damp: float = 0.1  # relative", "damp_mode: str = relative",
+                 "block_size: Union[int, str] = 500",
                  "form: str = auto  # auto", "dtype: str = float64  # dtype of the solves"):
         assert line in out
     assert cli.main(["options", "scorers", "obs"]) == 0
@@ -60,8 +61,8 @@ def test_unknown_keys_and_names_suggest_the_closest(tmp_path, capsys, override, 
 def test_config_prints_the_resolved_config(capsys):
     assert cli.main(["config", str(CONFIG), "estimator.name=kfac", "scorer.update=none"]) == 0
     cfg = config.OmegaConf.create(capsys.readouterr().out)
-    assert cfg.estimator == {"name": "kfac", "damp": 0.001, "damping": "factored",
-                             "batch_size": 256, "joint_max": 8192}
+    assert cfg.estimator == {"name": "kfac", "damp": 0.001, "damp_mode": "absolute",
+                             "damping": "factored", "batch_size": 256, "joint_max": 8192}
     assert cfg.scorer["update"] == "none" and cfg.fisher.num_grads == 1000
 
 
@@ -128,8 +129,8 @@ def test_dense_cache_key_follows_the_data_and_the_plugin_versions(monkeypatch):
     base = pipeline.dense_provenance(cfg, plugins, data)
     path = pipeline.dense_cache_path(cfg, base)
     assert pipeline.dense_cache_path(cfg, dict(base)) == path  # stable
-    x, y = data.test[0]
-    data.test = [(x + 1, y), *[data.test[i] for i in range(1, len(data.test))]]
+    x, y = data.train[0]
+    data.train = [(x + 1, y), *[data.train[i] for i in range(1, len(data.train))]]
     other = pipeline.dense_provenance(cfg, plugins, data)
     assert other["data"] != base["data"] and pipeline.dense_cache_path(cfg, other) != path
     plugins.info[base["data_plugin"].split()[0]].version = "9.9"

@@ -50,6 +50,12 @@ class DataSection:
     batch_size: int = 64  # training and evaluation batch
     num_workers: int = 0  # DataLoader workers; 0 keeps small runs simple and deterministic
     options: dict[str, Any] = field(default_factory=dict)  # passed to the data set's factory
+    # Pruning's view of the training split (dense training always sees all of it): the
+    # gradients and the calibration batch come from a seeded random subset of this
+    # fraction (1.0 = everything; the WoodFisher paper's limited-data regime uses 0.01).
+    train_fraction: float = 1.0
+    subset_seed: Optional[int] = None  # seed of that subset; null = the run's seed
+    finetune_subset: bool = False  # fine-tune on the subset too (false: the whole split)
 
 
 @dataclass
@@ -102,6 +108,19 @@ class AnalyzeSection:
 
 
 @dataclass
+class SafeguardSection:
+    # Choose the step length alpha of each update (w + alpha*dw, then the mask) by the loss
+    # on a calibration batch of the training split. alpha = 0 is the mask alone, so a
+    # step is never worse on that batch than update none. false = the update as it is.
+    enabled: bool = True
+    alphas: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0])
+    calibration_samples: int = 1000  # drawn once per run (seeded); one forward per alpha
+    # magnitude: also try magnitude pruning's mask (no update) and keep it when its loss is
+    # lower, so a step is never worse than magnitude on that batch. none: the scores' mask.
+    fallback: str = "magnitude"
+
+
+@dataclass
 class Config:
     name: str = "run"  # shown in reports
     seed: int = 0  # seeds torch, data splits and gradient sampling
@@ -113,6 +132,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     fisher: FisherSection = field(default_factory=FisherSection)
+    safeguard: SafeguardSection = field(default_factory=SafeguardSection)
     estimator: dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
     scorer: dict[str, Any] = field(default_factory=lambda: {"name": "obs"})
     allocator: dict[str, Any] = field(default_factory=lambda: {"name": "global"})
@@ -127,6 +147,7 @@ CHOICES = {
     "fisher.labels": ("empirical", "sampled"),
     "fisher.storage_dtype": ("float32", "float16", "bfloat16"),
     "fisher.store": ("auto", "memory", "disk"),
+    "safeguard.fallback": ("magnitude", "none"),
 }
 
 
@@ -211,6 +232,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value < least:
             raise ConfigError(f"config key '{key}': {value} is less than {least}")
+    check_ranges(cfg)
     for section in COMPONENT_KINDS:
         value = cfg[section]
         if value is None:
@@ -218,6 +240,18 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
         if not isinstance(value, DictConfig) or value.get("name") is None:
             raise ConfigError(f"config key '{section}' needs a 'name'")
     return cfg
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Numeric keys whose range the schema cannot express."""
+    if not 0.0 < cfg.data.train_fraction <= 1.0:
+        raise ConfigError(f"config key 'data.train_fraction': {cfg.data.train_fraction} is not "
+                          "in (0, 1]")
+    if cfg.safeguard.calibration_samples < 1:
+        raise ConfigError("config key 'safeguard.calibration_samples': must be >= 1")
+    if any(not 0.0 <= a <= 1.0 for a in cfg.safeguard.alphas):
+        raise ConfigError(f"config key 'safeguard.alphas': {list(cfg.safeguard.alphas)} are "
+                          "not all in [0, 1]")
 
 
 def _switch_components(layers: list[DictConfig]) -> None:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 Tensors = dict[str, torch.Tensor]
 
 UPDATE_MODES = ("independent", "joint")
+# How an estimator's ``damp`` is read: ``relative`` = a fraction of the Fisher's own
+# scale (the mean of its diagonal; unit-free), ``absolute`` = added to F as it is.
+DAMP_MODES = ("relative", "absolute")
 
 
 @dataclass
@@ -127,6 +130,21 @@ class Curvature(ABC):
                 f"{type(self).__name__} has no joint OBS update; use scorer.update=independent"
             )
         raise ValueError(f"unknown update mode {mode!r}; expected one of {UPDATE_MODES}")
+
+    def quadratic(self, dw: Tensors) -> float | None:
+        """dw^T F dw / 2, the quadratic model's loss increase of the change ``dw``.
+
+        Optional: the safeguard records it as the predicted loss increase of each step.
+        The default, None, says the curvature cannot tell (the record then has null).
+        """
+        return None
+
+    def damping(self) -> float | None:
+        """The damping that was added to F (the mean over blocks), for the report.
+
+        Optional; the default, None, means the curvature has no damping to report.
+        """
+        return None
 
 
 class Stateful:

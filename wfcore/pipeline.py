@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from wfcore import __version__, checkpoint, files, manager, rundir, states
 from wfcore import config as config_mod
@@ -35,6 +36,7 @@ from wfcore.masks import Masks, select_params
 from wfcore.plan import Plan, make_plan, store_place
 from wfcore.report import Report
 from wfcore.runner import Runner
+from wfcore.safeguard import Safeguard, calibration_batch, magnitude_scores
 from wfcore.store import STORAGE_DTYPES, GradientStore, store_bytes
 from wfcore.training import evaluate, train
 
@@ -128,16 +130,25 @@ def cache_dir(cfg: DictConfig) -> Path:
 
 def data_fingerprint(data: DataBundle, samples: int = 8) -> str:
     """A short hash of a data set: its sizes, classes, input shape and a few evenly spaced
-    test samples (the test split: its transforms are deterministic, unlike augmentation)."""
+    training samples (the labels only, when the inputs come out differently each time they
+    are read, as with random augmentation). The test split is never read."""
     h = hashlib.sha256(repr((len(data.train), len(data.test), data.num_classes,
                              tuple(data.input_shape))).encode())
-    count = len(data.test)
-    for i in sorted({round(k * (count - 1) / max(samples - 1, 1)) for k in range(samples)}
-                    if count else set()):
-        item = data.test[i]
-        for part in item if isinstance(item, (tuple, list)) else (item,):
-            t = torch.as_tensor(part)
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+
+    def parts(i: int) -> list[torch.Tensor]:
+        item = data.train[i]
+        return [torch.as_tensor(p).detach().cpu().contiguous()
+                for p in (item if isinstance(item, (tuple, list)) else (item,))]
+
+    count = len(data.train)
+    if not count:
+        return h.hexdigest()[:16]
+    first, again = parts(0), parts(0)
+    inputs_stable = all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    for i in sorted({round(k * (count - 1) / max(samples - 1, 1)) for k in range(samples)}):
+        item = parts(i)
+        for t in item if inputs_stable else item[1:]:
+            h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -242,6 +253,19 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None) -> Plan
     return plan
 
 
+def pruning_subset(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, dict[str, Any]]:
+    """The part of the training split that pruning may see, and its record for the report."""
+    total = len(train)
+    if fraction >= 1.0:
+        return train, {"train_fraction": 1.0, "samples": total, "of": total, "seed": None}
+    count = max(1, round(fraction * total))
+    indices = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]
+    log.info("pruning sees %d of the %d training samples (data.train_fraction %g, seed %d)",
+             count, total, fraction, seed)
+    return Subset(train, indices.tolist()), {"train_fraction": fraction, "samples": count,
+                                             "of": total, "seed": seed}
+
+
 class Pruning:
     """One pruning run: the model, its masks, and how to prune it to a target."""
 
@@ -272,9 +296,21 @@ class Pruning:
                                         dense_provenance(cfg, plugins, self.data))
         self.masks = Masks(self.params)
         self.dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        subset_seed = cfg.seed if cfg.data.subset_seed is None else cfg.data.subset_seed
+        pool, self.pool_record = pruning_subset(self.data.train, cfg.data.train_fraction,
+                                                subset_seed)
+        self.pool_record["finetune"] = "subset" if cfg.data.finetune_subset else "all"
+        self.finetune_data = pool if cfg.data.finetune_subset else self.data.train
+        guard = cfg.safeguard
+        self.safeguard = Safeguard(
+            self.model, self.params,
+            calibration_batch(pool, guard.calibration_samples, cfg.seed + 1, self.device),
+            alphas=list(guard.alphas), enabled=guard.enabled,
+            fallback=guard.fallback == "magnitude", labels=cfg.fisher.labels,
+            chunk=cfg.data.batch_size)
         fisher = cfg.fisher
         self.sampler = GradientSampler(
-            self.model, self.params, self.masks.keep, self.data.train, self.loss_fn,
+            self.model, self.params, self.masks.keep, pool, self.loss_fn,
             num_grads=fisher.num_grads, grad_batch=fisher.grad_batch, labels=fisher.labels,
             seed=cfg.seed, device=self.device, dtype=fisher.storage_dtype,
             offload=fisher.offload)
@@ -300,10 +336,13 @@ class Pruning:
                              directory=self.store_dir, device=host,
                              pin=fisher.offload and self.device.type == "cuda")
 
-    def prune_to(self, target: float, timings: dict[str, float]) -> None:
-        """gradients -> estimate -> score -> allocate -> update: the model ends at ``target``
-        sparsity. Each stage is timed; the gradient store lives for this step only (it is
-        closed, and an on-disk one removed, also on an error or Ctrl-C)."""
+    def prune_to(self, target: float, timings: dict[str, float]) -> dict[str, Any]:
+        """gradients -> estimate -> score -> allocate -> update (safeguarded): the model ends
+        at ``target`` sparsity. Each stage is timed; the gradient store lives for this step
+        only (it is closed, and an on-disk one removed, also on an error or Ctrl-C).
+
+        Returns the safeguard's record of the step (damp, alpha, loss increases).
+        """
         c = self.c
         needs = c.estimator.needs_gradients or c.scorer.needs_gradient
         with ExitStack() as stack:
@@ -332,12 +371,17 @@ class Pruning:
             prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
             del scores
             update = c.scorer.update(weights, curvature, prune_mask, gradient)
+            update, new_keep, record = self.safeguard.choose(
+                weights, update, new_keep, curvature, gradient,
+                magnitude_keep=lambda: c.allocator.allocate(magnitude_scores(weights),
+                                                            dict(self.masks.keep), target))
             if update is not None:
                 with torch.no_grad():
                     for n, p in self.params.items():
                         p.add_(update[n].to(device=p.device, dtype=p.dtype))
             self.masks.set(new_keep)
             timings["prune"] += time.perf_counter() - start
+        return {"target_sparsity": target, **record}
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -435,6 +479,7 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
     """The steps, the export and the report of a prepared run."""
     cfg, components, run_dir = pruning.cfg, pruning.c, pruning.run_dir
     report = Report(run_dir, config_mod.to_dict(cfg))
+    report.data["pruning_data"] = pruning.pool_record
     overrides = components.scheduler.train_overrides()
     runner = Runner(pruning, plan, report, overrides)
     if saved is not None:

@@ -71,8 +71,14 @@ def markdown(report: dict[str, Any]) -> str:
     dense = report.get("dense", {})
     if dense:
         lines.append(f"- **prunable weights**: {dense.get('prunable')} of {dense.get('params')}")
+    pool = report.get("pruning_data")
+    if pool and pool.get("train_fraction", 1.0) < 1.0:
+        lines.append(f"- **pruning data**: {pool['samples']} of {pool['of']} training samples "
+                     f"(fraction {pool['train_fraction']:g}, seed {pool['seed']}; fine-tuning "
+                     f"on {pool.get('finetune', 'all')})")
     lines += ["", table(report), ""]
     steps = report.get("steps", [])
+    lines += safeguard_table(steps)
     if steps:
         last = steps[-1]
         lines += [f"## Layers at step {last['index']}", "", "| parameter | weights | sparsity |",
@@ -91,6 +97,27 @@ def markdown(report: dict[str, Any]) -> str:
     if not report.get("finished"):
         lines.append("_Run in progress or interrupted._\n")
     return "\n".join(lines)
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def safeguard_table(steps: list[dict[str, Any]]) -> list[str]:
+    """Each pruning (sub-)step's damp, alpha and loss increases, as Markdown lines."""
+    rows = [(s["index"], r) for s in steps for r in s.get("safeguard", [])]
+    if not rows:
+        return []
+    lines = ["## Update safeguard", "",
+             "Loss increases on the calibration batch (training split); predicted by the "
+             "quadratic model.", "",
+             "| step | target | damp | mask | alpha | predicted increase | actual increase |",
+             "|---:|---:|---:|---|---:|---:|---:|"]
+    lines += [f"| {i} | {r['target_sparsity']:.2%} | {_number(r['damp'], '.3g')} | "
+              f"{r.get('mask', 'scores')} | {_number(r['alpha'], 'g')} | "
+              f"{_number(r['predicted_increase'], '.4g')} | "
+              f"{_number(r['actual_increase'], '.4g')} |" for i, r in rows]
+    return [*lines, ""]
 
 
 def pyplot():

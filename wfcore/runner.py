@@ -69,7 +69,7 @@ class Runner:
     def make_trainer(self, segment: int) -> Trainer:
         p = self.p
         self.segment = segment
-        return Trainer(p.model, p.data.train, self.train_cfg,
+        return Trainer(p.model, p.finetune_data, self.train_cfg,
                        epochs=self.segment_epochs(segment), batch_size=self.cfg.data.batch_size,
                        loss_fn=p.loss_fn, device=p.device, seed=self.cfg.seed + 1000 + segment,
                        masks=p.masks, num_workers=self.cfg.data.num_workers,
@@ -179,8 +179,7 @@ class Runner:
                 if self.trainer is not None:
                     self.trainer.close()
                 self.trainer = None
-            for target in step.substeps:
-                p.prune_to(target, self.timings)
+            pos["safeguard"] = [p.prune_to(target, self.timings) for target in step.substeps]
             if self.trainer is not None:  # no momentum may revive a pruned weight
                 p.masks.zero_optimizer_state(self.trainer.optimizer)
             pos["pruned"], self.metrics = True, None
@@ -195,6 +194,7 @@ class Runner:
         record = {"index": step.index, "target_sparsity": step.target_sparsity,
                   "sparsity": p.masks.sparsity(), "accuracy": metrics["accuracy"],
                   "loss": metrics["loss"], "epoch": pos["epoch"],
+                  "safeguard": pos.pop("safeguard", []),
                   "timings": {k: round(v, 4) for k, v in self.timings.items()},
                   "layers": p.masks.layer_sparsity()}
         files.save_torch(self.run_dir / f"model_step{step.index}.pt", p.model_state())
