@@ -176,25 +176,38 @@ def add_speedups(timings: list[Timing], dense_label: str) -> None:
             t.speedup = round(t.items_per_s / base[t.batch_size], 3)
 
 
-def bench(path: str | Path, *, dense: str | Path | None = None, batch_size: int = 1,
-          engines: tuple[str, ...] | list[str] = ENGINES,
+def is_quantized(proto: Any) -> bool:
+    """Whether the ONNX model holds quantized operators (an INT8 export, or any QDQ model)."""
+    ops = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm",
+           "ConvInteger", "MatMulInteger"}
+    return any(node.op_type in ops for node in proto.graph.node)
+
+
+def bench(path: str | Path | list[str | Path], *, dense: str | Path | None = None,
+          batch_size: int = 1, engines: tuple[str, ...] | list[str] = ENGINES,
           torch_models: dict[str, nn.Module] | None = None, **kwargs: Any) -> list[Timing]:
-    """Time ``path`` (and ``dense``) on every installed engine in ``engines``.
+    """Time ``path`` (one ONNX file or several, e.g. a float and an INT8 export) and
+    ``dense`` on every installed engine in ``engines``, in one run.
 
     ``torch_models``: {file path: module} for the torch engine; without one, an ONNX file
-    that ``wfcore export`` wrote is rebuilt from its run, and any other is skipped.
+    that ``wfcore export`` wrote is rebuilt from its run, and any other is skipped. An INT8
+    model has no PyTorch counterpart: the torch engine skips it.
     """
     if batch_size < 1:
         raise WfcoreError(f"batch size must be at least 1, got {batch_size}")
-    paths = [Path(path)] + ([Path(dense)] if dense else [])
-    for p in paths:
-        read_onnx(p)
+    paths = [Path(p) for p in (path if isinstance(path, list | tuple) else [path])]
+    paths += [Path(dense)] if dense else []
+    quantized = {p: is_quantized(read_onnx(p)) for p in paths}
     torch_models = {str(Path(k)): v for k, v in (torch_models or {}).items()}
     out: list[Timing] = []
     for p in paths:
         for engine in available(engines):
             model = None
             if engine == "torch":
+                if quantized[p]:
+                    log.info("torch: skipped for %s: an INT8 model has no PyTorch counterpart",
+                             p.name)
+                    continue
                 model = torch_models.get(str(p)) or torch_model_for(p)
                 if model is None:
                     log.warning("torch: skipped for %s: it does not name a wfcore run "
@@ -221,7 +234,7 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
 
     shape = input_shape(proto, 1)[1:]
     num_classes = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-    _, model, _, _ = rebuild(Path(run_dir), (shape, num_classes))
+    model = rebuild(Path(run_dir), (shape, num_classes)).model
     load_state(model, Path(state), "torch engine")
     return model.eval()
 

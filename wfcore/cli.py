@@ -52,13 +52,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from wfcore.export.onnx import export_run
 
     result = export_run(args.run_dir, step=args.step, output=args.output,
-                        sparsity=args.sparsity)
+                        sparsity=args.sparsity, quantize=args.quantize)
     for kind in ("sparse", "dense"):
         if kind in result:
             r = result[kind]
             print(f"{kind:<6} {r['path']}: sparsity {r['sparsity']:.4f}, zeros kept "
                   f"{r['zeros']['kept_zeros']}/{r['zeros']['torch_zeros']}, ONNX Runtime max "
                   f"|diff| {r['parity']['max_abs_diff']:.2g}")
+            q = r.get("quantized")
+            if q:
+                print(f"{'':<6} {q['path']}: INT8 ({q['format']}, {q['calibration_samples']} "
+                      f"training samples calibrate), integer zeros kept "
+                      f"{q['zeros']['kept_zeros']}/{q['zeros']['torch_zeros']}, top-1 "
+                      f"{q['top1']:.2%} (float {r['top1']:.2%}, ONNX Runtime, test set)")
     return 0
 
 
@@ -67,7 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from wfcore.export.bench import bench, format_table
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    timings = bench(args.model, dense=args.dense, batch_size=args.batch_size, engines=engines,
+    timings = bench(list(args.model), dense=args.dense, batch_size=args.batch_size, engines=engines,
                     warmup=args.warmup, runs=args.runs, threads=args.threads)
     print(format_table(timings))
     if args.json:
@@ -137,10 +143,15 @@ def parser() -> argparse.ArgumentParser:
                         help="or the last step with this target sparsity (e.g. 0.9)")
     export.add_argument("-o", "--output", help="the ONNX file (default: RUN_DIR/"
                         "model_step<N>.onnx); dense.onnx is written beside it")
+    export.add_argument("--quantize", choices=("none", "int8"),
+                        help="int8: also write <name>.int8.onnx beside each model, statically "
+                        "quantized on training samples with the zeros kept (default: the "
+                        "run's export.quantize)")
 
     bench = sub.add_parser("bench", help="time an ONNX model on DeepSparse, ONNX Runtime "
                            "and PyTorch")
-    bench.add_argument("model", help="the (sparse) ONNX model")
+    bench.add_argument("model", nargs="+", help="the (sparse) ONNX models, e.g. a float "
+                       "and an INT8 export, timed in one run")
     bench.add_argument("--dense", help="the dense ONNX model: speed-ups are against it on "
                        "ONNX Runtime")
     bench.add_argument("--batch-size", type=int, default=1, help="items per batch")

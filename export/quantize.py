@@ -1,0 +1,243 @@
+"""INT8 static quantization of an exported ONNX model, with the pruned zeros kept.
+
+ONNX Runtime's ``quantize_static`` rewrites a float ONNX file (one that passed the
+exporter's checks) into an INT8 one:
+
+- weights per output channel, symmetric, signed int8: the zero point is 0, so a weight
+  that is 0.0 in PyTorch is exactly the integer 0 in the file (and a sparse engine still
+  sees the zeros);
+- activations unsigned int8 (asymmetric), their ranges calibrated (MinMax) by running a
+  stated number of **training** samples through the float model; the test set is never
+  used for calibration;
+- ``qdq`` format (QuantizeLinear / DequantizeLinear around the float operators, which
+  both DeepSparse and ONNX Runtime fuse into integer kernels) or ``qoperator``
+  (QLinearConv, QGemm ...).
+
+Two checks follow, and the file is written under its name only if both pass: every
+PyTorch zero is an integer 0 in the quantized initializers (the zero check of
+export/checks.py, which follows DequantizeLinear back to the int8 initializer), and
+every weight's zero point is 0. ``onnx_top1`` measures the top-1 accuracy of an ONNX file
+with ONNX Runtime, for the float and the INT8 model side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from wfcore.errors import WfcoreError
+
+from . import checks
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "int8")
+FORMATS = ("qdq", "qoperator")
+INSTALL = "pip install 'onnxruntime>=1.16' 'ml_dtypes>=0.5'"
+
+
+# onnx < 1.16 (DeepSparse 1.8 pins onnx < 1.15) lacks these TensorProto data types, which
+# onnxruntime's quantization tools name at import; they use them for 4-bit types only.
+# Their numbers are onnx's own (onnx.proto: UINT4 = 21, INT4 = 22).
+MISSING_ONNX_TYPES = {"UINT4": 21, "INT4": 22}
+
+
+def quantization_tools() -> Any:
+    """``onnxruntime.quantization``; a missing piece is refused in one line."""
+    from onnx import TensorProto
+
+    for name, value in MISSING_ONNX_TYPES.items():
+        if not hasattr(TensorProto, name):
+            setattr(TensorProto, name, value)
+    try:
+        import onnxruntime.quantization as ortq
+    except ImportError as exc:  # e.g. ml_dtypes, which the quantization tools import
+        raise WfcoreError(f"INT8 quantization needs onnxruntime's quantization tools, which "
+                          f"cannot be imported ({exc}); install them: {INSTALL}") from None
+    return ortq
+
+
+def calibration_inputs(dataset: Dataset, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` inputs drawn (seeded, without replacement) from ``dataset``: (count, ...)."""
+    if count < 1:
+        raise WfcoreError(f"calibration needs at least 1 sample, got {count}")
+    if count > len(dataset):
+        raise WfcoreError(f"calibration asks for {count} samples, but the training set holds "
+                          f"{len(dataset)}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    picked = Subset(dataset, order[:count].tolist())
+    batches = [x for x, _ in DataLoader(picked, batch_size=64)]
+    return torch.cat(batches).float().numpy()
+
+
+def _reader(ortq: Any, inputs: np.ndarray, input_name: str, batch_size: int) -> Any:
+    """A CalibrationDataReader over ``inputs`` in batches, with a progress bar."""
+
+    class ArrayReader(ortq.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches: Iterator[np.ndarray] = iter(
+                tqdm([inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)],
+                     desc="calibration", unit="batch", leave=False))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: np.ascontiguousarray(batch)}
+
+    return ArrayReader()
+
+
+def unshare_initializers(proto: Any) -> int:
+    """Replace each Identity of an initializer by a copy of it, in place; returns how many.
+
+    The TorchScript exporter shares identical initializers (e.g. the zero biases that
+    BatchNorm folding leaves) through Identity nodes; the quantizer needs every weight and
+    bias to be an initializer of its own, since each gets its own scale.
+    """
+    inits = {i.name: i for i in proto.graph.initializer}
+    copies = []
+    for node in proto.graph.node:
+        source = inits.get(node.input[0]) if node.op_type == "Identity" else None
+        if source is not None:
+            copy = type(source)()
+            copy.CopyFrom(source)
+            copy.name = node.output[0]
+            inits[copy.name] = copy
+            copies.append(node)
+    for node in copies:
+        proto.graph.node.remove(node)
+        proto.graph.initializer.append(inits[node.output[0]])
+    return len(copies)
+
+
+def weight_zero_points(proto: Any, mapped: dict[str, checks.Mapped]) -> dict[str, int]:
+    """{parameter: largest |zero point|} of each mapped weight's quantization (0 = symmetric)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    zero_point_of: dict[str, str] = {}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) > 2:
+            zero_point_of[node.input[0]] = node.input[2]
+        elif node.op_type in checks.QUANTIZED_WEIGHT_OPS and len(node.input) > 5:
+            zero_point_of[node.input[3]] = node.input[5]  # (x, x_s, x_zp, w, w_s, w_zp, ...)
+    out = {}
+    for name, m in mapped.items():
+        zp = zero_point_of.get(m.initializer)
+        if zp is None or zp not in inits:
+            raise WfcoreError(f"INT8 check: no zero point found for weight '{name}' "
+                              f"(initializer '{m.initializer}')")
+        out[name] = int(np.abs(numpy_helper.to_array(inits[zp]).astype(np.int64)).max())
+    return out
+
+
+def check_quantized(proto: Any, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Zero check on the integer initializers, plus symmetric (zero point 0) weights."""
+    table = checks.check_zeros(proto, params)
+    inits = {i.name: i.data_type for i in proto.graph.initializer}
+    from onnx import TensorProto
+
+    floats = [r["param"] for r in table["rows"]
+              if inits[r["initializer"]] not in (TensorProto.INT8, TensorProto.UINT8)]
+    if floats:
+        raise WfcoreError(f"INT8 check: {len(floats)} weights are not stored as 8-bit integers "
+                          f"in the quantized file, e.g. '{floats[0]}'")
+    zero_points = weight_zero_points(proto, checks.map_weights(proto, params))
+    shifted = [n for n, zp in zero_points.items() if zp != 0]
+    if shifted:
+        raise WfcoreError(f"INT8 check: weight '{shifted[0]}' is quantized with a non-zero "
+                          f"zero point, so its pruned weights are not the integer 0")
+    return table
+
+
+def quantize_int8(float_path: str | Path, path: str | Path, calibration: np.ndarray,
+                  params: dict[str, torch.Tensor], fmt: str = "qdq",
+                  batch_size: int = 16, metadata: dict[str, str] | None = None
+                  ) -> dict[str, Any]:
+    """Write the INT8 model of ``float_path`` to ``path`` and check it (see module doc).
+
+    ``calibration``: (N, ...) float inputs, training samples; ``params``: the PyTorch
+    weights whose zeros must be integer zeros. Returns the checks for the report.
+    """
+    import onnx
+
+    if fmt not in FORMATS:
+        raise WfcoreError(f"unknown quantization format '{fmt}'; choose from "
+                          f"{', '.join(FORMATS)}")
+    ortq = quantization_tools()
+    float_path, path = Path(float_path), Path(path)
+    source = onnx.load(str(float_path))
+    unshare_initializers(source)
+    input_name = source.graph.input[0].name
+    tmp = path.with_name(f".{path.stem}.unchecked.onnx")
+    ortq.quantize_static(
+        source, str(tmp), _reader(ortq, calibration, input_name, batch_size),
+        quant_format=ortq.QuantFormat.QDQ if fmt == "qdq" else ortq.QuantFormat.QOperator,
+        per_channel=True, reduce_range=False,
+        activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
+        calibrate_method=ortq.CalibrationMethod.MinMax,
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    proto = onnx.load(str(tmp))
+    if metadata:
+        for key, value in metadata.items():
+            proto.metadata_props.add(key=f"wfcore.{key}", value=str(value))
+    proto.metadata_props.add(key="wfcore.quantize", value=f"int8-{fmt}")
+    onnx.save(proto, str(tmp))
+    try:
+        table = check_quantized(proto, params)
+        _runs_on_onnxruntime(str(tmp), calibration[:1])
+    except WfcoreError as exc:
+        failed = tmp.replace(path.with_name(f"{path.stem}.failed.onnx"))
+        raise WfcoreError(f"{path}: {exc} (the quantized model is kept as {failed})") from None
+    tmp.replace(path)
+    log.info("quantized %s: INT8 %s, %d calibration samples, %d/%d weights integer zero "
+             "(all PyTorch zeros kept)", path, fmt, len(calibration), table["onnx_zeros"],
+             table["numel"])
+    return {
+        "path": str(path),
+        "format": fmt,
+        "weights": "int8, per channel, symmetric (zero point 0)",
+        "activations": "uint8, per tensor, MinMax",
+        "calibration_samples": int(len(calibration)),
+        "zeros": {k: table[k] for k in ("numel", "torch_zeros", "onnx_zeros", "kept_zeros")},
+        "initializers": table["rows"],
+    }
+
+
+def _runs_on_onnxruntime(path: str, x: np.ndarray) -> None:
+    """ONNX Runtime loads the quantized file and gives finite outputs on ``x``."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        out = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
+    except Exception as exc:
+        raise WfcoreError(f"ONNX Runtime cannot run the quantized model: "
+                          f"{str(exc).splitlines()[0][:160]}") from None
+    if not np.isfinite(out).all():
+        raise WfcoreError("ONNX Runtime gives non-finite outputs for the quantized model")
+
+
+def onnx_top1(path: str | Path, dataset: Dataset, batch_size: int = 64,
+              threads: int | None = None) -> float:
+    """Top-1 accuracy of the ONNX model at ``path`` on ``dataset``, run by ONNX Runtime."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    correct = total = 0
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"top-1 {Path(path).name}",
+                     unit="batch", leave=False):
+        logits = session.run(None, {name: x.float().numpy()})[0]
+        correct += int((logits.argmax(1) == np.asarray(y)).sum())
+        total += len(y)
+    return correct / max(total, 1)
