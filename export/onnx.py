@@ -48,7 +48,9 @@ class OnnxOptions:
     # INT8: none, or int8 = also write <name>.int8.onnx beside each export, statically
     # quantized with its zeros kept (export/quantize.py), and its top-1 in the report
     quantize: str = "none"
-    quantize_format: str = "qdq"  # qdq | qoperator; qdq: ONNX's portable form (see README)
+    # the engine the INT8 file is laid out for: onnxruntime (QDQ, per-channel weights) |
+    # deepsparse (QLinearConv etc., per-tensor weights: all DeepSparse 1.8 compiles)
+    quantize_for: str = "onnxruntime"
     calibration_samples: int = 256  # training samples (never test) calibrating activations
 
     def validate(self) -> None:
@@ -61,9 +63,9 @@ class OnnxOptions:
         if self.quantize not in quantize_module.MODES:
             raise ValueError(f"quantize must be one of {', '.join(quantize_module.MODES)}, "
                              f"got '{self.quantize}'")
-        if self.quantize_format not in quantize_module.FORMATS:
-            raise ValueError(f"quantize_format must be one of "
-                             f"{', '.join(quantize_module.FORMATS)}, got '{self.quantize_format}'")
+        if self.quantize_for not in quantize_module.LAYOUTS:
+            raise ValueError(f"quantize_for must be one of "
+                             f"{', '.join(quantize_module.LAYOUTS)}, got '{self.quantize_for}'")
         if self.calibration_samples < 1:
             raise ValueError("calibration_samples must be at least 1")
 
@@ -164,7 +166,7 @@ def export_int8(result: dict[str, Any], params: dict[str, torch.Tensor],
     calibration = quantize_module.calibration_inputs(data.train, options.calibration_samples,
                                                      seed)
     quantized = quantize_module.quantize_int8(result["path"], int8_path(result["path"]),
-                                              calibration, params, options.quantize_format,
+                                              calibration, params, options.quantize_for,
                                               metadata=metadata)
     result["top1"] = quantize_module.onnx_top1(result["path"], data.test)
     quantized["top1"] = quantize_module.onnx_top1(quantized["path"], data.test)

@@ -3,27 +3,35 @@
 ONNX Runtime's ``quantize_static`` rewrites a float ONNX file (one that passed the
 exporter's checks) into an INT8 one:
 
-- weights per output channel, symmetric, signed int8: the zero point is 0, so a weight
-  that is 0.0 in PyTorch is exactly the integer 0 in the file (and a sparse engine still
-  sees the zeros);
+- weights symmetric, signed int8: the zero point is 0, so a weight that is 0.0 in
+  PyTorch is exactly the integer 0 in the file (and a sparse engine still sees the zeros);
 - activations unsigned int8 (asymmetric), their ranges calibrated (MinMax) by running a
   stated number of **training** samples through the float model; the test set is never
-  used for calibration;
-- ``qdq`` format (QuantizeLinear / DequantizeLinear around the float operators, which
-  both DeepSparse and ONNX Runtime fuse into integer kernels) or ``qoperator``
-  (QLinearConv, QGemm ...).
+  used for calibration.
+
+The file is laid out for one engine (``LAYOUTS``):
+
+- ``onnxruntime``: QDQ (QuantizeLinear / DequantizeLinear around the float operators,
+  which ONNX Runtime fuses into integer kernels), weights per output channel, every
+  operator the quantizer knows. ONNX's portable form, and the more accurate one.
+- ``deepsparse``: what DeepSparse 1.8 compiles. It runs no QDQ graph and no per-channel
+  weights (``Engine.fraction_of_supported_ops`` is 0.0 for both: every node would fall
+  back to its bundled ONNX Runtime) and not the contrib QGemm; it does compile QLinearConv,
+  QLinearAdd, QLinearMatMul and the quantized pools with per-tensor weights (1.0). So:
+  operator format, weights per tensor, those operators only (a Gemm stays float).
 
 Two checks follow, and the file is written under its name only if both pass: every
-PyTorch zero is an integer 0 in the quantized initializers (the zero check of
-export/checks.py, which follows DequantizeLinear back to the int8 initializer), and
-every weight's zero point is 0. ``onnx_top1`` measures the top-1 accuracy of an ONNX file
-with ONNX Runtime, for the float and the INT8 model side by side.
+PyTorch zero is still zero in the quantized file, an integer 0 for every weight stored
+as int8 (the zero check of export/checks.py, which follows DequantizeLinear back to the
+int8 initializer), and every int8 weight's zero point is 0. ``onnx_top1`` measures the
+top-1 accuracy of an ONNX file with ONNX Runtime, for the float and the INT8 model.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +47,23 @@ from . import checks
 log = logging.getLogger(__name__)
 
 MODES = ("none", "int8")
-FORMATS = ("qdq", "qoperator")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an INT8 file is laid out for one engine (see the module doc)."""
+
+    qdq: bool  # QuantizeLinear/DequantizeLinear pairs, else quantized operators (QLinearConv)
+    per_channel: bool  # one weight scale per output channel, else one per tensor
+    ops: tuple[str, ...] | None  # the operators quantized; None = all the quantizer knows
+
+
+LAYOUTS = {
+    "onnxruntime": Layout(qdq=True, per_channel=True, ops=None),
+    "deepsparse": Layout(qdq=False, per_channel=False,
+                         ops=("Conv", "Add", "MatMul", "GlobalAveragePool", "MaxPool",
+                              "AveragePool")),
+}
 INSTALL = "pip install 'onnxruntime>=1.16' 'ml_dtypes>=0.5'"
 
 
@@ -138,38 +162,45 @@ def weight_zero_points(proto: Any, mapped: dict[str, checks.Mapped]) -> dict[str
 
 
 def check_quantized(proto: Any, params: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Zero check on the integer initializers, plus symmetric (zero point 0) weights."""
-    table = checks.check_zeros(proto, params)
-    inits = {i.name: i.data_type for i in proto.graph.initializer}
+    """The zero check on the quantized file; every int8 weight symmetric (zero point 0).
+
+    Returns the zero check's table, each row with ``int8`` (the weight is stored as 8-bit
+    integers, so its zeros are integer zeros) and ``int8_weights`` (how many are).
+    """
     from onnx import TensorProto
 
-    floats = [r["param"] for r in table["rows"]
-              if inits[r["initializer"]] not in (TensorProto.INT8, TensorProto.UINT8)]
-    if floats:
-        raise WfcoreError(f"INT8 check: {len(floats)} weights are not stored as 8-bit integers "
-                          f"in the quantized file, e.g. '{floats[0]}'")
-    zero_points = weight_zero_points(proto, checks.map_weights(proto, params))
-    shifted = [n for n, zp in zero_points.items() if zp != 0]
+    table = checks.check_zeros(proto, params)
+    dtypes = {i.name: i.data_type for i in proto.graph.initializer}
+    for r in table["rows"]:
+        r["int8"] = dtypes[r["initializer"]] in (TensorProto.INT8, TensorProto.UINT8)
+    mapped = checks.map_weights(proto, params)
+    int8 = {n: m for n, m in mapped.items() if dtypes[m.initializer] in
+            (TensorProto.INT8, TensorProto.UINT8)}
+    if not int8:
+        raise WfcoreError("INT8 check: no weight is stored as 8-bit integers")
+    shifted = [n for n, zp in weight_zero_points(proto, int8).items() if zp != 0]
     if shifted:
         raise WfcoreError(f"INT8 check: weight '{shifted[0]}' is quantized with a non-zero "
                           f"zero point, so its pruned weights are not the integer 0")
+    table["int8_weights"] = sum(r["numel"] for r in table["rows"] if r["int8"])
     return table
 
 
 def quantize_int8(float_path: str | Path, path: str | Path, calibration: np.ndarray,
-                  params: dict[str, torch.Tensor], fmt: str = "qdq",
+                  params: dict[str, torch.Tensor], layout: str = "onnxruntime",
                   batch_size: int = 16, metadata: dict[str, str] | None = None
                   ) -> dict[str, Any]:
     """Write the INT8 model of ``float_path`` to ``path`` and check it (see module doc).
 
     ``calibration``: (N, ...) float inputs, training samples; ``params``: the PyTorch
-    weights whose zeros must be integer zeros. Returns the checks for the report.
+    weights whose zeros must stay zeros; ``layout``: a key of ``LAYOUTS``. Returns the
+    checks for the report.
     """
     import onnx
 
-    if fmt not in FORMATS:
-        raise WfcoreError(f"unknown quantization format '{fmt}'; choose from "
-                          f"{', '.join(FORMATS)}")
+    if layout not in LAYOUTS:
+        raise WfcoreError(f"unknown INT8 layout '{layout}'; choose from {', '.join(LAYOUTS)}")
+    how = LAYOUTS[layout]
     ortq = quantization_tools()
     float_path, path = Path(float_path), Path(path)
     source = onnx.load(str(float_path))
@@ -178,16 +209,15 @@ def quantize_int8(float_path: str | Path, path: str | Path, calibration: np.ndar
     tmp = path.with_name(f".{path.stem}.unchecked.onnx")
     ortq.quantize_static(
         source, str(tmp), _reader(ortq, calibration, input_name, batch_size),
-        quant_format=ortq.QuantFormat.QDQ if fmt == "qdq" else ortq.QuantFormat.QOperator,
-        per_channel=True, reduce_range=False,
+        quant_format=ortq.QuantFormat.QDQ if how.qdq else ortq.QuantFormat.QOperator,
+        op_types_to_quantize=list(how.ops) if how.ops else None,
+        per_channel=how.per_channel, reduce_range=False,
         activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
         calibrate_method=ortq.CalibrationMethod.MinMax,
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     proto = onnx.load(str(tmp))
-    if metadata:
-        for key, value in metadata.items():
-            proto.metadata_props.add(key=f"wfcore.{key}", value=str(value))
-    proto.metadata_props.add(key="wfcore.quantize", value=f"int8-{fmt}")
+    for key, value in {**(metadata or {}), "quantize": f"int8-{layout}"}.items():
+        proto.metadata_props.add(key=f"wfcore.{key}", value=str(value))
     onnx.save(proto, str(tmp))
     try:
         table = check_quantized(proto, params)
@@ -196,15 +226,18 @@ def quantize_int8(float_path: str | Path, path: str | Path, calibration: np.ndar
         failed = tmp.replace(path.with_name(f"{path.stem}.failed.onnx"))
         raise WfcoreError(f"{path}: {exc} (the quantized model is kept as {failed})") from None
     tmp.replace(path)
-    log.info("quantized %s: INT8 %s, %d calibration samples, %d/%d weights integer zero "
-             "(all PyTorch zeros kept)", path, fmt, len(calibration), table["onnx_zeros"],
-             table["numel"])
+    path.with_name(f"{path.stem}.failed.onnx").unlink(missing_ok=True)
+    log.info("quantized %s: INT8 for %s, %d calibration samples, %d/%d weights int8, "
+             "all %d PyTorch zeros kept", path, layout, len(calibration),
+             table["int8_weights"], table["numel"], table["torch_zeros"])
     return {
         "path": str(path),
-        "format": fmt,
-        "weights": "int8, per channel, symmetric (zero point 0)",
+        "layout": layout,
+        "weights": "int8, symmetric (zero point 0), per "
+                   + ("channel" if how.per_channel else "tensor"),
         "activations": "uint8, per tensor, MinMax",
         "calibration_samples": int(len(calibration)),
+        "int8_weights": table["int8_weights"],
         "zeros": {k: table[k] for k in ("numel", "torch_zeros", "onnx_zeros", "kept_zeros")},
         "initializers": table["rows"],
     }

@@ -61,7 +61,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                   f"|diff| {r['parity']['max_abs_diff']:.2g}")
             q = r.get("quantized")
             if q:
-                print(f"{'':<6} {q['path']}: INT8 ({q['format']}, {q['calibration_samples']} "
+                print(f"{'':<6} {q['path']}: INT8 for {q['layout']} ({q['calibration_samples']} "
                       f"training samples calibrate), integer zeros kept "
                       f"{q['zeros']['kept_zeros']}/{q['zeros']['torch_zeros']}, top-1 "
                       f"{q['top1']:.2%} (float {r['top1']:.2%}, ONNX Runtime, test set)")
