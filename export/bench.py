@@ -239,6 +239,30 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
     return model.eval()
 
 
+def describe(path: str | Path) -> str:
+    """What an ONNX file holds, for a summary line: the run's model and data set when the
+    file comes from a run (its metadata or the run directory it sits in), else its name."""
+    from omegaconf import OmegaConf
+
+    meta = {p.key: p.value for p in read_onnx(path).metadata_props}
+    run_dir = Path(meta.get("wfcore.run_dir") or Path(path).parent)
+    try:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        return f"{cfg.model.name} on {cfg.data.name} ({run_dir})"
+    except Exception:  # not a run: any file, any directory
+        return Path(path).name
+
+
+def summary(timings: list[Timing], dense: str | Path) -> str:
+    """One line: the fastest non-dense model against dense float32 ONNX Runtime."""
+    others = [t for t in timings if t.model != str(Path(dense)) and t.speedup is not None]
+    if not others:
+        return ""
+    best = max(others, key=lambda t: t.speedup or 0.0)
+    return (f"fastest: {Path(best.model).name} on {best.engine}, {best.speedup:.2f}x dense "
+            f"float32 ONNX Runtime at batch {best.batch_size}; model: {describe(best.model)}")
+
+
 def format_table(timings: list[Timing]) -> str:
     """The timings as fixed-width text, one line per model and engine."""
     head = (f"{'model':<28} {'engine':<12} {'batch':>5} {'median ms':>10} {'p90 ms':>9} "

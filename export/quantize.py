@@ -88,6 +88,14 @@ def quantization_tools() -> Any:
     return ortq
 
 
+class _NoPreprocessingAdvice(logging.Filter):
+    """Drops the quantizer's advice to pre-process: it would only optimise the graph (the
+    exporter already folds constants and BatchNorm) and names no problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+
 def calibration_inputs(dataset: Dataset, count: int, seed: int = 0) -> np.ndarray:
     """``count`` inputs drawn (seeded, without replacement) from ``dataset``: (count, ...)."""
     if count < 1:
@@ -207,14 +215,19 @@ def quantize_int8(float_path: str | Path, path: str | Path, calibration: np.ndar
     unshare_initializers(source)
     input_name = source.graph.input[0].name
     tmp = path.with_name(f".{path.stem}.unchecked.onnx")
-    ortq.quantize_static(
-        source, str(tmp), _reader(ortq, calibration, input_name, batch_size),
-        quant_format=ortq.QuantFormat.QDQ if how.qdq else ortq.QuantFormat.QOperator,
-        op_types_to_quantize=list(how.ops) if how.ops else None,
-        per_channel=how.per_channel, reduce_range=False,
-        activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
-        calibrate_method=ortq.CalibrationMethod.MinMax,
-        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    advice = _NoPreprocessingAdvice()
+    logging.getLogger().addFilter(advice)  # the quantizer logs on the root logger
+    try:
+        ortq.quantize_static(
+            source, str(tmp), _reader(ortq, calibration, input_name, batch_size),
+            quant_format=ortq.QuantFormat.QDQ if how.qdq else ortq.QuantFormat.QOperator,
+            op_types_to_quantize=list(how.ops) if how.ops else None,
+            per_channel=how.per_channel, reduce_range=False,
+            activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
+            calibrate_method=ortq.CalibrationMethod.MinMax,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    finally:
+        logging.getLogger().removeFilter(advice)
     proto = onnx.load(str(tmp))
     for key, value in {**(metadata or {}), "quantize": f"int8-{layout}"}.items():
         proto.metadata_props.add(key=f"wfcore.{key}", value=str(value))

@@ -70,12 +70,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from wfcore import files
-    from wfcore.export.bench import bench, format_table
+    from wfcore.export.bench import bench, format_table, summary
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     timings = bench(list(args.model), dense=args.dense, batch_size=args.batch_size, engines=engines,
                     warmup=args.warmup, runs=args.runs, threads=args.threads)
     print(format_table(timings))
+    if args.dense and summary(timings, args.dense):
+        print(summary(timings, args.dense))
     if args.json:
         files.write_json(args.json, [t.as_dict() for t in timings])
     return 0
