@@ -248,7 +248,9 @@ def describe(path: str | Path) -> str:
     run_dir = Path(meta.get("wfcore.run_dir") or Path(path).parent)
     try:
         cfg = OmegaConf.load(run_dir / "config.yaml")
-        return f"{cfg.model.name} on {cfg.data.name} ({run_dir})"
+        untrained = not cfg.model.checkpoint and cfg.train.epochs == 0
+        return (f"{cfg.model.name}{' with random weights' if untrained else ''} on "
+                f"{cfg.data.name} ({run_dir})")
     except Exception:  # not a run: any file, any directory
         return Path(path).name
 

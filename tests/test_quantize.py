@@ -161,3 +161,22 @@ def test_bad_quantize_options_name_the_key(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "export" in err and "quantize" in err
+
+
+def test_deepsparse_compiles_all_of_the_deepsparse_layout_and_none_of_qdq(tmp_path):
+    """Why two layouts: DeepSparse 1.8 runs no QDQ graph itself (its bundled ONNX Runtime
+    does), but all of the operator layout with per-tensor weights."""
+    deepsparse = pytest.importorskip("deepsparse")
+    torch.manual_seed(0)
+    model = MnistCNN().eval()
+    export_checked(model, torch.randn(1, 1, 28, 28), tmp_path / "cnn.onnx")
+    calibration = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)).numpy()
+    supported = {}
+    for layout in quantize.LAYOUTS:
+        path = tmp_path / f"cnn.{layout}.onnx"
+        quantize.quantize_int8(tmp_path / "cnn.onnx", path, calibration,
+                               conv_linear_weights(model), layout)
+        engine = deepsparse.Engine(model=str(path), batch_size=1, num_cores=1)
+        supported[layout] = engine.fraction_of_supported_ops
+        del engine
+    assert supported == {"onnxruntime": 0.0, "deepsparse": 1.0}
