@@ -18,7 +18,8 @@ The file is laid out for one engine (``LAYOUTS``):
   weights (``Engine.fraction_of_supported_ops`` is 0.0 for both: every node would fall
   back to its bundled ONNX Runtime) and not the contrib QGemm; it does compile QLinearConv,
   QLinearAdd, QLinearMatMul and the quantized pools with per-tensor weights (1.0). So:
-  operator format, weights per tensor, those operators only (a Gemm stays float).
+  operator format, weights per tensor, those operators only, each Gemm rewritten as
+  MatMul + Add first so that it becomes a QLinearMatMul.
 
 Two checks follow, and the file is written under its name only if both pass: every
 PyTorch zero is still zero in the quantized file, an integer 0 for every weight stored
@@ -56,13 +57,14 @@ class Layout:
     qdq: bool  # QuantizeLinear/DequantizeLinear pairs, else quantized operators (QLinearConv)
     per_channel: bool  # one weight scale per output channel, else one per tensor
     ops: tuple[str, ...] | None  # the operators quantized; None = all the quantizer knows
+    matmul: bool = False  # rewrite Gemm as MatMul + Add first (QLinearMatMul, not QGemm)
 
 
 LAYOUTS = {
     "onnxruntime": Layout(qdq=True, per_channel=True, ops=None),
     "deepsparse": Layout(qdq=False, per_channel=False,
                          ops=("Conv", "Add", "MatMul", "GlobalAveragePool", "MaxPool",
-                              "AveragePool")),
+                              "AveragePool"), matmul=True),
 }
 INSTALL = "pip install 'onnxruntime>=1.16' 'ml_dtypes>=0.5'"
 
@@ -148,6 +150,43 @@ def unshare_initializers(proto: Any) -> int:
     return len(copies)
 
 
+def gemm_to_matmul(proto: Any) -> int:
+    """Rewrite each plain Gemm (Y = A B^T + C, B an initializer) as MatMul then Add, in place,
+    with B stored transposed; returns how many. DeepSparse compiles QLinearMatMul, not QGemm.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    nodes = list(proto.graph.node)
+    done = 0
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(weight.T.copy(),
+                                                                  node.input[1]))
+        scope = node.name.rsplit("/", 1)[0] if "/" in node.name else node.name
+        at = list(proto.graph.node).index(node)
+        proto.graph.node.remove(node)
+        if len(node.input) > 2 and node.input[2]:
+            product = f"{node.output[0]}_matmul"
+            replacement = [
+                helper.make_node("MatMul", list(node.input[:2]), [product],
+                                 name=f"{scope}/MatMul"),
+                helper.make_node("Add", [product, node.input[2]], list(node.output),
+                                 name=f"{scope}/Add")]
+        else:
+            replacement = [helper.make_node("MatMul", list(node.input[:2]), list(node.output),
+                                            name=f"{scope}/MatMul")]
+        for offset, new in enumerate(replacement):
+            proto.graph.node.insert(at + offset, new)
+        done += 1
+    return done
+
+
 def weight_zero_points(proto: Any, mapped: dict[str, checks.Mapped]) -> dict[str, int]:
     """{parameter: largest |zero point|} of each mapped weight's quantization (0 = symmetric)."""
     from onnx import numpy_helper
@@ -213,6 +252,8 @@ def quantize_int8(float_path: str | Path, path: str | Path, calibration: np.ndar
     float_path, path = Path(float_path), Path(path)
     source = onnx.load(str(float_path))
     unshare_initializers(source)
+    if how.matmul:
+        gemm_to_matmul(source)
     input_name = source.graph.input[0].name
     tmp = path.with_name(f".{path.stem}.unchecked.onnx")
     advice = _NoPreprocessingAdvice()
