@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(WF) -q export $(WFRUN) --sparsity 0.9 --quantize int8
 	@echo "ResNet-50 (torchvision, random weights: a speed test), pruned by magnitude:"
 	test -f $(SPEED)/model.int8.onnx || $(WF) -q prune configs/resnet50_speed.yaml \
-		output=$(SPEED) --force
+		output=$(SPEED) --force > /dev/null
 	$(WF) -q bench $(SPEED)/model.onnx $(SPEED)/model.int8.onnx --dense $(SPEED)/dense.onnx \
 		--batch-size 16 --engines deepsparse,onnxruntime --warmup 2 --runs 5
 

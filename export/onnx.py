@@ -317,7 +317,7 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
     result = {"step": step, "sparse": export_checked(model, example, output, options, params,
                                                      meta)}
     if options.quantize == "int8":
-        export_int8(result["sparse"], params, data, options, meta, seed=run.cfg.seed)
+        export_int8(result["sparse"], params, data, options, meta)
     if dense:
         dense_path = run_dir / "dense.pt"
         dense_model = copy.deepcopy(model)
@@ -327,7 +327,7 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
         result["dense"] = export_checked(dense_model, example, output.with_name("dense.onnx"),
                                          options, dense_params, meta)
         if options.quantize == "int8":
-            export_int8(result["dense"], dense_params, data, options, meta, seed=run.cfg.seed)
+            export_int8(result["dense"], dense_params, data, options, meta)
     record_in_report(run_dir, result)
     return result
 
