@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 DEMO := runs/demo
 WF   := NM_DISABLE_ANALYTICS=1 $(BIN)/wfcore
 WFRUN := $(DEMO)/estimator.name=woodfisher
-SPEED := $(DEMO)/resnet50
+SPEED := runs/demo-resnet50
 
 demo: $(STAMP)
 	$(WF) sweep configs/mnist_mlpnet.yaml estimator.name=magnitude,woodfisher output=$(DEMO)
