@@ -1,14 +1,18 @@
-"""CPU speed-up of sparse ResNet-50: DeepSparse, ONNX Runtime and PyTorch, side by side.
+"""CPU speed-up of sparse and sparse INT8 ResNet-50: DeepSparse, ONNX Runtime and PyTorch.
 
 torchvision resnet50 with random weights (speed does not depend on the values) is pruned
 by magnitude to each sparsity with the ``uniform`` and ``global`` allocators, exported
-with the checked ONNX exporter, and timed at each batch size on every installed engine.
-Prints one JSON object per line (model, sparsity, allocation, batch_size, engine,
-median_ms, items_per_s, plus p90_ms, runs and speedup against dense ONNX Runtime at the
-same batch size), then a summary table on stderr.
+with the checked ONNX exporter and, with ``--quantize int8``, quantized to INT8 with the
+zeros kept (export/quantize.py; calibrated on random inputs, which is all a speed test
+needs), then timed at each batch size on every installed engine, all in one run. Each
+engine times the INT8 file laid out for it: ``deepsparse`` (QLinearConv, per-tensor
+weights) on DeepSparse, ``onnxruntime`` (QDQ, per-channel) on ONNX Runtime; PyTorch has no
+INT8 counterpart. Prints one JSON object per line (model, sparsity, allocation, quantize,
+batch_size, engine, median_ms, items_per_s, plus p90_ms, runs and speedup against dense
+float32 ONNX Runtime at the same batch size), then a summary table on stderr.
 
     NM_DISABLE_ANALYTICS=1 .venv/bin/python benchmarks/cpu_speedup.py > speedup.jsonl
-    .venv/bin/python benchmarks/cpu_speedup.py --quick      # 0 and 90% uniform, batch 16
+    .venv/bin/python benchmarks/cpu_speedup.py --quick      # 0 and 95% uniform, batch 16
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 from wfcore.export import bench
 from wfcore.export.onnx import OnnxOptions, conv_linear_weights, export_checked
+from wfcore.export.quantize import quantize_int8
 from wfcore.plugins.allocators import GlobalAllocator, UniformAllocator
 
 log = logging.getLogger("cpu_speedup")
@@ -49,12 +54,16 @@ def magnitude_prune(model: nn.Module, sparsity: float, allocation: str) -> float
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="a short run: 0 and 90%% uniform, batch 16, fewer timed batches")
+                   help="a short run: 0 and 95%% uniform, batch 16, fewer timed batches")
     p.add_argument("--model", default="resnet50", help="a torchvision classifier")
     p.add_argument("--sparsities", default="0,0.8,0.9,0.95")
     p.add_argument("--allocations", default="uniform,global")
     p.add_argument("--batch-sizes", default="16,1")
     p.add_argument("--engines", default=",".join(bench.ENGINES))
+    p.add_argument("--quantize", default="none,int8",
+                   help="none (float32) and/or int8 (each sparsity also quantized)")
+    p.add_argument("--calibration-samples", type=int, default=8,
+                   help="random inputs that calibrate the INT8 activation ranges")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     p.add_argument("--runs", type=int, default=10, help="timed batches (at least)")
     p.add_argument("--min-seconds", type=float, default=3.0, help="and at least this long")
@@ -64,7 +73,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", help="where the ONNX files go (default: a temporary directory)")
     args = p.parse_args(argv)
     if args.quick:
-        args.sparsities, args.allocations, args.batch_sizes = "0,0.9", "uniform", "16"
+        args.sparsities, args.allocations, args.batch_sizes = "0,0.95", "uniform", "16"
         args.warmup, args.runs, args.min_seconds = 2, 5, 0.0
     return args
 
@@ -88,48 +97,61 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     dense = torchvision.models.get_model(args.model, weights=None).eval()
     example = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    calibration = torch.randn(args.calibration_samples, 3, 224, 224,
+                              generator=torch.Generator().manual_seed(2)).numpy()
     # Dense first, then one allocation's sparsities after another, so that the ratios that
     # matter most (uniform against dense) are timed close together.
     plan = [(0.0, "none")] if 0 in sparsities else []
     plan += [(s, a) for a in allocations for s in sparsities if s != 0]
-    models = []  # (sparsity, allocation, reached, path, module)
+    quantize = args.quantize.split(",")
+    models = []  # (sparsity, allocation, reached, quantize, {engine: path}, module)
     for sparsity, allocation in plan:
         model = copy.deepcopy(dense)
         reached = magnitude_prune(model, sparsity, allocation) if sparsity else 0.0
         path = workdir / f"{args.model}-{allocation}-{round(sparsity * 100)}.onnx"
         log.info("exporting %s (sparsity %.4f)", path.name, reached)
         export_checked(model, example, path, OnnxOptions())
-        models.append((sparsity, allocation, reached, path, model))
+        if "none" in quantize:
+            models.append((sparsity, allocation, reached, "none",
+                           dict.fromkeys(engines, path), model))
+        if "int8" in quantize:
+            params = conv_linear_weights(model)
+            int8 = {}
+            for engine in (e for e in engines if e != "torch"):  # one layout per engine
+                int8[engine] = path.with_name(f"{path.stem}.int8-{engine}.onnx")
+                quantize_int8(path, int8[engine], calibration, params, engine)
+            models.append((sparsity, allocation, reached, "int8", int8, None))
 
     records = []
     for batch_size in batch_sizes:
         base = None
-        for sparsity, allocation, reached, path, model in models:
-            for engine in engines:
+        for sparsity, allocation, reached, quantized, paths, model in models:
+            for engine, path in paths.items():
                 log.info("%s on %s, batch %d", path.name, engine, batch_size)
                 t = bench.time_engine(engine, path, batch_size, torch_model=model,
                                       warmup=args.warmup, runs=args.runs,
                                       min_seconds=args.min_seconds,
                                       max_seconds=args.max_seconds, threads=args.threads)
-                if sparsity == 0 and engine == "onnxruntime":
-                    base = t.median_ms
+                if sparsity == 0 and quantized == "none" and engine == "onnxruntime":
+                    base = t.items_per_s
                 record = {"model": args.model, "sparsity": sparsity, "allocation": allocation,
-                          "batch_size": batch_size, "engine": engine,
+                          "quantize": quantized, "batch_size": batch_size, "engine": engine,
                           "median_ms": t.median_ms, "items_per_s": t.items_per_s,
                           "p90_ms": t.p90_ms, "runs": t.runs,
                           "achieved_sparsity": round(reached, 4),
-                          "speedup": round(base / t.median_ms, 3) if base else None}
+                          "speedup": round(t.items_per_s / base, 3) if base else None}
                 records.append(record)
                 print(json.dumps(record), flush=True)
 
     wall = time.perf_counter() - started
-    lines = [f"{'sparsity':>8} {'alloc':<7} {'batch':>5} {'engine':<12} {'median ms':>10} "
-             f"{'items/s':>9} {'vs dense ORT':>12}"]
+    lines = [f"{'sparsity':>8} {'alloc':<7} {'weights':<7} {'batch':>5} {'engine':<12} "
+             f"{'median ms':>10} {'items/s':>9} {'vs dense ORT':>12}"]
     for r in records:
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        lines.append(f"{r['sparsity']:>8.2f} {r['allocation']:<7} {r['batch_size']:>5} "
-                     f"{r['engine']:<12} {r['median_ms']:>10.2f} {r['items_per_s']:>9.1f} "
-                     f"{speedup:>12}")
+        weights = "int8" if r["quantize"] == "int8" else "float32"
+        lines.append(f"{r['sparsity']:>8.2f} {r['allocation']:<7} {weights:<7} "
+                     f"{r['batch_size']:>5} {r['engine']:<12} {r['median_ms']:>10.2f} "
+                     f"{r['items_per_s']:>9.1f} {speedup:>12}")
     print("\n".join(lines) + f"\nwall time {wall:.0f} s on {os.cpu_count()} CPUs",
           file=sys.stderr)
     return 0

@@ -217,28 +217,44 @@ def add_speedups(timings: list[Timing], dense_label: str) -> None:
             t.speedup = round(t.items_per_s / base[t.batch_size], 3)
 
 
-def bench(path: str | Path, *, dense: str | Path | None = None, batch_size: int = 1,
-          engines: tuple[str, ...] | list[str] = ENGINES,
+def is_quantized(proto: Any) -> bool:
+    """Whether the ONNX model holds quantized operators (an INT8 export, or any QDQ model)."""
+    ops = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm",
+           "ConvInteger", "MatMulInteger"}
+    return any(node.op_type in ops for node in proto.graph.node)
+
+
+def bench(path: str | Path | list[str | Path], *, dense: str | Path | None = None,
+          batch_size: int = 1, engines: tuple[str, ...] | list[str] = ENGINES,
           torch_models: dict[str, nn.Module] | None = None, **kwargs: Any) -> list[Timing]:
-    """Time ``path`` (and ``dense``) on every installed engine in ``engines``.
+    """Time ``path`` (one ONNX file or several, e.g. a float and an INT8 export) and
+    ``dense`` on every installed engine in ``engines``, in one run.
 
     ``torch_models``: {file path: module} for the torch engine; without one, an ONNX file
-    that ``wfcore export`` wrote is rebuilt from its run, and any other is skipped.
+    that ``wfcore export`` wrote is rebuilt from its run, and any other is skipped. An INT8
+    model has no PyTorch counterpart: the torch engine skips it.
     """
     if batch_size < 1:
         raise WfcoreError(f"batch size must be at least 1, got {batch_size}")
-    paths = [Path(path)] + ([Path(dense)] if dense else [])
-    protos = [read_onnx(p) for p in paths]
-    for p, proto in zip(paths, protos, strict=True):
+    paths = [Path(p) for p in (path if isinstance(path, list | tuple) else [path])]
+    paths += [Path(dense)] if dense else []
+    protos = {p: read_onnx(p) for p in paths}
+    for p, proto in protos.items():
         check_benchable(proto, p)
     if dense:
-        check_same_model(protos[0], protos[1], paths[0], paths[1])
+        for p in paths[:-1]:
+            check_same_model(protos[p], protos[paths[-1]], p, paths[-1])
+    quantized = {p: is_quantized(proto) for p, proto in protos.items()}
     torch_models = {str(Path(k)): v for k, v in (torch_models or {}).items()}
     out: list[Timing] = []
     for p in paths:
         for engine in available(engines):
             model = None
             if engine == "torch":
+                if quantized[p]:
+                    log.info("torch: skipped for %s: an INT8 model has no PyTorch counterpart",
+                             p.name)
+                    continue
                 model = torch_models.get(str(p)) or torch_model_for(p)
                 if model is None:
                     log.warning("torch: skipped for %s: it does not name a wfcore run "
@@ -283,12 +299,38 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
             return None
         shape = input_shape(proto, 1)[1:]
         num_classes = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-        _, model, _, _ = rebuild(run_dir, (shape, num_classes), plugins=manager.build())
+        model = rebuild(run_dir, (shape, num_classes), plugins=manager.build()).model
         load_state(model, state, "torch engine")
     except WfcoreError as exc:
         log.warning("torch: skipped for %s: %s", path.name, exc)
         return None
     return model.eval()
+
+
+def describe(path: str | Path) -> str:
+    """What an ONNX file holds, for a summary line: the run's model and data set when the
+    file comes from a run (its metadata or the run directory it sits in), else its name."""
+    from omegaconf import OmegaConf
+
+    meta = {p.key: p.value for p in read_onnx(path).metadata_props}
+    run_dir = Path(meta.get("wfcore.run_dir") or Path(path).parent)
+    try:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        untrained = not cfg.model.checkpoint and cfg.train.epochs == 0
+        return (f"{cfg.model.name}{' with random weights' if untrained else ''} on "
+                f"{cfg.data.name} ({run_dir})")
+    except Exception:  # not a run: any file, any directory
+        return Path(path).name
+
+
+def summary(timings: list[Timing], dense: str | Path) -> str:
+    """One line: the fastest non-dense model against dense float32 ONNX Runtime."""
+    others = [t for t in timings if t.model != str(Path(dense)) and t.speedup is not None]
+    if not others:
+        return ""
+    best = max(others, key=lambda t: t.speedup or 0.0)
+    return (f"fastest: {Path(best.model).name} on {best.engine}, {best.speedup:.2f}x dense "
+            f"float32 ONNX Runtime at batch {best.batch_size}; model: {describe(best.model)}")
 
 
 def format_table(timings: list[Timing]) -> str:

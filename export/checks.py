@@ -9,7 +9,8 @@ first maps each PyTorch weight to the initializer that carries it:
 1. an initializer with the parameter's own name (``fc.weight``);
 2. the weight input of the Conv / Gemm / MatMul node whose scope is the parameter's
    module (node ``/layer1/layer1.0/conv1/Conv`` is module ``layer1.0.conv1``), following
-   Identity nodes back to their initializer;
+   Identity nodes (and, in an INT8 model, DequantizeLinear) back to their initializer;
+   the QLinearConv / QGemm / QLinearMatMul of an INT8 model count as their float ops;
 3. the one remaining initializer of the same shape, when exactly one is left.
 
 A weight that maps to nothing, or to an initializer of another shape, is an error: a
@@ -31,6 +32,11 @@ from wfcore.errors import WfcoreError
 log = logging.getLogger(__name__)
 
 WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}  # op -> weight input
+# INT8 operators (QOperator format): (x, x_scale, x_zero_point, w, w_scale, w_zero_point, ...)
+QUANTIZED_WEIGHT_OPS = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3}
+# Operators a weight passes through on its way from its initializer (QDQ format: the int8
+# initializer, then DequantizeLinear).
+PASS_THROUGH = ("Identity", "DequantizeLinear")
 
 
 @dataclass
@@ -60,13 +66,13 @@ def scope_to_module(node_name: str) -> str:
 
 
 def _resolve_identity(graph: Any, initializers: set[str]) -> dict[str, str]:
-    """Value name -> initializer name, through chains of Identity nodes."""
+    """Value name -> initializer name, through chains of Identity (and DequantizeLinear)."""
     source = {name: name for name in initializers}
     changed = True
     while changed:
         changed = False
         for node in graph.node:
-            if node.op_type == "Identity" and node.input[0] in source:
+            if node.op_type in PASS_THROUGH and node.input[0] in source:
                 if node.output[0] not in source:
                     source[node.output[0]] = source[node.input[0]]
                     changed = True
@@ -80,11 +86,11 @@ def map_weights(model_proto: Any, params: dict[str, torch.Tensor]) -> dict[str, 
     source = _resolve_identity(graph, set(shapes))
     by_module: dict[str, tuple[str, bool]] = {}
     for node in graph.node:
-        slot = WEIGHT_OPS.get(node.op_type)
+        slot = WEIGHT_OPS.get(node.op_type, QUANTIZED_WEIGHT_OPS.get(node.op_type))
         if slot is None or len(node.input) <= slot or node.input[slot] not in source:
             continue
-        transposed = node.op_type == "MatMul"
-        if node.op_type == "Gemm":
+        transposed = node.op_type in ("MatMul", "QLinearMatMul")
+        if node.op_type in ("Gemm", "QGemm"):
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             transposed = trans_b == 0
         by_module.setdefault(scope_to_module(node.name), (source[node.input[slot]], transposed))

@@ -29,9 +29,10 @@ from torch import nn
 
 from wfcore import hookimpl
 from wfcore.errors import WfcoreError
-from wfcore.interfaces import Exporter
+from wfcore.interfaces import DataBundle, Exporter
 
 from . import checks
+from . import quantize as quantize_module
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ class OnnxOptions:
     parity_batch: int = 8  # inputs in the parity batch (the example repeated plus noise)
     step: Optional[int] = None  # pipeline: the step whose model is exported; null = last step
     dense: bool = True  # pipeline: also export the dense model as dense.onnx beside it
+    # INT8: none, or int8 = also write <name>.int8.onnx beside each export, statically
+    # quantized with its zeros kept (export/quantize.py), and its top-1 in the report
+    quantize: str = "none"
+    # the engine the INT8 file is laid out for: onnxruntime (QDQ, per-channel weights) |
+    # deepsparse (QLinearConv etc., per-tensor weights: all DeepSparse 1.8 compiles)
+    quantize_for: str = "onnxruntime"
+    calibration_samples: int = 256  # training samples (never test) calibrating activations
 
     def validate(self) -> None:
         if self.opset < MIN_OPSET:
@@ -53,6 +61,14 @@ class OnnxOptions:
             raise ValueError("atol must be positive")
         if self.parity_batch < 1:
             raise ValueError("parity_batch must be at least 1")
+        if self.quantize not in quantize_module.MODES:
+            raise ValueError(f"quantize must be one of {', '.join(quantize_module.MODES)}, "
+                             f"got '{self.quantize}'")
+        if self.quantize_for not in quantize_module.LAYOUTS:
+            raise ValueError(f"quantize_for must be one of "
+                             f"{', '.join(quantize_module.LAYOUTS)}, got '{self.quantize_for}'")
+        if self.calibration_samples < 1:
+            raise ValueError("calibration_samples must be at least 1")
 
 
 def conv_linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -131,6 +147,35 @@ def export_checked(model: nn.Module, example: torch.Tensor, path: str | Path,
     }
 
 
+def int8_path(path: str | Path) -> Path:
+    """Where the INT8 model of ``path`` goes: ``model.onnx`` -> ``model.int8.onnx``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.int8{path.suffix}")
+
+
+def export_int8(result: dict[str, Any], params: dict[str, torch.Tensor],
+                data: DataBundle | None, options: OnnxOptions,
+                metadata: dict[str, str] | None = None, seed: int = 0) -> None:
+    """Quantize the checked export ``result`` to INT8 beside it; in place, the float and the
+    INT8 model's top-1 (ONNX Runtime, test set) into ``result`` (``top1``, ``quantized``).
+
+    Calibration: ``options.calibration_samples`` of ``data.train``, drawn with ``seed``.
+    """
+    if data is None:
+        raise WfcoreError("export.quantize=int8 needs the run's data set (training samples "
+                          "to calibrate, the test set for top-1)")
+    calibration = quantize_module.calibration_inputs(data.train, options.calibration_samples,
+                                                     seed)
+    quantized = quantize_module.quantize_int8(result["path"], int8_path(result["path"]),
+                                              calibration, params, options.quantize_for,
+                                              metadata=metadata)
+    result["top1"] = quantize_module.onnx_top1(result["path"], data.test)
+    quantized["top1"] = quantize_module.onnx_top1(quantized["path"], data.test)
+    result["quantized"] = quantized
+    log.info("top-1 on the test set (ONNX Runtime): float %.2f%%, INT8 %.2f%% (%s)",
+             100 * result["top1"], 100 * quantized["top1"], Path(quantized["path"]).name)
+
+
 class OnnxExporter(Exporter):
     """The registered exporter: ``export: {name: onnx, opset: 13, ...}``."""
 
@@ -138,9 +183,16 @@ class OnnxExporter(Exporter):
         self.options = options if isinstance(options, OnnxOptions) else OnnxOptions()
         self.step = self.options.step  # read by the pipeline's export stage
         self.dense = self.options.dense
+        if self.options.quantize == "int8":
+            quantize_module.quantization_tools()  # a missing piece: refused before the run
 
-    def export(self, model: nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:
-        return export_checked(model, example, path, self.options)
+    def export(self, model: nn.Module, example: torch.Tensor, path: str,
+               data: DataBundle | None = None) -> dict[str, Any]:
+        params = conv_linear_weights(model)
+        result = export_checked(model, example, path, self.options, params)
+        if self.options.quantize == "int8":
+            export_int8(result, params, data, self.options)
+        return result
 
 
 OnnxExporter.Options = OnnxOptions
@@ -154,14 +206,23 @@ def steps_in(run_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
+@dataclass
+class Rebuilt:
+    """A run's model (its architecture, weights not loaded), rebuilt from its config.yaml."""
+
+    cfg: Any
+    model: nn.Module
+    params: dict[str, torch.Tensor]  # the prunable parameters
+    data: DataBundle | None  # None when only the shapes were given
+
+
 def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
-            plugins: Any = None
-            ) -> tuple[Any, nn.Module, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """(config, model, example input, prunable params) of a run, from its config.yaml.
+            plugins: Any = None) -> Rebuilt:
+    """The model of a run, from its config.yaml.
 
     ``shapes``: (input shape, number of classes) when known (from an ONNX file); then the
-    data set is not loaded and the example is None. ``plugins``: the loaded plugins to
-    build with (default: the installed ones and the run's ``plugins:`` modules).
+    data set is not loaded. ``plugins``: the loaded plugins to build with (default: the
+    installed ones and the run's ``plugins:`` modules).
     """
     from types import SimpleNamespace
 
@@ -176,13 +237,12 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
     plugins = plugins or manager.build(cfg.plugins)
     if shapes is None:
         data = pipeline.load_data(cfg, plugins)
-        example = data.test[0][0].unsqueeze(0)
+        model = pipeline.build_model(cfg, plugins, data)
     else:
-        data = SimpleNamespace(input_shape=tuple(shapes[0]), num_classes=shapes[1])
-        example = None
-    model = pipeline.build_model(cfg, plugins, data)
-    params = select_params(model, cfg.model.params)
-    return cfg, model, example, dict(params)
+        data = None
+        model = pipeline.build_model(
+            cfg, plugins, SimpleNamespace(input_shape=tuple(shapes[0]), num_classes=shapes[1]))
+    return Rebuilt(cfg, model, dict(select_params(model, cfg.model.params)), data)
 
 
 def run_of(path: Path) -> Path | None:
@@ -243,12 +303,15 @@ def step_for_sparsity(run_dir: Path, target: float) -> int:
 
 
 def export_run(run_dir: str | Path, step: int | None = None, output: str | Path | None = None,
-               dense: bool = True, sparsity: float | None = None) -> dict[str, Any]:
+               dense: bool = True, sparsity: float | None = None,
+               quantize: str | None = None) -> dict[str, Any]:
     """Export step ``step`` of a run (or the last step at target ``sparsity``; default: the
     last step), and its dense model beside it.
 
     The sparse model goes to ``output`` (default ``RUN_DIR/model_step<N>.onnx``), the
-    dense one to ``dense.onnx`` in the same directory. Returns both exports' checks.
+    dense one to ``dense.onnx`` in the same directory. ``quantize``: none | int8 (default:
+    the run's ``export.quantize``); int8 also writes ``<name>.int8.onnx`` beside each. Returns
+    both exports' checks, which also go into the run's report (``export``).
     """
     from wfcore.pipeline import load_state
 
@@ -276,25 +339,42 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
     dense_output = output.with_name("dense.onnx")
     for target in (output, dense_output) if dense else (output,):
         refuse_foreign(target, run_dir)
-    cfg, model, example, params = rebuild(run_dir)
-    options = exporter_options(cfg)
+    run = rebuild(run_dir)
+    options = exporter_options(run.cfg)
+    if quantize is not None:
+        options.quantize = quantize
+        try:
+            options.validate()
+        except ValueError as exc:
+            raise WfcoreError(f"--quantize: {exc}") from None
+    if options.quantize == "int8":
+        quantize_module.quantization_tools()  # refuse a missing piece before exporting
+        for target in (output, dense_output) if dense else (output,):
+            refuse_foreign(int8_path(target), run_dir)
+    model, data = run.model, run.data
+    example = data.test[0][0].unsqueeze(0)
     state_path = run_dir / f"model_step{step}.pt"
     load_state(model, state_path, "wfcore export")
     # Paths relative to the ONNX file: nothing of the machine that made it is kept.
     where = output.parent.resolve()
     meta = {"run_dir": os.path.relpath(run_dir.resolve(), where),
             "state": os.path.relpath(state_path.resolve(), where), "step": str(step)}
-    params = {n: p.detach() for n, p in params.items()}
+    params = {n: p.detach() for n, p in run.params.items()}
     result = {"step": step, "sparse": export_checked(model, example, output, options, params,
                                                      meta)}
+    if options.quantize == "int8":
+        export_int8(result["sparse"], params, data, options, meta)
     if dense:
         dense_path = run_dir / "dense.pt"
         dense_model = copy.deepcopy(model)
         load_state(dense_model, dense_path, "wfcore export (dense model)")
         meta = {**meta, "state": os.path.relpath(dense_path.resolve(), where), "step": "dense"}
-        result["dense"] = export_checked(
-            dense_model, example, dense_output, options,
-            {n: p.detach() for n, p in dense_model.named_parameters() if n in params}, meta)
+        dense_params = {n: p.detach() for n, p in dense_model.named_parameters() if n in params}
+        result["dense"] = export_checked(dense_model, example, dense_output, options,
+                                         dense_params, meta)
+        if options.quantize == "int8":
+            export_int8(result["dense"], dense_params, data, options, meta)
+    record_in_report(run_dir, result)
     return result
 
 
@@ -307,6 +387,24 @@ def report_steps(run_dir: Path) -> set[int] | None:
         return {int(s["index"]) for s in report["steps"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
+def record_in_report(run_dir: Path, result: dict[str, Any]) -> None:
+    """Put ``wfcore export``'s checks into the run's report (``export``, as the pipeline's)."""
+    import json
+
+    from wfcore import files
+    from wfcore.report import markdown
+
+    path = run_dir / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("%s: no readable report.json; the export is not recorded in it", run_dir)
+        return
+    report["export"] = {**result["sparse"], "step": result["step"]}
+    if "dense" in result:
+        report["export"]["dense"] = result["dense"]
+    files.write_json(path, report)
+    files.write_text(run_dir / "report.md", markdown(report))
 
 
 @hookimpl

@@ -103,26 +103,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     from wfcore.export.onnx import export_run
 
     result = export_run(args.run_dir, step=args.step, output=args.output,
-                        sparsity=args.sparsity)
+                        sparsity=args.sparsity, quantize=args.quantize)
     for kind in ("sparse", "dense"):
         if kind in result:
             r = result[kind]
             print(f"{kind:<6} {r['path']}: sparsity {r['sparsity']:.4f}, zeros kept "
                   f"{r['zeros']['kept_zeros']}/{r['zeros']['torch_zeros']}, ONNX Runtime max "
                   f"|diff| {r['parity']['max_abs_diff']:.2g}")
+            q = r.get("quantized")
+            if q:
+                print(f"{'':<6} {q['path']}: INT8 for {q['layout']} ({q['calibration_samples']} "
+                      f"training samples calibrate), integer zeros kept "
+                      f"{q['zeros']['kept_zeros']}/{q['zeros']['torch_zeros']}, top-1 "
+                      f"{q['top1']:.2%} (float {r['top1']:.2%}, ONNX Runtime, test set)")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from wfcore import files
-    from wfcore.export.bench import bench, format_table
+    from wfcore.export.bench import bench, format_table, summary
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.json:
         files.check_writable(args.json, "--json")  # before the timings, not after
-    timings = bench(args.model, dense=args.dense, batch_size=args.batch_size, engines=engines,
+    timings = bench(list(args.model), dense=args.dense, batch_size=args.batch_size,
+                    engines=engines,
                     warmup=args.warmup, runs=args.runs, threads=args.threads)
     print(format_table(timings))
+    if args.dense and summary(timings, args.dense):
+        print(summary(timings, args.dense))
     if args.json:
         files.write_json(args.json, [t.as_dict() for t in timings])
     return 0
@@ -224,6 +233,10 @@ def parser() -> argparse.ArgumentParser:
                         help="or the last step with this target sparsity (e.g. 0.9)")
     export.add_argument("-o", "--output", help="the ONNX file (default: RUN_DIR/"
                         "model_step<N>.onnx); dense.onnx is written beside it")
+    export.add_argument("--quantize", choices=("none", "int8"),
+                        help="int8: also write <name>.int8.onnx beside each model, statically "
+                        "quantized on training samples with the zeros kept (default: the "
+                        "run's export.quantize)")
 
     analyze = sub.add_parser("analyze", help="compare each estimator's curvature with the "
                              "exact Hessian and Fishers (the config's analyze section)")
@@ -232,7 +245,8 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time an ONNX model on DeepSparse, ONNX Runtime "
                            "and PyTorch")
-    bench.add_argument("model", help="the (sparse) ONNX model")
+    bench.add_argument("model", nargs="+", help="the (sparse) ONNX models, e.g. a float "
+                       "and an INT8 export, timed in one run")
     bench.add_argument("--dense", help="the dense ONNX model: speed-ups are against it on "
                        "ONNX Runtime")
     bench.add_argument("--batch-size", type=int, default=1, help="items per batch")

@@ -252,5 +252,10 @@ class Exporter(ABC):
     dense: bool = False
 
     @abstractmethod
-    def export(self, model: nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:
-        """Write the artefact to ``path``; return what was checked (for the report)."""
+    def export(self, model: nn.Module, example: torch.Tensor, path: str,
+               data: DataBundle | None = None) -> dict[str, Any]:
+        """Write the artefact to ``path``; return what was checked (for the report).
+
+        ``data``: the run's data set, for exporters that calibrate on training samples
+        (INT8) or measure accuracy on the test set; others ignore it.
+        """

@@ -502,11 +502,12 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         if step is not None:
             load_state(model, run_dir / f"model_step{step}.pt", "config key 'export.step'")
         report.data["export"] = components.exporter.export(model, example,
-                                                           str(run_dir / "model.onnx"))
+                                                           str(run_dir / "model.onnx"),
+                                                           data=pruning.data)
         if components.exporter.dense:  # export.dense: dense.onnx beside it
             load_state(model, run_dir / "dense.pt", "dense model")
             report.data["export"]["dense"] = components.exporter.export(
-                model, example, str(run_dir / "dense.onnx"))
+                model, example, str(run_dir / "dense.onnx"), data=pruning.data)
     report.finish()
     checkpoint.path(run_dir).unlink(missing_ok=True)  # finished: nothing left to resume
     pruning.plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir))

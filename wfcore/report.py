@@ -94,6 +94,8 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{e['sparsity']:.2%} | {e['accuracy']:.2%} | {e['loss']:.4f} |"
                   for e in epochs]
         lines.append("")
+    if report.get("export"):
+        lines += ["## Export", "", export_table(report["export"]), ""]
     if not report.get("finished"):
         lines.append("_Run in progress or interrupted._\n")
     return "\n".join(lines)
@@ -118,6 +120,21 @@ def safeguard_table(steps: list[dict[str, Any]]) -> list[str]:
               f"{_number(r['predicted_increase'], '.4g')} | "
               f"{_number(r['actual_increase'], '.4g')} |" for i, r in rows]
     return [*lines, ""]
+
+
+def export_table(export: dict[str, Any]) -> str:
+    """The exported files: sparsity, zeros kept and, with INT8, top-1 (ONNX Runtime, test)."""
+    rows = ["| file | weights | sparsity | zeros kept | top-1 (ONNX Runtime) |",
+            "|---|---|---:|---:|---:|"]
+    for entry in (export, export.get("dense")):
+        if not entry:
+            continue
+        for r, kind in ((entry, "float32"), (entry.get("quantized"), "int8")):
+            if r:
+                top1 = f"{r['top1']:.2%}" if "top1" in r else "-"
+                rows.append(f"| {Path(r['path']).name} | {kind} | {entry['sparsity']:.2%} | "
+                            f"{r['zeros']['kept_zeros']}/{r['zeros']['torch_zeros']} | {top1} |")
+    return "\n".join(rows)
 
 
 def pyplot():
