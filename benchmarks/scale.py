@@ -3,7 +3,8 @@
 torchvision's ResNet-50 (25.5M prunable weights, randomly initialised: the dense model is
 "trained" for 0 epochs, which changes no cost) on fake 224x224 data, pruned one-shot to
 90% with global allocation: m = 400 per-sample gradients (grad_batch 1) in a float16
-gradient store, blocks of 2000, damp 1e-5, float64 solves, ``obs`` with the joint update.
+gradient store, blocks of 2000, absolute damp 1e-5, float64 solves, ``obs`` with the joint
+update (the paper's setting: no update safeguard unless ``--safeguard``).
 The run goes through the ordinary pipeline (``wfcore.pipeline.run``), so the plan, the
 store and the chunked solves are the ones a user gets.
 
@@ -36,6 +37,10 @@ def main() -> int:
                         help="estimator.max_memory_gb (default: a quarter of free memory)")
     parser.add_argument("--store", default="auto", help="fisher.store: auto | memory | disk")
     parser.add_argument("--store-dir", help="fisher.store_dir (default: the run directory)")
+    parser.add_argument("--safeguard", action="store_true",
+                        help="also run the update safeguard (off: the paper's plain OBS step)")
+    parser.add_argument("--calibration-samples", type=int, default=256,
+                        help="safeguard.calibration_samples with --safeguard")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -49,10 +54,13 @@ def main() -> int:
             "train.epochs=0",
             f"fisher.num_grads={m}", "fisher.grad_batch=1", "fisher.storage_dtype=float16",
             f"fisher.store={args.store}",
-            "estimator.name=woodfisher", "estimator.damp=1e-5", "estimator.block_size=2000",
+            "estimator.name=woodfisher", "estimator.damp=1e-5", "estimator.damp_mode=absolute",
+            "estimator.block_size=2000",
             "estimator.form=auto", "estimator.dtype=float64",
             "scorer.name=obs", "scorer.update=joint", "allocator.name=global",
             "scheduler.name=oneshot", "scheduler.sparsities=[0.9]",
+            f"safeguard.enabled={str(args.safeguard).lower()}",
+            f"safeguard.calibration_samples={args.calibration_samples}",
         ]
         if args.max_memory_gb is not None:
             overrides.append(f"estimator.max_memory_gb={args.max_memory_gb}")
@@ -72,7 +80,7 @@ def main() -> int:
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "store_gb": round(plan["store_bytes"] / 2**30, 2), "store": plan["store_place"],
         "d": plan["d"], "m": plan["m"], "block_size": 2000, "damp": 1e-5, "dtype": "float64",
-        "sparsity": round(step["sparsity"], 4),
+        "sparsity": round(step["sparsity"], 4), "safeguard": args.safeguard,
         "plan_estimate_s": round(plan["gradient_seconds"] + plan["algebra_seconds"], 1),
         "wall_s": round(wall, 1),
     }

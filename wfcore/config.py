@@ -260,9 +260,17 @@ def _switch_components(layers: list[DictConfig]) -> None:
     ``estimator.name=magnitude`` on the command line, over a file whose estimator section
     is ``{name: woodfisher, damp: 1e-5}``, gives ``{name: magnitude}``: the options belong
     to the component they were written for (as with Hydra's config groups). Options given
-    beside the new name in the same or later layers are kept.
+    beside the new name in the same or later layers are kept. For ``model`` and ``data``
+    the dropped part is their ``options``.
     """
-    for section in COMPONENT_KINDS:
+
+    def drop_options(node: DictConfig, section: str) -> None:
+        if section in COMPONENT_KINDS:
+            node[section] = {"name": node[section].name}
+        else:  # model and data: their plugins' options live under `options`
+            node[section].pop("options", None)
+
+    for section in (*COMPONENT_KINDS, "model", "data"):
         current = None
         for i, layer in enumerate(layers):
             node = layer.get(section) if isinstance(layer, DictConfig) else None
@@ -271,18 +279,7 @@ def _switch_components(layers: list[DictConfig]) -> None:
             if current is not None and node.name != current:
                 for earlier in layers[:i]:
                     if isinstance(earlier.get(section), DictConfig):
-                        earlier[section] = {"name": node.name}
-            current = node.name
-    for section in ("model", "data"):  # their plugins' options live under `options`
-        current = None
-        for i, layer in enumerate(layers):
-            node = layer.get(section) if isinstance(layer, DictConfig) else None
-            if not isinstance(node, DictConfig) or node.get("name") is None:
-                continue
-            if current is not None and node.name != current:
-                for earlier in layers[:i]:
-                    if isinstance(earlier.get(section), DictConfig):
-                        earlier[section].pop("options", None)
+                        drop_options(earlier, section)
             current = node.name
 
 
