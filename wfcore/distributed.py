@@ -24,6 +24,7 @@ How a run is split (see DESIGN.md, "Scale and distribution"):
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -269,6 +270,18 @@ def on_main(fn: Callable[[], T]) -> T:
     if error is not None:
         raise AgreedError(error)
     return result
+
+
+def same_on_every_rank(state: dict[str, torch.Tensor]) -> bool:
+    """Whether every rank holds bit for bit the same ``state`` (a digest compared)."""
+    if _group.world == 1:
+        return True
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        flat = state[name].detach().cpu().reshape(-1).contiguous()
+        digest.update(flat.view(torch.uint8).numpy())
+    return len(set(gather_objects(digest.hexdigest()))) == 1
 
 
 def provenance() -> dict[str, Any]:

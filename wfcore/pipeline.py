@@ -415,7 +415,9 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         log.info("dense: top-1 %.4f, loss %.4f", dense["accuracy"], dense["loss"])
         runner.save()
     runner.run()
-    report.data["distributed"] = distributed.provenance()  # of the run's last part
+    # the processes of the run's last part, and whether all of them ended with one model
+    report.data["distributed"] = {**distributed.provenance(), "replicas_equal":
+                                  distributed.same_on_every_rank(pruning.model.state_dict())}
     if not distributed.is_main():  # rank 0 alone exports and writes the report
         return report.data
     if components.exporter is not None:
