@@ -86,7 +86,8 @@ def test_two_processes_prune_like_one(tmp_path):
             assert torch.equal(a[name] == 0, b[name] == 0), (step, name)
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
     report = json.loads((two / "report.json").read_text())
-    assert report["distributed"] == {"processes": 2, "backend": "gloo", "replicas_equal": True}
+    assert report["distributed"] == {"processes": 2, "backend": "gloo", "replicas_equal": True,
+                                     "parts": [{"processes": 2, "backend": "gloo"}]}
     assert [s["sparsity"] for s in report["steps"]] == pytest.approx([0.9, 0.95], abs=1e-3)
     assert not list(two.glob("*.rank*"))  # nothing of rank 1's
 
@@ -112,6 +113,7 @@ def test_interrupted_two_process_gradual_run_resumes_exactly(tmp_path):
     a = json.loads((whole / "report.json").read_text())
     b = json.loads((broken / "report.json").read_text())
     assert b["finished"] and b["distributed"]["replicas_equal"]
+    assert b["distributed"]["parts"] == [{"processes": 2, "backend": "gloo"}] * 2
     last = len(a["steps"]) - 1
     assert len(b["steps"]) == last + 1
     for name, value in states(whole, last).items():

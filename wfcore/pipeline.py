@@ -403,9 +403,11 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
     runner = Runner(pruning, plan, report, overrides)
     if saved is not None:
         runner.restore(saved)
-    else:
+    # the processes of this part of the run (and of the parts before a --resume)
+    parts = report.data.get("distributed", {}).get("parts", []) + [distributed.provenance()]
+    report.data["distributed"] = {**distributed.provenance(), "parts": parts}
+    if saved is None:
         report.data["plan"] = pruning.plan.as_dict()
-        report.data["distributed"] = distributed.provenance()
         if distributed.is_main():
             files.save_torch(run_dir / "dense.pt", pruning.model_state())
         dense = pruning.evaluate()
@@ -415,9 +417,9 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         log.info("dense: top-1 %.4f, loss %.4f", dense["accuracy"], dense["loss"])
         runner.save()
     runner.run()
-    # the processes of the run's last part, and whether all of them ended with one model
-    report.data["distributed"] = {**distributed.provenance(), "replicas_equal":
-                                  distributed.same_on_every_rank(pruning.model.state_dict())}
+    # whether every rank ended with the same model, bit for bit
+    report.data["distributed"]["replicas_equal"] = distributed.same_on_every_rank(
+        pruning.model.state_dict())
     if not distributed.is_main():  # rank 0 alone exports and writes the report
         return report.data
     if components.exporter is not None:
