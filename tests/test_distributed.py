@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wfcore import checkpoint, config, distributed, pipeline
+from wfcore import checkpoint, cli, config, distributed, pipeline
 
 ROOT = Path(__file__).parents[1]
 CNN = ROOT / "configs" / "mnist_cnn.yaml"
@@ -69,6 +69,15 @@ def test_shares_cover_the_rows_once_in_order(count, world):
     assert all(a[1] == b[0] for a, b in zip(shares, shares[1:], strict=False))
     sizes = [hi - lo for lo, hi in shares]
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_plan_shows_each_ranks_share(tmp_path, capsys):
+    args = ["plan", "--nproc-per-node", "2", str(CNN), *ONESHOT, f"output={tmp_path}"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "per rank of 2 processes: 24 of the 48 gradient rows" in out
+    assert cli.main(["plan", "--nproc-per-node", "0", str(CNN)]) == 2
+    assert "--nproc-per-node" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -129,3 +138,37 @@ def test_a_user_error_is_one_line_printed_once(tmp_path):
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("wfcore: error")]
     assert len(errors) == 1 and "model.checkpoint" in errors[0], done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_three_processes_sample_sampled_labels_and_batched_rows_like_one(tmp_path):
+    """Uneven shares (3 ranks), labels drawn from the model, rows of 2 samples (one backward
+    pass per row): the same masks and weights as one process."""
+    extra = ["fisher.labels=sampled", "fisher.grad_batch=2", "fisher.num_grads=40"]
+    single, three = tmp_path / "single", tmp_path / "three"
+    pipeline.run(config.load(CNN, [*ONESHOT, *extra, f"output={single}"]))
+    done = torchrun(3, "prune", str(CNN), *ONESHOT, *extra, f"output={three}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for step in (0, 1):
+        a, b = states(single, step), states(three, step)
+        for name in a:
+            assert torch.equal(a[name] == 0, b[name] == 0), (step, name)
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_two_process_run_resumes_in_one_process(tmp_path):
+    run_dir = tmp_path / "run"
+    stopped = torchrun(2, "prune", str(GRADUAL), *GRADUAL_RUN, f"output={run_dir}",
+                       env={"WFCORE_TEST_INTERRUPT_STEP": "0"})
+    assert stopped.returncode != 0 and checkpoint.path(run_dir).is_file()
+    sys.path.insert(0, str(FIXTURES))  # the run's plugin, imported in this process
+    try:
+        report = pipeline.run(pipeline.resume_config(run_dir), resume=True)
+    finally:
+        sys.path.remove(str(FIXTURES))
+    assert report["finished"] and report["steps"][-1]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert report["distributed"]["parts"] == [{"processes": 2, "backend": "gloo"},
+                                              {"processes": 1, "backend": None}]
