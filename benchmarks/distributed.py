@@ -3,9 +3,9 @@
 Each setting launches ``python -m torch.distributed.run --standalone --nproc-per-node N``
 on this script in worker mode: every rank builds the model of the config (random
 weights: the speed does not depend on them), samples the step's m gradient rows with the
-pipeline's ``GradientSampler`` into an in-memory store (its share of each chunk of rows,
-then the chunk gathered on every rank), and rank 0 reports the wall time of the whole
-sampling, the gathers included, after a warm-up. One JSON object per line:
+pipeline's ``GradientSampler`` into one in-memory store shared by the ranks (each rank
+computes and writes its share of each chunk of rows), and rank 0 reports the wall time of
+the whole sampling after a warm-up. One JSON object per line:
 
     {"processes", "threads_per_process", "model", "m", "d", "seconds", "rows_per_s",
      "speedup"}
@@ -52,7 +52,9 @@ def worker(args: argparse.Namespace) -> None:
     d = sampler.layout.d
     with GradientStore(min(args.m, 64), d) as store:  # warm-up: the first vmap traces
         sampler.sample_into(store)
-    with GradientStore(args.m, d) as store:
+    # as the pipeline does on one machine: one store in shared memory, each rank its rows
+    with (GradientStore.shared_by_ranks(args.m, d) if distributed.world() > 1
+          else GradientStore(args.m, d)) as store:
         distributed.barrier()
         start = time.perf_counter()
         sampler.sample_into(store)

@@ -144,8 +144,10 @@ def test_a_user_error_is_one_line_printed_once(tmp_path):
 @pytest.mark.usefixtures("one_thread")
 def test_three_processes_sample_sampled_labels_and_batched_rows_like_one(tmp_path):
     """Uneven shares (3 ranks), labels drawn from the model, rows of 2 samples (one backward
-    pass per row): the same masks and weights as one process."""
-    extra = ["fisher.labels=sampled", "fisher.grad_batch=2", "fisher.num_grads=40"]
+    pass per row), one on-disk store written by the 3 ranks: the same masks and weights as
+    one process."""
+    extra = ["fisher.labels=sampled", "fisher.grad_batch=2", "fisher.num_grads=40",
+             "fisher.store=disk"]
     single, three = tmp_path / "single", tmp_path / "three"
     pipeline.run(config.load(CNN, [*ONESHOT, *extra, f"output={single}"]))
     done = torchrun(3, "prune", str(CNN), *ONESHOT, *extra, f"output={three}")

@@ -106,6 +106,11 @@ def shutdown() -> None:
     _group = Group()
 
 
+def one_machine() -> bool:
+    """Whether every rank runs on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", _group.world)) == _group.world
+
+
 def rank() -> int:
     return _group.rank
 

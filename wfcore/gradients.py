@@ -209,6 +209,8 @@ class GradientSampler:
         finally:
             bar.close()
             self.model.train(was_training)
+        if store.shared:  # every rank's rows written before any rank reads
+            distributed.barrier()
         return store
 
     def _flat_rows(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -220,6 +222,18 @@ class GradientSampler:
                 raise WfcoreError(f"non-finite gradient in parameter '{n}'")
             rows.append(g.reshape(g.shape[0], -1))
         return torch.cat(rows, dim=1)
+
+    @staticmethod
+    def _put(store: GradientStore, start: int, lo: int, rows: torch.Tensor,
+             count: int) -> None:
+        """This rank's ``rows`` (rows ``lo..`` of the ``count`` rows at ``start``) into
+        ``store``: alone into a store the ranks share, else gathered with the others' first
+        (every rank then writes the whole chunk into its own store)."""
+        if store.shared:
+            if len(rows):
+                store.write(start + lo, rows)
+        else:
+            store.write(start, distributed.gather_rows(rows, count))
 
     def _sample_loop(self, store: GradientStore, bar: tqdm) -> None:
         names, chunk = self.layout.names, self._chunk_rows()
@@ -240,7 +254,7 @@ class GradientSampler:
                     with torch.no_grad():
                         self._targets(self.model(self._load(indices)[0]), None)
             mine = torch.cat(rows) if rows else torch.zeros(0, self.layout.d, device=self.device)
-            store.write(i, distributed.gather_rows(mine, c))
+            self._put(store, i, lo, mine, c)
             bar.update(c)
 
     def _sample_vmap(self, store: GradientStore, bar: tqdm) -> None:
@@ -282,6 +296,6 @@ class GradientSampler:
                 mine = self._flat_rows(grads)
             else:
                 mine = torch.zeros(0, self.layout.d, device=self.device)
-            store.write(i, distributed.gather_rows(mine, c))
+            self._put(store, i, lo, mine, c)
             i += c
             bar.update(c)

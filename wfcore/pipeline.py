@@ -241,6 +241,9 @@ class Pruning:
         dtype = STORAGE_DTYPES[fisher.storage_dtype]
         place = store_place(fisher.store, store_bytes(fisher.num_grads, layout.d, dtype))
         host = torch.device("cpu") if fisher.offload else self.device
+        if distributed.world() > 1 and distributed.one_machine() and host.type == "cpu":
+            return GradientStore.shared_by_ranks(fisher.num_grads, layout.d, dtype=dtype,
+                                                 place=place, directory=self.store_dir)
         return GradientStore(fisher.num_grads, layout.d, dtype=dtype, place=place,
                              directory=self.store_dir, device=host,
                              pin=fisher.offload and self.device.type == "cuda")

@@ -154,9 +154,9 @@ class Plan:
         """What does not fit: one line each, with the numbers and what to change."""
         out = []
         ranks = self.nproc if self.on_host else 1  # processes sharing the memory
-        if ranks * self.peak_bytes > MEMORY_SHARE * self.memory_available:
-            what = (f"{ranks} processes' peak working sets, {ranks} x "
-                    f"{self.peak_bytes / GiB:.2f} GiB, are" if ranks > 1 else
+        if self.machine_bytes() > MEMORY_SHARE * self.memory_available:
+            what = (f"{ranks} processes' peak working sets, "
+                    f"{self.machine_bytes() / GiB:.2f} GiB, are" if ranks > 1 else
                     f"the peak working set {self.peak_bytes / GiB:.2f} GiB is")
             out.append(f"{what} more than the {self.memory_available / GiB:.2f} GiB of memory "
                        "available; use fewer fisher.num_grads, a smaller estimator.block_size "
@@ -168,6 +168,14 @@ class Plan:
                        "free; use fewer fisher.num_grads, fisher.storage_dtype=float16 or a "
                        "fisher.store_dir on a larger file system")
         return out
+
+    def machine_bytes(self) -> int:
+        """The peak of all the ranks of one machine: with CPU processes, N working sets and
+        one in-memory store (the ranks share it); on GPUs, one rank's."""
+        if not self.on_host or self.nproc == 1:
+            return self.peak_bytes
+        store = self.store_bytes if self.store_place == "memory" else 0
+        return self.nproc * (self.peak_bytes - store) + store
 
     def check(self) -> None:
         """Raise a one-line WfcoreError naming the first thing that does not fit."""
@@ -198,10 +206,11 @@ class Plan:
                 f"per rank of {n} processes: {math.ceil(self.m / n)} of the {self.m} gradient "
                 f"rows, 1/{n} of the block solves: {format_seconds(seconds / n)} (gradients "
                 f"{format_seconds(self.gradient_seconds / n)}, algebra "
-                f"{format_seconds(self.algebra_seconds / n)}); each rank holds the whole "
-                f"store and a peak of {self.peak_bytes / GiB:.3g} GiB"
-                + (f" ({n * self.peak_bytes / GiB:.3g} GiB on one machine)" if self.on_host
-                   else ""))
+                f"{format_seconds(self.algebra_seconds / n)}); "
+                + (f"one store for the ranks of a machine, {self.machine_bytes() / GiB:.3g} "
+                   "GiB at the peak on one machine" if self.on_host else
+                   f"each rank holds the whole store, a peak of {self.peak_bytes / GiB:.3g} "
+                   "GiB"))
         out += self.notes
         out += [f"does not fit: {p}" for p in self.problems()]
         return out
