@@ -10,12 +10,14 @@ does exactly what it did before.
 How a run is split (see DESIGN.md, "Scale and distribution"):
 
 - gradient rows: every rank draws the same seeded sample stream; each chunk of rows is cut
-  into ``share`` ranges, each rank computes its range and ``gather_rows`` gives every rank
-  the whole chunk, so the store is the same on every rank and for any number of ranks;
+  into ``share`` ranges and each rank computes its range, so the rows are the same for
+  any number of ranks. The ranks of one machine write them into one shared store
+  (``GradientStore.shared_by_ranks``); elsewhere ``gather_rows`` gives every rank the
+  whole chunk for its own store;
 - block solves: the chunks of blocks are dealt to the ranks (``owns``); each per-weight
   result is filled on its owner and zero elsewhere, and ``sum_`` (an all-reduce) gives
   every rank the whole vector (x + 0 is exact, so the values are the owners' bit for bit);
-- masks and weights are broadcast from rank 0 at the end of a pruning step;
+- rank 0's masks are broadcast before a pruning step's update, its weights after it;
 - files: rank 0 alone writes (``is_main``); ``on_main`` runs a step there and hands its
   result, or its one-line error, to every rank; ``agree`` raises on every rank the first
   rank's error of a step that each rank runs.
@@ -123,10 +125,6 @@ def is_main() -> bool:
     return _group.rank == 0
 
 
-def backend() -> str | None:
-    return _group.backend
-
-
 def local_device(name: str) -> str:
     """The run's ``device`` for this rank: cuda / auto on a GPU machine -> cuda:LOCAL_RANK."""
     if _group.world == 1 or not torch.cuda.is_available():
@@ -189,13 +187,6 @@ def sum_float(value: float) -> float:
     if _group.world == 1:
         return value
     return float(sum_(torch.tensor([value], dtype=torch.float64)))
-
-
-def any_(flag: bool) -> bool:
-    """Whether ``flag`` holds on any rank."""
-    if _group.world == 1:
-        return flag
-    return bool(sum_(torch.tensor([int(flag)], dtype=torch.int64)))
 
 
 def broadcast_(t: torch.Tensor) -> torch.Tensor:
