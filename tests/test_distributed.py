@@ -132,12 +132,13 @@ def test_interrupted_two_process_gradual_run_resumes_exactly(tmp_path):
                                                          for e in b["epochs"]]
 
 
-def test_a_user_error_is_one_line_printed_once(tmp_path):
-    done = torchrun(2, "prune", str(CNN), *ONESHOT, "model.checkpoint=/nonexistent.pt",
-                    f"output={tmp_path / 'run'}")
+@pytest.mark.parametrize("override,key", [("model.checkpoint=/nonexistent.pt", "model.checkpoint"),
+                                          ("fisher.num_grads=0", "fisher.num_grads")])
+def test_a_user_error_is_one_line_printed_once(tmp_path, override, key):
+    done = torchrun(2, "prune", str(CNN), *ONESHOT, override, f"output={tmp_path / 'run'}")
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("wfcore: error")]
-    assert len(errors) == 1 and "model.checkpoint" in errors[0], done.stderr[-3000:]
+    assert len(errors) == 1 and key in errors[0], done.stderr[-3000:]
 
 
 @pytest.mark.slow

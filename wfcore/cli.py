@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from wfcore import __version__
-from wfcore.errors import WfcoreError, first_line
+from wfcore.errors import ConfigError, WfcoreError, first_line
 
 log = logging.getLogger("wfcore")
 
@@ -207,7 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logging_redirect_tqdm():
             return COMMANDS[args.command](args)
     except WfcoreError as exc:
-        _error(exc, agreed=isinstance(exc, distributed.AgreedError))
+        # every rank reads the same config and arguments: an error in them, met before the
+        # process group exists, is every rank's too
+        agreed = isinstance(exc, distributed.AgreedError) or (
+            isinstance(exc, ConfigError) and not distributed.initialized())
+        _error(exc, agreed=agreed)
         return 2
     except OSError as exc:  # the machine's, not the code's: a file that cannot be read
         _error(exc)

@@ -108,6 +108,11 @@ def shutdown() -> None:
     _group = Group()
 
 
+def initialized() -> bool:
+    """Whether this process has joined a process group (``init`` under torchrun)."""
+    return _group.backend is not None
+
+
 def one_machine() -> bool:
     """Whether every rank runs on this machine (torchrun's LOCAL_WORLD_SIZE)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", _group.world)) == _group.world
