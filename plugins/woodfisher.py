@@ -7,8 +7,10 @@ batched) and keep only diag(F^-1) -> the ``WoodFisherCurvature`` answers
 ``inverse_diagonal`` from that, and ``inverse_mul`` and ``prune_update`` by streaming the
 chunks again (factors cached instead when all of them fit the budget) -> it is dropped
 with the store after the pruning step. On CUDA the chunks go to the GPU; the store stays
-on the host. The chunking changes only the order of the work: every block is solved the
-same way, so scores, masks and updates equal those of one chunk holding every block.
+on the host. Under torchrun the chunks are dealt to the ranks and the per-weight results
+summed over them (``wfcore.distributed``). The chunking changes only the order of the
+work: every block is solved the same way, so scores, masks and updates equal those of
+one chunk holding every block.
 
 Per block, with G the (m, B) gradients of its weights and damp = lambda,
 
@@ -63,7 +65,7 @@ from typing import Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from wfcore import hookimpl, progress
+from wfcore import distributed, hookimpl, progress
 from wfcore.errors import WfcoreError
 from wfcore.gradients import ParamLayout
 from wfcore.interfaces import (
@@ -395,7 +397,8 @@ class WoodFisherCurvature(Curvature):
         self.device, self.dtype, self.out_device = device, DTYPES[options.dtype], out_device
 
     def groups(self) -> Iterator[tuple[torch.Tensor, BlockGroup]]:
-        """(flat indices (n, B), the group's factors) of every block group, chunk by chunk."""
+        """(flat indices (n, B), the group's factors) of every block group of this rank's
+        chunks (all of them in one process), chunk by chunk."""
         if self.cache is not None:
             yield from self.cache
             return
@@ -414,7 +417,7 @@ class WoodFisherCurvature(Curvature):
         out = torch.zeros(self.layout.d, dtype=self.dtype, device=self.device)
         for idx, group in self.groups():
             out[idx] = fn(group, *(f[idx] for f in flat))
-        return out
+        return distributed.sum_(out)  # each rank filled its own chunks' blocks
 
     def inverse_diagonal(self) -> Tensors:
         return self._out(self.diag)
@@ -438,12 +441,13 @@ class WoodFisherCurvature(Curvature):
         w_flat, total = self._flat(w), 0.0
         for idx, group in self.groups():
             total += float(group.joint(mask[idx], w_flat[idx])[1].sum())
-        return total
+        return distributed.sum_float(total)
 
     def quadratic(self, dw: Tensors) -> float:
         """dw^T F dw / 2: the quadratic model's loss increase of a weight change."""
         flat = self._flat(dw)
-        return sum(float(group.quadratic(flat[idx]).sum()) for idx, group in self.groups())
+        return distributed.sum_float(sum(float(group.quadratic(flat[idx]).sum())
+                                         for idx, group in self.groups()))
 
     def damping(self) -> float:
         """The mean lambda over all blocks (after any raise on a failed Cholesky)."""
@@ -501,10 +505,20 @@ class WoodFisher(HessianEstimator):
             raise WfcoreError("estimator.device: CUDA asked for, but it is not available")
         return device
 
-    def chunks(self, layout: ParamLayout, m: int, device: torch.device) -> list[Chunk]:
+    def chunks(self, layout: ParamLayout, m: int, device: torch.device,
+               ranks: int = 1) -> list[Chunk]:
+        """The chunks of a fit; with ``ranks`` > 1, at least as many as there are ranks
+        where the blocks allow (smaller chunks: the same blocks, solved the same way)."""
         opts = self.options
-        return plan_chunks(layout, opts.block_size, opts.form, m, DTYPES[opts.dtype].itemsize,
-                           memory_budget(opts, device))
+        itemsize = DTYPES[opts.dtype].itemsize
+        chunks = plan_chunks(layout, opts.block_size, opts.form, m, itemsize,
+                             memory_budget(opts, device))
+        if len(chunks) < ranks:
+            largest = max(block_bytes(choose_form(opts.form, m, B), m, B, itemsize)
+                          + m * B * itemsize for B in block_starts(layout, opts.block_size))
+            chunks = plan_chunks(layout, opts.block_size, opts.form, m, itemsize,
+                                 max(sum(c.nbytes for c in chunks) // ranks, largest))
+        return chunks
 
     def cost(self, layout: ParamLayout, m: int, device: torch.device | str) -> EstimatorCost:
         device = self._device(device)
@@ -521,17 +535,21 @@ class WoodFisher(HessianEstimator):
         opts = self.options
         layout, m = problem.layout(), problem.num_grads()
         device = self._device(problem.device)
-        chunks = self.chunks(layout, m, device)  # refuses a block that cannot fit, first
+        # refuses a block that cannot fit, first
+        chunks = self.chunks(layout, m, device, distributed.world())
         source = problem.gradient_source()
         damp = absolute_damp(opts.damp, opts.damp_mode, source)
-        diag = torch.empty(layout.d, dtype=DTYPES[opts.dtype], device=device)
+        # under torchrun the chunks are dealt to the ranks: each solves its own, and the
+        # per-weight results are summed over the ranks (zero where another rank's)
+        own = [chunk for k, chunk in enumerate(chunks) if distributed.owns(k)]
+        diag = torch.zeros(layout.d, dtype=DTYPES[opts.dtype], device=device)
         # every chunk's factors kept when they fit half the budget (the other half is the
         # working set of an update); else the update streams the chunks again
-        cache: list | None = [] if sum(c.nbytes for c in chunks) <= memory_budget(
+        cache: list | None = [] if sum(c.nbytes for c in own) <= memory_budget(
             opts, device) / 2 else None
         damps = []
-        for chunk in tqdm(chunks, desc="woodfisher", unit="chunk", leave=False, delay=1,
-                          disable=progress.disabled(len(chunks) < 2)):
+        for chunk in tqdm(own, desc="woodfisher", unit="chunk", leave=False, delay=1,
+                          disable=progress.disabled(len(own) < 2)):
             settled = {}
             for idx, group in chunk_groups(layout, source, chunk, damp, opts, device):
                 diag[idx] = group.diag()
@@ -541,11 +559,12 @@ class WoodFisher(HessianEstimator):
                 else:
                     group.drop_factors()
             damps.append(settled)
+        distributed.sum_(diag)
         log.info("woodfisher: %d blocks in %d chunk(s)%s, m=%d, damp %.3g (%s %g), %s on %s",
                  sum(len(o) for c in chunks for o in c.groups.values()), len(chunks),
                  " (factors cached)" if cache is not None else "", m, damp, opts.damp_mode,
                  opts.damp, opts.dtype, device)
-        return WoodFisherCurvature(layout, source, chunks, damps, diag, opts, device,
+        return WoodFisherCurvature(layout, source, own, damps, diag, opts, device,
                                    torch.device(problem.device), cache)
 
 

@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from wfcore import __version__
-from wfcore.errors import WfcoreError, first_line
+from wfcore.errors import ConfigError, WfcoreError, first_line
 
 log = logging.getLogger("wfcore")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from wfcore import config, pipeline
+    from wfcore import config, distributed, pipeline
     from wfcore.report import table
 
     if args.resume:
@@ -30,6 +30,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         cfg = config.load(args.config, args.overrides)
     report = pipeline.run(cfg, force=args.force, resume=bool(args.resume))
+    if distributed.env_rank() > 0:  # rank 0 prints the result of a torchrun run
+        return 0
     print(table(report))
     print(f"\nrun directory: {report['config']['output'] or 'runs/' + report['name']}")
     return 0
@@ -39,7 +41,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from wfcore import config, pipeline
 
     cfg = config.load(args.config, args.overrides)
-    plan = pipeline.plan_config(cfg)
+    if args.nproc_per_node < 1:
+        raise WfcoreError(f"--nproc-per-node: {args.nproc_per_node} is less than 1")
+    plan = pipeline.plan_config(cfg, nproc=args.nproc_per_node)
     for line in plan.lines():
         print(line)
     plan.check()
@@ -200,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
                           "before anything heavy (exit 2 if it cannot fit)")
     plan.add_argument("config", help="YAML config (see configs/)")
     plan.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
+    plan.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                      help="also show each rank's share for a torchrun run of N processes")
 
     sweep = sub.add_parser("sweep", help="run every combination of key=a,b,c overrides; "
                            "one CSV table and accuracy-vs-sparsity plots")
@@ -260,6 +266,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from wfcore import distributed
+
     args = parser().parse_args(argv)
     if args.disable:  # one place every manager.build() reads, sweeps and sub-runs included
         from wfcore.manager import DISABLE_ENV
@@ -269,19 +277,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch; explicit sites check it too
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    if distributed.env_rank() > 0:  # under torchrun rank 0 speaks for the run
+        level = max(level, logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         with logging_redirect_tqdm():
             return COMMANDS[args.command](args)
     except WfcoreError as exc:
-        print(f"wfcore: error: {first_line(exc)}", file=sys.stderr)
+        # every rank reads the same config and arguments: an error in them, met before the
+        # process group exists, is every rank's too
+        agreed = isinstance(exc, distributed.AgreedError) or (
+            isinstance(exc, ConfigError) and not distributed.initialized())
+        _error(exc, agreed=agreed)
         return 2
     except OSError as exc:  # the machine's, not the code's: a file that cannot be read
-        print(f"wfcore: error: {first_line(exc)}", file=sys.stderr)
+        _error(exc)
         return 2
     except KeyboardInterrupt as exc:  # the pipeline says how to resume, where it can
-        print(f"wfcore: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        if distributed.env_rank() == 0:
+            print(f"wfcore: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
+
+
+def _error(exc: BaseException, agreed: bool = False) -> None:
+    """One line on stderr: once for an error every rank raised, else with the rank's number
+    when it is not rank 0's."""
+    from wfcore import distributed
+
+    rank = distributed.env_rank()
+    if rank > 0 and agreed:
+        return
+    where = f"rank {rank}: " if rank > 0 else ""
+    print(f"wfcore: error: {where}{first_line(exc)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,16 @@ class FisherSection:
 
 
 @dataclass
+class DistributedSection:
+    """Runs started by torchrun (see wfcore/distributed.py); ignored in one process."""
+
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    # seconds any collective may wait for the other ranks: a rank that died leaves the
+    # rest waiting at most this long (torchrun also stops them when one rank fails)
+    timeout_s: float = 1800.0
+
+
+@dataclass
 class AnalyzeSection:
     """`wfcore analyze`: exact curvatures against each estimator (see wfcore/analyze.py)."""
 
@@ -133,6 +143,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     fisher: FisherSection = field(default_factory=FisherSection)
     safeguard: SafeguardSection = field(default_factory=SafeguardSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)  # torchrun
     estimator: dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
     scorer: dict[str, Any] = field(default_factory=lambda: {"name": "obs"})
     allocator: dict[str, Any] = field(default_factory=lambda: {"name": "global"})
@@ -148,6 +159,7 @@ CHOICES = {
     "fisher.storage_dtype": ("float32", "float16", "bfloat16"),
     "fisher.store": ("auto", "memory", "disk"),
     "safeguard.fallback": ("magnitude", "none"),
+    "distributed.backend": ("auto", "gloo", "nccl"),
 }
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
-from wfcore import progress
+from wfcore import distributed, progress
 from wfcore.errors import WfcoreError, first_line
 from wfcore.store import STORAGE_DTYPES, GradientStore
 
@@ -142,9 +142,9 @@ class GradientSampler:
             out.append(take)
         return torch.cat(out)
 
-    def _fetch(self, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``count`` samples as (x, y); y is None for unlabelled data."""
-        batch = default_collate([self.dataset[int(i)] for i in self._next_indices(count)])
+    def _load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The samples at ``indices`` as (x, y); y is None for unlabelled data."""
+        batch = default_collate([self.dataset[int(i)] for i in indices])
         if torch.is_tensor(batch):
             return batch.to(self.device), None
         x = batch[0].to(self.device)
@@ -153,12 +153,15 @@ class GradientSampler:
     def _targets(self, logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.labels == "sampled":
             probs = torch.softmax(logits.detach().float(), dim=-1)
-            return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1).to(
-                logits.device)
+            return self._draw(probs).to(logits.device)
         if y is None:
             raise WfcoreError("fisher.labels=empirical needs labelled data; "
                               "use fisher.labels=sampled for unlabelled data")
         return y
+
+    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """(n,) labels drawn from ``probs`` (n, classes) with the sampler's generator (CPU)."""
+        return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1)
 
     def _chunk_rows(self) -> int:
         per_row = self.layout.d * 4  # float32 gradient rows held before a store write
@@ -206,6 +209,8 @@ class GradientSampler:
         finally:
             bar.close()
             self.model.train(was_training)
+        if store.shared:  # every rank's rows written before any rank reads
+            distributed.barrier()
         return store
 
     def _flat_rows(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -218,22 +223,39 @@ class GradientSampler:
             rows.append(g.reshape(g.shape[0], -1))
         return torch.cat(rows, dim=1)
 
+    @staticmethod
+    def _put(store: GradientStore, start: int, lo: int, rows: torch.Tensor,
+             count: int) -> None:
+        """This rank's ``rows`` (rows ``lo..`` of the ``count`` rows at ``start``) into
+        ``store``: alone into a store the ranks share, else gathered with the others' first
+        (every rank then writes the whole chunk into its own store)."""
+        if store.shared:
+            if len(rows):
+                store.write(start + lo, rows)
+        else:
+            store.write(start, distributed.gather_rows(rows, count))
+
     def _sample_loop(self, store: GradientStore, bar: tqdm) -> None:
         names, chunk = self.layout.names, self._chunk_rows()
-        pending: list[torch.Tensor] = []
-        written = 0
-        for _ in range(store.m):
-            x, y = self._fetch(self.grad_batch)
-            logits = self.model(x)
-            loss = self.loss_fn(logits, self._targets(logits, y))
-            grads = torch.autograd.grad(loss, [self.params[n] for n in names])
-            pending.append(self._flat_rows({n: g.unsqueeze(0)
-                                            for n, g in zip(names, grads, strict=True)}))
-            if len(pending) == chunk or written + len(pending) == store.m:
-                store.write(written, torch.cat(pending))
-                written += len(pending)
-                bar.update(len(pending))
-                pending.clear()
+        for i in range(0, store.m, chunk):
+            c = min(chunk, store.m - i)
+            lo, hi = distributed.share(c)  # this rank's rows of the chunk (all in one process)
+            rows = []
+            for j in range(c):
+                indices = self._next_indices(self.grad_batch)  # every rank draws every row's
+                if lo <= j < hi:
+                    x, y = self._load(indices)
+                    logits = self.model(x)
+                    loss = self.loss_fn(logits, self._targets(logits, y))
+                    grads = torch.autograd.grad(loss, [self.params[n] for n in names])
+                    rows.append(self._flat_rows({n: g.unsqueeze(0)
+                                                 for n, g in zip(names, grads, strict=True)}))
+                elif self.labels == "sampled":  # another rank's row: its label draw, in step
+                    with torch.no_grad():
+                        self._targets(self.model(self._load(indices)[0]), None)
+            mine = torch.cat(rows) if rows else torch.zeros(0, self.layout.d, device=self.device)
+            self._put(store, i, lo, mine, c)
+            bar.update(c)
 
     def _sample_vmap(self, store: GradientStore, bar: tqdm) -> None:
         from torch.func import functional_call, grad, vmap
@@ -256,13 +278,24 @@ class GradientSampler:
         i = 0
         while i < m:
             c = min(chunk, m - i)
-            x, y = self._fetch(c * b)
-            if self.labels == "sampled":
-                with torch.no_grad():
-                    y = self._targets(model(x), None)
-            else:
+            indices = self._next_indices(c * b)  # (c*b,): every rank draws the whole chunk's
+            lo, hi = distributed.share(c)  # and computes its rows of it
+            x, y = self._load(indices[lo * b:hi * b]) if hi > lo else (None, None)
+            if self.labels == "sampled":  # the chunk's labels drawn at once, from all its rows
+                probs = None
+                if x is not None:
+                    with torch.no_grad():
+                        probs = torch.softmax(model(x).detach().float(), dim=-1).cpu()
+                probs = torch.cat(distributed.gather_objects(probs))  # (c*b, classes)
+                y = self._draw(probs)[lo * b:hi * b].to(self.device)
+            elif x is not None:
                 y = self._targets(x, y)
-            grads = row_grad(prunable, x.reshape(c, b, *x.shape[1:]), y.reshape(c, b))
-            store.write(i, self._flat_rows(grads))
+            if hi > lo:
+                grads = row_grad(prunable, x.reshape(hi - lo, b, *x.shape[1:]),
+                                 y.reshape(hi - lo, b))
+                mine = self._flat_rows(grads)
+            else:
+                mine = torch.zeros(0, self.layout.d, device=self.device)
+            self._put(store, i, lo, mine, c)
             i += c
             bar.update(c)

@@ -3,6 +3,10 @@
 Registration hooks return ``{name: factory}``. A factory is called with the component's
 validated options; it may carry an ``Options`` dataclass attribute, against which the
 config section is validated. Call hooks with keyword arguments only.
+
+Under torchrun the step hooks are called on every rank, ``wfcore_run_end`` on rank 0
+alone (the rank that wrote the report); a hook that writes files checks
+``wfcore.distributed.is_main()``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from wfcore import __version__, checkpoint, files, manager, rundir, states
+from wfcore import __version__, checkpoint, distributed, files, manager, rundir, states
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
 from wfcore.gradients import GradientSampler
@@ -205,15 +205,16 @@ def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: tor
 
 def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
              params: dict[str, nn.Parameter], data: DataBundle, loss_fn: nn.Module,
-             device: torch.device, store_dir: Path, calibrate: bool = True) -> Plan:
-    """The plan of the run's first pruning step (``wfcore.plan``)."""
+             device: torch.device, store_dir: Path, calibrate: bool = True,
+             nproc: int = 1) -> Plan:
+    """The plan of the run's first pruning step (``wfcore.plan``) for ``nproc`` processes."""
     example = data.train[0][0] if isinstance(data.train[0], (tuple, list)) else data.train[0]
     needs = components.estimator.needs_gradients or components.scorer.needs_gradient
     return make_plan(model=model, params=params, example=example.unsqueeze(0).to(device),
                      num_classes=data.num_classes, loss_fn=loss_fn,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
-                     device=device, calibrate=calibrate)
+                     device=device, calibrate=calibrate, nproc=nproc)
 
 
 def versions(plugins: manager.Plugins) -> dict[str, Any]:
@@ -224,8 +225,10 @@ def versions(plugins: manager.Plugins) -> dict[str, Any]:
                         if info.source != "built-in"}}
 
 
-def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None) -> Plan:
+def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
+                nproc: int = 1) -> Plan:
     """The plan of a config without running it: the model is built, not trained or loaded.
+    ``nproc``: processes of a torchrun run (each rank's share is shown).
 
     Data that cannot be read here (an ImageNet root on another machine) is replaced by a
     stand-in of the fake data set's default shape (3 x 224 x 224, 1000 classes), said in
@@ -248,7 +251,7 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None) -> Plan
         raise ConfigError("config key 'model.params': no prunable parameters selected")
     run_dir = Path(cfg.output or Path("runs") / cfg.name)
     plan = plan_run(cfg, components, model, params, data, nn.CrossEntropyLoss(), device,
-                    Path(cfg.fisher.store_dir or run_dir).expanduser())
+                    Path(cfg.fisher.store_dir or run_dir).expanduser(), nproc=nproc)
     plan.notes += notes
     return plan
 
@@ -275,7 +278,7 @@ class Pruning:
         self.plugins = plugins
         self.c = components
         self.run_dir = run_dir
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(distributed.local_device(cfg.device))
         torch.manual_seed(cfg.seed)
         self.data = load_data(cfg, plugins)
         self.model = build_model(cfg, plugins, self.data).to(self.device)
@@ -288,12 +291,18 @@ class Pruning:
                               f"than the {len(self.data.train)} training samples")
         self.store_dir = Path(cfg.fisher.store_dir or run_dir).expanduser()
         self.plan = plan_run(cfg, components, self.model, self.params, self.data, self.loss_fn,
-                             self.device, self.store_dir)
+                             self.device, self.store_dir, nproc=distributed.world())
         for line in self.plan.lines():
             log.info("plan: %s", line)
-        self.plan.check()  # before the dense model is trained or any gradient sampled
-        self.dense_source = dense_model(cfg, self.model, self.data, self.device, self.loss_fn,
-                                        dense_provenance(cfg, plugins, self.data))
+        # before the dense model is trained or any gradient sampled; on every rank
+        distributed.agree(self.plan.check)
+        # rank 0 loads or trains the dense model (and alone writes the cache); every rank
+        # then holds its weights
+        provenance = dense_provenance(cfg, plugins, self.data)
+        self.dense_source = distributed.on_main(
+            lambda: dense_model(cfg, self.model, self.data, self.device, self.loss_fn,
+                                provenance))
+        distributed.broadcast_module(self.model)
         self.masks = Masks(self.params)
         self.dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         subset_seed = cfg.seed if cfg.data.subset_seed is None else cfg.data.subset_seed
@@ -332,6 +341,9 @@ class Pruning:
         dtype = STORAGE_DTYPES[fisher.storage_dtype]
         place = store_place(fisher.store, store_bytes(fisher.num_grads, layout.d, dtype))
         host = torch.device("cpu") if fisher.offload else self.device
+        if distributed.world() > 1 and distributed.one_machine() and host.type == "cpu":
+            return GradientStore.shared_by_ranks(fisher.num_grads, layout.d, dtype=dtype,
+                                                 place=place, directory=self.store_dir)
         return GradientStore(fisher.num_grads, layout.d, dtype=dtype, place=place,
                              directory=self.store_dir, device=host,
                              pin=fisher.offload and self.device.type == "cuda")
@@ -368,6 +380,7 @@ class Pruning:
                     raise WfcoreError(f"scorer '{self.cfg.scorer.name}' gave non-finite or "
                                       f"misshapen scores for '{n}'")
             new_keep = c.allocator.allocate(scores, dict(self.masks.keep), target)
+            new_keep = distributed.broadcast_masks(new_keep)  # rank 0's threshold everywhere
             prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
             del scores
             update = c.scorer.update(weights, curvature, prune_mask, gradient)
@@ -380,6 +393,7 @@ class Pruning:
                     for n, p in self.params.items():
                         p.add_(update[n].to(device=p.device, dtype=p.dtype))
             self.masks.set(new_keep)
+            distributed.broadcast_module(self.model)  # every rank ends with rank 0's weights
             timings["prune"] += time.perf_counter() - start
         return {"target_sparsity": target, **record}
 
@@ -455,39 +469,60 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
     directory) is checked before a file of the run directory is written or removed; the
     directory is locked for the whole run.
     """
-    plugins = plugins or manager.build(cfg.plugins)
-    components = build_components(cfg, plugins)
-    plan = components.scheduler.plan()
-    step = components.exporter.step if components.exporter is not None else None
-    if step is not None and not 0 <= step < len(plan):
-        raise ConfigError(f"config key 'export.step': {step} is not a step of the plan "
-                          f"(0..{len(plan) - 1})")
-    run_dir = run_dir_of(cfg)
-    check_run_dir(run_dir, force, resume)
-    with rundir.RunLock(run_dir):
-        check_run_dir(run_dir, force, resume)  # again: another run may have ended meanwhile
-        saved = checkpoint.load(run_dir, cfg) if resume else None
+    group = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_s)
+    if group.world > 1:
+        log.info("distributed: %d processes (%s)", group.world, group.backend)
+
+    def prepare() -> tuple[manager.Plugins, Components, list[Any], Path]:
+        plugs = plugins or manager.build(cfg.plugins)
+        components = build_components(cfg, plugs)
+        plan = components.scheduler.plan()
+        step = components.exporter.step if components.exporter is not None else None
+        if step is not None and not 0 <= step < len(plan):
+            raise ConfigError(f"config key 'export.step': {step} is not a step of the plan "
+                              f"(0..{len(plan) - 1})")
+        run_dir = run_dir_of(cfg)
+        check_run_dir(run_dir, force, resume)
+        return plugs, components, plan, run_dir
+
+    plugins, components, plan, run_dir = distributed.agree(prepare)
+    with ExitStack() as stack:  # rank 0 alone locks, reads and writes the run directory
+
+        def lock_and_load() -> dict[str, Any] | None:
+            stack.enter_context(rundir.RunLock(run_dir))
+            check_run_dir(run_dir, force, resume)  # again: another run may have ended
+            return checkpoint.load(run_dir, cfg) if resume else None
+
+        saved = distributed.on_main(lock_and_load)
         pruning = Pruning(cfg, plugins, components, run_dir)
-        if saved is None:
-            rundir.clear(run_dir)  # no step, report or export of an earlier run stays
-        rundir.claim(run_dir)
-        files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
+
+        def start() -> None:
+            if saved is None:
+                rundir.clear(run_dir)  # no step, report or export of an earlier run stays
+            rundir.claim(run_dir)
+            files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
+
+        distributed.on_main(start)
         return run_plan(pruning, plan, saved)
 
 
 def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) -> dict[str, Any]:
     """The steps, the export and the report of a prepared run."""
     cfg, components, run_dir = pruning.cfg, pruning.c, pruning.run_dir
-    report = Report(run_dir, config_mod.to_dict(cfg))
+    report = Report(run_dir, config_mod.to_dict(cfg), write=distributed.is_main())
     report.data["pruning_data"] = pruning.pool_record
     overrides = components.scheduler.train_overrides()
     runner = Runner(pruning, plan, report, overrides)
     if saved is not None:
         runner.restore(saved)
-    else:
+    # the processes of this part of the run (and of the parts before a --resume)
+    parts = report.data.get("distributed", {}).get("parts", []) + [distributed.provenance()]
+    report.data["distributed"] = {**distributed.provenance(), "parts": parts}
+    if saved is None:
         report.data["plan"] = pruning.plan.as_dict()
         report.data["versions"] = versions(pruning.plugins)
-        files.save_torch(run_dir / "dense.pt", pruning.model_state())
+        if distributed.is_main():
+            files.save_torch(run_dir / "dense.pt", pruning.model_state())
         dense = pruning.evaluate()
         report.set_dense(accuracy=dense["accuracy"], loss=dense["loss"],
                          params=sum(p.numel() for p in pruning.model.parameters()),
@@ -495,6 +530,11 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         log.info("dense: top-1 %.4f, loss %.4f", dense["accuracy"], dense["loss"])
         runner.save()
     runner.run()
+    # whether every rank ended with the same model, bit for bit
+    report.data["distributed"]["replicas_equal"] = distributed.same_on_every_rank(
+        pruning.model.state_dict())
+    if not distributed.is_main():  # rank 0 alone exports and writes the report
+        return report.data
     if components.exporter is not None:
         example = pruning.data.test[0][0].unsqueeze(0)
         model = pruning.model.cpu().eval()

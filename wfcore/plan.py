@@ -141,7 +141,8 @@ class Plan:
     algebra_flops: float
     gradient_seconds: float
     algebra_seconds: float
-    nproc: int = 1
+    nproc: int = 1  # processes of a torchrun run (--nproc-per-node); the share is per rank
+    on_host: bool = True  # the ranks of one machine share its memory (CPU runs)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -152,11 +153,14 @@ class Plan:
     def problems(self) -> list[str]:
         """What does not fit: one line each, with the numbers and what to change."""
         out = []
-        if self.peak_bytes > MEMORY_SHARE * self.memory_available:
-            out.append(f"the peak working set {self.peak_bytes / GiB:.2f} GiB is more than the "
-                       f"{self.memory_available / GiB:.2f} GiB of memory available; use fewer "
-                       "fisher.num_grads, a smaller estimator.block_size or "
-                       "estimator.max_memory_gb, or fisher.store=disk")
+        ranks = self.nproc if self.on_host else 1  # processes sharing the memory
+        if self.machine_bytes() > MEMORY_SHARE * self.memory_available:
+            what = (f"{ranks} processes' peak working sets, "
+                    f"{self.machine_bytes() / GiB:.2f} GiB, are" if ranks > 1 else
+                    f"the peak working set {self.peak_bytes / GiB:.2f} GiB is")
+            out.append(f"{what} more than the {self.memory_available / GiB:.2f} GiB of memory "
+                       "available; use fewer fisher.num_grads, a smaller estimator.block_size "
+                       "or estimator.max_memory_gb, or fisher.store=disk")
         if self.store_place == "disk" and self.store_bytes + DISK_MARGIN > self.disk_available:
             out.append(f"the gradient store needs {self.store_bytes:,} bytes "
                        f"({self.store_bytes / GiB:.2f} GiB) on disk in {self.store_dir}, "
@@ -164,6 +168,14 @@ class Plan:
                        "free; use fewer fisher.num_grads, fisher.storage_dtype=float16 or a "
                        "fisher.store_dir on a larger file system")
         return out
+
+    def machine_bytes(self) -> int:
+        """The peak of all the ranks of one machine: with CPU processes, N working sets and
+        one in-memory store (the ranks share it); on GPUs, one rank's."""
+        if not self.on_host or self.nproc == 1:
+            return self.peak_bytes
+        store = self.store_bytes if self.store_place == "memory" else 0
+        return self.nproc * (self.peak_bytes - store) + store
 
     def check(self) -> None:
         """Raise a one-line WfcoreError naming the first thing that does not fit."""
@@ -188,6 +200,17 @@ class Plan:
             f"{format_seconds(self.gradient_seconds)}, algebra "
             f"{format_seconds(self.algebra_seconds)})",
         ]
+        if self.nproc > 1:
+            n = self.nproc
+            out.append(
+                f"per rank of {n} processes: {math.ceil(self.m / n)} of the {self.m} gradient "
+                f"rows, 1/{n} of the block solves: {format_seconds(seconds / n)} (gradients "
+                f"{format_seconds(self.gradient_seconds / n)}, algebra "
+                f"{format_seconds(self.algebra_seconds / n)}); "
+                + (f"one store for the ranks of a machine, {self.machine_bytes() / GiB:.3g} "
+                   "GiB at the peak on one machine" if self.on_host else
+                   f"each rank holds the whole store, a peak of {self.peak_bytes / GiB:.3g} "
+                   "GiB"))
         out += self.notes
         out += [f"does not fit: {p}" for p in self.problems()]
         return out
@@ -204,11 +227,12 @@ def format_seconds(seconds: float) -> str:
 def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: torch.Tensor,
               num_classes: int, loss_fn: nn.Module, estimator: HessianEstimator,
               estimator_name: str, needs_gradients: bool, fisher, store_dir: str | Path,
-              device: torch.device, calibrate: bool = True) -> Plan:
+              device: torch.device, calibrate: bool = True, nproc: int = 1) -> Plan:
     """The plan of one pruning step of ``model`` (see the module doc).
 
     ``fisher`` is the config's fisher section. ``example``: one input, batch of one, on
     ``device``. Raises the estimator's WfcoreError for a fit that cannot run at all.
+    ``nproc``: the processes of a torchrun run; the plan adds each rank's share.
     """
     layout = ParamLayout(params)
     d, m, grad_batch = layout.d, fisher.num_grads, fisher.grad_batch
@@ -236,4 +260,4 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
                 memory_available=available_memory(device if device.type == "cuda" else "cpu"),
                 disk_available=free_disk(store_dir), gradient_flops=3 * fwd * samples,
                 algebra_flops=cost.flops, gradient_seconds=grad_s, algebra_seconds=algebra_s,
-                notes=notes)
+                nproc=nproc, on_host=device.type != "cuda", notes=notes)

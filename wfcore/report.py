@@ -15,8 +15,9 @@ TIMING_KEYS = ("gradients", "estimate", "prune", "finetune", "evaluate")
 
 
 class Report:
-    def __init__(self, run_dir: str | Path, config: dict[str, Any]):
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], write: bool = True):
         self.run_dir = Path(run_dir)
+        self.writes = write  # False on the ranks but 0 of a distributed run: data only
         self.data: dict[str, Any] = {"name": config.get("name"), "config": config,
                                      "dense": {}, "steps": [], "epochs": [],
                                      "finished": False}
@@ -37,10 +38,14 @@ class Report:
     def finish(self) -> None:
         self.data["finished"] = True
         self.write()
+        if not self.writes:
+            return
         plot_accuracy(self.data, self.run_dir / "accuracy_vs_sparsity.png")
         plot_epochs(self.data, self.run_dir / "epochs.png")
 
     def write(self) -> None:
+        if not self.writes:
+            return
         files.write_json(self.run_dir / "report.json", self.data)
         files.write_text(self.run_dir / "report.md", markdown(self.data))
 

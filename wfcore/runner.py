@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from wfcore import checkpoint, files
+from wfcore import checkpoint, distributed, files
 from wfcore import config as config_mod
 from wfcore.interfaces import PruneStep, Stateful
 from wfcore.training import Trainer, TrainingDiverged
@@ -84,14 +84,16 @@ class Runner:
         return {s: comp for s, comp in made.items() if isinstance(comp, Stateful)}
 
     def save(self) -> None:
-        trainer = None
-        if self.trainer is not None:
-            trainer = {"segment": self.segment, **self.trainer.state_dict()}
-        checkpoint.save(self.run_dir, digest=self.digest,
-             position={**self.position, "timings": dict(self.timings)},
-             model=self.p.model_state(), masks=self.p.masks.state_dict(), trainer=trainer,
-             sampler=self.p.sampler.state_dict(), report=self.report.data,
-             components={section: c.state_dict() for section, c in self.stateful().items()})
+        if distributed.is_main():  # rank 0 alone writes; every rank passes here in step
+            trainer = None
+            if self.trainer is not None:
+                trainer = {"segment": self.segment, **self.trainer.state_dict()}
+            checkpoint.save(
+                self.run_dir, digest=self.digest,
+                position={**self.position, "timings": dict(self.timings)},
+                model=self.p.model_state(), masks=self.p.masks.state_dict(), trainer=trainer,
+                sampler=self.p.sampler.state_dict(), report=self.report.data,
+                components={section: c.state_dict() for section, c in self.stateful().items()})
         self.saved = (self.position["epoch"], self.position["step"])
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -197,7 +199,8 @@ class Runner:
                   "safeguard": pos.pop("safeguard", []),
                   "timings": {k: round(v, 4) for k, v in self.timings.items()},
                   "layers": p.masks.layer_sparsity()}
-        files.save_torch(self.run_dir / f"model_step{step.index}.pt", p.model_state())
+        if distributed.is_main():
+            files.save_torch(self.run_dir / f"model_step{step.index}.pt", p.model_state())
         self.report.add_step(record)
         log.info("step %d: sparsity %.4f (target %.4f), top-1 %.4f", step.index,
                  record["sparsity"], step.target_sparsity, record["accuracy"])

@@ -13,6 +13,9 @@ once, not half-way through the sampling) and read and written with explicit ``pr
 process's resident set, so a 20 GB store does not inflate the peak memory. On POSIX the file
 is unlinked as soon as it is open: it has no name while in use and its space returns to the
 file system when the store is closed or the process ends, even when it is killed.
+
+Under torchrun on one machine the ranks share one store (``shared_by_ranks``): each rank
+writes its own rows, and an in-memory store lives in /dev/shm, mapped once for all ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from wfcore import distributed
 from wfcore.errors import WfcoreError
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PLACES = ("memory", "disk")
 DISK_MARGIN = 1 * 2**30  # free space left on the file system beside a store
+SHARED_MEMORY = Path("/dev/shm")  # where the ranks of one machine share an in-memory store
 
 
 def store_bytes(m: int, d: int, dtype: torch.dtype) -> int:
@@ -66,6 +71,7 @@ class GradientStore:
         self.path: Path | None = None
         self._fd: int | None = None
         self._rows: torch.Tensor | None = None
+        self.shared = False  # one store written by every rank of a machine (``shared``)
         if place == "memory":
             self._rows = torch.empty(m, d, dtype=dtype, device=self.device,
                                      pin_memory=pin and self.device.type == "cpu")
@@ -80,9 +86,50 @@ class GradientStore:
         store.dtype, store.place, store.device = G.dtype, "memory", G.device
         store.nbytes, store.path, store._fd, store._rows = G.numel() * G.element_size(), \
             None, None, G
+        store.shared = False
         return store
 
-    def _open_file(self, directory: Path) -> None:
+    @classmethod
+    def shared_by_ranks(cls, m: int, d: int, *, dtype: torch.dtype = torch.float32,
+                        place: str = "memory", directory: str | Path | None = None
+                        ) -> GradientStore:
+        """One store for all the ranks of a torchrun run on one machine, each writing its own
+        rows into it (CPU host memory only).
+
+        Rank 0 creates the file (``memory``: in /dev/shm when it has room, else in
+        ``directory``, mapped by every rank; ``disk``: in ``directory``, read and written
+        with pread / pwrite); every rank opens it, and the name is removed once all have.
+        """
+        store = cls.__new__(cls)
+        store.m, store.d, store.dtype, store.place = m, d, dtype, place
+        store.device, store.nbytes = torch.device("cpu"), store_bytes(m, d, dtype)
+        store.path, store._fd, store._rows, store.shared = None, None, None, True
+        where = Path(directory if directory is not None else tempfile.gettempdir())
+        if place == "memory" and SHARED_MEMORY.is_dir() \
+                and free_disk(SHARED_MEMORY) > store.nbytes + DISK_MARGIN:
+            where = SHARED_MEMORY
+
+        def create() -> str:
+            store._open_file(where, keep_name=True)
+            return str(store.path)
+
+        try:
+            name = distributed.on_main(create)
+            if not distributed.is_main():
+                store._fd = os.open(name, os.O_RDWR)
+            if place == "memory":  # every rank maps the same pages
+                store._rows = torch.from_file(name, shared=True, size=m * d,
+                                              dtype=dtype).view(m, d)
+                os.close(store._fd)
+                store._fd = None
+            distributed.barrier()  # every rank has it open: the name can go
+        finally:  # on rank 0, which made it, also when another rank failed
+            if store.path is not None:
+                store.path.unlink(missing_ok=True)
+                store.path = None
+        return store
+
+    def _open_file(self, directory: Path, keep_name: bool = False) -> None:
         directory = directory.expanduser()
         free = free_disk(directory)
         if self.nbytes + DISK_MARGIN > free:
@@ -108,7 +155,7 @@ class GradientStore:
             self.close()
             raise WfcoreError(f"gradient store: cannot allocate {self.nbytes / 2**30:.2f} GiB "
                               f"in {directory}: {exc.strerror or exc}") from None
-        if os.name == "posix":  # nameless from now on: gone with the process, however it ends
+        if os.name == "posix" and not keep_name:  # nameless from now on: gone with the process
             self.path.unlink()
         log.info("gradient store: %.2f GiB on disk in %s (%d x %d, %s)", self.nbytes / 2**30,
                  directory, self.m, self.d, str(self.dtype).removeprefix("torch."))

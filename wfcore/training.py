@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from wfcore import distributed
 from wfcore.errors import WfcoreError
 from wfcore.masks import Masks
 
@@ -82,7 +84,10 @@ class Trainer:
 
     ``epochs`` sizes the LR schedule (cosine anneals over ``epochs - decay_start``);
     the LR stays at ``train.lr`` for the first ``decay_start`` epochs. With ``masks``,
-    pruned weights get no gradient and are re-zeroed after every optimizer step.
+    pruned weights get no gradient and are re-zeroed after every optimizer step. Under
+    torchrun the model trains as DistributedDataParallel on each rank's share of the data
+    (a DistributedSampler seeded with ``seed``, reshuffled per epoch); ``batch_size`` is
+    per process. ``shard=False`` trains in this process alone (rank 0's dense model).
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class Trainer:
         decay_start: int = 0,
         desc: str = "train",
         lr_key: str = "train.lr",
+        shard: bool = True,
     ):
         self.model = model
         self.loss_fn = loss_fn
@@ -110,8 +116,18 @@ class Trainer:
         self.desc = desc
         self.lr_key = lr_key  # the config key of the learning rate, for error messages
         self.generator = torch.Generator().manual_seed(seed)  # the data order
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                 num_workers=num_workers, generator=self.generator)
+        self.net: nn.Module = model  # what the batches go through (DDP under torchrun)
+        self.sampler: DistributedSampler | None = None
+        if shard and distributed.world() > 1:  # each rank its share of a seeded order, per epoch
+            self.sampler = DistributedSampler(dataset, num_replicas=distributed.world(),
+                                              rank=distributed.rank(), shuffle=True, seed=seed)
+            self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                     num_workers=num_workers)
+            self.net = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                     num_workers=num_workers, generator=self.generator)
         self.optimizer = make_optimizer(model, train_cfg)
         self.schedule = make_lr_schedule(self.optimizer, train_cfg, max(epochs - decay_start, 1))
         self.epochs_done = 0
@@ -123,9 +139,13 @@ class Trainer:
 
     def run_epoch(self) -> float:
         """Train one epoch, then step the LR schedule; returns the mean training loss."""
-        loss = train_epoch(self.model, self.loader, self.optimizer, self.loss_fn, self.device,
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epochs_done)
+        loss = train_epoch(self.net, self.loader, self.optimizer, self.loss_fn, self.device,
                            desc=f"{self.desc} epoch {self.epochs_done + 1}",
                            lr_key=self.lr_key)
+        if self.sampler is not None:  # as many samples on every rank: the mean of the means
+            loss = distributed.sum_float(loss) / distributed.world()
         self.epochs_done += 1
         if self.epochs_done > self.decay_start:
             self.schedule.step()
@@ -145,9 +165,10 @@ class Trainer:
         self.epochs_done = int(state["epochs_done"])
 
     def close(self) -> None:
-        """Remove the mask hooks from the model and the optimizer."""
+        """Remove the mask hooks from the model and the optimizer (and DDP's)."""
         if self.masks is not None:
             self.masks.detach()
+        self.net = self.model
 
 
 def train(
@@ -164,10 +185,11 @@ def train(
     num_workers: int = 0,
     desc: str = "train",
 ) -> list[float]:
-    """Train for ``epochs`` with a fresh optimizer; masks, when given, stay applied."""
+    """Train for ``epochs`` with a fresh optimizer, in this process alone; masks, when given,
+    stay applied."""
     trainer = Trainer(model, dataset, train_cfg, epochs=epochs, batch_size=batch_size,
                       loss_fn=loss_fn, device=device, seed=seed, masks=masks,
-                      num_workers=num_workers, desc=desc)
+                      num_workers=num_workers, desc=desc, shard=False)
     losses = []
     try:
         bar = tqdm(range(epochs), desc=desc, unit="epoch", delay=1)
