@@ -27,6 +27,7 @@ LOCK = ".wfcore.lock"
 # What a run (and `wfcore export` into it) writes: what --force clears.
 OWNED = ("config.yaml", "report.json", "report.md", "accuracy_vs_sparsity.png", "epochs.png",
          "dense.pt", "model_step*.pt", "checkpoint.pt", "model.onnx", "dense.onnx",
+         "model.int8.onnx", "dense.int8.onnx",
          "model_step*.onnx", "*.failed.onnx", "error.txt")
 
 
