@@ -24,30 +24,13 @@ scores of different blocks meet in one global threshold, and a per-block lambda 
 rescale whole blocks against each other (w_q^2 lambda / 2 for weights the data does not
 constrain).
 
-Forms (``form``):
-  dual       K = G G^T + m*lambda*I (m x m, Cholesky). Nothing of size B x B is formed:
-             diag(F^-1) = (1 - colsum(G o K^-1 G)) / lambda, F^-1 v = (v - G^T K^-1 G v) / lambda.
-             The exact joint OBS update for a pruned set Q keeps dw_Q = -w_Q and moves the
-             rest R of the block by dw_R = F_RR^-1 F_RQ w_Q = G_R^T K_Q^-1 G_Q w_Q with
-             K_Q = G_R G_R^T + m*lambda*I (Woodbury on F_RR): one m x m solve, from the live
-             columns of R only, and no factor of K at all.
-  primal     F itself (B x B, Cholesky, explicit inverse): cheaper when m >= B.
-  recursive  the original method's m sequential rank-1 Woodbury updates of F^-1, starting
-             from I/lambda. Slow; kept as the reference the tests and benchmarks compare to.
-  auto       dual when m < B, else primal.
+Forms (``form``): ``dual``, ``primal``, ``recursive`` or ``auto``; the per-block algebra
+of each is in ``wfcore.plugins.woodbury``.
 
 Blocks (``block_size``): ``full`` is one block over all prunable weights (layers coupled),
 ``layer`` one block per parameter, an int cuts each parameter's flat weights into
 contiguous chunks of that size (the last chunk of a parameter may be shorter). Blocks of
 equal size are stacked and solved batched (bmm, batched Cholesky) on ``device``.
-
-Pruned weights. The sampler zeroes the gradient columns of already pruned weights, so
-inside a block a pruned weight j has G[:, j] = 0: F couples it to nothing, [F^-1]_jj is
-1/lambda and (F^-1 v)_j = v_j / lambda. Both updates are built from F^-1 applied to a
-vector that is zero at j (u or x below is supported on the newly pruned set Q), so they
-leave earlier pruned weights exactly where they are (zero), bit for bit: OBS over the
-live weights with the earlier pruned ones held at zero, which is what the iterative
-schedule needs. The pipeline re-applies the masks after every update in any case.
 
 Safeguards: a failed Cholesky raises that block's damping x10 (logged, up to 8 times; the
 streamed passes reuse the damping the fit settled on); non-finite gradients are an error
@@ -64,6 +47,7 @@ from typing import Optional, Union
 
 import torch
 from tqdm.auto import tqdm
+from wfcore.plugins.woodbury import BlockGroup, choose_form, memory_needed
 
 from wfcore import distributed, hookimpl, progress
 from wfcore.errors import WfcoreError
@@ -84,7 +68,6 @@ log = logging.getLogger(__name__)
 
 FORMS = ("auto", "dual", "primal", "recursive")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-MAX_DAMP_RAISES = 8
 DEFAULT_MEMORY_SHARE = 0.25  # of the solve device's free memory, when max_memory_gb is null
 CPU_MEMORY_CAP = 4 * 2**30  # ... and at most this on a CPU
 
@@ -137,35 +120,6 @@ def block_starts(layout: ParamLayout, block_size: int | str) -> dict[int, list[i
     return groups
 
 
-def choose_form(form: str, m: int, B: int) -> str:
-    if form == "auto":
-        return "dual" if m < B else "primal"
-    return form
-
-
-def memory_needed(form: str, n: int, m: int, B: int, itemsize: int) -> tuple[int, int]:
-    """(bytes kept, transient bytes) of one group of n blocks of size B."""
-    grads = n * m * B * itemsize  # (n, m, B)
-    if form == "dual":
-        return grads + 2 * n * m * m * itemsize, n * m * B * itemsize + 2 * n * m * m * itemsize
-    return grads + n * B * B * itemsize, 2 * n * B * B * itemsize
-
-
-def cholesky_raising_damp(matrix_at, damp: torch.Tensor, what) -> torch.Tensor:
-    """Cholesky of ``matrix_at(damp)`` (batched); failing blocks get damp x10 (in place)."""
-    for _ in range(MAX_DAMP_RAISES + 1):
-        L, info = torch.linalg.cholesky_ex(matrix_at(damp))
-        failed = (info != 0).nonzero().flatten().tolist()
-        if not failed:
-            return L
-        for k in failed:
-            log.warning("woodfisher: Cholesky failed for %s at damp %.3g; raising damp to %.3g",
-                        what(k), float(damp[k]), float(damp[k]) * 10)
-            damp[k] *= 10
-    raise WfcoreError(f"woodfisher: Cholesky still fails for {what(failed[0])} after raising "
-                      f"damp {MAX_DAMP_RAISES} times; check the gradients or use a larger damp")
-
-
 def fisher_scale(source: GradientSource) -> float:
     """mean(diag(G^T G / m)) over the live columns of the gradients (weights pruned earlier,
     with all-zero columns, do not dilute it); 1.0 when no column is live. One streamed pass
@@ -182,145 +136,6 @@ def absolute_damp(damp: float, mode: str, source: GradientSource) -> float:
     if mode != "relative":
         raise ValueError(f"damp mode '{mode}' is not one of {', '.join(DAMP_MODES)}")
     return damp * fisher_scale(source)
-
-
-def add_diagonal(A: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A + diag_embed(values) for a batch A (n, k, k) and values (n,); A is not changed."""
-    out = A.clone()
-    out.diagonal(dim1=1, dim2=2).add_(values[:, None])
-    return out
-
-
-def live_columns(G: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """(n, m, R_max): the columns of G (n, m, B) where ``keep`` (n, B) holds and G is not
-    zero, packed to the left and zero-padded to the longest block's count."""
-    n, _, B = G.shape
-    keep = keep & (G != 0).any(1)  # (n, B)
-    counts = keep.sum(1)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    # order[k, j] = the j-th kept column of block k: scatter each kept column to its rank
-    # (the dropped ones all land in an extra slot, cut off below)
-    rank = torch.where(keep, keep.cumsum(1) - 1, width)  # (n, B)
-    order = torch.zeros(n, width + 1, dtype=torch.long, device=G.device)
-    order.scatter_(1, rank, torch.arange(B, device=G.device).expand(n, B))
-    order = order[:, :width]
-    packed = torch.gather(G, 2, order[:, None, :].expand(-1, G.shape[1], -1))
-    valid = torch.arange(width, device=G.device)[None, :] < counts[:, None]  # (n, width)
-    return packed * valid[:, None, :]
-
-
-def solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A^-1 b for a batch of SPD matrices, with LU where Cholesky breaks down."""
-    L, info = torch.linalg.cholesky_ex(A)
-    if bool((info == 0).all()):
-        return torch.cholesky_solve(b, L)
-    return torch.linalg.solve(A, b)
-
-
-class BlockGroup:
-    """n blocks of size B, solved together. Tensors are (n, ...) batches.
-
-    The factorisation (K's Cholesky factor, or F^-1 itself) is made on first use: the dual
-    joint update needs none.
-    """
-
-    def __init__(self, G: torch.Tensor, damp: float | torch.Tensor, form: str, what):
-        self.G = G  # (n, m, B), solve dtype
-        n, self.m, _ = G.shape
-        self.form, self.what = form, what
-        self.damp = torch.as_tensor(damp, dtype=G.dtype, device=G.device).expand(n).clone()
-        self._diag: torch.Tensor | None = None
-        self._L: torch.Tensor | None = None
-        self._F_inv: torch.Tensor | None = None
-
-    @property
-    def L(self) -> torch.Tensor:
-        """(n, m, m): the Cholesky factor of K = G G^T + m*damp*I (dual form)."""
-        if self._L is None:
-            GGt = self.G @ self.G.transpose(1, 2)  # (n, m, m)
-            self._L = cholesky_raising_damp(lambda d: add_diagonal(GGt, self.m * d),
-                                            self.damp, self.what)
-        return self._L
-
-    @property
-    def F_inv(self) -> torch.Tensor:
-        """(n, B, B): F^-1 itself (primal and recursive forms)."""
-        if self._F_inv is None:
-            self._F_inv = self._primal() if self.form == "primal" else self._recursive()
-        return self._F_inv
-
-    def _primal(self) -> torch.Tensor:
-        G, m = self.G, self.m
-        GtG = G.transpose(1, 2) @ G / m  # (n, B, B)
-        L = cholesky_raising_damp(lambda d: add_diagonal(GtG, d), self.damp, self.what)
-        eye = torch.eye(G.shape[2], dtype=G.dtype, device=G.device).expand_as(L)
-        L_inv = torch.linalg.solve_triangular(L, eye, upper=False)  # (n, B, B)
-        # L^-T L^-1 rather than torch.cholesky_inverse, which is very slow on CPU
-        return L_inv.transpose(1, 2) @ L_inv
-
-    def _recursive(self) -> torch.Tensor:
-        G, m = self.G, self.m
-        n, _, B = G.shape
-        F_inv = add_diagonal(G.new_zeros(n, B, B), 1 / self.damp)  # (n, B, B)
-        for i in range(m):  # F_inv -= v v^T / (m + g^T v), v = F_inv g
-            g = G[:, i, :, None]  # (n, B, 1)
-            v = F_inv @ g  # (n, B, 1)
-            u = v / (m + g.transpose(1, 2) @ v)
-            F_inv.baddbmm_(u, v.transpose(1, 2), alpha=-1)
-        return F_inv
-
-    def drop_factors(self) -> None:
-        """Free everything but diag(F^-1) and the settled damping."""
-        self.G = self._L = self._F_inv = None
-
-    def diag(self) -> torch.Tensor:
-        """(n, B): diag(F^-1)."""
-        if self._diag is None:
-            if self.form == "dual":
-                A = torch.linalg.solve_triangular(self.L, self.G, upper=False)  # (n, m, B)
-                self._diag = (1 - A.square_().sum(1)) / self.damp[:, None]
-            else:
-                self._diag = self.F_inv.diagonal(dim1=1, dim2=2).clone()
-        return self._diag
-
-    def mul(self, v: torch.Tensor) -> torch.Tensor:
-        """(n, B): F^-1 v for v (n, B)."""
-        if self.form != "dual":
-            return (self.F_inv @ v[..., None])[..., 0]
-        Gv = self.G @ v[..., None]  # (n, m, 1)
-        return (v - (self.G.transpose(1, 2) @ torch.cholesky_solve(Gv, self.L))[..., 0]) \
-            / self.damp[:, None]
-
-    def joint(self, mask: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact OBS update removing ``mask`` (n, B) of ``w`` (n, B), and the loss increase.
-
-        The update is dw_Q = -w_Q and, on the rest R of the block, dw_R = F_RR^-1 F_RQ w_Q.
-        Dual form: with K_Q = G_R G_R^T + m*damp*I (m x m), Woodbury on F_RR gives
-        dw_R = G_R^T K_Q^-1 G_Q w_Q and the increase damp/2 (|w_Q|^2 + r^T K_Q^-1 r),
-        r = G_Q w_Q; neither K nor anything B x B is needed, and G_R keeps only the live
-        columns of R. Primal forms: x = S^-1 w_Q, S = [F^-1]_QQ, dw = -F^-1 x, increase
-        w_Q.x / 2.
-        """
-        zero = torch.zeros_like(w)
-        w_Q = torch.where(mask, w, zero)
-        if self.form == "dual":
-            G, m = self.G, self.m
-            r = G @ w_Q[..., None]  # (n, m, 1) = G_Q w_Q
-            G_R = live_columns(G, ~mask)  # (n, m, R_max), zero-padded
-            K_Q = add_diagonal(G_R @ G_R.transpose(1, 2), m * self.damp)  # (n, m, m)
-            y = solve_spd(K_Q, r)  # (n, m, 1)
-            dw_R = (G.transpose(1, 2) @ y)[..., 0]  # (n, B)
-            increase = 0.5 * self.damp * ((w_Q * w_Q).sum(1) + (r * y).sum((1, 2)))
-            return torch.where(mask, -w, dw_R), increase
-        both = mask[:, :, None] & mask[:, None, :]
-        S = torch.where(both, self.F_inv, torch.diag_embed((~mask).to(w.dtype)))
-        x = solve_spd(S, w_Q[..., None])[..., 0]
-        return -self.mul(x), 0.5 * (w_Q * x).sum(1)
-
-    def quadratic(self, dw: torch.Tensor) -> torch.Tensor:
-        """(n,): dw^T F dw / 2, from G (F itself is never formed)."""
-        Gdw = self.G @ dw[..., None]  # (n, m, 1)
-        return 0.5 * (self.damp * (dw * dw).sum(1) + (Gdw * Gdw).sum((1, 2)) / self.m)
 
 
 @dataclass
