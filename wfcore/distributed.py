@@ -175,16 +175,21 @@ def gather_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat(out).to(rows.device)
 
 
-def sum_(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the ranks, in place (and returned)."""
+def _in_place(t: torch.Tensor, collective) -> torch.Tensor:
+    """Run ``collective`` on ``t`` on the communication device, the result back in ``t``."""
     if _group.world == 1:
         return t
     device = _comm_device()
     buf = t if t.device == device else t.to(device)
-    dist.all_reduce(buf)
+    collective(buf)
     if buf is not t:
         t.copy_(buf)
     return t
+
+
+def sum_(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks, in place (and returned)."""
+    return _in_place(t, dist.all_reduce)
 
 
 def sum_float(value: float) -> float:
@@ -196,14 +201,7 @@ def sum_float(value: float) -> float:
 
 def broadcast_(t: torch.Tensor) -> torch.Tensor:
     """Rank 0's ``t`` on every rank, in place (and returned)."""
-    if _group.world == 1:
-        return t
-    device = _comm_device()
-    buf = t if t.device == device else t.to(device)
-    dist.broadcast(buf, src=0)
-    if buf is not t:
-        t.copy_(buf)
-    return t
+    return _in_place(t, lambda buf: dist.broadcast(buf, src=0))
 
 
 def broadcast_object(obj: T) -> T:
