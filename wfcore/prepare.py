@@ -1,0 +1,155 @@
+"""The setup of a run: the device, the data, the model and its dense weights (loaded,
+trained or cached), and the provenance of what made them. Nothing here prunes or keeps
+run state: ``wfcore.pipeline`` builds a run from these pieces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from wfcore import __version__, files, manager, states
+from wfcore import config as config_mod
+from wfcore.errors import ConfigError, WfcoreError
+from wfcore.interfaces import DataBundle
+from wfcore.training import train
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config key 'device': '{name}' is not a device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': '{name}' asked for, but CUDA is not available")
+    return device
+
+
+def load_data(cfg: DictConfig, plugins: manager.Plugins) -> DataBundle:
+    entry, extra = plugins.registry("datasets").lookup(cfg.data.name, "data.name")
+    options = config_mod.validate_options("data.options", config_mod.to_dict(cfg.data.options),
+                                          entry.options_class)
+    return entry.factory(options, cfg.data, **extra)
+
+
+def build_model(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) -> nn.Module:
+    entry, extra = plugins.registry("models").lookup(cfg.model.name, "model.name")
+    options = config_mod.validate_options("model.options", config_mod.to_dict(cfg.model.options),
+                                          entry.options_class)
+    torch.manual_seed(cfg.seed)
+    return entry.factory(options, num_classes=data.num_classes, input_shape=data.input_shape,
+                         **extra)
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("WFCORE_CACHE") or "~/.cache/wfcore"
+    return Path(root).expanduser()
+
+
+def data_fingerprint(data: DataBundle, samples: int = 8) -> str:
+    """A short hash of a data set: its sizes, classes, input shape and a few evenly spaced
+    training samples (the labels only, when the inputs come out differently each time they
+    are read, as with random augmentation). The test split is never read."""
+    h = hashlib.sha256(repr((len(data.train), len(data.test), data.num_classes,
+                             tuple(data.input_shape))).encode())
+
+    def parts(i: int) -> list[torch.Tensor]:
+        item = data.train[i]
+        return [torch.as_tensor(p).detach().cpu().contiguous()
+                for p in (item if isinstance(item, (tuple, list)) else (item,))]
+
+    count = len(data.train)
+    if not count:
+        return h.hexdigest()[:16]
+    first, again = parts(0), parts(0)
+    inputs_stable = all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    for i in sorted({round(k * (count - 1) / max(samples - 1, 1)) for k in range(samples)}):
+        item = parts(i)
+        for t in item if inputs_stable else item[1:]:
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dense_provenance(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) \
+        -> dict[str, str]:
+    """What made the dense model besides the config: the versions of the plugins that
+    registered the model and the data set, and the data's fingerprint. Part of the cache
+    key: a plugin reinstalled with other data trains a new dense model."""
+    out = {"data": data_fingerprint(data)}
+    for section, kind in (("model", "models"), ("data", "datasets")):
+        entry, _ = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
+        info = plugins.info.get(entry.plugin)
+        out[f"{section}_plugin"] = f"{entry.plugin} {info.version if info else ''}".strip()
+    return out
+
+
+def dense_cache_path(cfg: DictConfig, provenance: dict[str, str] | None = None) -> Path:
+    """Where the dense model trained for this model/data/train config is cached
+    (``provenance``: ``dense_provenance``; None leaves it out of the key)."""
+    key = config_mod.digest(cfg.model.name, cfg.model.options, cfg.data.name, cfg.data.root,
+                            cfg.data.options, cfg.data.batch_size, cfg.train, cfg.seed,
+                            *([provenance] if provenance else []))
+    stem = f"{cfg.model.name}-{cfg.data.name}".replace(":", "_").replace("/", "_")
+    return cache_dir(cfg) / "dense" / f"{stem}-{key}.pt"
+
+
+def load_state(model: nn.Module, path: Path, what: str) -> None:
+    """Load a state_dict file into ``model`` (see ``wfcore.states``: one-line errors)."""
+    states.load_state(model, path, what)
+
+
+def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: torch.device,
+                loss_fn: nn.Module, provenance: dict[str, str] | None = None) -> str:
+    """Load or train the dense model in place; returns where it came from."""
+    if cfg.model.checkpoint:
+        load_state(model, Path(cfg.model.checkpoint).expanduser(), "model.checkpoint")
+        return str(cfg.model.checkpoint)
+    path = dense_cache_path(cfg, provenance)
+    if path.is_file():
+        log.info("dense model: cached %s", path)
+        try:
+            load_state(model, path, "dense model cache")
+        except WfcoreError as exc:
+            raise WfcoreError(f"{exc}; delete it to train the dense model again") from None
+        return str(path)
+    log.info("dense model: training %s for %d epochs", cfg.model.name, cfg.train.epochs)
+    train(model, data.train, cfg.train, epochs=cfg.train.epochs, batch_size=cfg.data.batch_size,
+          loss_fn=loss_fn, device=device, seed=cfg.seed, num_workers=cfg.data.num_workers,
+          desc="dense")
+    files.save_torch(path, {k: v.cpu() for k, v in model.state_dict().items()})
+    log.info("dense model cached at %s", path)
+    return str(path)
+
+
+def versions(plugins: manager.Plugins) -> dict[str, Any]:
+    """Python, torch, wfcore and every plugin's version, for report.json."""
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "wfcore": __version__,
+            "plugins": {name: info.version or info.source for name, info in plugins.info.items()
+                        if info.source != "built-in"}}
+
+
+def pruning_subset(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, dict[str, Any]]:
+    """The part of the training split that pruning may see, and its record for the report."""
+    total = len(train)
+    if fraction >= 1.0:
+        return train, {"train_fraction": 1.0, "samples": total, "of": total, "seed": None}
+    count = max(1, round(fraction * total))
+    indices = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]
+    log.info("pruning sees %d of the %d training samples (data.train_fraction %g, seed %d)",
+             count, total, fraction, seed)
+    return Subset(train, indices.tolist()), {"train_fraction": fraction, "samples": count,
+                                             "of": total, "seed": seed}
