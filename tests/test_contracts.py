@@ -70,3 +70,35 @@ class Broken(HessianEstimator):
 def test_check_curvature_catches_a_broken_curvature():
     with pytest.raises(AssertionError, match="not symmetric"):
         testing.check_curvature(Broken())
+
+
+def test_no_import_cycle_among_the_core_modules():
+    """Every `from wfcore... import` of wfcore/*.py, TYPE_CHECKING ones included."""
+    import ast
+    from pathlib import Path
+
+    core = Path(__file__).parents[1] / "wfcore"
+    names = {f"wfcore.{f.stem}" for f in core.glob("*.py") if f.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for f in core.glob("*.py"):
+        if f.stem == "__init__":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and \
+                    node.module.startswith("wfcore"):
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[f"wfcore.{f.stem}"] = (deps & names) - {f"wfcore.{f.stem}"}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in graph[module]:
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, dep])}"
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

@@ -10,7 +10,7 @@ import logging
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import OmegaConf
 
@@ -20,10 +20,42 @@ from wfcore.interfaces import PruneStep, Stateful
 from wfcore.training import Trainer, TrainingDiverged
 
 if TYPE_CHECKING:
-    from wfcore.pipeline import Pruning
+    import torch
+    from omegaconf import DictConfig
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from wfcore.gradients import GradientSampler
+    from wfcore.manager import Plugins
+    from wfcore.masks import Masks
     from wfcore.report import Report
 
 log = logging.getLogger(__name__)
+
+
+class PrunedRun(Protocol):
+    """What the Runner drives: the model, its masks and how to prune it to a target
+    (``wfcore.pipeline.Pruning``). The Runner needs nothing else, and does not import the
+    pipeline that uses it."""
+
+    cfg: DictConfig
+    run_dir: Any
+    plugins: Plugins
+    c: Any  # the run's components (estimator, scorer, allocator, scheduler, exporter)
+    model: nn.Module
+    masks: Masks
+    sampler: GradientSampler
+    device: torch.device
+    loss_fn: nn.Module
+    finetune_data: Dataset
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def restore_dense(self) -> None: ...
+
+    def prune_to(self, target: float, timings: dict[str, float]) -> dict[str, Any]: ...
+
+    def model_state(self) -> dict[str, torch.Tensor]: ...
 
 
 TIMINGS = ("gradients", "estimate", "prune", "finetune", "evaluate")
@@ -38,7 +70,7 @@ class Runner:
     schedule; a ``from_dense`` step starts a fresh one.
     """
 
-    def __init__(self, pruning: Pruning, plan: list[PruneStep], report: Report,
+    def __init__(self, pruning: PrunedRun, plan: list[PruneStep], report: Report,
                  overrides: dict[str, Any]):
         self.p, self.plan, self.report = pruning, plan, report
         self.cfg, self.run_dir = pruning.cfg, pruning.run_dir
