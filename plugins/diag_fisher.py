@@ -53,6 +53,13 @@ class DiagonalCurvature(Curvature):
         return {n: torch.where(prune_mask[n], -w[n], torch.zeros_like(w[n])) for n in w}
 
 
+def live_mean(square_mean: torch.Tensor) -> float:
+    """The mean of diag(G^T G / m) over its live entries (weights pruned earlier, with
+    all-zero gradients, do not dilute it); 1.0 when none is live: the Fisher's own scale."""
+    live = square_mean > 0
+    return float(square_mean[live].mean()) if bool(live.any()) else 1.0
+
+
 @dataclass
 class DiagFisherOptions:
     # Added to every diagonal entry: keeps F invertible where no gradient moved a weight
@@ -78,9 +85,8 @@ class DiagFisher(HessianEstimator):
         source = problem.gradient_source()
         fisher = source.square_mean()  # (d,), streamed over columns
         damp = self.options.damp
-        live = fisher[fisher > 0]
-        if self.options.damp_mode == "relative" and len(live):
-            damp *= float(live.mean())
+        if self.options.damp_mode == "relative":
+            damp *= live_mean(fisher)
         fisher += damp
         inverse = problem.layout().unflatten(1.0 / fisher.to(problem.device))
         log.debug("diag_fisher: %d gradients, mean diagonal %.3e, damp %.3g", source.m,

@@ -47,6 +47,7 @@ from typing import Optional, Union
 
 import torch
 from tqdm.auto import tqdm
+from wfcore.plugins.diag_fisher import live_mean
 from wfcore.plugins.woodbury import BlockGroup, choose_form, memory_needed
 
 from wfcore import distributed, hookimpl, progress
@@ -124,9 +125,7 @@ def fisher_scale(source: GradientSource) -> float:
     """mean(diag(G^T G / m)) over the live columns of the gradients (weights pruned earlier,
     with all-zero columns, do not dilute it); 1.0 when no column is live. One streamed pass
     over the store's columns."""
-    square_mean = source.square_mean()  # (d,) float64
-    live = square_mean > 0
-    return float(square_mean[live].mean()) if bool(live.any()) else 1.0
+    return live_mean(source.square_mean())
 
 
 def absolute_damp(damp: float, mode: str, source: GradientSource) -> float:

@@ -60,6 +60,10 @@ class Components:
     scheduler: Scheduler
     exporter: Exporter | None
 
+    def need_gradients(self) -> bool:
+        """Whether a pruning step samples the m gradients (for the estimator or the scorer)."""
+        return self.estimator.needs_gradients or self.scorer.needs_gradient
+
 
 def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
     """The component that ``cfg[section]`` names, built from its validated options."""
@@ -104,13 +108,18 @@ def build_components(cfg: DictConfig, plugins: manager.Plugins) -> Components:
     return Components(exporter=exporter, **made)
 
 
+def store_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    """Where an on-disk gradient store goes: ``fisher.store_dir``, else the run directory."""
+    return Path(cfg.fisher.store_dir or run_dir).expanduser()
+
+
 def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
              params: dict[str, nn.Parameter], data: DataBundle, loss_fn: nn.Module,
              device: torch.device, store_dir: Path, calibrate: bool = True,
              nproc: int = 1) -> Plan:
     """The plan of the run's first pruning step (``wfcore.plan``) for ``nproc`` processes."""
     example = data.train[0][0] if isinstance(data.train[0], (tuple, list)) else data.train[0]
-    needs = components.estimator.needs_gradients or components.scorer.needs_gradient
+    needs = components.need_gradients()
     return make_plan(model=model, params=params, example=example.unsqueeze(0).to(device),
                      num_classes=data.num_classes, loss_fn=loss_fn,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
@@ -144,7 +153,7 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
         raise ConfigError("config key 'model.params': no prunable parameters selected")
     run_dir = Path(cfg.output or Path("runs") / cfg.name)
     plan = plan_run(cfg, components, model, params, data, nn.CrossEntropyLoss(), device,
-                    Path(cfg.fisher.store_dir or run_dir).expanduser(), nproc=nproc)
+                    store_dir(cfg, run_dir), nproc=nproc)
     plan.notes += notes
     return plan
 
@@ -169,7 +178,7 @@ class Pruning:
         if cfg.fisher.grad_batch > len(self.data.train):
             raise ConfigError(f"config key 'fisher.grad_batch': {cfg.fisher.grad_batch} is more "
                               f"than the {len(self.data.train)} training samples")
-        self.store_dir = Path(cfg.fisher.store_dir or run_dir).expanduser()
+        self.store_dir = store_dir(cfg, run_dir)
         self.plan = plan_run(cfg, components, self.model, self.params, self.data, self.loss_fn,
                              self.device, self.store_dir, nproc=distributed.world())
         for line in self.plan.lines():
@@ -236,7 +245,7 @@ class Pruning:
         Returns the safeguard's record of the step (damp, alpha, loss increases).
         """
         c = self.c
-        needs = c.estimator.needs_gradients or c.scorer.needs_gradient
+        needs = c.need_gradients()
         with ExitStack() as stack:
             gradients = None
             if needs:

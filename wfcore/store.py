@@ -205,19 +205,21 @@ class GradientStore:
         """Columns per chunk so that ``copies`` float64 copies of an (m, cols) chunk fit."""
         return max(1, budget_bytes // max(1, self.m * 8 * copies))
 
+    def column_reduce(self, fn, dtype: torch.dtype, budget_bytes: int = 256 * 2**20) \
+            -> torch.Tensor:
+        """(d,): ``fn`` of each float64 (m, cols) chunk of columns, streamed, as ``dtype``."""
+        out = torch.empty(self.d, dtype=dtype)
+        for a, b in self.column_ranges(self.chunk_columns(budget_bytes)):
+            out[a:b] = fn(self.columns(a, b, torch.float64, "cpu"))
+        return out
+
     def mean(self, budget_bytes: int = 256 * 2**20) -> torch.Tensor:
         """(d,) float32: the mean of the rows, streamed over column chunks."""
-        out = torch.empty(self.d, dtype=torch.float32)
-        for a, b in self.column_ranges(self.chunk_columns(budget_bytes)):
-            out[a:b] = self.columns(a, b, torch.float64, "cpu").mean(0).float()
-        return out
+        return self.column_reduce(lambda G: G.mean(0), torch.float32, budget_bytes)
 
     def square_mean(self, budget_bytes: int = 256 * 2**20) -> torch.Tensor:
         """(d,) float64: the mean of the squared rows (diag(G^T G) / m), streamed."""
-        out = torch.empty(self.d, dtype=torch.float64)
-        for a, b in self.column_ranges(self.chunk_columns(budget_bytes)):
-            out[a:b] = self.columns(a, b, torch.float64, "cpu").square_().mean(0)
-        return out
+        return self.column_reduce(lambda G: G.square_().mean(0), torch.float64, budget_bytes)
 
     def tensor(self) -> torch.Tensor:
         """The whole (m, d) matrix in memory (small stores and tests)."""
