@@ -1,7 +1,8 @@
 """CPU speed-up of sparse and sparse INT8 ResNet-50: DeepSparse, ONNX Runtime and PyTorch.
 
 torchvision resnet50 with random weights (speed does not depend on the values) is pruned
-by magnitude to each sparsity with the ``uniform`` and ``global`` allocators, exported
+by magnitude to each sparsity with the ``uniform`` and ``global`` allocators, unstructured
+and in blocks of 4 input channels (``--blocks``, ``structure.block``), exported
 with the checked ONNX exporter and, with ``--quantize int8``, quantized to INT8 with the
 zeros kept (export/quantize.py; calibrated on random inputs, which is all a speed test
 needs), then timed at each batch size on every installed engine, all in one run. Each
@@ -34,15 +35,18 @@ from wfcore.export.onnx import OnnxOptions, conv_linear_weights, export_checked
 from wfcore.export.quantize import quantize_int8
 from wfcore.plugins.allocators import GlobalAllocator, UniformAllocator
 
+from wfcore.masks import block_scores
+
 log = logging.getLogger("cpu_speedup")
 ALLOCATORS = {"uniform": UniformAllocator, "global": GlobalAllocator}
 
 
-def magnitude_prune(model: nn.Module, sparsity: float, allocation: str) -> float:
-    """Zero the smallest-magnitude Conv/Linear weights in place; returns the sparsity reached."""
+def magnitude_prune(model: nn.Module, sparsity: float, allocation: str, block: int = 1) -> float:
+    """Zero the smallest-magnitude Conv/Linear weights in place, in blocks of ``block`` input
+    channels (``structure.block``); returns the sparsity reached."""
     weights = conv_linear_weights(model)
-    scores = {n: w.double() ** 2 for n, w in weights.items()}  # OBS with F^-1 = I
     keep = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    scores = block_scores({n: w.double() ** 2 for n, w in weights.items()}, keep, block)
     keep = ALLOCATORS[allocation]().allocate(scores, keep, sparsity)
     with torch.no_grad():
         for n, w in weights.items():
@@ -58,6 +62,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet50", help="a torchvision classifier")
     p.add_argument("--sparsities", default="0,0.8,0.9,0.95")
     p.add_argument("--allocations", default="uniform,global")
+    p.add_argument("--blocks", default="1,4",
+                   help="structure.block of each sparse model: 1 = unstructured, 4 = blocks "
+                        "of 4 input channels (DeepSparse's INT8 kernels)")
     p.add_argument("--batch-sizes", default="16,1")
     p.add_argument("--engines", default=",".join(bench.ENGINES))
     p.add_argument("--quantize", default="none,int8",
@@ -101,18 +108,19 @@ def main(argv: list[str] | None = None) -> int:
                               generator=torch.Generator().manual_seed(2)).numpy()
     # Dense first, then one allocation's sparsities after another, so that the ratios that
     # matter most (uniform against dense) are timed close together.
-    plan = [(0.0, "none")] if 0 in sparsities else []
-    plan += [(s, a) for a in allocations for s in sparsities if s != 0]
+    blocks = [int(b) for b in args.blocks.split(",")]
+    plan = [(0.0, "none", 1)] if 0 in sparsities else []
+    plan += [(s, a, b) for a in allocations for s in sparsities if s != 0 for b in blocks]
     quantize = args.quantize.split(",")
-    models = []  # (sparsity, allocation, reached, quantize, {engine: path}, module)
-    for sparsity, allocation in plan:
+    models = []  # (sparsity, allocation, block, reached, quantize, {engine: path}, module)
+    for sparsity, allocation, block in plan:
         model = copy.deepcopy(dense)
-        reached = magnitude_prune(model, sparsity, allocation) if sparsity else 0.0
-        path = workdir / f"{args.model}-{allocation}-{round(sparsity * 100)}.onnx"
+        reached = magnitude_prune(model, sparsity, allocation, block) if sparsity else 0.0
+        path = workdir / f"{args.model}-{allocation}-{round(sparsity * 100)}-block{block}.onnx"
         log.info("exporting %s (sparsity %.4f)", path.name, reached)
         export_checked(model, example, path, OnnxOptions())
         if "none" in quantize:
-            models.append((sparsity, allocation, reached, "none",
+            models.append((sparsity, allocation, block, reached, "none",
                            dict.fromkeys(engines, path), model))
         if "int8" in quantize:
             params = conv_linear_weights(model)
@@ -120,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             for engine in (e for e in engines if e != "torch"):  # one layout per engine
                 int8[engine] = path.with_name(f"{path.stem}.int8-{engine}.onnx")
                 quantize_int8(path, int8[engine], calibration, params, engine)
-            models.append((sparsity, allocation, reached, "int8", int8, None))
+            models.append((sparsity, allocation, block, reached, "int8", int8, None))
 
     records = []
     for batch_size in batch_sizes:
         base = None
-        for sparsity, allocation, reached, quantized, paths, model in models:
+        for sparsity, allocation, block, reached, quantized, paths, model in models:
             for engine, path in paths.items():
                 log.info("%s on %s, batch %d", path.name, engine, batch_size)
                 t = bench.time_engine(engine, path, batch_size, torch_model=model,
@@ -135,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 if sparsity == 0 and quantized == "none" and engine == "onnxruntime":
                     base = t.items_per_s
                 record = {"model": args.model, "sparsity": sparsity, "allocation": allocation,
+                          "block": block,
                           "quantize": quantized, "batch_size": batch_size, "engine": engine,
                           "median_ms": t.median_ms, "items_per_s": t.items_per_s,
                           "p90_ms": t.p90_ms, "runs": t.runs,
@@ -144,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(record), flush=True)
 
     wall = time.perf_counter() - started
-    lines = [f"{'sparsity':>8} {'alloc':<7} {'weights':<7} {'batch':>5} {'engine':<12} "
-             f"{'median ms':>10} {'items/s':>9} {'vs dense ORT':>12}"]
+    lines = [f"{'sparsity':>8} {'alloc':<7} {'block':>5} {'weights':<7} {'batch':>5} "
+             f"{'engine':<12} {'median ms':>10} {'items/s':>9} {'vs dense ORT':>12}"]
     for r in records:
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         weights = "int8" if r["quantize"] == "int8" else "float32"
-        lines.append(f"{r['sparsity']:>8.2f} {r['allocation']:<7} {weights:<7} "
+        lines.append(f"{r['sparsity']:>8.2f} {r['allocation']:<7} {r['block']:>5} {weights:<7} "
                      f"{r['batch_size']:>5} {r['engine']:<12} {r['median_ms']:>10.2f} "
                      f"{r['items_per_s']:>9.1f} {speedup:>12}")
     print("\n".join(lines) + f"\nwall time {wall:.0f} s on {os.cpu_count()} CPUs",

@@ -65,3 +65,30 @@ def test_sparsity_and_state_round_trip():
     other = Masks(params)
     other.load_state_dict(masks.state_dict())
     assert all(torch.equal(other.keep[n], keep[n]) for n in keep)
+
+
+def test_block_scores_are_the_mean_over_each_blocks_kept_weights():
+    from wfcore.masks import block_scores
+
+    torch.manual_seed(1)
+    scores = {"conv": torch.rand(3, 6, 2, 2), "fc": torch.rand(4, 9), "bias": torch.rand(4)}
+    keep = {n: torch.rand(s.shape) > 0.3 for n, s in scores.items()}
+    got = block_scores(scores, keep, 4)
+    assert torch.equal(got["bias"], scores["bias"])
+    for name in ("conv", "fc"):
+        s, k = scores[name].double(), keep[name]
+        for index in torch.cartesian_prod(*[torch.arange(n) for n in s.shape]).tolist():
+            channel = index[1]
+            first = channel - channel % 4
+            members = [tuple(index[:1] + [c] + index[2:])
+                       for c in range(first, min(first + 4, s.shape[1]))]
+            kept = [s[m] for m in members if k[m]]
+            expected = sum(kept) / len(kept) if kept else 0.0
+            assert float(got[name][tuple(index)]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_block_of_one_changes_nothing():
+    from wfcore.masks import block_scores
+
+    scores = {"fc": torch.rand(4, 8)}
+    assert block_scores(scores, {"fc": torch.ones(4, 8, dtype=torch.bool)}, 1) is scores

@@ -117,3 +117,21 @@ def test_oneshot_targets_do_not_depend_on_the_steps_before(tmp_path):
     after = prune(tmp_path / "b", *common, "scheduler.sparsities=[0.5,0.9]")
     assert after["steps"][1]["accuracy"] == alone["steps"][0]["accuracy"]
     assert after["steps"][1]["loss"] == alone["steps"][0]["loss"]
+
+
+@pytest.mark.parametrize("allocator", ["global", "uniform"])
+def test_block_structure_prunes_whole_blocks_at_the_exact_sparsity(tmp_path, allocator):
+    report = prune(tmp_path, f"allocator.name={allocator}", "structure.block=4",
+                   "estimator.name=woodfisher", "estimator.block_size=layer",
+                   "fisher.num_grads=32", "scorer.update=joint")
+    state = torch.load(tmp_path / "run" / "model_step1.pt", weights_only=True)
+    for step in report["steps"]:
+        assert abs(step["sparsity"] - step["target_sparsity"]) <= 0.001
+    split = 0
+    for name in report["steps"][1]["layers"]:
+        blocks = (state[name] == 0).unflatten(1, (-1, 4)).sum(-1)  # (out, in/4): zeros a block
+        split += int(((blocks > 0) & (blocks < 4)).sum())
+    # Every zero lies in a whole zero block but for the last block pruned: one per layer
+    # (uniform), one in the model (global); an exactly-zero weight of a kept block aside.
+    assert split <= (len(report["steps"][1]["layers"]) if allocator == "uniform" else 1)
+    assert report["steps"][1]["safeguard"][-1]["whole_blocks"] > 0.99

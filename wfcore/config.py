@@ -131,6 +131,14 @@ class SafeguardSection:
 
 
 @dataclass
+class StructureSection:
+    # Weights pruned in blocks of this many consecutive input channels (at one output
+    # channel and kernel position); 1 = unstructured. 4 is the layout DeepSparse's INT8
+    # kernels (AVX-512 VNNI) run fastest: see README, "Sparse and INT8".
+    block: int = 1
+
+
+@dataclass
 class Config:
     name: str = "run"  # shown in reports
     seed: int = 0  # seeds torch, data splits and gradient sampling
@@ -143,6 +151,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     fisher: FisherSection = field(default_factory=FisherSection)
     safeguard: SafeguardSection = field(default_factory=SafeguardSection)
+    structure: StructureSection = field(default_factory=StructureSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)  # torchrun
     estimator: dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
     scorer: dict[str, Any] = field(default_factory=lambda: {"name": "obs"})
@@ -170,6 +179,7 @@ MINIMUMS = {
     "train.epochs": 0,
     "fisher.num_grads": 1,
     "fisher.grad_batch": 1,
+    "structure.block": 1,
 }
 
 

@@ -40,6 +40,55 @@ def select_params(model: nn.Module, patterns: Iterable[str] | None) -> dict[str,
     return params
 
 
+def block_scores(scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
+                 block: int) -> dict[str, torch.Tensor]:
+    """Every weight scored by the mean score of its block's kept weights (``structure.block``).
+
+    A block is ``block`` consecutive input channels (dim 1) at one output channel and one
+    kernel position: the layout of DeepSparse's INT8 (AVX-512 VNNI) sparse kernels, which
+    multiply 4 int8 weights at once. A layer whose input channels are not a multiple of
+    ``block`` ends each row with a smaller block; parameters of fewer than 2 dimensions
+    are left as they are. The allocator then sees one score per block and removes whole
+    blocks (ties are broken by position), so the sparsity it reaches stays exact: only
+    the last block pruned in a layer (``uniform``) or in the model (``global``) may be
+    split. The mean is per weight, so blocks compete with each other and with smaller
+    blocks on equal terms; for OBS scores it is the sum of the single-weight saliencies
+    divided by the block's size (the correlations inside a block are left out).
+    """
+    if block == 1:
+        return scores
+    out = {}
+    for n, s in scores.items():
+        if s.dim() < 2:
+            out[n] = s
+            continue
+        channels = s.shape[1]
+        pad = -channels % block
+        kept = keep[n].to(s.device).movedim(1, -1)
+        values = torch.where(kept, s.double().movedim(1, -1), 0.0)
+        sums = torch.nn.functional.pad(values, (0, pad)).unflatten(-1, (-1, block)).sum(-1)
+        sizes = torch.nn.functional.pad(kept.double(), (0, pad)).unflatten(-1, (-1, block)).sum(-1)
+        mean = sums / sizes.clamp(min=1)
+        out[n] = mean.repeat_interleave(block, dim=-1)[..., :channels].movedim(-1, 1).to(s.dtype)
+    return out
+
+
+def whole_blocks(keep: dict[str, torch.Tensor], block: int) -> float:
+    """Fraction of the pruned weights that lie in blocks pruned whole (1.0 when none is)."""
+    split = zeros = 0
+    for k in keep.values():
+        if k.dim() < 2:
+            continue
+        pad = -k.shape[1] % block
+        pruned = torch.nn.functional.pad((~k).movedim(1, -1).double(), (0, pad))
+        filled = torch.nn.functional.pad(torch.ones_like(pruned[..., :k.shape[1]]), (0, pad))
+        per_block = pruned.unflatten(-1, (-1, block)).sum(-1)
+        size = filled.unflatten(-1, (-1, block)).sum(-1)
+        zeros += int(per_block.sum())
+        split += int(per_block[(per_block > 0) & (per_block < size)].sum())
+    return 1.0 - split / zeros if zeros else 1.0
+
+
 class Masks:
     """Keep-masks for a dict of parameters."""
 

@@ -28,7 +28,7 @@ from wfcore.interfaces import (
     Scheduler,
     Scorer,
 )
-from wfcore.masks import Masks, select_params
+from wfcore.masks import Masks, block_scores, select_params, whole_blocks
 from wfcore.plan import Plan, make_plan, store_place
 from wfcore.prepare import (  # noqa: F401  (the setup of a run, re-exported here)
     build_model,
@@ -268,6 +268,8 @@ class Pruning:
                 if s.shape != weights[n].shape or not torch.isfinite(s[self.masks.keep[n]]).all():
                     raise WfcoreError(f"scorer '{self.cfg.scorer.name}' gave non-finite or "
                                       f"misshapen scores for '{n}'")
+            block = self.cfg.structure.block
+            scores = block_scores(scores, self.masks.keep, block)
             new_keep = c.allocator.allocate(scores, dict(self.masks.keep), target)
             new_keep = distributed.broadcast_masks(new_keep)  # rank 0's threshold everywhere
             prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
@@ -275,8 +277,9 @@ class Pruning:
             update = c.scorer.update(weights, curvature, prune_mask, gradient)
             update, new_keep, record = self.safeguard.choose(
                 weights, update, new_keep, curvature, gradient,
-                magnitude_keep=lambda: c.allocator.allocate(magnitude_scores(weights),
-                                                            dict(self.masks.keep), target))
+                magnitude_keep=lambda: c.allocator.allocate(
+                    block_scores(magnitude_scores(weights), self.masks.keep, block),
+                    dict(self.masks.keep), target))
             if update is not None:
                 with torch.no_grad():
                     for n, p in self.params.items():
@@ -284,6 +287,8 @@ class Pruning:
             self.masks.set(new_keep)
             distributed.broadcast_module(self.model)  # every rank ends with rank 0's weights
             timings["prune"] += time.perf_counter() - start
+        if block > 1:
+            record["whole_blocks"] = whole_blocks(self.masks.keep, block)
         return {"target_sparsity": target, **record}
 
     def model_state(self) -> dict[str, torch.Tensor]:
