@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +242,14 @@ def test_a_failed_check_leaves_no_file_under_the_requested_name(tmp_path, monkey
     monkeypatch.undo()
     export_checked(MnistCNN().eval(), torch.randn(1, 1, 28, 28), tmp_path / "cnn.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx"]
+
+
+def test_an_isolated_process_that_aborts_is_one_line_and_this_process_goes_on():
+    # DeepSparse 1.8 aborts the process on some sparse INT8 graphs: bench times it in a
+    # process of its own, so that the abort costs one row, not the run.
+    with pytest.raises(WfcoreError, match=r"^deepsparse on m.onnx: the process ended "
+                                          r"\(killed by SIGABRT\) before it finished$"):
+        bench.isolated(os.abort, what="deepsparse on m.onnx")
+    with pytest.raises(WfcoreError, match=r"^x: .*No such file"):
+        bench.isolated(open, "/nonexistent/file", what="x")
+    assert bench.isolated(divmod, 7, 2, what="y") == (3, 1)
