@@ -21,9 +21,12 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
-import multiprocessing
 import os
+import pickle
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -181,37 +184,37 @@ def _runner(engine: str, path: str, batch_size: int, threads: int,
 
 
 def isolated(fn: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` in a fresh process (spawned: no threads inherited); its result,
-    or its WfcoreError again. A process that dies (a signal, an exit) is a one-line
-    WfcoreError naming ``what``: nothing of this process is lost."""
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, fn, args, kwargs), daemon=True)
-    child.start()
-    send.close()
-    try:
-        outcome = receive.recv()  # (ok, value) once fn returns; EOFError if the child died
-    except EOFError:
-        outcome = None
-    finally:
-        child.join()
-    if outcome is None:
-        code = child.exitcode or 0
-        how = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
-        raise WfcoreError(f"{what}: the process ended ({how}) before it finished")
-    ok, value = outcome
+    """``fn(*args, **kwargs)`` in a fresh Python process; its result, or its error again as a
+    one-line WfcoreError. A process that dies (a signal, an exit) is a one-line WfcoreError
+    naming ``what``: nothing of this process is lost. ``fn``, its arguments and its result
+    are pickled; the caller's ``__main__`` is never imported again (unlike multiprocessing's
+    spawn), so a plain script may call this."""
+    with tempfile.TemporaryDirectory(prefix="wfcore-isolated-") as tmp:
+        result = Path(tmp) / "result.pkl"
+        call = pickle.dumps((fn, args, kwargs, str(result)))
+        payload = pickle.dumps((list(sys.path), call))  # the path first: fn may need it
+        code = subprocess.run([sys.executable, "-c", f"import {__name__} as m; m._child()"],
+                              input=payload, check=False).returncode
+        if not result.is_file():
+            how = (f"killed by {signal.Signals(-code).name}" if code < 0
+                   else f"exit status {code}")
+            raise WfcoreError(f"{what}: the process ended ({how}) before it finished")
+        ok, value = pickle.loads(result.read_bytes())
     if not ok:
         raise WfcoreError(f"{what}: {value}")
     return value
 
 
-def _child(send: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+def _child() -> None:
+    """The other end of ``isolated``: read the call from stdin, write its outcome."""
+    path, call = pickle.loads(sys.stdin.buffer.read())
+    sys.path[:] = path
+    fn, args, kwargs, result = pickle.loads(call)
     try:
         outcome = (True, fn(*args, **kwargs))
     except Exception as exc:  # sent back as one line; the parent raises it
         outcome = (False, first_line(exc))
-    send.send(outcome)
-    send.close()
+    Path(result).write_bytes(pickle.dumps(outcome))
 
 
 def time_engine(engine: str, path: str | Path, batch_size: int, *, label: str | None = None,
