@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -190,19 +191,33 @@ def isolated(fn: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> An
     are pickled; the caller's ``__main__`` is never imported again (unlike multiprocessing's
     spawn), so a plain script may call this."""
     with tempfile.TemporaryDirectory(prefix="wfcore-isolated-") as tmp:
-        result = Path(tmp) / "result.pkl"
+        result, errors = Path(tmp) / "result.pkl", Path(tmp) / "stderr.txt"
         call = pickle.dumps((fn, args, kwargs, str(result)))
         payload = pickle.dumps((list(sys.path), call))  # the path first: fn may need it
-        code = subprocess.run([sys.executable, "-c", f"import {__name__} as m; m._child()"],
-                              input=payload, check=False).returncode
+        with errors.open("w+b") as err:
+            code = subprocess.run([sys.executable, "-c", f"import {__name__} as m; m._child()"],
+                                  input=payload, stderr=err, check=False).returncode
+            err.seek(0)
+            said = err.read().decode(errors="replace")
         if not result.is_file():
             how = (f"killed by {signal.Signals(-code).name}" if code < 0
                    else f"exit status {code}")
-            raise WfcoreError(f"{what}: the process ended ({how}) before it finished")
+            raise WfcoreError(f"{what}: the process ended ({how}) before it finished"
+                              f"{last_words(said)}")
+        sys.stderr.write(said)  # its warnings and banners, once it has finished
         ok, value = pickle.loads(result.read_bytes())
     if not ok:
         raise WfcoreError(f"{what}: {value}")
     return value
+
+
+def last_words(stderr: str) -> str:
+    """``; <the line that says why>`` from a dead process's stderr: its first assertion or
+    error line (a native abort prints pages of backtrace after it), else ''."""
+    for line in stderr.splitlines():
+        if re.search(r"\b(Assertion|Error|error|Fatal|fatal)\b", line):
+            return f"; {line.strip()[:200]}"
+    return ""
 
 
 def _child() -> None:

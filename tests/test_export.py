@@ -253,3 +253,9 @@ def test_an_isolated_process_that_aborts_is_one_line_and_this_process_goes_on():
     with pytest.raises(WfcoreError, match=r"^x: .*No such file"):
         bench.isolated(open, "/nonexistent/file", what="x")
     assert bench.isolated(divmod, 7, 2, what="y") == (3, 1)
+
+
+def test_the_reason_of_a_native_abort_is_its_assertion_line():
+    said = "DeepSparse\nThread: 0x7f\n\nAssertion at ./src/pool.hpp:333\n\nBacktrace:\n 0# .."
+    assert bench.last_words(said) == "; Assertion at ./src/pool.hpp:333"
+    assert bench.last_words("nothing to say\n") == ""
