@@ -104,7 +104,7 @@ def cmd_options(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from wfcore.export.onnx import export_run
+    from wfcore.runs import export_run
 
     result = export_run(args.run_dir, step=args.step, output=args.output,
                         sparsity=args.sparsity, quantize=args.quantize)
