@@ -346,10 +346,7 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
     names ``plugins:`` gets no torch timing.
     """
     from wfcore import config as config_mod
-    from wfcore import manager
-    from wfcore.pipeline import load_state
-
-    from .onnx import rebuild
+    from wfcore import manager, runs, states
 
     path = Path(path)
     proto = read_onnx(path)
@@ -369,8 +366,8 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
             return None
         shape = input_shape(proto, 1)[1:]
         num_classes = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-        model = rebuild(run_dir, (shape, num_classes), plugins=manager.build()).model
-        load_state(model, state, "torch engine")
+        model = runs.rebuild(run_dir, (shape, num_classes), plugins=manager.build()).model
+        states.load_state(model, state, "torch engine")
     except WfcoreError as exc:
         log.warning("torch: skipped for %s: %s", path.name, exc)
         return None

@@ -8,17 +8,13 @@ with a one-line error if either does not hold:
   per-initializer sparsity table; see export/checks.py for how weights are found);
 - ONNX Runtime's outputs match PyTorch's on a batch (max abs difference <= ``atol``).
 
-``export_run`` does the same for a finished run directory (``wfcore export``): it
-rebuilds the model from the run's config.yaml, loads ``model_step<N>.pt`` and exports
-the dense model (``dense.pt``) beside it for comparison.
+The exporter converts the model it is given; ``wfcore export RUN`` (wfcore/runs.py)
+rebuilds a run's model, loads a step's weights and drives it.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,224 +183,19 @@ class OnnxExporter(Exporter):
             quantize_module.quantization_tools()  # a missing piece: refused before the run
 
     def export(self, model: nn.Module, example: torch.Tensor, path: str,
-               data: DataBundle | None = None) -> dict[str, Any]:
-        params = conv_linear_weights(model)
-        result = export_checked(model, example, path, self.options, params)
+               data: DataBundle | None = None, params: dict[str, torch.Tensor] | None = None,
+               metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        params = params if params is not None else conv_linear_weights(model)
+        result = export_checked(model, example, path, self.options, params, metadata)
         if self.options.quantize == "int8":
-            export_int8(result, params, data, self.options)
+            export_int8(result, params, data, self.options, metadata)
         return result
+
+    def outputs(self, path: str) -> list[str]:
+        return [path, *([str(int8_path(path))] if self.options.quantize == "int8" else [])]
 
 
 OnnxExporter.Options = OnnxOptions
-
-
-# -- run directories (wfcore export) -----------------------------------------------------
-
-def steps_in(run_dir: Path) -> list[int]:
-    """The step indices with a saved model in ``run_dir``, ascending."""
-    found = (re.fullmatch(r"model_step(\d+)\.pt", p.name) for p in run_dir.glob("model_step*.pt"))
-    return sorted(int(m.group(1)) for m in found if m)
-
-
-@dataclass
-class Rebuilt:
-    """A run's model (its architecture, weights not loaded), rebuilt from its config.yaml."""
-
-    cfg: Any
-    model: nn.Module
-    params: dict[str, torch.Tensor]  # the prunable parameters
-    data: DataBundle | None  # None when only the shapes were given
-
-
-def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
-            plugins: Any = None) -> Rebuilt:
-    """The model of a run, from its config.yaml.
-
-    ``shapes``: (input shape, number of classes) when known (from an ONNX file); then the
-    data set is not loaded. ``plugins``: the loaded plugins to build with (default: the
-    installed ones and the run's ``plugins:`` modules).
-    """
-    from types import SimpleNamespace
-
-    from wfcore import config as config_mod
-    from wfcore import manager, pipeline
-    from wfcore.masks import select_params
-
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise WfcoreError(f"{run_dir} is not a run directory: no config.yaml")
-    cfg = config_mod.load(cfg_path)
-    plugins = plugins or manager.build(cfg.plugins)
-    if shapes is None:
-        data = pipeline.load_data(cfg, plugins)
-        model = pipeline.build_model(cfg, plugins, data)
-    else:
-        data = None
-        model = pipeline.build_model(
-            cfg, plugins, SimpleNamespace(input_shape=tuple(shapes[0]), num_classes=shapes[1]))
-    return Rebuilt(cfg, model, dict(select_params(model, cfg.model.params)), data)
-
-
-def run_of(path: Path) -> Path | None:
-    """The run directory that an ONNX file written by ``wfcore export`` names (resolved
-    against the file's own directory), or None for any other file."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not an ONNX file: certainly not one of ours
-        return None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    run_dir = meta.get("wfcore.run_dir")
-    return (path.parent / run_dir).resolve() if run_dir else None
-
-
-def refuse_foreign(path: Path, run_dir: Path) -> None:
-    """``path`` may be written: it is missing, a file the run wrote in its own directory,
-    or an earlier ``wfcore export`` of this run. Anything else is kept."""
-    from wfcore import rundir
-
-    if not path.exists() and not path.is_symlink():
-        return
-    if path.is_dir():
-        raise WfcoreError(f"{path} is a directory; give the ONNX file's name")
-    if path.parent.resolve() == run_dir.resolve() and rundir.is_owned(run_dir) \
-            and path.resolve() in {p.resolve() for p in rundir.owned_files(run_dir)}:
-        return
-    if run_of(path) != run_dir.resolve():
-        raise WfcoreError(f"{path} exists and is not an export of {run_dir}; wfcore export "
-                          "replaces only its own files: remove it or choose another -o")
-
-
-def exporter_options(cfg: Any) -> OnnxOptions:
-    """The run's ``export`` options when it names this exporter, else the defaults."""
-    from wfcore import config as config_mod
-
-    if cfg.export is None or cfg.export.name != "onnx":
-        return OnnxOptions()
-    return config_mod.component_options("export", cfg, OnnxOptions)
-
-
-def step_for_sparsity(run_dir: Path, target: float) -> int:
-    """The last step of the run's report.json whose target sparsity is ``target``."""
-    import json
-
-    try:
-        steps = json.loads((run_dir / "report.json").read_text())["steps"]
-    except (OSError, ValueError, KeyError):
-        raise WfcoreError(f"{run_dir}: no readable report.json to find sparsity {target} in") \
-            from None
-    found = [s["index"] for s in steps if abs(s["target_sparsity"] - target) < 1e-9]
-    if not found:
-        targets = sorted({s["target_sparsity"] for s in steps})
-        raise WfcoreError(f"{run_dir} has no step with target sparsity {target}; targets: "
-                          f"{', '.join(map(str, targets))}")
-    return found[-1]
-
-
-def export_run(run_dir: str | Path, step: int | None = None, output: str | Path | None = None,
-               dense: bool = True, sparsity: float | None = None,
-               quantize: str | None = None) -> dict[str, Any]:
-    """Export step ``step`` of a run (or the last step at target ``sparsity``; default: the
-    last step), and its dense model beside it.
-
-    The sparse model goes to ``output`` (default ``RUN_DIR/model_step<N>.onnx``), the
-    dense one to ``dense.onnx`` in the same directory. ``quantize``: none | int8 (default:
-    the run's ``export.quantize``); int8 also writes ``<name>.int8.onnx`` beside each. Returns
-    both exports' checks, which also go into the run's report (``export``).
-    """
-    from wfcore.pipeline import load_state
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise WfcoreError(f"run directory not found: {run_dir}")
-    steps = steps_in(run_dir)
-    if not steps:
-        raise WfcoreError(f"{run_dir} holds no model_step<N>.pt: has the run pruned anything?")
-    if sparsity is not None:
-        if step is not None:
-            raise WfcoreError("give a step or a sparsity, not both")
-        step = step_for_sparsity(run_dir, sparsity)
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise WfcoreError(f"{run_dir} has no step {step}; saved steps: "
-                          f"{', '.join(map(str, steps))}")
-    reported = report_steps(run_dir)
-    if reported is not None and step not in reported:
-        raise WfcoreError(f"{run_dir}: model_step{step}.pt is not a step of the run's "
-                          "report.json (left by another run?); steps reported: "
-                          f"{', '.join(map(str, sorted(reported))) or 'none'}")
-    output = Path(output) if output else run_dir / f"model_step{step}.onnx"
-    dense_output = output.with_name("dense.onnx")
-    for target in (output, dense_output) if dense else (output,):
-        refuse_foreign(target, run_dir)
-    run = rebuild(run_dir)
-    options = exporter_options(run.cfg)
-    if quantize is not None:
-        options.quantize = quantize
-        try:
-            options.validate()
-        except ValueError as exc:
-            raise WfcoreError(f"--quantize: {exc}") from None
-    if options.quantize == "int8":
-        quantize_module.quantization_tools()  # refuse a missing piece before exporting
-        for target in (output, dense_output) if dense else (output,):
-            refuse_foreign(int8_path(target), run_dir)
-    model, data = run.model, run.data
-    example = data.test[0][0].unsqueeze(0)
-    state_path = run_dir / f"model_step{step}.pt"
-    load_state(model, state_path, "wfcore export")
-    # Paths relative to the ONNX file: nothing of the machine that made it is kept.
-    where = output.parent.resolve()
-    meta = {"run_dir": os.path.relpath(run_dir.resolve(), where),
-            "state": os.path.relpath(state_path.resolve(), where), "step": str(step)}
-    params = {n: p.detach() for n, p in run.params.items()}
-    result = {"step": step, "sparse": export_checked(model, example, output, options, params,
-                                                     meta)}
-    if options.quantize == "int8":
-        export_int8(result["sparse"], params, data, options, meta)
-    if dense:
-        dense_path = run_dir / "dense.pt"
-        dense_model = copy.deepcopy(model)
-        load_state(dense_model, dense_path, "wfcore export (dense model)")
-        meta = {**meta, "state": os.path.relpath(dense_path.resolve(), where), "step": "dense"}
-        dense_params = {n: p.detach() for n, p in dense_model.named_parameters() if n in params}
-        result["dense"] = export_checked(dense_model, example, dense_output, options,
-                                         dense_params, meta)
-        if options.quantize == "int8":
-            export_int8(result["dense"], dense_params, data, options, meta)
-    record_in_report(run_dir, result)
-    return result
-
-
-def report_steps(run_dir: Path) -> set[int] | None:
-    """The step indices in the run's report.json; None when it has no readable one."""
-    import json
-
-    try:
-        report = json.loads((run_dir / "report.json").read_text())
-        return {int(s["index"]) for s in report["steps"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-def record_in_report(run_dir: Path, result: dict[str, Any]) -> None:
-    """Put ``wfcore export``'s checks into the run's report (``export``, as the pipeline's)."""
-    import json
-
-    from wfcore import files
-    from wfcore.report import markdown
-
-    path = run_dir / "report.json"
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        log.warning("%s: no readable report.json; the export is not recorded in it", run_dir)
-        return
-    report["export"] = {**result["sparse"], "step": result["step"]}
-    if "dense" in result:
-        report["export"]["dense"] = result["dense"]
-    files.write_json(path, report)
-    files.write_text(run_dir / "report.md", markdown(report))
 
 
 @hookimpl

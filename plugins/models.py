@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from wfcore import hookimpl
-from wfcore.errors import ConfigError
+from wfcore.errors import ConfigError, first_line
+
+log = logging.getLogger(__name__)
 
 
 class MLPNet(nn.Module):
@@ -144,14 +147,112 @@ def resnet20(options: ResNet20Options, num_classes: int, input_shape: tuple[int,
 resnet20.Options = ResNet20Options
 
 
-def torchvision_model(options, num_classes: int, input_shape: tuple[int, ...], target: str):
-    """Any torchvision classifier by name, randomly initialised (no weights are downloaded)."""
+@dataclass
+class TorchvisionOptions:
+    # a first conv that takes another number of channels than the data has is replaced by
+    # one that takes the data's (e.g. 1-channel MNIST into an RGB network); false: an error
+    adapt_channels: bool = True
+
+
+class FirstLayerFound(Exception):
+    """Raised by the tracing hook once the first layer to consume the input is known."""
+
+
+def first_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Module] | None:
+    """The (name, module) of the first layer without children that ``model`` calls on
+    ``example`` (None if it calls none). The forward stops there: no layer computes
+    anything. An error the model raises before its first layer is raised."""
+    names = {m: n for n, m in model.named_modules() if not list(m.children())}
+
+    def stop(module: nn.Module, args: tuple) -> None:
+        raise FirstLayerFound(names[module])
+
+    handles = [m.register_forward_pre_hook(stop) for m in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    except FirstLayerFound as found:
+        name = str(found)
+        return name, model.get_submodule(name)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
+
+
+def adapt_first_conv(model: nn.Module, name: str, in_channels: int,
+                     pretrained: bool = False) -> nn.Conv2d:
+    """Replace the Conv2d ``name`` of ``model`` by one taking ``in_channels`` channels:
+    its pretrained weights averaged over the input channels and repeated, else freshly
+    initialised. Returns the new layer."""
+    old = model.get_submodule(name)
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    old.dilation, old.groups, old.bias is not None, old.padding_mode)
+    if pretrained:
+        with torch.no_grad():
+            mean = old.weight.mean(dim=1, keepdim=True)  # (out, 1, kh, kw)
+            new.weight.copy_(mean.repeat(1, in_channels, 1, 1))  # (out, in_channels, kh, kw)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)
+    return new
+
+
+def fit_input_channels(model: nn.Module, input_shape: tuple[int, ...], model_name: str,
+                       adapt: bool, pretrained: bool = False) -> None:
+    """Make the first layer of an image model take the data's channels (see
+    ``TorchvisionOptions.adapt_channels``); one-line errors when it cannot."""
+    if len(input_shape) != 3:  # only images (C, H, W) have channels to adapt
+        return
+    channels = input_shape[0]
+    try:
+        found = first_layer(model, torch.zeros(1, *input_shape))
+    except Exception as exc:  # the model's own check of the input, before any layer
+        raise ConfigError(f"model.name={model_name} refuses the data's input shape "
+                          f"{tuple(input_shape)}: {first_line(exc)}") from None
+    if found is None or not isinstance(found[1], nn.Conv2d):
+        what = f"'{found[0]}' is a {type(found[1]).__name__}" if found else "none ran"
+        raise ConfigError(f"model.name={model_name}: no first Conv2d to fit to the data's "
+                          f"{channels} input channels (the first layer: {what})")
+    name, conv = found
+    if conv.in_channels == channels:
+        return
+    if not adapt:
+        raise ConfigError(f"model.name={model_name} takes {conv.in_channels} input channels, "
+                          f"the data has {channels}; set model.options.adapt_channels=true to "
+                          "replace its first conv")
+    if conv.groups != 1:
+        raise ConfigError(f"model.name={model_name}: its first conv '{name}' is grouped "
+                          f"({conv.groups} groups) and cannot take {channels} input channels")
+    adapt_first_conv(model, name, channels, pretrained)
+    log.info("%s: first conv '%s' takes %d input channels instead of %d (%s)", model_name,
+             name, channels, conv.in_channels,
+             "pretrained weights averaged over them" if pretrained else "freshly initialised")
+
+
+def torchvision_model(options: TorchvisionOptions, num_classes: int,
+                      input_shape: tuple[int, ...], target: str) -> nn.Module:
+    """Any torchvision classifier by name, randomly initialised (no weights are downloaded),
+    its first conv fitted to the data's channels."""
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
     if target not in names:
         raise ConfigError(f"model.name: torchvision has no classifier '{target}'")
-    return torchvision.models.get_model(target, weights=None, num_classes=num_classes)
+    model = torchvision.models.get_model(target, weights=None, num_classes=num_classes)
+    fit_input_channels(model, tuple(input_shape), f"torchvision:{target}",
+                       options.adapt_channels)
+    try:  # one item through the model: an input too small for it fails here, in one line
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    except Exception as exc:
+        raise ConfigError(f"model.name=torchvision:{target} does not take the data's input "
+                          f"shape {tuple(input_shape)}: {first_line(exc)}") from None
+    return model.train()
+
+
+torchvision_model.Options = TorchvisionOptions
 
 
 @hookimpl

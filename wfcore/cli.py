@@ -1,6 +1,6 @@
 """The ``wfcore`` command: prune, plan, sweep, analyze, export, bench, config, options,
-plugins (and the subcommands that plugins of the project add). User errors print one line
-and exit 2; nothing prints a traceback for them.
+plugins; ``wfcore --help`` describes each, the environment it reads and examples. User
+errors print one line and exit 2; nothing prints a traceback for them.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def cmd_options(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from wfcore.export.onnx import export_run
+    from wfcore.runs import export_run
 
     result = export_run(args.run_dir, step=args.step, output=args.output,
                         sparsity=args.sparsity, quantize=args.quantize)
@@ -179,18 +179,57 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+DESCRIPTION = """\
+Second-order pruning for PyTorch (WoodFisher and the usual baselines): prune a model as
+a config says, compare methods, export the sparse model to checked ONNX and time it on
+the CPU."""
+
+ENVIRONMENT = """\
+environment:
+  WFCORE_DISABLE=a,b     plugins (names `wfcore plugins` shows, or distributions) not to
+                         load, as --disable
+  WFCORE_CACHE=DIR       where trained dense models are cached when the config sets no
+                         cache_dir (default ~/.cache/wfcore)
+  TQDM_DISABLE=1         no progress bars (-q sets it)
+  NM_DISABLE_ANALYTICS=1 DeepSparse sends no usage analytics (bench sets it unless given)
+  RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE
+                         set by torchrun: a distributed run (rank 0 writes and prints)"""
+
+EXAMPLES = """\
+examples:
+  wfcore prune configs/mnist_mlpnet.yaml estimator.name=magnitude output=runs/mag
+  wfcore prune --resume runs/mag
+  wfcore plan configs/resnet50_imagenet_gradual.yaml --nproc-per-node 4
+  wfcore sweep configs/mnist_cnn.yaml estimator.name=woodfisher,kfac,magnitude
+  wfcore export runs/mag --sparsity 0.9 --quantize int8
+  wfcore bench runs/mag/model_step1.onnx --dense runs/mag/dense.onnx --batch-size 16
+  wfcore config configs/mnist_cnn.yaml estimator.name=kfac
+  wfcore analyze configs/mnist_mlpnet.yaml
+  wfcore plugins
+  wfcore options estimator woodfisher"""
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wfcore", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="wfcore", description=DESCRIPTION,
+                                epilog=f"{ENVIRONMENT}\n\n{EXAMPLES}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"wfcore {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging (e.g. the ONNX sparsity table of an export)")
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="warnings and errors only, no progress bars")
+                   help="warnings and errors only, no progress bars (sets $TQDM_DISABLE=1)")
     p.add_argument("--disable", action="append", metavar="NAME", default=[],
                    help="do not load this plugin (a name `wfcore plugins` shows, or a "
                    "distribution); repeatable; also $WFCORE_DISABLE=a,b")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           title="commands (`wfcore COMMAND --help` for each one's arguments)")
 
-    prune = sub.add_parser("prune", help="prune a model as a config says")
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        """A subcommand whose one-line summary is its entry in `wfcore --help` and the
+        description of its own --help."""
+        return sub.add_parser(name, help=summary, description=summary)
+
+    prune = command("prune", "prune a model as a config says")
     prune.add_argument("config", nargs="?",
                        help="YAML config (see configs/); optional with --resume")
     prune.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
@@ -200,15 +239,15 @@ def parser() -> argparse.ArgumentParser:
                        help="continue the interrupted run in RUN_DIR from its last checkpoint "
                        "(its config.yaml is used unless a config is given)")
 
-    plan = sub.add_parser("plan", help="memory, disk and time of a run's first pruning step, "
-                          "before anything heavy (exit 2 if it cannot fit)")
+    plan = command("plan", "memory, disk and time of a run's first pruning step, "
+                   "before anything heavy (exit 2 if it cannot fit)")
     plan.add_argument("config", help="YAML config (see configs/)")
     plan.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
     plan.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
                       help="also show each rank's share for a torchrun run of N processes")
 
-    sweep = sub.add_parser("sweep", help="run every combination of key=a,b,c overrides; "
-                           "one CSV table and accuracy-vs-sparsity plots")
+    sweep = command("sweep", "run every combination of key=a,b,c overrides; "
+                    "one CSV table and accuracy-vs-sparsity plots")
     sweep.add_argument("config", help="YAML config (see configs/)")
     sweep.add_argument("overrides", nargs="*",
                        help="key=value (every run) or key=a,b,c (swept); output=DIR is the "
@@ -216,23 +255,23 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--force", action="store_true",
                        help="run finished runs again instead of skipping them")
 
-    show = sub.add_parser("config", help="print the resolved config: the file, the overrides "
-                          "and every component's options with their defaults")
+    show = command("config", "print the resolved config: the file, the overrides "
+                   "and every component's options with their defaults")
     show.add_argument("config", help="YAML config (see configs/)")
     show.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
 
-    options = sub.add_parser("options", help="a component's options, defaults and comments")
+    options = command("options", "a component's options, defaults and comments")
     options.add_argument("kind", help="estimator, scorer, allocator, scheduler, exporter, "
                          "model or dataset")
     options.add_argument("name", help="its registered name, e.g. woodfisher")
 
-    plugins = sub.add_parser("plugins", help="list plugins: where from, version, what they "
-                             "register and which hooks they implement; clashes too")
+    plugins = command("plugins", "list plugins: where from, version, what they "
+                      "register and which hooks they implement; clashes too")
     plugins.add_argument("config", nargs="?", help="also load the config's plugins: modules")
     plugins.add_argument("--plugin", action="append", help="an extra plugin module to import")
 
-    export = sub.add_parser("export", help="export a run's pruned model (and its dense one) to "
-                            "ONNX, with the zero and parity checks")
+    export = command("export", "export a run's pruned model (and its dense one) to "
+                     "ONNX, with the zero and parity checks")
     export.add_argument("run_dir", help="a run directory (holds config.yaml, model_step<N>.pt)")
     export.add_argument("--step", type=int, help="the step to export (default: the last)")
     export.add_argument("--sparsity", type=float,
@@ -244,22 +283,22 @@ def parser() -> argparse.ArgumentParser:
                         "quantized on training samples with the zeros kept (default: the "
                         "run's export.quantize)")
 
-    analyze = sub.add_parser("analyze", help="compare each estimator's curvature with the "
-                             "exact Hessian and Fishers (the config's analyze section)")
+    analyze = command("analyze", "compare each estimator's curvature with the "
+                      "exact Hessian and Fishers (the config's analyze section)")
     analyze.add_argument("config", help="YAML config (see configs/)")
     analyze.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
 
-    bench = sub.add_parser("bench", help="time an ONNX model on DeepSparse, ONNX Runtime "
-                           "and PyTorch")
+    bench = command("bench", "time an ONNX model on DeepSparse, ONNX Runtime "
+                    "and PyTorch")
     bench.add_argument("model", nargs="+", help="the (sparse) ONNX models, e.g. a float "
                        "and an INT8 export, timed in one run")
     bench.add_argument("--dense", help="the dense ONNX model: speed-ups are against it on "
                        "ONNX Runtime")
-    bench.add_argument("--batch-size", type=int, default=1, help="items per batch")
+    bench.add_argument("--batch-size", type=int, default=1, help="items per batch (default: 1)")
     bench.add_argument("--engines", default="deepsparse,onnxruntime,torch",
-                       help="comma-separated: deepsparse, onnxruntime, torch")
-    bench.add_argument("--warmup", type=int, default=5, help="untimed batches first")
-    bench.add_argument("--runs", type=int, default=20, help="timed batches (at least)")
+                       help="comma-separated: deepsparse, onnxruntime, torch (default: all three)")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed batches first (default: 5)")
+    bench.add_argument("--runs", type=int, default=20, help="timed batches, at least (default: 20)")
     bench.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     bench.add_argument("--json", help="also write the timings to this JSON file")
     return p

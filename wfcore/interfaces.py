@@ -253,9 +253,17 @@ class Exporter(ABC):
 
     @abstractmethod
     def export(self, model: nn.Module, example: torch.Tensor, path: str,
-               data: DataBundle | None = None) -> dict[str, Any]:
+               data: DataBundle | None = None, params: Tensors | None = None,
+               metadata: dict[str, str] | None = None) -> dict[str, Any]:
         """Write the artefact to ``path``; return what was checked (for the report).
 
         ``data``: the run's data set, for exporters that calibrate on training samples
-        (INT8) or measure accuracy on the test set; others ignore it.
+        (INT8) or measure accuracy on the test set; others ignore it. ``params``: the
+        weights whose zeros the artefact must keep (None: the exporter's choice).
+        ``metadata``: strings to store in the artefact (``wfcore export`` names the run
+        and the state_dict it came from, as paths relative to the artefact).
         """
+
+    def outputs(self, path: str) -> list[str]:
+        """Every file ``export(..., path)`` writes: ``path`` first, then any beside it."""
+        return [path]

@@ -17,7 +17,7 @@ from torch import nn
 
 from wfcore import checkpoint, distributed, files, manager, rundir
 from wfcore import config as config_mod
-from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
+from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import GradientSampler
 from wfcore.interfaces import (
     Allocator,
@@ -37,6 +37,7 @@ from wfcore.prepare import (  # noqa: F401  (the setup of a run, re-exported her
     dense_cache_path,
     dense_model,
     dense_provenance,
+    instantiate,
     load_data,
     load_state,
     pruning_subset,
@@ -63,21 +64,6 @@ class Components:
     def need_gradients(self) -> bool:
         """Whether a pruning step samples the m gradients (for the estimator or the scorer)."""
         return self.estimator.needs_gradients or self.scorer.needs_gradient
-
-
-def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
-    """The component that ``cfg[section]`` names, built from its validated options."""
-    kind = config_mod.COMPONENT_KINDS[section]
-    entry, extra = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
-    options = config_mod.component_options(section, cfg, entry.options_class)
-    try:
-        return entry.factory(options, **extra)
-    except WfcoreError:
-        raise
-    except Exception as exc:  # a plugin's factory failed: name the plugin and the key
-        raise PluginError(f"{section}.name: plugin '{entry.plugin}' failed to build "
-                          f"'{cfg[section].name}': {type(exc).__name__}: {first_line(exc)}"
-                          ) from None
 
 
 def resolved_config(cfg: DictConfig, plugins: manager.Plugins) -> DictConfig:

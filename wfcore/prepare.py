@@ -1,6 +1,7 @@
 """The setup of a run: the device, the data, the model and its dense weights (loaded,
-trained or cached), and the provenance of what made them. Nothing here prunes or keeps
-run state: ``wfcore.pipeline`` builds a run from these pieces.
+trained or cached), the provenance of what made them, and the components a config names.
+Nothing here prunes or keeps run state: ``wfcore.pipeline`` builds a run from these
+pieces.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 
 from wfcore import __version__, files, manager, states
 from wfcore import config as config_mod
-from wfcore.errors import ConfigError, WfcoreError
+from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
 from wfcore.interfaces import DataBundle
 from wfcore.training import train
 
@@ -52,6 +53,21 @@ def build_model(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) -> 
     torch.manual_seed(cfg.seed)
     return entry.factory(options, num_classes=data.num_classes, input_shape=data.input_shape,
                          **extra)
+
+
+def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
+    """The component that ``cfg[section]`` names, built from its validated options."""
+    kind = config_mod.COMPONENT_KINDS[section]
+    entry, extra = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
+    options = config_mod.component_options(section, cfg, entry.options_class)
+    try:
+        return entry.factory(options, **extra)
+    except WfcoreError:
+        raise
+    except Exception as exc:  # a plugin's factory failed: name the plugin and the key
+        raise PluginError(f"{section}.name: plugin '{entry.plugin}' failed to build "
+                          f"'{cfg[section].name}': {type(exc).__name__}: {first_line(exc)}"
+                          ) from None
 
 
 def cache_dir(cfg: DictConfig) -> Path:

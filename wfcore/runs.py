@@ -1,0 +1,242 @@
+"""A finished run directory, read back: its model rebuilt from config.yaml, a step's
+weights, the step at a target sparsity, and ``wfcore export RUN``, which drives the
+run's exporter (``export.name``; ``onnx`` when the run names none) on a saved step and
+on the dense model.
+
+The exporter only turns a given model into a file and checks it; what is about the run
+(which step, which files may be replaced, what the file records of its run, the run's
+report) is here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from wfcore import config as config_mod
+from wfcore import files, manager, rundir, states
+from wfcore.errors import ConfigError, WfcoreError, first_line
+from wfcore.interfaces import DataBundle, Exporter
+from wfcore.masks import select_params
+from wfcore.prepare import build_model, instantiate, load_data
+from wfcore.report import markdown
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPORTER = "onnx"  # what `wfcore export` drives for a run whose config has no export
+
+
+@dataclass
+class Rebuilt:
+    """A run's model (its architecture, weights not loaded), rebuilt from its config.yaml."""
+
+    cfg: DictConfig
+    plugins: manager.Plugins
+    model: nn.Module
+    params: dict[str, torch.Tensor]  # the prunable parameters
+    data: DataBundle | None  # None when only the shapes were given
+
+
+def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
+            plugins: manager.Plugins | None = None) -> Rebuilt:
+    """The model of a run, from its config.yaml.
+
+    ``shapes``: (input shape, number of classes) when known (from an ONNX file); then the
+    data set is not loaded. ``plugins``: the loaded plugins to build with (default: the
+    installed ones and the run's ``plugins:`` modules).
+    """
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise WfcoreError(f"{run_dir} is not a run directory: no config.yaml")
+    cfg = config_mod.load(cfg_path)
+    plugins = plugins or manager.build(cfg.plugins)
+    if shapes is None:
+        data = load_data(cfg, plugins)
+        model = build_model(cfg, plugins, data)
+    else:
+        data = None
+        model = build_model(
+            cfg, plugins, SimpleNamespace(input_shape=tuple(shapes[0]), num_classes=shapes[1]))
+    return Rebuilt(cfg, plugins, model, dict(select_params(model, cfg.model.params)), data)
+
+
+def step_state(run_dir: Path, step: int) -> Path:
+    """The state_dict file of step ``step`` of a run."""
+    return run_dir / f"model_step{step}.pt"
+
+
+def load_step(model: nn.Module, run_dir: Path, step: int, what: str = "wfcore export") -> Path:
+    """Load step ``step``'s weights into ``model``; returns the file read."""
+    path = step_state(run_dir, step)
+    states.load_state(model, path, what)
+    return path
+
+
+def steps_in(run_dir: Path) -> list[int]:
+    """The step indices with a saved model in ``run_dir``, ascending."""
+    found = (re.fullmatch(r"model_step(\d+)\.pt", p.name) for p in run_dir.glob("model_step*.pt"))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def report_steps(run_dir: Path) -> set[int] | None:
+    """The step indices in the run's report.json; None when it has no readable one."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+        return {int(s["index"]) for s in report["steps"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def step_for_sparsity(run_dir: Path, target: float) -> int:
+    """The last step of the run's report.json whose target sparsity is ``target``."""
+    try:
+        steps = json.loads((run_dir / "report.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError):
+        raise WfcoreError(f"{run_dir}: no readable report.json to find sparsity {target} in") \
+            from None
+    found = [s["index"] for s in steps if abs(s["target_sparsity"] - target) < 1e-9]
+    if not found:
+        targets = sorted({s["target_sparsity"] for s in steps})
+        raise WfcoreError(f"{run_dir} has no step with target sparsity {target}; targets: "
+                          f"{', '.join(map(str, targets))}")
+    return found[-1]
+
+
+def choose_step(run_dir: Path, step: int | None = None, sparsity: float | None = None) -> int:
+    """The saved step to export: ``step``, or the last one at target ``sparsity``, else the
+    last one saved. It must be a step of the run's report.json when there is one."""
+    if not run_dir.is_dir():
+        raise WfcoreError(f"run directory not found: {run_dir}")
+    steps = steps_in(run_dir)
+    if not steps:
+        raise WfcoreError(f"{run_dir} holds no model_step<N>.pt: has the run pruned anything?")
+    if sparsity is not None:
+        if step is not None:
+            raise WfcoreError("give a step or a sparsity, not both")
+        step = step_for_sparsity(run_dir, sparsity)
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise WfcoreError(f"{run_dir} has no step {step}; saved steps: "
+                          f"{', '.join(map(str, steps))}")
+    reported = report_steps(run_dir)
+    if reported is not None and step not in reported:
+        raise WfcoreError(f"{run_dir}: model_step{step}.pt is not a step of the run's "
+                          "report.json (left by another run?); steps reported: "
+                          f"{', '.join(map(str, sorted(reported))) or 'none'}")
+    return step
+
+
+def run_of(path: Path) -> Path | None:
+    """The run directory that an ONNX file written by ``wfcore export`` names (resolved
+    against the file's own directory), or None for any other file."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file: certainly not one of ours
+        return None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    run_dir = meta.get("wfcore.run_dir")
+    return (path.parent / run_dir).resolve() if run_dir else None
+
+
+def refuse_foreign(path: Path, run_dir: Path) -> None:
+    """``path`` may be written: it is missing, a file the run wrote in its own directory,
+    or an earlier ``wfcore export`` of this run. Anything else is kept."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        raise WfcoreError(f"{path} is a directory; give the ONNX file's name")
+    if path.parent.resolve() == run_dir.resolve() and rundir.is_owned(run_dir) \
+            and path.resolve() in {p.resolve() for p in rundir.owned_files(run_dir)}:
+        return
+    if run_of(path) != run_dir.resolve():
+        raise WfcoreError(f"{path} exists and is not an export of {run_dir}; wfcore export "
+                          "replaces only its own files: remove it or choose another -o")
+
+
+def run_exporter(cfg: DictConfig, plugins: manager.Plugins,
+                 quantize: str | None = None) -> Exporter:
+    """The exporter the run's ``export`` section names (``onnx`` with its defaults when it
+    names none), with ``quantize`` in place of its ``quantize`` option when given."""
+    section = config_mod.to_dict(cfg.export) if cfg.export is not None \
+        else {"name": DEFAULT_EXPORTER}
+    if quantize is not None:
+        section["quantize"] = quantize
+    try:
+        return instantiate(OmegaConf.create({"export": section}), "export", plugins)
+    except ConfigError as exc:
+        if quantize is None:
+            raise
+        raise ConfigError(f"--quantize: {first_line(exc)}") from None
+
+
+def export_run(run_dir: str | Path, step: int | None = None, output: str | Path | None = None,
+               dense: bool = True, sparsity: float | None = None,
+               quantize: str | None = None) -> dict[str, Any]:
+    """Export step ``step`` of a run (or the last step at target ``sparsity``; default: the
+    last step), and its dense model beside it, with the run's exporter.
+
+    The sparse model goes to ``output`` (default ``RUN_DIR/model_step<N>.onnx``), the
+    dense one to ``dense.onnx`` in the same directory. ``quantize``: none | int8 (default:
+    the run's ``export.quantize``). Returns both exports' checks, which also go into the
+    run's report (``export``).
+    """
+    run_dir = Path(run_dir)
+    step = choose_step(run_dir, step, sparsity)
+    output = Path(output) if output else run_dir / f"model_step{step}.onnx"
+    targets = [output, output.with_name("dense.onnx")] if dense else [output]
+    for target in targets:  # before anything is loaded
+        refuse_foreign(target, run_dir)
+    run = rebuild(run_dir)
+    exporter = run_exporter(run.cfg, run.plugins, quantize)
+    for target in targets:  # and the files each export writes beside it (INT8)
+        for path in exporter.outputs(str(target)):
+            refuse_foreign(Path(path), run_dir)
+    model, data = run.model, run.data
+    example = data.test[0][0].unsqueeze(0)
+    state_path = load_step(model, run_dir, step)
+    # Paths relative to the ONNX file: nothing of the machine that made it is kept.
+    where = output.parent.resolve()
+    meta = {"run_dir": os.path.relpath(run_dir.resolve(), where),
+            "state": os.path.relpath(state_path.resolve(), where), "step": str(step)}
+    params = {n: p.detach() for n, p in run.params.items()}
+    result = {"step": step, "sparse": exporter.export(model, example, str(output), data=data,
+                                                      params=params, metadata=meta)}
+    if dense:
+        dense_path = run_dir / "dense.pt"
+        dense_model = copy.deepcopy(model)
+        states.load_state(dense_model, dense_path, "wfcore export (dense model)")
+        meta = {**meta, "state": os.path.relpath(dense_path.resolve(), where), "step": "dense"}
+        dense_params = {n: p.detach() for n, p in dense_model.named_parameters() if n in params}
+        result["dense"] = exporter.export(dense_model, example, str(targets[1]), data=data,
+                                          params=dense_params, metadata=meta)
+    record_in_report(run_dir, result)
+    return result
+
+
+def record_in_report(run_dir: Path, result: dict[str, Any]) -> None:
+    """Put ``wfcore export``'s checks into the run's report (``export``, as the pipeline's)."""
+    path = run_dir / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("%s: no readable report.json; the export is not recorded in it", run_dir)
+        return
+    report["export"] = {**result["sparse"], "step": result["step"]}
+    if "dense" in result:
+        report["export"]["dense"] = result["dense"]
+    files.write_json(path, report)
+    files.write_text(run_dir / "report.md", markdown(report))
