@@ -31,10 +31,10 @@ def problem(seed: int = 0) -> PruningProblem:
 
 def test_diag_fisher_is_the_inverse_of_the_damped_gradient_second_moment():
     prob = problem()
-    G = prob.sampler.sample()  # (m, d)
+    G = prob.source.sample()  # (m, d)
     prob.gradients = GradientStore.from_tensor(G)
     curvature = DiagFisher(DiagFisherOptions(damp=1e-4)).fit(prob)
-    expected = prob.sampler.layout.unflatten(1.0 / (G.pow(2).mean(0) + 1e-4))
+    expected = prob.source.layout.unflatten(1.0 / (G.pow(2).mean(0) + 1e-4))
     diag = curvature.inverse_diagonal()
     v = {n: torch.randn_like(p) for n, p in prob.params.items()}
     mul = curvature.inverse_mul(v)

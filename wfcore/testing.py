@@ -103,7 +103,7 @@ def check_scorer(scorer: Scorer, estimator: HessianEstimator,
     weights = problem.weights()
     gradient = None
     if scorer.needs_gradient:
-        gradient = ParamLayout(problem.params).unflatten(problem.sampler.sample().mean(0))
+        gradient = ParamLayout(problem.params).unflatten(problem.source.sample().mean(0))
     scores = scorer.scores(weights, curvature, gradient)
     prune = {}
     for n, w in weights.items():
