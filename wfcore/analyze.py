@@ -300,7 +300,7 @@ def fit(cfg: DictConfig, setup: Fitting, name: str, m: int) -> Curvature:
                               dtype=f.storage_dtype, offload=f.offload)
     problem = PruningProblem(setup.model, setup.params, masks, sampler, setup.loss_fn,
                              setup.device)
-    return entry.factory(options, **extra).fit(problem)
+    return manager.call_factory(entry.factory, options, seed=cfg.seed, **extra).fit(problem)
 
 
 def exact_loss(cfg: DictConfig, setup: Fitting) -> ExactLoss:

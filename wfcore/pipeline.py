@@ -73,7 +73,7 @@ def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
     entry, extra = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
     options = config_mod.component_options(section, cfg, entry.options_class)
     try:
-        return entry.factory(options, **extra)
+        return manager.call_factory(entry.factory, options, seed=cfg.seed, **extra)
     except WfcoreError:
         raise
     except Exception as exc:  # a plugin's factory failed: name the plugin and the key

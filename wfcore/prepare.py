@@ -42,7 +42,7 @@ def load_data(cfg: DictConfig, plugins: manager.Plugins) -> DataBundle:
     entry, extra = plugins.registry("datasets").lookup(cfg.data.name, "data.name")
     options = config_mod.validate_options("data.options", config_mod.to_dict(cfg.data.options),
                                           entry.options_class)
-    return entry.factory(options, cfg.data, **extra)
+    return manager.call_factory(entry.factory, options, cfg.data, seed=cfg.seed, **extra)
 
 
 def loss_function(cfg: DictConfig, data: DataBundle) -> Loss:
@@ -65,8 +65,8 @@ def build_model(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) -> 
     options = config_mod.validate_options("model.options", config_mod.to_dict(cfg.model.options),
                                           entry.options_class)
     torch.manual_seed(cfg.seed)
-    return entry.factory(options, num_classes=data.num_classes, input_shape=data.input_shape,
-                         **extra)
+    return manager.call_factory(entry.factory, options, num_classes=data.num_classes,
+                                input_shape=data.input_shape, seed=cfg.seed, **extra)
 
 
 def cache_dir(cfg: DictConfig) -> Path:
