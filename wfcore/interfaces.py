@@ -230,6 +230,12 @@ class HessianEstimator(ABC):
     def fit(self, problem: PruningProblem) -> Curvature:
         """Estimate the curvature at the problem's current (masked) weights."""
 
+    def paired_scorer(self) -> Scorer | None:
+        """A scorer that this estimator's curvature is made for and that the run uses in
+        place of the configured ``scorer`` (e.g. ``random``: the identity curvature with
+        random scores). None, the default: the configured scorer."""
+        return None
+
     def cost(self, layout: ParamLayout, m: int, device: torch.device | str) -> EstimatorCost:
         """Memory and flops of a fit over ``layout`` with m gradients, for the plan.
 

@@ -104,8 +104,15 @@ def resolved_config(cfg: DictConfig, plugins: manager.Plugins) -> DictConfig:
 
 
 def build_components(cfg: DictConfig, plugins: manager.Plugins) -> Components:
+    """The configured components; an estimator's ``paired_scorer`` replaces the configured
+    scorer (which is still built, so that its section is checked)."""
     made = {s: instantiate(cfg, s, plugins) for s in ("estimator", "scorer", "allocator",
                                                      "scheduler")}
+    paired = made["estimator"].paired_scorer()
+    if paired is not None:
+        log.info("estimator '%s' scores with its own %s (scorer.name=%s is not used)",
+                 cfg.estimator.name, type(paired).__name__, cfg.scorer.name)
+        made["scorer"] = paired
     exporter = instantiate(cfg, "export", plugins) if cfg.export is not None else None
     return Components(exporter=exporter, **made)
 
