@@ -82,7 +82,7 @@ class DiagFisher(HessianEstimator):
         self.options = options or DiagFisherOptions()
 
     def fit(self, problem: PruningProblem) -> Curvature:
-        source = problem.gradient_source()
+        source = problem.gradient_rows()
         fisher = source.square_mean()  # (d,), streamed over columns
         damp = self.options.damp
         if self.options.damp_mode == "relative":

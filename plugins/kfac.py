@@ -7,9 +7,10 @@ F ~ A (x) G with A = E[a a^T] (in, in) and G = E[g g^T] (out, out) (Martens & Gr
 column-major vec of the papers that is A (x) G; over PyTorch's row-major flattening of W
 it is ``torch.kron(G, A)``. Layers are independent blocks (block-diagonal F).
 
-Statistics come from the problem's model and the gradient sampler's data set: forward
-hooks record the layer inputs, ``autograd.grad`` w.r.t. the layer outputs gives g. Each
-of the m "gradients" is a group of ``fisher.grad_batch`` samples, as in the empirical
+Statistics come from the problem's model and mini-batches (``problem.batches``: the
+data's labels or sampled ones, as ``fisher.labels`` says): forward hooks record the layer
+inputs, ``autograd.grad`` w.r.t. the layer outputs gives g. Each of the m "gradients" is a
+group of ``fisher.grad_batch`` samples, as in the empirical
 Fisher: A averages over samples and positions, G sums g g^T over the samples and
 positions of a group (g of the group's mean loss) and averages over the m groups.
 
@@ -33,7 +34,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from wfcore import hookimpl
@@ -254,13 +254,13 @@ def output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(-1, g.shape[-1])
 
 
-def collect_factors(problem: PruningProblem, num_grads: int, grad_batch: int, labels: str,
-                    generator: torch.Generator, batch_size: int = 256,
+def collect_factors(problem: PruningProblem, num_grads: int, grad_batch: int,
+                    batch_size: int = 256,
                     progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A (in, in) and G (out, out) of every prunable layer, in float64."""
+    """A (in, in) and G (out, out) of every prunable layer, in float64, from the problem's
+    mini-batches (``PruningProblem.batches``: the data's labels or sampled ones)."""
     model, device = problem.model, problem.device
     modules = layer_modules(model, problem.params)
-    dataset = problem.sampler.dataset
     total = num_grads * grad_batch
     chunk = max(grad_batch, (batch_size // grad_batch) * grad_batch)  # whole groups only
     A = {n: torch.zeros(m.weight[0].numel(), m.weight[0].numel(), dtype=torch.float64,
@@ -272,9 +272,6 @@ def collect_factors(problem: PruningProblem, num_grads: int, grad_batch: int, la
     handles = [m.register_forward_hook(
         lambda mod, inp, out, n=n: seen[n].append((inp[0].detach(), out)))
         for n, m in modules.items()]
-    if len(dataset) == 0:
-        raise WfcoreError("estimator 'kfac': the training set is empty")
-    loader = DataLoader(dataset, batch_size=chunk, shuffle=True, generator=generator)
     was_training = model.training
     model.eval()
     done = 0
@@ -282,32 +279,25 @@ def collect_factors(problem: PruningProblem, num_grads: int, grad_batch: int, la
         with torch.enable_grad(), tqdm(
                 total=total, desc="kfac factors", unit="sample", leave=False,
                 disable=progress_bars.disabled(not progress)) as bar:
-            while done < total:
-                for x, y in loader:
-                    x, y = x[:total - done].to(device), y[:total - done].to(device)
-                    for n in seen:
-                        seen[n].clear()
-                    logits = model(x)
-                    if labels == "sampled":
-                        probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
-                        y = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
-                    # sum over groups of each group's mean loss: dL/ds is g of its group
-                    loss = problem.loss_fn(logits, y) * (len(x) / grad_batch)
-                    outputs = [out for n in modules for _, out in seen[n]]
-                    grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True,
-                                                     materialize_grads=True))
-                    for n, module in modules.items():
-                        for inp, _ in seen[n]:
-                            a = layer_inputs(module, inp)  # (rows, in)
-                            g = output_grads(module, next(grads))  # (rows, out)
-                            # products in the model's dtype, sums over chunks in float64
-                            A[n] += (a.T @ a).double()
-                            G[n] += (g.T @ g).double()
-                            rows[n] += a.shape[0]
-                    done += len(x)
-                    bar.update(len(x))
-                    if done >= total:
-                        break
+            for x, y in problem.batches(total, chunk):
+                for n in seen:  # only this forward pass (the source may have run one)
+                    seen[n].clear()
+                logits = model(x)
+                # sum over groups of each group's mean loss: dL/ds is g of its group
+                loss = problem.loss_fn(logits, y) * (len(x) / grad_batch)
+                outputs = [out for n in modules for _, out in seen[n]]
+                grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True,
+                                                 materialize_grads=True))
+                for n, module in modules.items():
+                    for inp, _ in seen[n]:
+                        a = layer_inputs(module, inp)  # (rows, in)
+                        g = output_grads(module, next(grads))  # (rows, out)
+                        # products in the model's dtype, sums over chunks in float64
+                        A[n] += (a.T @ a).double()
+                        G[n] += (g.T @ g).double()
+                        rows[n] += a.shape[0]
+                done += len(x)
+                bar.update(len(x))
     finally:
         for h in handles:
             h.remove()
@@ -375,8 +365,8 @@ class Kfac(HessianEstimator):
                              flops=flops, note=note)
 
     def fit(self, problem: PruningProblem) -> Curvature:
-        s = problem.sampler
-        factors = collect_factors(problem, s.num_grads, s.grad_batch, s.labels, s.generator,
+        s = problem.source
+        factors = collect_factors(problem, s.num_grads, s.grad_batch,
                                   batch_size=self.options.batch_size, progress=s.progress)
         o = self.options
         damp = kron_damp(factors, o.damp, o.damp_mode)

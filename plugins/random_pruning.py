@@ -1,14 +1,18 @@
-"""The random baseline (estimator ``random``): the floor every method must beat.
+"""The random baseline: the floor every method must beat.
 
-A diagonal curvature built so that the ``obs`` score of every weight is a uniform random
-number: [F^-1]_qq = w_q^2 / u_q with u_q ~ U(0, 1], hence rho_q = w_q^2 / (2 [F^-1]_qq)
-= u_q / 2. The allocator then removes weights in a uniformly random order (``global``:
-at random over the whole model; ``uniform``: at random inside each layer). Weights that
-are exactly zero score 0 and go first, which costs nothing. The draw comes from the
-``seed`` option, so a run is reproducible; each pruning step of a run draws afresh, and
-the generator is saved in the run's checkpoints (a resumed run draws what an uninterrupted
-one would).
-The OBS update of a diagonal curvature only zeroes the pruned weights.
+The ``random`` scorer gives every weight a uniform random score u_q ~ U(0, 1], so the
+allocator removes weights in a uniformly random order (``global``: at random over the
+whole model; ``uniform``: at random inside each layer). Weights that are exactly zero
+score 0 and go first, which costs nothing. Its update is the mask alone. The draw comes
+from its generator, seeded by the ``seed`` option (None: the run's seed); each pruning
+step draws afresh, and the generator is saved in the run's checkpoints (a resumed run
+draws what an uninterrupted one would).
+
+The ``random`` estimator keeps ``estimator.name=random`` working with any configured
+scorer: its curvature is the identity (nothing to estimate; an OBS update only zeroes
+the pruned weights) and it pairs itself with the ``random`` scorer seeded by its own
+``seed`` option (``HessianEstimator.paired_scorer``), which the run uses in place of
+``scorer.name``.
 """
 
 from __future__ import annotations
@@ -16,24 +20,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from wfcore.plugins.diag_fisher import DiagonalCurvature
+from wfcore.plugins.magnitude import IdentityCurvature
 
 from wfcore import hookimpl
-from wfcore.interfaces import Curvature, HessianEstimator, PruningProblem, Stateful
+from wfcore.interfaces import (
+    Curvature,
+    HessianEstimator,
+    PruningProblem,
+    Scorer,
+    Stateful,
+    Tensors,
+)
 
 
 @dataclass
-class RandomOptions:
-    seed: int = 0  # seeds the random order (independent of the run's gradient sampling)
+class RandomScorerOptions:
+    seed: int | None = None  # seeds the random order; None = the run's seed
 
 
-class RandomEstimator(HessianEstimator, Stateful):
-    Options = RandomOptions
-    needs_gradients = False
+class RandomScorer(Scorer, Stateful):
+    """Uniform random scores in (0, 1], 0 for weights already at zero; mask-only update."""
 
-    def __init__(self, options: RandomOptions | None = None):
-        self.options = options or RandomOptions()
-        self.generator = torch.Generator().manual_seed(self.options.seed)
+    Options = RandomScorerOptions
+
+    def __init__(self, options: RandomScorerOptions | None = None, seed: int = 0):
+        self.options = options or RandomScorerOptions()
+        start = seed if self.options.seed is None else self.options.seed
+        self.generator = torch.Generator().manual_seed(start)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -41,16 +54,40 @@ class RandomEstimator(HessianEstimator, Stateful):
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
 
+    def scores(self, weights: Tensors, curvature: Curvature, gradient: Tensors | None) -> Tensors:
+        out = {}
+        for n, w in weights.items():
+            u = 1.0 - torch.rand(w.shape, generator=self.generator, dtype=torch.float64)  # (0, 1]
+            out[n] = torch.where(w.cpu() != 0, u, torch.zeros_like(u)).to(w.device)
+        return out
+
+
+@dataclass
+class RandomOptions:
+    seed: int = 0  # seeds the random order (independent of the run's gradient sampling)
+
+
+class RandomEstimator(HessianEstimator):
+    """The identity curvature, paired with the ``random`` scorer (see the module doc)."""
+
+    Options = RandomOptions
+    needs_gradients = False
+
+    def __init__(self, options: RandomOptions | None = None):
+        self.options = options or RandomOptions()
+
     def fit(self, problem: PruningProblem) -> Curvature:
-        inverse = {}
-        for n, p in problem.params.items():
-            w2 = p.detach().double().cpu().pow(2)
-            u = 1.0 - torch.rand(p.shape, generator=self.generator, dtype=torch.float64)  # (0, 1]
-            diag = torch.where(w2 > 0, w2 / u, torch.ones_like(w2))
-            inverse[n] = diag.to(p.device)
-        return DiagonalCurvature(inverse)
+        return IdentityCurvature({n: p.detach() for n, p in problem.params.items()})
+
+    def paired_scorer(self) -> Scorer:
+        return RandomScorer(RandomScorerOptions(seed=self.options.seed))
 
 
 @hookimpl
 def wfcore_estimators():
     return {"random": RandomEstimator}
+
+
+@hookimpl
+def wfcore_scorers():
+    return {"random": RandomScorer}

@@ -58,7 +58,7 @@ from wfcore.interfaces import (
     UPDATE_MODES,
     Curvature,
     EstimatorCost,
-    GradientSource,
+    GradientRows,
     HessianEstimator,
     PruningProblem,
     Tensors,
@@ -121,14 +121,14 @@ def block_starts(layout: ParamLayout, block_size: int | str) -> dict[int, list[i
     return groups
 
 
-def fisher_scale(source: GradientSource) -> float:
+def fisher_scale(source: GradientRows) -> float:
     """mean(diag(G^T G / m)) over the live columns of the gradients (weights pruned earlier,
     with all-zero columns, do not dilute it); 1.0 when no column is live. One streamed pass
     over the store's columns."""
     return live_mean(source.square_mean())
 
 
-def absolute_damp(damp: float, mode: str, source: GradientSource) -> float:
+def absolute_damp(damp: float, mode: str, source: GradientRows) -> float:
     """lambda: ``damp`` itself (absolute) or ``damp * fisher_scale(source)`` (relative)."""
     if mode == "absolute":
         return damp
@@ -202,7 +202,7 @@ class WoodFisherCurvature(Curvature):
     on, unless the fit cached every chunk's factors.
     """
 
-    def __init__(self, layout: ParamLayout, source: GradientSource, chunks: list[Chunk],
+    def __init__(self, layout: ParamLayout, source: GradientRows, chunks: list[Chunk],
                  damps: list[dict[int, torch.Tensor]], diag: torch.Tensor,
                  options: WoodFisherOptions, device: torch.device, out_device: torch.device,
                  cache: list[tuple[torch.Tensor, BlockGroup]] | None):
@@ -269,7 +269,7 @@ class WoodFisherCurvature(Curvature):
         return float(damps.mean())
 
 
-def chunk_groups(layout: ParamLayout, source: GradientSource, chunk: Chunk,
+def chunk_groups(layout: ParamLayout, source: GradientRows, chunk: Chunk,
                  damps: dict[int, torch.Tensor] | float, options: WoodFisherOptions,
                  device: torch.device) -> Iterator[tuple[torch.Tensor, BlockGroup]]:
     """The chunk's block groups: its columns read once, each size's blocks batched.
@@ -351,7 +351,7 @@ class WoodFisher(HessianEstimator):
         device = self._device(problem.device)
         # refuses a block that cannot fit, first
         chunks = self.chunks(layout, m, device, distributed.world())
-        source = problem.gradient_source()
+        source = problem.gradient_rows()
         damp = absolute_damp(opts.damp, opts.damp_mode, source)
         # under torchrun the chunks are dealt to the ranks: each solves its own, and the
         # per-weight results are summed over the ranks (zero where another rank's)

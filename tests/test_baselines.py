@@ -6,8 +6,12 @@ import pytest
 import torch
 from torch import nn
 from wfcore.plugins.diag_fisher import DiagFisher, DiagFisherOptions
-from wfcore.plugins.random_pruning import RandomEstimator, RandomOptions
-from wfcore.plugins.scorers import Obs
+from wfcore.plugins.random_pruning import (
+    RandomEstimator,
+    RandomOptions,
+    RandomScorer,
+    RandomScorerOptions,
+)
 
 from wfcore.gradients import GradientSampler
 from wfcore.interfaces import PruningProblem
@@ -31,10 +35,10 @@ def problem(seed: int = 0) -> PruningProblem:
 
 def test_diag_fisher_is_the_inverse_of_the_damped_gradient_second_moment():
     prob = problem()
-    G = prob.sampler.sample()  # (m, d)
+    G = prob.source.sample()  # (m, d)
     prob.gradients = GradientStore.from_tensor(G)
     curvature = DiagFisher(DiagFisherOptions(damp=1e-4)).fit(prob)
-    expected = prob.sampler.layout.unflatten(1.0 / (G.pow(2).mean(0) + 1e-4))
+    expected = prob.source.layout.unflatten(1.0 / (G.pow(2).mean(0) + 1e-4))
     diag = curvature.inverse_diagonal()
     v = {n: torch.randn_like(p) for n, p in prob.params.items()}
     mul = curvature.inverse_mul(v)
@@ -58,11 +62,34 @@ def test_diagonal_updates_only_zero_the_pruned_weights(mode):
 def test_random_scores_are_seeded_uniform_draws():
     prob = problem()
     w = prob.weights()
-    scores = [Obs().scores(w, RandomEstimator(RandomOptions(seed=s)).fit(prob), None)
-              for s in (3, 3, 4)]
+    first = next(iter(w))
+    w[first][0] = 0.0  # weights already at zero score 0 and go first
+    curvature = RandomEstimator(RandomOptions()).fit(prob)
+    scorers = [RandomScorer(RandomScorerOptions(seed=3)), RandomScorer(RandomScorerOptions(seed=3)),
+               RandomScorer(RandomScorerOptions(seed=4)), RandomScorer(seed=3)]
+    scores = [s.scores(w, curvature, None) for s in scorers]
     g = torch.Generator().manual_seed(3)
-    for n in w:  # rho = u / 2 with u the seed's draws, parameter by parameter
+    for n in w:  # u, the seed's draws parameter by parameter, where the weight is not zero
         u = 1.0 - torch.rand(w[n].shape, generator=g, dtype=torch.float64)
-        torch.testing.assert_close(scores[0][n], u / 2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(scores[0][n], torch.where(w[n] != 0, u, 0.0), rtol=0, atol=0)
         assert torch.equal(scores[0][n], scores[1][n])
+        assert torch.equal(scores[0][n], scores[3][n])  # no seed option: the run's seed
         assert not torch.equal(scores[0][n], scores[2][n])
+    again = scorers[0].scores(w, curvature, None)  # each step draws afresh
+    assert not torch.equal(again[first], scores[0][first])
+
+
+def test_the_random_estimator_pairs_an_identity_curvature_with_random_scores():
+    prob = problem()
+    estimator = RandomEstimator(RandomOptions(seed=5))
+    scorer = estimator.paired_scorer()
+    assert isinstance(scorer, RandomScorer) and scorer.options.seed == 5
+    w = prob.weights()
+    prune = {n: torch.rand(t.shape, generator=torch.Generator().manual_seed(1)) < 0.4
+             for n, t in w.items()}
+    curvature = estimator.fit(prob)
+    for mode in ("independent", "joint"):  # the update only zeroes the pruned weights
+        dw = curvature.prune_update(prune, w, mode)
+        for n in w:
+            assert torch.equal(w[n] + dw[n], torch.where(prune[n], 0.0, w[n]))
+    assert scorer.update(w, curvature, prune, None) is None

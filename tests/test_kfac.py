@@ -86,7 +86,8 @@ class Tiny(nn.Module):
         return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
 
 
-def problem(num_grads: int, grad_batch: int = 1, seed: int = 0) -> PruningProblem:
+def problem(num_grads: int, grad_batch: int = 1, seed: int = 0,
+            labels: str = "empirical") -> PruningProblem:
     torch.manual_seed(seed)
     model = Tiny().double()
     g = torch.Generator().manual_seed(seed)
@@ -97,15 +98,15 @@ def problem(num_grads: int, grad_batch: int = 1, seed: int = 0) -> PruningProble
     masks = Masks(params)
     loss_fn = nn.CrossEntropyLoss()
     sampler = GradientSampler(model, params, masks.keep, data, loss_fn, num_grads=num_grads,
-                              grad_batch=grad_batch, seed=seed, dtype=torch.float64,
-                              progress=False)
+                              grad_batch=grad_batch, labels=labels, seed=seed,
+                              dtype=torch.float64, progress=False)
     return PruningProblem(model, params, masks, sampler, loss_fn, torch.device("cpu"))
 
 
 def first_samples(prob: PruningProblem, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The samples the estimator sees: the first n of its loader, shuffled by the seed."""
     generator = torch.Generator().manual_seed(0)
-    loader = torch.utils.data.DataLoader(prob.sampler.dataset, batch_size=256, shuffle=True,
+    loader = torch.utils.data.DataLoader(prob.source.dataset, batch_size=256, shuffle=True,
                                          generator=generator)
     x, y = next(iter(loader))
     return x[:n], y[:n]
@@ -173,6 +174,22 @@ def test_same_seed_same_curvature():
     for n in first:
         assert torch.equal(first[n], second[n])
         assert torch.isfinite(first[n]).all() and (first[n] > 0).all()
+
+
+def test_sampled_labels_are_reproducible_for_a_seed():
+    """Labels drawn from the model come from the source's generator, seeded by the run."""
+    def fit(seed: int) -> dict[str, torch.Tensor]:
+        prob = problem(num_grads=8, labels="sampled")
+        prob.source.seed = seed
+        prob.source.reset()
+        return Kfac(KfacOptions()).fit(prob).inverse_diagonal()
+
+    first, again, other = fit(0), fit(0), fit(1)
+    empirical = Kfac(KfacOptions()).fit(problem(num_grads=8)).inverse_diagonal()
+    for n in first:
+        assert torch.equal(first[n], again[n])
+        assert not torch.equal(first[n], other[n])
+        assert not torch.equal(first[n], empirical[n])
 
 
 def test_rejects_parameters_that_are_not_linear_or_conv_weights():

@@ -108,3 +108,60 @@ def test_event_hooks_are_called_with_keywords():
     plugins = manager.build(extra_plugins=[("listener", Listener())])
     plugins.hook.wfcore_run_end(report={"name": "x"}, run_dir="d")
     assert seen == [("x", "d")]
+
+
+class SeededPlugin:
+    """Factories of every shape: with ``seed``, with ``**kwargs``, and without either."""
+
+    made: list[tuple[str, object]] = []
+
+    @wfcore.hookimpl
+    def wfcore_scorers(self):
+        from wfcore.plugins.scorers import Obs
+
+        def with_seed(options, seed):
+            SeededPlugin.made.append(("with_seed", seed))
+            return Obs()
+
+        def older(options):
+            SeededPlugin.made.append(("older", None))
+            return Obs()
+
+        return {"with_seed": with_seed, "older": older}
+
+    @wfcore.hookimpl
+    def wfcore_datasets(self):
+        from wfcore.plugins.datasets import fake
+
+        def seeded_data(options, data, **kwargs):
+            SeededPlugin.made.append(("seeded_data", kwargs.get("seed")))
+            return fake(fake.Options(), data)
+
+        return {"seeded_data": seeded_data}
+
+
+def test_factories_get_the_run_seed_when_they_take_it():
+    from pathlib import Path
+
+    from wfcore import config, pipeline, prepare
+
+    plugins = manager.build(extra_plugins=[("seeded", SeededPlugin())])
+    cfg = config.load(Path(__file__).parents[1] / "configs" / "mnist_mlpnet.yaml",
+                      ["seed=7", "data.name=seeded_data"])
+    SeededPlugin.made.clear()
+    for name in ("with_seed", "older"):
+        cfg.scorer = {"name": name}
+        pipeline.instantiate(cfg, "scorer", plugins)
+    prepare.load_data(cfg, plugins)
+    assert SeededPlugin.made == [("with_seed", 7), ("older", None), ("seeded_data", 7)]
+
+
+def test_accepts_seed_reads_the_signature():
+    class WithSeed:
+        def __init__(self, options, seed=0):
+            pass
+
+    assert manager.accepts_seed(WithSeed) and manager.accepts_seed(lambda o, **kw: None)
+    assert not manager.accepts_seed(lambda options: None)
+    assert not manager.accepts_seed(lambda options, seed, /: None)  # positional only
+    assert not manager.accepts_seed(print)  # no signature

@@ -27,7 +27,11 @@ def estimators() -> list[str]:
 
 
 def overrides(out: Path, estimator: str = "magnitude") -> list[str]:
+    # random: no fallback to magnitude pruning's mask, which the safeguard would choose
+    # over every random mask (the random draws would then leave no trace in the weights)
+    fallback = "none" if estimator == "random" else "magnitude"
     return [f"estimator.name={estimator}", "scorer.update=none", "fisher.num_grads=64",
+            f"safeguard.fallback={fallback}",
             "fisher.labels=sampled", "scheduler.initial_sparsity=0.5",
             "scheduler.final_sparsity=0.9", "scheduler.start_epoch=1", "scheduler.end_epoch=3",
             "scheduler.freq=1", "scheduler.epochs=5", "scheduler.lr=0.01",

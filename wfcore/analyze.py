@@ -45,6 +45,7 @@ from wfcore.interfaces import (
     Allocator,
     Curvature,
     DataBundle,
+    Loss,
     PruningProblem,
     Scorer,
     Tensors,
@@ -56,6 +57,7 @@ from wfcore.pipeline import (
     dense_provenance,
     instantiate,
     load_data,
+    loss_function,
     resolve_device,
 )
 
@@ -202,7 +204,7 @@ class Fitting:
     model: nn.Module
     params: dict[str, nn.Parameter]  # the analysed parameters, in layout order
     data: DataBundle
-    loss_fn: nn.Module
+    loss_fn: Loss
     device: torch.device
     estimators: dict[str, tuple[Any, Any, dict[str, Any]]]  # name -> (entry, options, extra)
 
@@ -298,7 +300,7 @@ def fit(cfg: DictConfig, setup: Fitting, name: str, m: int) -> Curvature:
                               dtype=f.storage_dtype, offload=f.offload)
     problem = PruningProblem(setup.model, setup.params, masks, sampler, setup.loss_fn,
                              setup.device)
-    return entry.factory(options, **extra).fit(problem)
+    return manager.call_factory(entry.factory, options, seed=cfg.seed, **extra).fit(problem)
 
 
 def exact_loss(cfg: DictConfig, setup: Fitting) -> ExactLoss:
@@ -308,6 +310,7 @@ def exact_loss(cfg: DictConfig, setup: Fitting) -> ExactLoss:
     model64 = copy.deepcopy(setup.model).double()
     params64 = {n: p for n, p in model64.named_parameters() if n in setup.params}
     x = x.double() if x.is_floating_point() else x
+    y = y.double() if y.is_floating_point() else y
     return ExactLoss(model64, params64, x, y, setup.loss_fn, batch_size=cfg.analyze.batch_size)
 
 
@@ -329,7 +332,7 @@ def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str
     params = analysed_params(cfg, model)
     sizes = {n: p.numel() for n, p in params.items()}
     plan = check_memory(cfg, sizes)
-    setup = Fitting(model, params, data, nn.CrossEntropyLoss(), device, estimators)
+    setup = Fitting(model, params, data, loss_function(cfg, data), device, estimators)
     dense_model(cfg, model, data, device, setup.loss_fn, dense_provenance(cfg, plugins, data))
     model.eval()
     exact = exact_loss(cfg, setup)

@@ -15,6 +15,13 @@ class PluginError(WfcoreError):
     """A plugin failed to load, or two plugins clash."""
 
 
+class WfcoreDeprecationWarning(FutureWarning):
+    """A wfcore API that goes in the next release; the message names its replacement.
+
+    A FutureWarning, so Python shows it by default (once per place that uses the API).
+    """
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of ``exc``'s message, or its type's name when it has none."""
     for line in str(exc).splitlines():

@@ -16,11 +16,12 @@ when the plan says the (m, d) matrix does not fit.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from wfcore import distributed, progress
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 2**20  # per-sample gradients held at once by one vmap call
 MAX_CHUNK = 256  # rows per vmap call
+LABELS = ("empirical", "sampled")  # fisher.labels: the data's, or drawn from the model
 
 
 class ParamLayout:
@@ -61,7 +63,8 @@ class ParamLayout:
 
 
 class GradientSampler:
-    """Samples m gradients of the prunable parameters into an (m, d) buffer."""
+    """Samples m gradients of the prunable parameters into an (m, d) buffer, and
+    mini-batches of the data: the ``wfcore.interfaces.GradientSource`` of a run."""
 
     def __init__(
         self,
@@ -83,8 +86,8 @@ class GradientSampler:
     ):
         if num_grads < 1 or grad_batch < 1:
             raise WfcoreError("fisher.num_grads and fisher.grad_batch must be >= 1")
-        if labels not in ("empirical", "sampled"):
-            raise WfcoreError(f"fisher.labels: '{labels}' is not one of empirical, sampled")
+        if labels not in LABELS:
+            raise WfcoreError(f"fisher.labels: '{labels}' is not one of {', '.join(LABELS)}")
         if isinstance(dtype, str):
             if dtype not in STORAGE_DTYPES:
                 raise WfcoreError(f"fisher.storage_dtype: '{dtype}' is not one of "
@@ -162,6 +165,35 @@ class GradientSampler:
     def _draw(self, probs: torch.Tensor) -> torch.Tensor:
         """(n,) labels drawn from ``probs`` (n, classes) with the sampler's generator (CPU)."""
         return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1)
+
+    def batches(self, samples: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(inputs, targets)`` mini-batches on the device, ``samples`` samples in all, in
+        the order of a loader shuffled by the sampler's generator (reshuffled for each pass
+        over the data). ``sampled`` labels are drawn from the model's softmax (eval mode, no
+        gradients) with the same generator."""
+        if len(self.dataset) == 0:
+            raise WfcoreError("fisher: the training samples pruning may see are empty")
+        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True,
+                            generator=self.generator)
+        done = 0
+        while done < samples:
+            for batch in loader:
+                x, y = (batch, None) if torch.is_tensor(batch) else \
+                    (batch[0], batch[1] if len(batch) > 1 else None)
+                x = x[:samples - done].to(self.device)
+                y = None if y is None else y[:samples - done].to(self.device)
+                if self.labels == "sampled":
+                    was_training = self.model.training
+                    self.model.eval()
+                    with torch.no_grad():
+                        y = self._targets(self.model(x), None)
+                    self.model.train(was_training)
+                else:
+                    y = self._targets(x, y)  # the data's labels (an error if it has none)
+                yield x, y
+                done += len(x)
+                if done >= samples:
+                    return
 
     def _chunk_rows(self) -> int:
         per_row = self.layout.d * 4  # float32 gradient rows held before a store write
@@ -292,7 +324,7 @@ class GradientSampler:
                 y = self._targets(x, y)
             if hi > lo:
                 grads = row_grad(prunable, x.reshape(hi - lo, b, *x.shape[1:]),
-                                 y.reshape(hi - lo, b))
+                                 y.reshape(hi - lo, b, *y.shape[1:]))
                 mine = self._flat_rows(grads)
             else:
                 mine = torch.zeros(0, self.layout.d, device=self.device)

@@ -2,7 +2,10 @@
 
 Registration hooks return ``{name: factory}``. A factory is called with the component's
 validated options; it may carry an ``Options`` dataclass attribute, against which the
-config section is validated. Call hooks with keyword arguments only.
+config section is validated. A factory of any kind whose signature takes ``seed`` (or
+``**kwargs``) is also given ``seed=`` the run's seed (config key ``seed``), for anything
+it draws at random; a factory without it is called without it. Call hooks with keyword
+arguments only.
 
 Under torchrun the step hooks are called on every rank, ``wfcore_run_end`` on rank 0
 alone (the rank that wrote the report); a hook that writes files checks
@@ -20,7 +23,7 @@ hookspec = pluggy.HookspecMarker("wfcore")
 
 @hookspec
 def wfcore_estimators() -> dict[str, Any]:
-    """Register Hessian estimators: ``{name: factory(options) -> HessianEstimator}``.
+    """Register Hessian estimators: ``{name: factory(options[, seed]) -> HessianEstimator}``.
 
     All results are collected; one name registered by two plugins is an error.
     """
@@ -28,7 +31,7 @@ def wfcore_estimators() -> dict[str, Any]:
 
 @hookspec
 def wfcore_scorers() -> dict[str, Any]:
-    """Register saliency scorers: ``{name: factory(options) -> Scorer}``.
+    """Register saliency scorers: ``{name: factory(options[, seed]) -> Scorer}``.
 
     All results are collected; one name registered by two plugins is an error.
     """
@@ -36,7 +39,7 @@ def wfcore_scorers() -> dict[str, Any]:
 
 @hookspec
 def wfcore_allocators() -> dict[str, Any]:
-    """Register sparsity allocators: ``{name: factory(options) -> Allocator}``.
+    """Register sparsity allocators: ``{name: factory(options[, seed]) -> Allocator}``.
 
     All results are collected; one name registered by two plugins is an error.
     """
@@ -44,7 +47,7 @@ def wfcore_allocators() -> dict[str, Any]:
 
 @hookspec
 def wfcore_schedulers() -> dict[str, Any]:
-    """Register pruning schedules: ``{name: factory(options) -> Scheduler}``.
+    """Register pruning schedules: ``{name: factory(options[, seed]) -> Scheduler}``.
 
     All results are collected; one name registered by two plugins is an error.
     """
@@ -52,7 +55,7 @@ def wfcore_schedulers() -> dict[str, Any]:
 
 @hookspec
 def wfcore_exporters() -> dict[str, Any]:
-    """Register exporters: ``{name: factory(options) -> Exporter}``.
+    """Register exporters: ``{name: factory(options[, seed]) -> Exporter}``.
 
     All results are collected; one name registered by two plugins is an error.
     """
@@ -60,7 +63,8 @@ def wfcore_exporters() -> dict[str, Any]:
 
 @hookspec
 def wfcore_models() -> dict[str, Any]:
-    """Register models: ``{name: factory(options, num_classes, input_shape) -> nn.Module}``.
+    """Register models: ``{name: factory(options, num_classes, input_shape[, seed])
+    -> nn.Module}``.
 
     A name ending in ``:`` is a prefix: ``torchvision:`` serves ``torchvision:resnet50`` and
     its factory receives ``target="resnet50"`` as well. All results are collected; one name
@@ -70,9 +74,11 @@ def wfcore_models() -> dict[str, Any]:
 
 @hookspec
 def wfcore_datasets() -> dict[str, Any]:
-    """Register data sets: ``{name: factory(options, data) -> DataBundle}``.
+    """Register data sets: ``{name: factory(options, data[, seed]) -> DataBundle}``.
 
-    ``data`` is the resolved ``data`` config section (root, batch_size, ...). Prefix names
+    ``data`` is the resolved ``data`` config section (root, batch_size, ...); ``seed``, when
+    the factory takes it, the run's seed (for a random split or synthetic data). The
+    bundle's ``loss`` (None = cross-entropy) is the loss of every stage. Prefix names
     work as for models. All results are collected; one name registered by two plugins is
     an error.
     """

@@ -7,8 +7,9 @@ Masks are boolean tensors, True where a weight is kept.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -16,11 +17,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from wfcore.errors import WfcoreDeprecationWarning
+
 if TYPE_CHECKING:
-    from wfcore.gradients import GradientSampler, ParamLayout
+    from wfcore.gradients import ParamLayout
     from wfcore.masks import Masks
 
 Tensors = dict[str, torch.Tensor]
+# A data set's loss: (outputs, targets) -> the scalar mean over the batch.
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 UPDATE_MODES = ("independent", "joint")
 # How an estimator's ``damp`` is read: ``relative`` = a fraction of the Fisher's own
@@ -36,10 +41,14 @@ class DataBundle:
     test: Dataset
     num_classes: int
     input_shape: tuple[int, ...]  # one sample, without the batch dimension
+    # (outputs, targets) -> the scalar mean loss over the batch, used by every stage that
+    # takes a loss (training, gradients, calibration, evaluation, K-FAC). None = cross-
+    # entropy of logits over num_classes against class indices.
+    loss: Loss | None = None
 
 
 @runtime_checkable
-class GradientSource(Protocol):
+class GradientRows(Protocol):
     """The m gradient rows of one pruning step, read a range of columns at a time.
 
     Column j is flat weight j of the problem's ``ParamLayout`` (parameters in order, each
@@ -60,6 +69,36 @@ class GradientSource(Protocol):
         """(d,) float64: the mean of the squared gradients, diag(G^T G) / m."""
 
 
+@runtime_checkable
+class GradientSource(Protocol):
+    """Where an estimator's data comes from: the m gradients of a pruning step, and
+    mini-batches of inputs and targets for estimators that need activations (K-FAC).
+
+    Targets follow ``labels``: ``empirical``, the data's own; ``sampled``, drawn from the
+    model's predictive distribution (the softmax of its outputs) at the current weights,
+    with a generator seeded from the run's seed, so that a seed gives the same draws.
+    ``wfcore.gradients.GradientSampler`` is the implementation.
+    """
+
+    layout: ParamLayout  # the flat order of the prunable weights
+    num_grads: int  # m, fisher.num_grads
+    grad_batch: int  # samples behind each gradient, fisher.grad_batch
+    labels: str  # empirical | sampled (fisher.labels)
+    progress: bool  # whether loops that take seconds show a progress bar
+
+    def sample(self, num_grads: int | None = None) -> torch.Tensor:
+        """(m, d) gradients at the current weights, pruned coordinates zero; each row the
+        gradient of the mean loss over ``grad_batch`` samples (m = ``num_grads`` by default).
+        """
+
+    def batches(self, samples: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(inputs, targets)`` mini-batches on the run's device, ``samples`` samples in all
+        (the data reshuffled for each pass over it), ``batch_size`` or fewer at a time (the
+        last one). With ``sampled`` labels the source runs the model once, without
+        gradients, on each batch to draw its targets.
+        """
+
+
 @dataclass
 class EstimatorCost:
     """What an estimator's fit needs beside the gradient store: for the plan of a run."""
@@ -71,35 +110,55 @@ class EstimatorCost:
 
 @dataclass
 class PruningProblem:
-    """What an estimator sees: the model, its prunable parameters and their gradients."""
+    """What an estimator sees: the model, its prunable parameters, the data (through
+    ``source``: gradients and mini-batches) and the loss."""
 
     model: nn.Module
     params: dict[str, nn.Parameter]  # prunable parameters, in a fixed order
     masks: Masks
-    sampler: GradientSampler  # draws gradients and data batches (K-FAC's statistics)
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    source: GradientSource  # the step's data: gradients and (inputs, targets) batches
+    loss_fn: Loss  # the data set's loss (cross-entropy unless it gives its own)
     device: torch.device
     # the step's m gradients of the masked weights, sampled by the pipeline's gradient
     # stage (None when the estimator declared needs_gradients = False)
-    gradients: GradientSource | None = None
+    gradients: GradientRows | None = None
 
     def weights(self) -> Tensors:
         """Detached copies of the prunable weights."""
         return {name: p.detach().clone() for name, p in self.params.items()}
 
     def layout(self) -> ParamLayout:
-        return self.sampler.layout
+        return self.source.layout
 
     def num_grads(self) -> int:
-        return self.gradients.m if self.gradients is not None else self.sampler.num_grads
+        return self.gradients.m if self.gradients is not None else self.source.num_grads
 
-    def gradient_source(self) -> GradientSource:
+    def gradient_rows(self) -> GradientRows:
         """The step's gradients; sampled into memory now if the pipeline gave none."""
         if self.gradients is None:
             from wfcore.store import GradientStore
 
-            self.gradients = GradientStore.from_tensor(self.sampler.sample())
+            self.gradients = GradientStore.from_tensor(self.source.sample())
         return self.gradients
+
+    def batches(self, samples: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(inputs, targets)`` mini-batches of the step's data (``GradientSource.batches``)."""
+        return self.source.batches(samples, batch_size)
+
+    @property
+    def sampler(self) -> GradientSource:
+        """Deprecated: the problem's ``source``."""
+        warnings.warn("PruningProblem.sampler is deprecated and goes in the next release; "
+                      "use PruningProblem.source (a GradientSource: sample(), batches()) "
+                      "or PruningProblem.batches()", WfcoreDeprecationWarning, stacklevel=2)
+        return self.source
+
+    def gradient_source(self) -> GradientRows:
+        """Deprecated: ``gradient_rows()``."""
+        warnings.warn("PruningProblem.gradient_source() is deprecated and goes in the next "
+                      "release; use PruningProblem.gradient_rows()", WfcoreDeprecationWarning,
+                      stacklevel=2)
+        return self.gradient_rows()
 
 
 class Curvature(ABC):
@@ -170,6 +229,12 @@ class HessianEstimator(ABC):
     @abstractmethod
     def fit(self, problem: PruningProblem) -> Curvature:
         """Estimate the curvature at the problem's current (masked) weights."""
+
+    def paired_scorer(self) -> Scorer | None:
+        """A scorer that this estimator's curvature is made for and that the run uses in
+        place of the configured ``scorer`` (e.g. ``random``: the identity curvature with
+        random scores). None, the default: the configured scorer."""
+        return None
 
     def cost(self, layout: ParamLayout, m: int, device: torch.device | str) -> EstimatorCost:
         """Memory and flops of a fit over ``layout`` with m gradients, for the plan.

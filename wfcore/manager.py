@@ -88,6 +88,24 @@ class Registry:
         )
 
 
+def accepts_seed(factory: Any) -> bool:
+    """Whether ``factory`` takes a ``seed`` keyword: a ``seed`` parameter, or ``**kwargs``."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return False
+    return any(p.kind is p.VAR_KEYWORD or
+               (p.name == "seed" and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
+def call_factory(factory: Any, *args: Any, seed: int, **kwargs: Any) -> Any:
+    """``factory(*args, **kwargs)``, with ``seed=seed`` (the run's seed) added when the
+    factory takes it (``accepts_seed``); factories without it are called as they were."""
+    if accepts_seed(factory):
+        kwargs["seed"] = seed
+    return factory(*args, **kwargs)
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """" (did you mean 'x'?)" for the closest candidate, or "" when none is close."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)

@@ -24,6 +24,7 @@ from wfcore.interfaces import (
     DataBundle,
     Exporter,
     HessianEstimator,
+    Loss,
     PruningProblem,
     Scheduler,
     Scorer,
@@ -40,11 +41,12 @@ from wfcore.prepare import (  # noqa: F401  (the setup of a run, re-exported her
     instantiate,
     load_data,
     load_state,
+    loss_function,
     pruning_subset,
     resolve_device,
     versions,
 )
-from wfcore.report import Report
+from wfcore.report import Report, number
 from wfcore.runner import Runner
 from wfcore.safeguard import Safeguard, calibration_batch, magnitude_scores
 from wfcore.store import STORAGE_DTYPES, GradientStore, store_bytes
@@ -88,8 +90,15 @@ def resolved_config(cfg: DictConfig, plugins: manager.Plugins) -> DictConfig:
 
 
 def build_components(cfg: DictConfig, plugins: manager.Plugins) -> Components:
+    """The configured components; an estimator's ``paired_scorer`` replaces the configured
+    scorer (which is still built, so that its section is checked)."""
     made = {s: instantiate(cfg, s, plugins) for s in ("estimator", "scorer", "allocator",
                                                      "scheduler")}
+    paired = made["estimator"].paired_scorer()
+    if paired is not None:
+        log.info("estimator '%s' scores with its own %s (scorer.name=%s is not used)",
+                 cfg.estimator.name, type(paired).__name__, cfg.scorer.name)
+        made["scorer"] = paired
     exporter = instantiate(cfg, "export", plugins) if cfg.export is not None else None
     return Components(exporter=exporter, **made)
 
@@ -100,14 +109,17 @@ def store_dir(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
-             params: dict[str, nn.Parameter], data: DataBundle, loss_fn: nn.Module,
+             params: dict[str, nn.Parameter], data: DataBundle, loss_fn: Loss,
              device: torch.device, store_dir: Path, calibrate: bool = True,
              nproc: int = 1) -> Plan:
     """The plan of the run's first pruning step (``wfcore.plan``) for ``nproc`` processes."""
-    example = data.train[0][0] if isinstance(data.train[0], (tuple, list)) else data.train[0]
+    item = data.train[0]
+    example = item[0] if isinstance(item, (tuple, list)) else item
+    # unlabelled data (sampled labels): class 0 stands in for the label
+    target = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else 0
     needs = components.need_gradients()
     return make_plan(model=model, params=params, example=example.unsqueeze(0).to(device),
-                     num_classes=data.num_classes, loss_fn=loss_fn,
+                     target=torch.as_tensor(target).unsqueeze(0), loss_fn=loss_fn,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
                      device=device, calibrate=calibrate, nproc=nproc)
@@ -138,7 +150,7 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
     if not params:
         raise ConfigError("config key 'model.params': no prunable parameters selected")
     run_dir = Path(cfg.output or Path("runs") / cfg.name)
-    plan = plan_run(cfg, components, model, params, data, nn.CrossEntropyLoss(), device,
+    plan = plan_run(cfg, components, model, params, data, loss_function(cfg, data), device,
                     store_dir(cfg, run_dir), nproc=nproc)
     plan.notes += notes
     return plan
@@ -157,7 +169,7 @@ class Pruning:
         torch.manual_seed(cfg.seed)
         self.data = load_data(cfg, plugins)
         self.model = build_model(cfg, plugins, self.data).to(self.device)
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.loss_fn = loss_function(cfg, self.data)
         self.params = select_params(self.model, cfg.model.params)
         if not self.params:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
@@ -191,7 +203,7 @@ class Pruning:
             calibration_batch(pool, guard.calibration_samples, cfg.seed + 1, self.device),
             alphas=list(guard.alphas), enabled=guard.enabled,
             fallback=guard.fallback == "magnitude", labels=cfg.fisher.labels,
-            chunk=cfg.data.batch_size)
+            chunk=cfg.data.batch_size, loss_fn=self.loss_fn)
         fisher = cfg.fisher
         self.sampler = GradientSampler(
             self.model, self.params, self.masks.keep, pool, self.loss_fn,
@@ -407,7 +419,7 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         report.set_dense(accuracy=dense["accuracy"], loss=dense["loss"],
                          params=sum(p.numel() for p in pruning.model.parameters()),
                          prunable=pruning.masks.numel(), source=pruning.dense_source)
-        log.info("dense: top-1 %.4f, loss %.4f", dense["accuracy"], dense["loss"])
+        log.info("dense: top-1 %s, loss %.4f", number(dense["accuracy"], ".4f"), dense["loss"])
         runner.save()
     runner.run()
     # whether every rank ended with the same model, bit for bit

@@ -31,7 +31,7 @@ from torch import nn
 
 from wfcore.errors import WfcoreError
 from wfcore.gradients import ParamLayout
-from wfcore.interfaces import EstimatorCost, HessianEstimator
+from wfcore.interfaces import EstimatorCost, HessianEstimator, Loss
 from wfcore.store import DISK_MARGIN, STORAGE_DTYPES, free_disk, store_bytes
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ def matmul_rate(device: torch.device) -> float:
     return _MATMUL_RATE[key]
 
 
-def gradient_seconds(model: nn.Module, example: torch.Tensor, loss_fn: nn.Module,
-                     num_classes: int, samples: int) -> float:
+def gradient_seconds(model: nn.Module, example: torch.Tensor, loss_fn: Loss,
+                     target: torch.Tensor, samples: int) -> float:
     """Seconds for ``samples`` forward/backward passes, from timing one sample and, for a
     fast model, a batch of up to 64 (per-sample overheads amortise as in the sampler)."""
     was_training = model.training
@@ -105,7 +105,7 @@ def gradient_seconds(model: nn.Module, example: torch.Tensor, loss_fn: nn.Module
 
     def timed(batch: int) -> float:
         x = example.expand(batch, *example.shape[1:]).clone()
-        y = torch.zeros(batch, dtype=torch.long, device=x.device) % max(num_classes, 1)
+        y = target.to(x.device).expand(batch, *target.shape[1:]).clone()
         start = time.perf_counter()
         loss_fn(model(x), y).backward()
         return (time.perf_counter() - start) / batch
@@ -225,13 +225,14 @@ def format_seconds(seconds: float) -> str:
 
 
 def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: torch.Tensor,
-              num_classes: int, loss_fn: nn.Module, estimator: HessianEstimator,
+              target: torch.Tensor, loss_fn: Loss, estimator: HessianEstimator,
               estimator_name: str, needs_gradients: bool, fisher, store_dir: str | Path,
               device: torch.device, calibrate: bool = True, nproc: int = 1) -> Plan:
     """The plan of one pruning step of ``model`` (see the module doc).
 
     ``fisher`` is the config's fisher section. ``example``: one input, batch of one, on
-    ``device``. Raises the estimator's WfcoreError for a fit that cannot run at all.
+    ``device``; ``target`` its target for ``loss_fn``, batch of one. Raises the
+    estimator's WfcoreError for a fit that cannot run at all.
     ``nproc``: the processes of a torchrun run; the plan adds each rank's share.
     """
     layout = ParamLayout(params)
@@ -250,7 +251,7 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
     fwd = forward_flops(model, example) if needs_gradients else 0.0
     samples = m * grad_batch if needs_gradients else 0
     grad_s = (0.0 if not needs_gradients else
-              gradient_seconds(model, example, loss_fn, num_classes, samples) if calibrate
+              gradient_seconds(model, example, loss_fn, target, samples) if calibrate
               else math.nan)
     algebra_s = cost.flops / matmul_rate(device) if calibrate else math.nan
     notes = [f"estimator: {cost.note}"] if cost.note else []

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Subset
 from wfcore import __version__, files, manager, states
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
-from wfcore.interfaces import DataBundle
+from wfcore.interfaces import DataBundle, Loss
 from wfcore.training import train
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,22 @@ def load_data(cfg: DictConfig, plugins: manager.Plugins) -> DataBundle:
     entry, extra = plugins.registry("datasets").lookup(cfg.data.name, "data.name")
     options = config_mod.validate_options("data.options", config_mod.to_dict(cfg.data.options),
                                           entry.options_class)
-    return entry.factory(options, cfg.data, **extra)
+    return manager.call_factory(entry.factory, options, cfg.data, seed=cfg.seed, **extra)
+
+
+def loss_function(cfg: DictConfig, data: DataBundle) -> Loss:
+    """The run's loss: the data set's own (``DataBundle.loss``), else cross-entropy.
+
+    Sampled labels are class indices drawn from a classifier's softmax: with a loss of the
+    data set's own, ``fisher.labels: sampled`` is an error.
+    """
+    if data.loss is None:
+        return nn.CrossEntropyLoss()
+    if cfg.fisher.labels == "sampled":
+        raise ConfigError(f"config key 'fisher.labels': sampled labels are class indices drawn "
+                          f"from a classifier's softmax, but data set '{cfg.data.name}' gives "
+                          "a loss of its own; use fisher.labels=empirical")
+    return data.loss
 
 
 def build_model(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) -> nn.Module:
@@ -51,8 +66,8 @@ def build_model(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) -> 
     options = config_mod.validate_options("model.options", config_mod.to_dict(cfg.model.options),
                                           entry.options_class)
     torch.manual_seed(cfg.seed)
-    return entry.factory(options, num_classes=data.num_classes, input_shape=data.input_shape,
-                         **extra)
+    return manager.call_factory(entry.factory, options, num_classes=data.num_classes,
+                                input_shape=data.input_shape, seed=cfg.seed, **extra)
 
 
 def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
@@ -61,7 +76,7 @@ def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
     entry, extra = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
     options = config_mod.component_options(section, cfg, entry.options_class)
     try:
-        return entry.factory(options, **extra)
+        return manager.call_factory(entry.factory, options, seed=cfg.seed, **extra)
     except WfcoreError:
         raise
     except Exception as exc:  # a plugin's factory failed: name the plugin and the key
@@ -128,7 +143,7 @@ def load_state(model: nn.Module, path: Path, what: str) -> None:
 
 
 def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: torch.device,
-                loss_fn: nn.Module, provenance: dict[str, str] | None = None) -> str:
+                loss_fn: Loss, provenance: dict[str, str] | None = None) -> str:
     """Load or train the dense model in place; returns where it came from."""
     if cfg.model.checkpoint:
         load_state(model, Path(cfg.model.checkpoint).expanduser(), "model.checkpoint")

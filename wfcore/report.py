@@ -6,6 +6,7 @@ valid report of the steps it finished.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,12 @@ def table(report: dict[str, Any]) -> str:
     rows = ["| step | target | sparsity | top-1 | loss | seconds |",
             "|---:|---:|---:|---:|---:|---:|"]
     if dense:
-        rows.append(f"| dense | - | 0.00% | {dense['accuracy']:.2%} | {dense['loss']:.4f} | - |")
+        rows.append(f"| dense | - | 0.00% | {number(dense['accuracy'], '.2%')} | "
+                    f"{dense['loss']:.4f} | - |")
     for s in report.get("steps", []):
         seconds = sum(s["timings"].get(k, 0.0) for k in TIMING_KEYS)
         rows.append(f"| {s['index']} | {s['target_sparsity']:.2%} | {s['sparsity']:.2%} | "
-                    f"{s['accuracy']:.2%} | {s['loss']:.4f} | {seconds:.1f} |")
+                    f"{number(s['accuracy'], '.2%')} | {s['loss']:.4f} | {seconds:.1f} |")
     return "\n".join(rows)
 
 
@@ -96,7 +98,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Fine-tuning epochs", "", "| epoch | step | lr | train loss | sparsity | "
                   "top-1 | loss |", "|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {e['epoch']} | {e['step']} | {e['lr']:.3g} | {e['train_loss']:.4f} | "
-                  f"{e['sparsity']:.2%} | {e['accuracy']:.2%} | {e['loss']:.4f} |"
+                  f"{e['sparsity']:.2%} | {number(e['accuracy'], '.2%')} | {e['loss']:.4f} |"
                   for e in epochs]
         lines.append("")
     if report.get("export"):
@@ -106,7 +108,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _number(value: float | None, fmt: str) -> str:
+def number(value: float | None, fmt: str) -> str:
+    """``value`` formatted, or ``-`` where it does not apply (None)."""
     return "-" if value is None else format(value, fmt)
 
 
@@ -120,10 +123,10 @@ def safeguard_table(steps: list[dict[str, Any]]) -> list[str]:
              "quadratic model.", "",
              "| step | target | damp | mask | alpha | predicted increase | actual increase |",
              "|---:|---:|---:|---|---:|---:|---:|"]
-    lines += [f"| {i} | {r['target_sparsity']:.2%} | {_number(r['damp'], '.3g')} | "
-              f"{r.get('mask', 'scores')} | {_number(r['alpha'], 'g')} | "
-              f"{_number(r['predicted_increase'], '.4g')} | "
-              f"{_number(r['actual_increase'], '.4g')} |" for i, r in rows]
+    lines += [f"| {i} | {r['target_sparsity']:.2%} | {number(r['damp'], '.3g')} | "
+              f"{r.get('mask', 'scores')} | {number(r['alpha'], 'g')} | "
+              f"{number(r['predicted_increase'], '.4g')} | "
+              f"{number(r['actual_increase'], '.4g')} |" for i, r in rows]
     return [*lines, ""]
 
 
@@ -161,21 +164,31 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def plotted(records: list[dict[str, Any]]) -> tuple[Callable[[dict[str, Any]], float], str]:
+    """What a plot of ``records`` (dense, steps, epochs) shows, and its axis label: top-1 in
+    %, or the test loss where top-1 does not apply (a data set with a loss of its own)."""
+    if any(r.get("accuracy") is None for r in records):
+        return (lambda r: r["loss"]), "test loss"
+    return (lambda r: 100 * r["accuracy"]), "top-1 accuracy (%)"
+
+
 def plot_accuracy(report: dict[str, Any], path: Path) -> Path | None:
-    """Top-1 against sparsity for the run's steps, the dense accuracy dashed."""
+    """Top-1 (or the loss, see ``plotted``) against sparsity for the run's steps, the dense
+    model's dashed."""
     steps = report.get("steps", [])
     if not steps:
         return None
+    dense = report.get("dense", {})
+    value, label = plotted([*steps, *([dense] if dense else [])])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [100 * s["sparsity"] for s in steps]
-    ys = [100 * s["accuracy"] for s in steps]
-    ax.plot(xs, ys, marker="o", label=report["config"]["estimator"]["name"])
-    dense = report.get("dense", {})
+    ax.plot(xs, [value(s) for s in steps], marker="o",
+            label=report["config"]["estimator"]["name"])
     if dense:
-        ax.axhline(100 * dense["accuracy"], ls="--", color="gray", label="dense")
+        ax.axhline(value(dense), ls="--", color="gray", label="dense")
     ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(label)
     ax.set_title(str(report.get("name")))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -184,19 +197,21 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path | None:
 
 
 def plot_epochs(report: dict[str, Any], path: Path) -> Path | None:
-    """Top-1 accuracy and sparsity against fine-tuning epochs (gradual runs)."""
+    """Top-1 accuracy (or the loss, see ``plotted``) and sparsity against fine-tuning
+    epochs (gradual runs)."""
     epochs = report.get("epochs", [])
     if not epochs:
         return None
+    dense = report.get("dense", {})
+    value, label = plotted([*epochs, *([dense] if dense else [])])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [e["epoch"] for e in epochs]
-    ax.plot(xs, [100 * e["accuracy"] for e in epochs], marker=".", color="C0", label="top-1")
-    dense = report.get("dense", {})
+    ax.plot(xs, [value(e) for e in epochs], marker=".", color="C0", label=label)
     if dense:
-        ax.axhline(100 * dense["accuracy"], ls="--", color="gray", label="dense top-1")
+        ax.axhline(value(dense), ls="--", color="gray", label="dense")
     ax.set_xlabel("fine-tuning epoch")
-    ax.set_ylabel("top-1 accuracy (%)", color="C0")
+    ax.set_ylabel(label, color="C0")
     ax.grid(alpha=0.3)
     right = ax.twinx()
     right.step(xs, [100 * e["sparsity"] for e in epochs], where="post", color="C3",

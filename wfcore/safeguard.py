@@ -18,9 +18,9 @@ weights), nothing that refits the curvature.
 
 Each step's record: the damping the curvature used, alpha, and the predicted (quadratic
 model: g^T d + d^T F d / 2 for the whole change d) and the actual loss increase on the
-calibration batch. With ``fisher.labels: sampled`` (no labels), the calibration loss is
-the cross-entropy against the model's own predictions before the step, whose increase is
-the KL divergence from them.
+calibration batch. The calibration loss is the data set's loss against its labels. With
+``fisher.labels: sampled`` (no labels), it is the cross-entropy against the model's own
+predictions before the step, whose increase is the KL divergence from them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from wfcore.interfaces import Curvature, Tensors
+from wfcore.interfaces import Curvature, Loss, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class Safeguard:
 
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter],
                  batch: CalibrationBatch, *, alphas: list[float], enabled: bool = True,
-                 fallback: bool = True, labels: str = "empirical", chunk: int = 256):
+                 fallback: bool = True, labels: str = "empirical", chunk: int = 256,
+                 loss_fn: Loss | None = None):
         self.model = model
         self.params = params
         self.batch = batch
@@ -77,10 +78,11 @@ class Safeguard:
         self.fallback = enabled and fallback  # also try magnitude pruning's mask
         self.use_labels = labels == "empirical" and batch.y is not None
         self.chunk = chunk
+        self.loss_fn = loss_fn or F.cross_entropy  # the data set's loss (DataBundle.loss)
 
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
-        """(k, classes) of the model at its current weights, in eval mode."""
+        """(k, outputs) of the model at its current weights, in eval mode, float64."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -92,7 +94,8 @@ class Safeguard:
         """The calibration loss at the current weights (``teacher``: probabilities before)."""
         logits = self.logits()
         if self.use_labels:
-            return float(F.cross_entropy(logits, self.batch.y))
+            y = self.batch.y
+            return float(self.loss_fn(logits, y.double() if y.is_floating_point() else y))
         return float(-(teacher * F.log_softmax(logits, -1)).sum(-1).mean())
 
     @torch.no_grad()

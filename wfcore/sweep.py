@@ -264,7 +264,8 @@ def csv_text(result: SweepResult) -> str:
     writer.writerow([*result.swept, *METRICS])
     for row in result.rows:
         writer.writerow([*(row[k] for k in result.swept), f"{row['target_sparsity']:g}",
-                         f"{row['sparsity']:.6f}", f"{row['accuracy']:.4f}",
+                         f"{row['sparsity']:.6f}",
+                         "" if row["accuracy"] is None else f"{row['accuracy']:.4f}",
                          f"{row['loss']:.6f}", f"{row['seconds']:.2f}"])
     return buf.getvalue()
 
@@ -278,21 +279,32 @@ def lines(result: SweepResult) -> dict[str, list[SweepRun]]:
     return out
 
 
+def shown(result: SweepResult) -> str:
+    """What the table and the plot show: ``accuracy`` (top-1), or ``loss`` where top-1 does
+    not apply to some run (a data set with a loss of its own)."""
+    records = [r for run in result.runs if run.report is not None
+               for r in (run.report["dense"], *run.report["steps"])]
+    return "loss" if any(r["accuracy"] is None for r in records) else "accuracy"
+
+
 def table(result: SweepResult) -> str:
-    """Top-1 accuracy by target sparsity (rows) and method (columns), Markdown."""
+    """Top-1 accuracy (or the test loss, see ``shown``) by target sparsity (rows) and
+    method (columns), Markdown."""
+    key = shown(result)
+    fmt = ".2%" if key == "accuracy" else ".4f"
     groups = lines(result)
     cells: dict[float, dict[str, float]] = {}
     dense: dict[str, float] = {}
     for label, runs in groups.items():
         for run in runs:
-            dense.setdefault(label, run.report["dense"]["accuracy"])
+            dense.setdefault(label, run.report["dense"][key])
             for step in run.report["steps"]:
-                cells.setdefault(step["target_sparsity"], {})[label] = step["accuracy"]
+                cells.setdefault(step["target_sparsity"], {})[label] = step[key]
     header = "| sparsity | " + " | ".join(groups) + " |"
     out = [header, "|---:|" + "---:|" * len(groups)]
-    out.append("| dense | " + " | ".join(f"{dense[g]:.2%}" for g in groups) + " |")
+    out.append("| dense | " + " | ".join(format(dense[g], fmt) for g in groups) + " |")
     for target in sorted(cells):
-        row = [f"{cells[target][g]:.2%}" if g in cells[target] else "-" for g in groups]
+        row = [format(cells[target][g], fmt) if g in cells[target] else "-" for g in groups]
         out.append(f"| {target:.0%} | " + " | ".join(row) + " |")
     return "\n".join(out)
 
@@ -300,34 +312,39 @@ def table(result: SweepResult) -> str:
 def write_outputs(result: SweepResult) -> None:
     files.write_text(result.root / "results.csv", csv_text(result))
     failed = [r for r in result.runs if r.status == "failed"]
-    md = [f"# sweep {result.root.name}", "", "Top-1 accuracy.", "", table(result), ""]
+    what = "Top-1 accuracy." if shown(result) == "accuracy" else \
+        "Test loss (top-1 does not apply to this data)."
+    md = [f"# sweep {result.root.name}", "", what, "", table(result), ""]
     if failed:
         md += ["## Failed runs", ""] + [f"- {r.run_dir.name}: {r.error}" for r in failed] + [""]
     files.write_text(result.root / "results.md", "\n".join(md))
     groups = lines(result)
     if groups:
         title = str(result.runs[0].cfg.name)
-        plot_accuracy(groups, result.root / "accuracy_vs_sparsity.png", title)
+        plot_accuracy(groups, result.root / "accuracy_vs_sparsity.png", title, shown(result))
         plot_layers(groups, result.root / "layer_sparsity.png")
 
 
-def plot_accuracy(groups: dict[str, list[SweepRun]], path: Path, title: str) -> None:
-    """Top-1 against sparsity, a line per method, each distinct dense accuracy dashed."""
+def plot_accuracy(groups: dict[str, list[SweepRun]], path: Path, title: str,
+                  key: str = "accuracy") -> None:
+    """Top-1 (``key`` accuracy, in %) or the test loss (``key`` loss) against sparsity, a
+    line per method, each distinct dense value dashed."""
+    scale = 100 if key == "accuracy" else 1
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = []
     for label, runs in groups.items():
         steps = sorted((s for r in runs for s in r.report["steps"]),
                        key=lambda s: s["target_sparsity"])
-        ax.plot([100 * s["sparsity"] for s in steps], [100 * s["accuracy"] for s in steps],
+        ax.plot([100 * s["sparsity"] for s in steps], [scale * s[key] for s in steps],
                 marker="o", label=label)
         for r in runs:
-            if r.report["dense"]["accuracy"] not in dense:
-                dense.append(r.report["dense"]["accuracy"])
-    for i, acc in enumerate(dense):
-        ax.axhline(100 * acc, ls="--", color="gray", label="dense" if i == 0 else None)
+            if r.report["dense"][key] not in dense:
+                dense.append(r.report["dense"][key])
+    for i, value in enumerate(dense):
+        ax.axhline(scale * value, ls="--", color="gray", label="dense" if i == 0 else None)
     ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel("top-1 accuracy (%)" if key == "accuracy" else "test loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -103,7 +103,7 @@ def check_scorer(scorer: Scorer, estimator: HessianEstimator,
     weights = problem.weights()
     gradient = None
     if scorer.needs_gradient:
-        gradient = ParamLayout(problem.params).unflatten(problem.sampler.sample().mean(0))
+        gradient = ParamLayout(problem.params).unflatten(problem.source.sample().mean(0))
     scores = scorer.scores(weights, curvature, gradient)
     prune = {}
     for n, w in weights.items():
@@ -139,7 +139,8 @@ def check_allocator(allocator: Allocator, targets: tuple[float, ...] = (0.3, 0.6
 
 
 def check_dataset(bundle: DataBundle, samples: int = 4) -> None:
-    """Non-empty splits whose samples have ``input_shape`` and labels in range."""
+    """Non-empty splits whose samples have ``input_shape`` and, for the default
+    cross-entropy (no ``loss`` of the data set's own), labels in range."""
     for split in ("train", "test"):
         data = getattr(bundle, split)
         assert len(data) > 0, f"the {split} split is empty"
@@ -148,7 +149,7 @@ def check_dataset(bundle: DataBundle, samples: int = 4) -> None:
             x = item[0] if isinstance(item, (tuple, list)) else item
             assert tuple(x.shape) == tuple(bundle.input_shape), \
                 f"{split}[{i}] has shape {tuple(x.shape)}, not {tuple(bundle.input_shape)}"
-            if isinstance(item, (tuple, list)) and len(item) > 1:
+            if bundle.loss is None and isinstance(item, (tuple, list)) and len(item) > 1:
                 y = int(item[1])
                 assert 0 <= y < bundle.num_classes, f"{split}[{i}] has label {y} outside " \
                     f"0..{bundle.num_classes - 1}"

@@ -211,15 +211,29 @@ def evaluate(
     loss_fn: nn.Module,
     device: torch.device,
     num_workers: int = 0,
-) -> dict[str, float]:
-    """Top-1 accuracy and mean loss on ``dataset``."""
+) -> dict[str, float | None]:
+    """Mean loss and top-1 accuracy on ``dataset``. Top-1 only where it means something:
+    targets that are class indices (integers, one per sample) and outputs that are logits
+    (n, classes); otherwise (a regression, a data set with a loss of its own) it is None."""
     model.eval()
     loader = DataLoader(dataset, batch_size=max(batch_size, 256), num_workers=num_workers)
-    correct, total_loss, count = 0, 0.0, 0
+    correct: int | None = 0
+    total_loss, count = 0.0, 0
     for x, y in tqdm(loader, desc="evaluate", unit="batch", leave=False, delay=1):
         x, y = x.to(device), y.to(device)
         logits = model(x)
         total_loss += loss_fn(logits, y).item() * len(x)
-        correct += int((logits.argmax(dim=1) == y).sum())
+        if correct is not None and is_classification(logits, y):
+            correct += int((logits.argmax(dim=1) == y).sum())
+        else:
+            correct = None
         count += len(x)
-    return {"accuracy": correct / max(count, 1), "loss": total_loss / max(count, 1)}
+    accuracy = None if correct is None else correct / max(count, 1)
+    return {"accuracy": accuracy, "loss": total_loss / max(count, 1)}
+
+
+def is_classification(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether ``targets`` are class indices of the (n, classes) logits ``outputs``."""
+    return (outputs.dim() == 2 and targets.dim() == 1 and len(targets) == len(outputs)
+            and not targets.dtype.is_floating_point and not targets.dtype.is_complex
+            and targets.dtype != torch.bool)
