@@ -176,7 +176,8 @@ def run_exporter(cfg: DictConfig, plugins: manager.Plugins,
     if quantize is not None:
         section["quantize"] = quantize
     try:
-        return instantiate(OmegaConf.create({"export": section}), "export", plugins)
+        return instantiate(OmegaConf.create({"export": section, "seed": cfg.seed}), "export",
+                           plugins)
     except ConfigError as exc:
         if quantize is None:
             raise
