@@ -17,6 +17,7 @@ from wfcore.plugins.models import MnistCNN, ResNet20
 
 from wfcore import cli
 from wfcore.errors import WfcoreError
+from wfcore.report import export_table
 
 ROOT = Path(__file__).parents[1]
 
@@ -241,3 +242,11 @@ def test_a_failed_check_leaves_no_file_under_the_requested_name(tmp_path, monkey
     monkeypatch.undo()
     export_checked(MnistCNN().eval(), torch.randn(1, 1, 28, 28), tmp_path / "cnn.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx"]
+
+
+def test_report_shows_the_result_of_an_exporter_without_the_onnx_keys():
+    rows = export_table({"path": "/run/model.pt", "max_abs_diff": 0.0,
+                                "dense": {"max_abs_diff": 0.0}}).splitlines()
+    assert rows[2:] == ["| model.pt | float32 | - | - | - |", "| - | float32 | - | - | - |"]
+    onnx = {"path": "m.onnx", "sparsity": 0.5, "zeros": {"kept_zeros": 3, "torch_zeros": 3}}
+    assert export_table(onnx).splitlines()[2] == "| m.onnx | float32 | 50.00% | 3/3 | - |"
