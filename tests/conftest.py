@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
+from plugin_packages import pip_install
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -21,3 +25,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``plugin_site(name)``: the directory where the fixture package ``name`` is installed
+    with pip (once a session)."""
+    sites: dict[str, Path] = {}
+
+    def site(name: str) -> Path:
+        if name not in sites:
+            sites[name] = pip_install(name, tmp_path_factory.mktemp(name))
+        return sites[name]
+
+    return site

@@ -18,6 +18,7 @@ from wfcore.plugins.models import MnistCNN, ResNet20
 
 from wfcore import cli
 from wfcore.errors import WfcoreError
+from wfcore.report import export_table
 
 ROOT = Path(__file__).parents[1]
 
@@ -259,3 +260,11 @@ def test_the_reason_of_a_native_abort_is_its_assertion_line():
     said = "DeepSparse\nThread: 0x7f\n\nAssertion at ./src/pool.hpp:333\n\nBacktrace:\n 0# .."
     assert bench.last_words(said) == "; Assertion at ./src/pool.hpp:333"
     assert bench.last_words("nothing to say\n") == ""
+
+
+def test_report_shows_the_result_of_an_exporter_without_the_onnx_keys():
+    rows = export_table({"path": "/run/model.pt", "max_abs_diff": 0.0,
+                                "dense": {"max_abs_diff": 0.0}}).splitlines()
+    assert rows[2:] == ["| model.pt | float32 | - | - | - |", "| - | float32 | - | - | - |"]
+    onnx = {"path": "m.onnx", "sparsity": 0.5, "zeros": {"kept_zeros": 3, "torch_zeros": 3}}
+    assert export_table(onnx).splitlines()[2] == "| m.onnx | float32 | 50.00% | 3/3 | - |"

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from plugin_packages import wfcore_subprocess
 
 from wfcore import cli
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "mnist_mlpnet.yaml"
-FIXTURE = ROOT / "tests" / "fixtures" / "wfcore-dense-first"
 
 
 def prune(tmp_path: Path, *overrides: str) -> dict:
@@ -64,21 +60,9 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def third_party_site(tmp_path_factory) -> Path:
-    """The fixture plugin package, installed with pip into its own directory."""
-    target = tmp_path_factory.mktemp("site")
-    source = shutil.copytree(FIXTURE, tmp_path_factory.mktemp("src") / FIXTURE.name)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    "--no-build-isolation", "--target", str(target), str(source)],
-                   check=True, capture_output=True)
-    return target
-
-
-def wfcore_subprocess(site: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(site))
-    return subprocess.run([sys.executable, "-m", "wfcore.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def third_party_site(plugin_site) -> Path:
+    return plugin_site("wfcore-dense-first")
 
 
 def test_third_party_plugin_is_listed_and_used(third_party_site, tmp_path):

@@ -131,17 +131,23 @@ def safeguard_table(steps: list[dict[str, Any]]) -> list[str]:
 
 
 def export_table(export: dict[str, Any]) -> str:
-    """The exported files: sparsity, zeros kept and, with INT8, top-1 (ONNX Runtime, test)."""
+    """The exported files: sparsity, zeros kept and, with INT8, top-1 (ONNX Runtime, test).
+
+    An exporter's result may lack any of these keys (they are the onnx exporter's): "-".
+    """
     rows = ["| file | weights | sparsity | zeros kept | top-1 (ONNX Runtime) |",
             "|---|---|---:|---:|---:|"]
     for entry in (export, export.get("dense")):
         if not entry:
             continue
+        sparsity = f"{entry['sparsity']:.2%}" if "sparsity" in entry else "-"
         for r, kind in ((entry, "float32"), (entry.get("quantized"), "int8")):
             if r:
+                name = Path(r["path"]).name if "path" in r else "-"
+                zeros = r.get("zeros")
+                kept = f"{zeros['kept_zeros']}/{zeros['torch_zeros']}" if zeros else "-"
                 top1 = f"{r['top1']:.2%}" if "top1" in r else "-"
-                rows.append(f"| {Path(r['path']).name} | {kind} | {entry['sparsity']:.2%} | "
-                            f"{r['zeros']['kept_zeros']}/{r['zeros']['torch_zeros']} | {top1} |")
+                rows.append(f"| {name} | {kind} | {sparsity} | {kept} | {top1} |")
     return "\n".join(rows)
 
 
