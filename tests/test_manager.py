@@ -106,7 +106,7 @@ def test_event_hooks_are_called_with_keywords():
             seen.append((report["name"], run_dir))
 
     plugins = manager.build(extra_plugins=[("listener", Listener())])
-    plugins.hook.wfcore_run_end(report={"name": "x"}, run_dir="d")
+    plugins.hook.wfcore_run_end(report={"name": "x"}, run_dir="d", options={})
     assert seen == [("x", "d")]
 
 

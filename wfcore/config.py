@@ -158,6 +158,8 @@ class Config:
     allocator: dict[str, Any] = field(default_factory=lambda: {"name": "global"})
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "oneshot"})
     export: Optional[dict[str, Any]] = None  # null = no export; else {name: onnx, ...}
+    # {name: {option: value}} for event-hook plugins that declare options (wfcore_hooks)
+    hooks: dict[str, Any] = field(default_factory=dict)
     analyze: AnalyzeSection = field(default_factory=AnalyzeSection)  # `wfcore analyze` only
 
 

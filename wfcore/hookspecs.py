@@ -85,27 +85,41 @@ def wfcore_datasets() -> dict[str, Any]:
 
 
 @hookspec
-def wfcore_step_start(step: Any, run_dir: str) -> None:
+def wfcore_hooks() -> dict[str, Any]:
+    """Declare the options of event-hook plugins: ``{name: Options dataclass}``.
+
+    The run's config section ``hooks.<name>`` is validated against the dataclass (an
+    unknown key or name is a one-line error) and every event hook receives the instances,
+    defaults filled in, as ``options[<name>]``. All results are collected; one name
+    registered by two plugins is an error.
+    """
+
+
+@hookspec
+def wfcore_step_start(step: Any, run_dir: str, options: dict) -> None:
     """Called before a pruning step runs.
 
-    ``step`` is the scheduler's ``PruneStep``; ``run_dir`` the run directory.
-    All implementations are called; results are ignored.
+    ``step`` is the scheduler's ``PruneStep``; ``run_dir`` the run directory; ``options``
+    ``{name: options}`` of every name registered by ``wfcore_hooks`` (see there).
+    All implementations are called; results are ignored. An implementation may take
+    fewer of these arguments.
     """
 
 
 @hookspec
-def wfcore_step_end(step: Any, record: dict, run_dir: str) -> None:
+def wfcore_step_end(step: Any, record: dict, run_dir: str, options: dict) -> None:
     """Called after a pruning step was evaluated.
 
-    ``step`` is the ``PruneStep``; ``record`` the step's entry of report.json ``steps``.
-    All implementations are called; results are ignored.
+    ``step`` is the ``PruneStep``; ``record`` the step's entry of report.json ``steps``;
+    ``options`` as for ``wfcore_step_start``. All implementations are called; results are
+    ignored.
     """
 
 
 @hookspec
-def wfcore_run_end(report: dict, run_dir: str) -> None:
+def wfcore_run_end(report: dict, run_dir: str, options: dict) -> None:
     """Called once the run's report is written.
 
-    ``report`` is the content of report.json. All implementations are called; results
-    are ignored.
+    ``report`` is the content of report.json; ``options`` as for ``wfcore_step_start``.
+    All implementations are called; results are ignored.
     """

@@ -7,6 +7,7 @@ load exactly like third-party packages; a config may name extra modules in ``plu
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import importlib.metadata
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "wfcore"
 DISABLE_ENV = "WFCORE_DISABLE"  # comma-separated plugin or distribution names not to load
-KINDS = ("estimators", "scorers", "allocators", "schedulers", "exporters", "models", "datasets")
+KINDS = ("estimators", "scorers", "allocators", "schedulers", "exporters", "models", "datasets",
+         "hooks")
 SINGULAR = {kind: kind[:-1] for kind in KINDS}
 
 
@@ -41,6 +43,9 @@ class Registered:
 
     @property
     def options_class(self) -> type | None:
+        """The factory's ``Options``; for ``wfcore_hooks`` the registered dataclass itself."""
+        if isinstance(self.factory, type) and dataclasses.is_dataclass(self.factory):
+            return self.factory
         return getattr(self.factory, "Options", None)
 
 

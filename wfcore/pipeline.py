@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from wfcore.prepare import (  # noqa: F401  (the setup of a run, re-exported her
     dense_cache_path,
     dense_model,
     dense_provenance,
+    hook_options,
     instantiate,
     load_data,
     load_state,
@@ -62,6 +63,7 @@ class Components:
     allocator: Allocator
     scheduler: Scheduler
     exporter: Exporter | None
+    hooks: dict[str, Any] = field(default_factory=dict)  # {name: options} of the event hooks
 
     def need_gradients(self) -> bool:
         """Whether a pruning step samples the m gradients (for the estimator or the scorer)."""
@@ -86,6 +88,8 @@ def resolved_config(cfg: DictConfig, plugins: manager.Plugins) -> DictConfig:
                                               entry.options_class)
         if dataclasses.is_dataclass(options):
             out[section].options = dataclasses.asdict(options)
+    out.hooks = {name: dataclasses.asdict(options)
+                 for name, options in hook_options(cfg, plugins).items()}
     return out
 
 
@@ -100,7 +104,7 @@ def build_components(cfg: DictConfig, plugins: manager.Plugins) -> Components:
                  cfg.estimator.name, type(paired).__name__, cfg.scorer.name)
         made["scorer"] = paired
     exporter = instantiate(cfg, "export", plugins) if cfg.export is not None else None
-    return Components(exporter=exporter, **made)
+    return Components(exporter=exporter, hooks=hook_options(cfg, plugins), **made)
 
 
 def store_dir(cfg: DictConfig, run_dir: Path) -> Path:
@@ -442,5 +446,6 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
                 model, example, str(run_dir / "dense.onnx"), data=pruning.data)
     report.finish()
     checkpoint.path(run_dir).unlink(missing_ok=True)  # finished: nothing left to resume
-    pruning.plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir))
+    pruning.plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir),
+                                        options=components.hooks)
     return report.data

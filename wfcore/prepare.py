@@ -85,6 +85,19 @@ def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
                           ) from None
 
 
+def hook_options(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, Any]:
+    """``{name: options}`` for every name that ``wfcore_hooks`` registers: the config's
+    ``hooks.<name>`` checked against its dataclass, defaults for a name it leaves out. A
+    section for a name nobody registers is a one-line error."""
+    registry = plugins.registry("hooks")
+    for name in cfg.hooks:
+        registry.lookup(name, f"hooks.{name}")
+    values = config_mod.to_dict(cfg.hooks)
+    return {name: config_mod.validate_options(f"hooks.{name}", values.get(name) or {},
+                                              registry.entries[name].options_class)
+            for name in registry.names()}
+
+
 def cache_dir(cfg: DictConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("WFCORE_CACHE") or "~/.cache/wfcore"
     return Path(root).expanduser()

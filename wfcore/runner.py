@@ -206,7 +206,8 @@ class Runner:
 
     def run_step(self, step: PruneStep) -> None:
         pos, p = self.position, self.p
-        self.p.plugins.hook.wfcore_step_start(step=step, run_dir=str(self.run_dir))
+        self.p.plugins.hook.wfcore_step_start(step=step, run_dir=str(self.run_dir),
+                                              options=self.p.c.hooks)
         if not pos["pruned"]:
             while step.epoch is not None and pos["epoch"] < step.epoch:
                 self.run_epoch(step, in_step=False)
@@ -242,7 +243,8 @@ class Runner:
         pos.update(step=pos["step"] + 1, pruned=False, step_epochs=0)
         self.timings, self.metrics = dict.fromkeys(TIMINGS, 0.0), None
         self.save()
-        p.plugins.hook.wfcore_step_end(step=step, record=record, run_dir=str(self.run_dir))
+        p.plugins.hook.wfcore_step_end(step=step, record=record, run_dir=str(self.run_dir),
+                                       options=p.c.hooks)
 
 
 def _terminated(signum: int, frame: Any) -> None:
