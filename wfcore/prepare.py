@@ -43,7 +43,7 @@ def load_data(cfg: DictConfig, plugins: manager.Plugins) -> DataBundle:
     entry, extra = plugins.registry("datasets").lookup(cfg.data.name, "data.name")
     options = config_mod.validate_options("data.options", config_mod.to_dict(cfg.data.options),
                                           entry.options_class)
-    return manager.call_factory(entry.factory, options, cfg.data, seed=cfg.seed, **extra)
+    return build(entry, "data.name", cfg.data.name, options, cfg.data, seed=cfg.seed, **extra)
 
 
 def loss_function(cfg: DictConfig, data: DataBundle) -> Loss:
@@ -66,8 +66,8 @@ def build_model(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) -> 
     options = config_mod.validate_options("model.options", config_mod.to_dict(cfg.model.options),
                                           entry.options_class)
     torch.manual_seed(cfg.seed)
-    return manager.call_factory(entry.factory, options, num_classes=data.num_classes,
-                                input_shape=data.input_shape, seed=cfg.seed, **extra)
+    return build(entry, "model.name", cfg.model.name, options, num_classes=data.num_classes,
+                 input_shape=data.input_shape, seed=cfg.seed, **extra)
 
 
 def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
@@ -75,14 +75,20 @@ def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
     kind = config_mod.COMPONENT_KINDS[section]
     entry, extra = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
     options = config_mod.component_options(section, cfg, entry.options_class)
+    return build(entry, f"{section}.name", cfg[section].name, options, seed=cfg.seed, **extra)
+
+
+def build(entry: manager.Registered, key: str, name: str, *args: Any, seed: int,
+          **kwargs: Any) -> Any:
+    """``entry``'s factory called (``manager.call_factory``); an exception other than a
+    WfcoreError is the plugin's failure, one line that names the key and the plugin."""
     try:
-        return manager.call_factory(entry.factory, options, seed=cfg.seed, **extra)
+        return manager.call_factory(entry.factory, *args, seed=seed, **kwargs)
     except WfcoreError:
         raise
-    except Exception as exc:  # a plugin's factory failed: name the plugin and the key
-        raise PluginError(f"{section}.name: plugin '{entry.plugin}' failed to build "
-                          f"'{cfg[section].name}': {type(exc).__name__}: {first_line(exc)}"
-                          ) from None
+    except Exception as exc:
+        raise PluginError(f"{key}: plugin '{entry.plugin}' failed to build '{name}': "
+                          f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
 def hook_options(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, Any]:

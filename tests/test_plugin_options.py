@@ -1,4 +1,4 @@
-"""Event hooks that take options: ``wfcore_hooks`` declares them, ``hooks.<name>`` sets them."""
+"""Event hooks with options (``wfcore_hooks``, ``hooks.<name>``); factories that fail."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from wfcore import cli, config, hookimpl, manager, pipeline
-from wfcore.errors import ConfigError
+from wfcore.errors import ConfigError, PluginError
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "mnist_mlpnet.yaml"
@@ -85,3 +85,34 @@ def test_wfcore_options_and_config_show_a_hooks_options(monkeypatch, capsys):
     assert "every: int = 1  # record every n-th step" in out
     assert cli.main(["config", str(CONFIG), "hooks.recorder.every=3"]) == 0
     assert "recorder:\n    file: events.jsonl\n    every: 3" in capsys.readouterr().out
+
+
+class Broken:
+    """A model and a data set whose factories fail with a plain exception (a plugin bug)."""
+
+    @hookimpl
+    def wfcore_models(self):
+        def model(options, num_classes, input_shape):
+            raise RuntimeError("weights file is corrupt")
+        return {"broken_model": model}
+
+    @hookimpl
+    def wfcore_datasets(self):
+        def data(options, data):
+            raise KeyError("split")
+        return {"broken_data": data}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=broken_model", "model.name: plugin 'broken' failed to build 'broken_model': "
+                                "RuntimeError: weights file is corrupt"),
+    ("data.name=broken_data", "data.name: plugin 'broken' failed to build 'broken_data': "
+                              "KeyError: 'split'"),
+])
+def test_a_model_or_data_factory_that_fails_is_one_line_naming_the_plugin(tmp_path, override,
+                                                                          message):
+    plugins = manager.build(extra_plugins=[("broken", Broken())])
+    cfg = config.load(CONFIG, [override, f"output={tmp_path / 'run'}"])
+    with pytest.raises(PluginError) as err:
+        pipeline.run(cfg, plugins=plugins)
+    assert str(err.value) == message
