@@ -28,7 +28,7 @@ SPEED := runs/demo-resnet50
 demo: $(STAMP)
 	$(WF) sweep configs/mnist_mlpnet.yaml estimator.name=magnitude,woodfisher output=$(DEMO)
 	$(WF) -q export $(WFRUN) --sparsity 0.9 --quantize int8
-	@echo "ResNet-50 (torchvision, random weights: a speed test), pruned by magnitude:"
+	@echo "ResNet-50 (torchvision, random weights: a speed test), pruned by magnitude in blocks of 4:"
 	test -f $(SPEED)/model.int8.onnx || $(WF) -q prune configs/resnet50_speed.yaml \
 		output=$(SPEED) --force > /dev/null
 	$(WF) -q bench $(SPEED)/model.onnx $(SPEED)/model.int8.onnx --dense $(SPEED)/dense.onnx \

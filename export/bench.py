@@ -204,11 +204,23 @@ def isolated(fn: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> An
                    else f"exit status {code}")
             raise WfcoreError(f"{what}: the process ended ({how}) before it finished"
                               f"{last_words(said)}")
-        sys.stderr.write(said)  # its warnings and banners, once it has finished
+        replay(said)
         ok, value = pickle.loads(result.read_bytes())
     if not ok:
         raise WfcoreError(f"{what}: {value}")
     return value
+
+
+_REPLAYED: set[str] = set()
+
+
+def replay(stderr: str) -> None:
+    """A finished child's stderr, on this process's, each line once per process: an engine
+    prints its banner once, however many children load it."""
+    for line in stderr.splitlines(keepends=True):
+        if line not in _REPLAYED:
+            _REPLAYED.add(line)
+            sys.stderr.write(line)
 
 
 def last_words(stderr: str) -> str:
