@@ -71,7 +71,7 @@ def test_third_party_plugin_is_listed_and_used(third_party_site, tmp_path):
     out = listing.stdout
     assert "wfcore-dense-first:dense_first" in out
     assert "entry point (wfcore-dense-first) 0.1.0" in out  # the distribution's version
-    assert "hooks: wfcore_allocators" in out
+    assert "implements: wfcore_allocators" in out
     assert "allocators: dense_first" in out
     for name in ("magnitude", "obs", "global", "uniform", "oneshot", "mlpnet", "mnist_cnn",
                  "mnist5k"):

@@ -64,7 +64,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for kind, names in info.registers.items():
             print(f"{'':<{width}}  {kind}: {', '.join(names)}")
         if info.hooks:
-            print(f"{'':<{width}}  hooks: {', '.join(info.hooks)}")
+            print(f"{'':<{width}}  implements: {', '.join(info.hooks)}")
         for function in info.unmarked:
             print(f"{'':<{width}}  ignored: {function} (no @wfcore.hookimpl)")
     off = manager.disabled_names()
