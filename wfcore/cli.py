@@ -262,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
 
     options = command("options", "a component's options, defaults and comments")
     options.add_argument("kind", help="estimator, scorer, allocator, scheduler, exporter, "
-                         "model or dataset")
+                         "model, dataset or hook (an event hook's options, hooks.<name>)")
     options.add_argument("name", help="its registered name, e.g. woodfisher")
 
     plugins = command("plugins", "list plugins: where from, version, what they "
