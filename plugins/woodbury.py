@@ -223,6 +223,20 @@ class BlockGroup:
         return 0.5 * (self.damp * (dw * dw).sum(1) + (Gdw * Gdw).sum((1, 2)) / self.m)
 
 
+def group_pairs(members: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, diagonal), each (sum of n_groups * b * b,): the flat index pairs of
+    every entry of every group's b x b block, groups given as (*group index, b) flat
+    indices (-1: padding), and whether the entry is on its block's diagonal."""
+    def pairs(g: torch.Tensor, row: bool) -> torch.Tensor:
+        return (g[..., :, None] if row else g[..., None, :]).expand(*g.shape, g.shape[-1])
+
+    rows = torch.cat([pairs(g, True).flatten() for g in members])
+    cols = torch.cat([pairs(g, False).flatten() for g in members])
+    diagonal = torch.cat([torch.eye(g.shape[-1], dtype=torch.bool, device=g.device)
+                          .expand(*g.shape, g.shape[-1]).flatten() for g in members])
+    return rows, cols, diagonal
+
+
 def pair_entries(groups, rows: torch.Tensor, cols: torch.Tensor,
                  dtype: torch.dtype) -> torch.Tensor:
     """(P,): [F^-1]_ab for the flat index pairs (rows[p], cols[p]), from the block groups

@@ -48,7 +48,13 @@ from typing import Optional, Union
 import torch
 from tqdm.auto import tqdm
 from wfcore.plugins.diag_fisher import live_mean
-from wfcore.plugins.woodbury import BlockGroup, choose_form, memory_needed, pair_entries
+from wfcore.plugins.woodbury import (
+    BlockGroup,
+    choose_form,
+    group_pairs,
+    memory_needed,
+    pair_entries,
+)
 
 from wfcore import distributed, hookimpl, progress
 from wfcore.errors import WfcoreError
@@ -248,21 +254,12 @@ class WoodFisherCurvature(Curvature):
         members = {n: to_groups(torch.arange(self.layout.numels[n], device=self.device)
                                 .view(shape) + self.layout.offsets[n], block, -1)
                    for n, shape in self.layout.shapes.items()}  # (*group index, b)
-        rows = torch.cat([g[..., :, None].expand(*g.shape, g.shape[-1]).flatten()
-                          for g in members.values()])
-        cols = torch.cat([g[..., None, :].expand(*g.shape, g.shape[-1]).flatten()
-                          for g in members.values()])
-        diagonal = torch.cat([torch.eye(g.shape[-1], dtype=torch.bool, device=self.device)
-                              .expand(*g.shape, g.shape[-1]).flatten()
-                              for g in members.values()])
+        rows, cols, diagonal = group_pairs(list(members.values()))
         flat = distributed.sum_(pair_entries(self.groups(), rows, cols, self.dtype))
         flat[(rows < 0) & diagonal] = 1.0  # padding: rows and columns of the identity
-        out, start = {}, 0
-        for n, g in members.items():
-            size = g.numel() * g.shape[-1]
-            out[n] = flat[start:start + size].view(*g.shape, g.shape[-1]).to(self.out_device)
-            start += size
-        return out
+        sizes = [g.numel() * g.shape[-1] for g in members.values()]
+        return {n: t.view(*g.shape, g.shape[-1]).to(self.out_device)
+                for (n, g), t in zip(members.items(), flat.split(sizes), strict=True)}
 
     def prune_update(self, prune_mask: Tensors, w: Tensors, mode: str) -> Tensors:
         if mode not in UPDATE_MODES:
