@@ -122,6 +122,16 @@ def test_inverse_blocks_are_the_blocks_of_the_explicit_inverse(m, form, block_si
         assert blocks["a"][1, :, :, 0, 0, 3].ne(0).all()
 
 
+def test_inverse_blocks_stream_the_chunks_when_the_factors_are_not_cached():
+    G = torch.randn(7, 90, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cur = fit(G, CONV_SHAPES, damp=0.05, form="primal", block_size=60, max_memory_gb=9e-5)
+    assert cur.cache is None and len(cur.chunks) == 2
+    F_inv = ref.inverse(ref.block_fisher(G, 0.05, CONV_BLOCKS[60]))
+    blocks = cur.inverse_blocks(4)
+    for n, expected in testing.group_blocks(F_inv, cur.layout, 4).items():
+        close(blocks[n], expected)
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("block_size", list(BLOCKS))
 def test_prune_updates_match_brute_force(G, form, block_size):
