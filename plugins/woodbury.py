@@ -168,6 +168,21 @@ class BlockGroup:
                 self._diag = self.F_inv.diagonal(dim1=1, dim2=2).clone()
         return self._diag
 
+    def entries(self, k: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """(P,): [F^-1]_ij of block k, for index vectors k, i, j (P,).
+
+        Dual form: (delta_ij - a_i.a_j) / damp with A = L^-1 G (n, m, B), read a slice of
+        at most n*B pairs at a time (each slice gathers (slice, m), the size of G).
+        """
+        if self.form != "dual":
+            return self.F_inv[k, i, j]
+        A = torch.linalg.solve_triangular(self.L, self.G, upper=False)  # (n, m, B)
+        step = max(A.shape[0] * A.shape[2], 1)
+        out = [((i[s:s + step] == j[s:s + step]).to(A.dtype)
+                - (A[k[s:s + step], :, i[s:s + step]] * A[k[s:s + step], :, j[s:s + step]]).sum(-1))
+               / self.damp[k[s:s + step]] for s in range(0, k.numel(), step)]
+        return torch.cat(out) if out else A.new_zeros(0)
+
     def mul(self, v: torch.Tensor) -> torch.Tensor:
         """(n, B): F^-1 v for v (n, B)."""
         if self.form != "dual":
@@ -206,3 +221,36 @@ class BlockGroup:
         """(n,): dw^T F dw / 2, from G (F itself is never formed)."""
         Gdw = self.G @ dw[..., None]  # (n, m, 1)
         return 0.5 * (self.damp * (dw * dw).sum(1) + (Gdw * Gdw).sum((1, 2)) / self.m)
+
+
+def group_pairs(members: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, diagonal), each (sum of n_groups * b * b,): the flat index pairs of
+    every entry of every group's b x b block, groups given as (*group index, b) flat
+    indices (-1: padding), and whether the entry is on its block's diagonal."""
+    def pairs(g: torch.Tensor, row: bool) -> torch.Tensor:
+        return (g[..., :, None] if row else g[..., None, :]).expand(*g.shape, g.shape[-1])
+
+    rows = torch.cat([pairs(g, True).flatten() for g in members])
+    cols = torch.cat([pairs(g, False).flatten() for g in members])
+    diagonal = torch.cat([torch.eye(g.shape[-1], dtype=torch.bool, device=g.device)
+                          .expand(*g.shape, g.shape[-1]).flatten() for g in members])
+    return rows, cols, diagonal
+
+
+def pair_entries(groups, rows: torch.Tensor, cols: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """(P,): [F^-1]_ab for the flat index pairs (rows[p], cols[p]), from the block groups
+    ``groups`` yields as (flat indices (n, B), BlockGroup); 0 for a pair in two blocks or
+    in blocks none of them holds (another rank's), and for an index < 0 (padding)."""
+    out = torch.zeros(rows.shape, dtype=dtype, device=rows.device)
+    for idx, group in groups:
+        lo, hi = int(idx.min()), int(idx.max())
+        position = torch.full((hi - lo + 1,), -1, dtype=torch.long, device=idx.device)
+        position[idx.flatten() - lo] = torch.arange(idx.numel(), device=idx.device)
+        inside = ((rows >= lo) & (rows <= hi) & (cols >= lo) & (cols <= hi)).nonzero()[:, 0]
+        pa, pb = position[rows[inside] - lo], position[cols[inside] - lo]  # (P',)
+        B = idx.shape[1]
+        same = (pa >= 0) & (pb >= 0) & (pa // B == pb // B)
+        pa, pb = pa[same], pb[same]
+        out[inside[same]] = group.entries(pa // B, pa % B, pb % B)
+    return out

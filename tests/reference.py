@@ -6,6 +6,8 @@ written straight from their definitions, single weights one at a time.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -77,3 +79,17 @@ def recursive_inverse(G: torch.Tensor, damp: float) -> torch.Tensor:
         v = F_inv @ g
         F_inv = F_inv - torch.outer(v, v) / (m + g @ v)
     return F_inv
+
+
+def block_groups(shapes: dict[str, tuple[int, ...]], block: int) -> list[list[int]]:
+    """The flat indices of every ``structure.block`` group, one weight at a time: weight
+    (o, c, *k) joins group (o, *k, c // block); 1-D parameters make groups of one."""
+    groups: dict[tuple, list[int]] = {}
+    offset = 0
+    for n, shape in shapes.items():
+        flat = torch.arange(torch.Size(shape).numel()).view(shape) + offset
+        for index in itertools.product(*map(range, shape)):
+            key = (n, index) if len(shape) < 2 else (n, index[0], *index[2:], index[1] // block)
+            groups.setdefault(key, []).append(int(flat[index]))
+        offset += flat.numel()
+    return list(groups.values())

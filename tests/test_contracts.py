@@ -75,6 +75,23 @@ def test_check_curvature_catches_a_broken_curvature():
         testing.check_curvature(Broken())
 
 
+class SwappedBlocks(HessianEstimator):
+    """A broken curvature: the groups' blocks of F^-1 come in the wrong order."""
+
+    def fit(self, problem):
+        curvature = make("estimators", "woodfisher", damp_mode="absolute",
+                         damp=1e-2).fit(problem)
+        blocks = curvature.inverse_blocks
+        curvature.inverse_blocks = lambda block: {n: t.flip(-3) for n, t in
+                                                  blocks(block).items()}
+        return curvature
+
+
+def test_check_curvature_catches_wrong_inverse_blocks():
+    with pytest.raises(AssertionError, match=r"inverse_blocks\(4\)"):
+        testing.check_curvature(SwappedBlocks())
+
+
 ROOT = Path(__file__).parents[1]
 
 

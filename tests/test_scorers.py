@@ -5,11 +5,23 @@ from __future__ import annotations
 import pytest
 import reference as ref
 import torch
-from test_woodfisher import BLOCKS, D, fit, flat, problem_data, tree
+from test_woodfisher import (
+    BLOCKS,
+    CONV_BLOCKS,
+    CONV_SHAPES,
+    D,
+    close,
+    fit,
+    flat,
+    problem_data,
+    tree,
+)
+from wfcore.plugins.diag_fisher import DiagonalCurvature
 from wfcore.plugins.magnitude import IdentityCurvature
 from wfcore.plugins.scorers import Obs, ObsOptions, WoodTaylor, WoodTaylorOptions, newton_step
 
 from wfcore import manager
+from wfcore.masks import block_scores
 
 DAMP = 0.05
 
@@ -98,3 +110,62 @@ def test_woodtaylor_with_zero_gradient_is_obs(G):
                                flat(cur, obs.scores(tree(cur, w), cur, None)))
     torch.testing.assert_close(flat(cur, wt.update(tree(cur, w), cur, tree(cur, mask), zero)),
                                flat(cur, obs.update(tree(cur, w), cur, tree(cur, mask), None)))
+
+
+def group_problem(seed: int = 3):
+    """Weights of CONV_SHAPES (90), nonzero everywhere, and masks with a third pruned."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(90, generator=gen, dtype=torch.float64)
+    keep = torch.rand(90, generator=gen) > 0.33
+    return w, keep
+
+
+@pytest.mark.parametrize("form", ["dual", "primal"])
+@pytest.mark.parametrize("block_size", list(CONV_BLOCKS))
+def test_group_obs_scores_match_brute_force(form, block_size):
+    G = torch.randn(12, 90, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cur = fit(G, CONV_SHAPES, damp=DAMP, form=form, block_size=block_size)
+    F_inv = ref.inverse(ref.block_fisher(G, DAMP, CONV_BLOCKS[block_size]))
+    w, keep = group_problem()
+    scores = flat(cur, Obs().block_scores(tree(cur, w), cur, None, tree(cur, keep), 4))
+    expected = torch.zeros(90, dtype=torch.float64)
+    sizes = set()
+    for group in ref.block_groups(CONV_SHAPES, 4):
+        Q = [q for q in group if keep[q]]  # pruned members stay zero: out of the solve
+        sizes.add((len(group), len(Q)))
+        if Q:
+            expected[Q] = ref.joint_increase(F_inv, w, Q) / len(Q)
+    assert {(4, 2), (4, 4), (2, 2), (2, 1), (1, 1)} <= sizes  # the cases are all there
+    close(scores[keep], expected[keep])
+
+
+def test_group_obs_scores_differ_from_the_mean_of_single_scores(G):
+    cur = fit(G, damp=DAMP, block_size="layer")
+    w, keep = torch.randn(D, dtype=torch.float64), torch.ones(D, dtype=torch.bool)
+    grouped = Obs().block_scores(tree(cur, w), cur, None, tree(cur, keep), 2)
+    mean = block_scores(Obs().scores(tree(cur, w), cur, None), tree(cur, keep), 2)
+    assert not torch.allclose(grouped["a"], mean["a"])
+
+
+def test_block_of_one_gives_the_single_weight_scores(G):
+    cur = fit(G, damp=DAMP, block_size=5)
+    w, mask, _ = problem_data()
+    single = Obs().scores(tree(cur, w), cur, None)
+    grouped = Obs().block_scores(tree(cur, w), cur, None, tree(cur, ~mask), 1)
+    assert all(torch.equal(grouped[n], single[n]) for n in single)
+
+
+@pytest.mark.parametrize("curvature", ["diagonal", "identity"])
+def test_group_obs_of_a_diagonal_curvature_is_the_mean_of_single_scores(curvature):
+    gen = torch.Generator().manual_seed(6)
+    inverse = {n: torch.rand(s, generator=gen, dtype=torch.float64) + 0.5
+               for n, s in CONV_SHAPES.items()}
+    cur = (DiagonalCurvature(inverse) if curvature == "diagonal"
+           else IdentityCurvature({n: torch.empty(s) for n, s in CONV_SHAPES.items()}))
+    w, keep = group_problem()
+    layout = fit(torch.zeros(2, 90), CONV_SHAPES).layout
+    weights, masks = layout.unflatten(w), layout.unflatten(keep)
+    grouped = Obs().block_scores(weights, cur, None, masks, 4)
+    mean = block_scores(Obs().scores(weights, cur, None), masks, 4)
+    for n in grouped:
+        close(grouped[n][masks[n]], mean[n][masks[n]])

@@ -17,7 +17,7 @@ from wfcore.plugins.woodfisher import (
     block_starts,
 )
 
-from wfcore import cli, config, manager
+from wfcore import cli, config, manager, testing
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import ParamLayout
 from wfcore.interfaces import PruningProblem
@@ -93,6 +93,43 @@ def test_inverse_matches_explicit_inverse(G, form, block_size):
     close(flat(cur, cur.inverse_diagonal()), F_inv.diagonal())
     v = torch.randn(D, dtype=torch.float64)
     close(flat(cur, cur.inverse_mul(tree(cur, v))), F_inv @ v)
+
+
+# a conv-shaped parameter (72 weights: 6 input channels, a smaller trailing group of 4),
+# a 1-D one and a linear one (5 input channels); blocks of 60 cut the first in two at
+# weight (2, 3, 0, 0), inside groups of 4 channels
+CONV_SHAPES = {"a": (3, 6, 2, 2), "b": (8,), "c": (2, 5)}
+CONV_BLOCKS = {"layer": [(0, 72), (72, 8), (80, 10)],
+               60: [(0, 60), (60, 12), (72, 8), (80, 10)]}
+
+
+@pytest.mark.parametrize("m", [7, 100], ids=["m<B", "m>B"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("block_size", list(CONV_BLOCKS))
+@pytest.mark.parametrize("block", [4, 3])
+def test_inverse_blocks_are_the_blocks_of_the_explicit_inverse(m, form, block_size, block):
+    G = torch.randn(m, 90, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    cur = fit(G, CONV_SHAPES, damp=0.05, form=form, block_size=block_size)
+    F_inv = ref.inverse(ref.block_fisher(G, 0.05, CONV_BLOCKS[block_size]))
+    blocks = cur.inverse_blocks(block)
+    expected = testing.group_blocks(F_inv, cur.layout, block)
+    assert {n: t.shape for n, t in blocks.items()} == {n: t.shape for n, t in expected.items()}
+    for n in expected:
+        close(blocks[n], expected[n])
+    # channels 0 and 3 of output 2 lie in two curvature blocks: zero there, not elsewhere
+    if block_size == 60 and block == 4:
+        assert blocks["a"][2, :, :, 0, 0, 3].eq(0).all()
+        assert blocks["a"][1, :, :, 0, 0, 3].ne(0).all()
+
+
+def test_inverse_blocks_stream_the_chunks_when_the_factors_are_not_cached():
+    G = torch.randn(7, 90, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cur = fit(G, CONV_SHAPES, damp=0.05, form="primal", block_size=60, max_memory_gb=9e-5)
+    assert cur.cache is None and len(cur.chunks) == 2
+    F_inv = ref.inverse(ref.block_fisher(G, 0.05, CONV_BLOCKS[60]))
+    blocks = cur.inverse_blocks(4)
+    for n, expected in testing.group_blocks(F_inv, cur.layout, 4).items():
+        close(blocks[n], expected)
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from wfcore.errors import WfcoreDeprecationWarning
+from wfcore.masks import Masks, block_scores
 
 if TYPE_CHECKING:
     from wfcore.gradients import ParamLayout
-    from wfcore.masks import Masks
 
 Tensors = dict[str, torch.Tensor]
 # A data set's loss: (outputs, targets) -> the scalar mean over the batch.
@@ -190,6 +190,18 @@ class Curvature(ABC):
             )
         raise ValueError(f"unknown update mode {mode!r}; expected one of {UPDATE_MODES}")
 
+    def inverse_blocks(self, block: int) -> Tensors | None:
+        """[F^-1]_GG of every ``structure.block`` group G: for group OBS scores.
+
+        One tensor per parameter, of shape (*group index, block, block) with the groups of
+        ``wfcore.masks.to_groups`` (dim 1 cut into ``block`` consecutive channels; a
+        parameter of fewer than 2 dimensions: (*shape, 1, 1)). The padding members of a
+        row's smaller last group have the rows and columns of the identity. Optional: the
+        default, None, says the curvature cannot give them (scores then fall back to the
+        mean of the single-weight scores).
+        """
+        return None
+
     def quadratic(self, dw: Tensors) -> float | None:
         """dw^T F dw / 2, the quadratic model's loss increase of the change ``dw``.
 
@@ -253,6 +265,16 @@ class Scorer(ABC):
     @abstractmethod
     def scores(self, weights: Tensors, curvature: Curvature, gradient: Tensors | None) -> Tensors:
         """One finite saliency per weight: the loss increase of removing it (lower goes first)."""
+
+    def block_scores(self, weights: Tensors, curvature: Curvature, gradient: Tensors | None,
+                     keep: Tensors, block: int) -> Tensors:
+        """Scores under ``structure.block``: every weight of a group gets its group's score.
+
+        ``keep``: the current masks (a group's pruned members are left out). The default is
+        the mean of ``scores`` over each group's kept weights (``wfcore.masks.block_scores``);
+        with ``block`` 1 it is ``scores`` itself.
+        """
+        return block_scores(self.scores(weights, curvature, gradient), keep, block)
 
     def update(
         self,

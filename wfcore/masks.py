@@ -40,20 +40,43 @@ def select_params(model: nn.Module, patterns: Iterable[str] | None) -> dict[str,
     return params
 
 
+def to_groups(t: torch.Tensor, block: int, fill: float | bool = 0) -> torch.Tensor:
+    """(*group index, block): ``t`` (a parameter's shape) cut into ``structure.block`` groups.
+
+    A group is ``block`` consecutive input channels (dim 1) at one output channel and one
+    kernel position, so the group index is (out, *kernel, groups); a row whose channels are
+    not a multiple of ``block`` ends with a smaller group, padded with ``fill``. A parameter
+    of fewer than 2 dimensions is never grouped: (*shape, 1), one weight to a group.
+    """
+    if t.dim() < 2:
+        return t[..., None]
+    pad = -t.shape[1] % block
+    moved = t.movedim(1, -1)
+    if pad:
+        moved = torch.cat([moved, moved.new_full((*moved.shape[:-1], pad), fill)], -1)
+    return moved.unflatten(-1, (-1, block))
+
+
+def from_groups(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of ``to_groups``: a tensor of ``shape`` (the padding dropped)."""
+    if len(shape) < 2:
+        return groups[..., 0]
+    return groups.flatten(-2)[..., :shape[1]].movedim(-1, 1)
+
+
 def block_scores(scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
                  block: int) -> dict[str, torch.Tensor]:
     """Every weight scored by the mean score of its block's kept weights (``structure.block``).
 
     A block is ``block`` consecutive input channels (dim 1) at one output channel and one
-    kernel position: the layout of DeepSparse's INT8 (AVX-512 VNNI) sparse kernels, which
-    multiply 4 int8 weights at once. A layer whose input channels are not a multiple of
-    ``block`` ends each row with a smaller block; parameters of fewer than 2 dimensions
-    are left as they are. The allocator then sees one score per block and removes whole
-    blocks (ties are broken by position), so the sparsity it reaches stays exact: only
-    the last block pruned in a layer (``uniform``) or in the model (``global``) may be
-    split. The mean is per weight, so blocks compete with each other and with smaller
-    blocks on equal terms; for OBS scores it is the sum of the single-weight saliencies
-    divided by the block's size (the correlations inside a block are left out).
+    kernel position (``to_groups``): the layout of DeepSparse's INT8 (AVX-512 VNNI) sparse
+    kernels, which multiply 4 int8 weights at once. The allocator then sees one score per
+    block and removes whole blocks (ties are broken by position), so the sparsity it
+    reaches stays exact: only the last block pruned in a layer (``uniform``) or in the
+    model (``global``) may be split. The mean is per weight, so blocks compete with each
+    other and with smaller blocks on equal terms. This is ``Scorer.block_scores``'s
+    default; ``obs`` replaces it with the group OBS saliency where the curvature gives
+    the blocks of F^-1.
     """
     if block == 1:
         return scores
@@ -62,14 +85,10 @@ def block_scores(scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
         if s.dim() < 2:
             out[n] = s
             continue
-        channels = s.shape[1]
-        pad = -channels % block
-        kept = keep[n].to(s.device).movedim(1, -1)
-        values = torch.where(kept, s.double().movedim(1, -1), 0.0)
-        sums = torch.nn.functional.pad(values, (0, pad)).unflatten(-1, (-1, block)).sum(-1)
-        sizes = torch.nn.functional.pad(kept.double(), (0, pad)).unflatten(-1, (-1, block)).sum(-1)
-        mean = sums / sizes.clamp(min=1)
-        out[n] = mean.repeat_interleave(block, dim=-1)[..., :channels].movedim(-1, 1).to(s.dtype)
+        kept = to_groups(keep[n].to(s.device), block, False)
+        sums = torch.where(kept, to_groups(s.double(), block), 0.0).sum(-1)
+        mean = sums / kept.sum(-1).clamp(min=1)
+        out[n] = from_groups(mean[..., None].expand(kept.shape), s.shape).to(s.dtype)
     return out
 
 
@@ -79,13 +98,10 @@ def whole_blocks(keep: dict[str, torch.Tensor], block: int) -> float:
     for k in keep.values():
         if k.dim() < 2:
             continue
-        pad = -k.shape[1] % block
-        pruned = torch.nn.functional.pad((~k).movedim(1, -1).double(), (0, pad))
-        filled = torch.nn.functional.pad(torch.ones_like(pruned[..., :k.shape[1]]), (0, pad))
-        per_block = pruned.unflatten(-1, (-1, block)).sum(-1)
-        size = filled.unflatten(-1, (-1, block)).sum(-1)
-        zeros += int(per_block.sum())
-        split += int(per_block[(per_block > 0) & (per_block < size)].sum())
+        pruned = to_groups(~k, block, False).sum(-1)  # (*group index,)
+        size = to_groups(torch.ones_like(k), block, False).sum(-1)
+        zeros += int(pruned.sum())
+        split += int(pruned[(pruned > 0) & (pruned < size)].sum())
     return 1.0 - split / zeros if zeros else 1.0
 
 

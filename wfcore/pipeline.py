@@ -265,13 +265,12 @@ class Pruning:
             gradient = (self.sampler.layout.unflatten(gradients.mean().to(self.device))
                         if c.scorer.needs_gradient else None)
             weights = problem.weights()
-            scores = c.scorer.scores(weights, curvature, gradient)
+            block = self.cfg.structure.block
+            scores = c.scorer.block_scores(weights, curvature, gradient, self.masks.keep, block)
             for n, s in scores.items():
                 if s.shape != weights[n].shape or not torch.isfinite(s[self.masks.keep[n]]).all():
                     raise WfcoreError(f"scorer '{self.cfg.scorer.name}' gave non-finite or "
                                       f"misshapen scores for '{n}'")
-            block = self.cfg.structure.block
-            scores = block_scores(scores, self.masks.keep, block)
             new_keep = c.allocator.allocate(scores, dict(self.masks.keep), target)
             new_keep = distributed.broadcast_masks(new_keep)  # rank 0's threshold everywhere
             prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}

@@ -10,6 +10,8 @@ same checks over every registered component.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -41,6 +43,31 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float)
     assert err <= rtol * scale, f"{what}: max |difference| {err:.3g} (scale {scale:.3g})"
 
 
+def group_blocks(F_inv: torch.Tensor, layout: ParamLayout, block: int) -> dict[str, torch.Tensor]:
+    """The reference for ``Curvature.inverse_blocks``: [F^-1]_GG of every ``structure.block``
+    group, read entry by entry from an explicit (d, d) ``F_inv``.
+
+    Weight (o, c, *k) is member c % block of group (o, *k, c // block); a row's smaller
+    last group is padded with the identity; a parameter of fewer than 2 dimensions has
+    groups of one weight, (*shape, 1, 1).
+    """
+    out = {}
+    for n, shape in layout.shapes.items():
+        flat = torch.arange(layout.numels[n]).view(shape) + layout.offsets[n]
+        if len(shape) < 2:
+            out[n] = F_inv.diagonal()[flat][..., None, None].clone()
+            continue
+        groups = -(-shape[1] // block)
+        S = torch.eye(block, dtype=torch.float64).repeat(shape[0], *shape[2:], groups, 1, 1)
+        for index in itertools.product(*map(range, shape)):
+            g, i = divmod(index[1], block)
+            for j in range(min(block, shape[1] - g * block)):
+                other = (index[0], g * block + j, *index[2:])
+                S[(index[0], *index[2:], g, i, j)] = F_inv[flat[index], flat[other]]
+        out[n] = S
+    return out
+
+
 def check_curvature(estimator: HessianEstimator, problem: PruningProblem | None = None,
                     rtol: float = 1e-6) -> None:
     """Fit ``estimator`` on a small problem and check its Curvature against brute force:
@@ -49,6 +76,8 @@ def check_curvature(estimator: HessianEstimator, problem: PruningProblem | None 
     - ``inverse_mul`` is linear, symmetric and positive definite, and its diagonal is
       ``inverse_diagonal`` (the explicit F^-1 is built column by column);
     - ``prune_update(..., "independent")`` is the sum of single-weight OBS updates;
+    - ``inverse_blocks(block)``, where supported, holds the blocks of that F^-1 over the
+      groups of 4 and of 3 input channels (``group_blocks``);
     - ``prune_update(..., "joint")``, where supported, is -F^-1 E_Q (E_Q^T F^-1 E_Q)^-1 w_Q.
     """
     problem = problem or small_problem()
@@ -72,6 +101,15 @@ def check_curvature(estimator: HessianEstimator, problem: PruningProblem | None 
         "inverse_mul is not positive definite"
     _close(F_inv.diagonal(), layout.flatten({k: t.double() for k, t in diag.items()}),
            "the diagonal of inverse_mul is not inverse_diagonal", rtol)
+    for block in (4, 3):
+        blocks = curvature.inverse_blocks(block)
+        if blocks is None:
+            break
+        for n, expected in group_blocks(F_inv, layout, block).items():
+            assert n in blocks and blocks[n].shape == expected.shape, \
+                f"inverse_blocks({block}) has no entry of shape {tuple(expected.shape)} for '{n}'"
+            _close(blocks[n].double(), expected, f"inverse_blocks({block})['{n}'] is not the "
+                   "groups' blocks of inverse_mul", rtol)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(d, generator=g, dtype=torch.float64)
     Q = torch.zeros(d, dtype=torch.bool)
