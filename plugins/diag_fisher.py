@@ -22,7 +22,6 @@ from wfcore.interfaces import (
     PruningProblem,
     Tensors,
 )
-from wfcore.masks import to_groups
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +46,11 @@ class DiagonalCurvature(Curvature):
     def inverse_mul(self, v: Tensors) -> Tensors:
         return {n: self.inverse_diag[n] * t for n, t in v.items()}
 
-    def inverse_blocks(self, block: int) -> Tensors:
-        return diagonal_blocks(self.inverse_diag, block)
-
     def prune_update(self, prune_mask: Tensors, w: Tensors, mode: str) -> Tensors:
         if mode not in UPDATE_MODES:
             raise ValueError(f"unknown update mode {mode!r}; expected one of {UPDATE_MODES}")
         # Independent and joint coincide for a diagonal F: the pruned weights drop to zero.
         return {n: torch.where(prune_mask[n], -w[n], torch.zeros_like(w[n])) for n in w}
-
-
-def diagonal_blocks(inverse_diag: Tensors, block: int) -> Tensors:
-    """``Curvature.inverse_blocks`` of a diagonal F^-1: each group's diagonal (*, b, b),
-    padding members 1 (with these, group OBS scores are the mean of the single-weight ones)."""
-    return {n: torch.diag_embed(to_groups(d, block, 1.0)) for n, d in inverse_diag.items()}
 
 
 def live_mean(square_mean: torch.Tensor) -> float:

@@ -7,7 +7,6 @@ the OBS update of an identity curvature only zeroes the pruned weights.
 from __future__ import annotations
 
 import torch
-from wfcore.plugins.diag_fisher import diagonal_blocks
 
 from wfcore import hookimpl
 from wfcore.interfaces import UPDATE_MODES, Curvature, HessianEstimator, PruningProblem, Tensors
@@ -22,9 +21,6 @@ class IdentityCurvature(Curvature):
 
     def inverse_mul(self, v: Tensors) -> Tensors:
         return {n: t.clone() for n, t in v.items()}
-
-    def inverse_blocks(self, block: int) -> Tensors:
-        return diagonal_blocks(self.inverse_diagonal(), block)
 
     def prune_update(self, prune_mask: Tensors, w: Tensors, mode: str) -> Tensors:
         if mode not in UPDATE_MODES:

@@ -198,7 +198,8 @@ class Curvature(ABC):
         parameter of fewer than 2 dimensions: (*shape, 1, 1)). The padding members of a
         row's smaller last group have the rows and columns of the identity. Optional: the
         default, None, says the curvature cannot give them (scores then fall back to the
-        mean of the single-weight scores).
+        mean of the single-weight scores). A diagonal curvature needs none: for it the
+        group score is that mean, exactly.
         """
         return None
 
