@@ -247,7 +247,7 @@ class Pruning:
         Returns the safeguard's record of the step (damp, alpha, loss increases).
         """
         c = self.c
-        needs = c.need_gradients()
+        needs, block = c.need_gradients(), self.cfg.structure.block
         with ExitStack() as stack:
             gradients = None
             if needs:
@@ -265,7 +265,6 @@ class Pruning:
             gradient = (self.sampler.layout.unflatten(gradients.mean().to(self.device))
                         if c.scorer.needs_gradient else None)
             weights = problem.weights()
-            block = self.cfg.structure.block
             scores = c.scorer.block_scores(weights, curvature, gradient, self.masks.keep, block)
             for n, s in scores.items():
                 if s.shape != weights[n].shape or not torch.isfinite(s[self.masks.keep[n]]).all():
