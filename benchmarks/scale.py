@@ -14,6 +14,7 @@ estimate, the sparsity reached and the wall time. ``--quick``: m = 16 (a CI-size
 the same path).
 
     .venv/bin/python benchmarks/scale.py [--quick] [--num-grads M] [--max-memory-gb G]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> int:
     parser.add_argument("--num-grads", type=int, help="m (default 400, or 16 with --quick)")
     parser.add_argument("--max-memory-gb", type=float,
                         help="estimator.max_memory_gb (default: a quarter of free memory)")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the run: cpu (the paper's one-machine setting) | cuda")
     parser.add_argument("--store", default="auto", help="fisher.store: auto | memory | disk")
     parser.add_argument("--store-dir", help="fisher.store_dir (default: the run directory)")
     parser.add_argument("--safeguard", action="store_true",
@@ -47,7 +50,7 @@ def main() -> int:
     m = args.num_grads or (16 if args.quick else 400)
     with tempfile.TemporaryDirectory(prefix="wfcore-scale-") as tmp:
         overrides = [
-            "name=scale", f"output={tmp}/run", f"cache_dir={tmp}/cache", "device=cpu",
+            "name=scale", f"output={tmp}/run", f"cache_dir={tmp}/cache", f"device={args.device}",
             "model.name=torchvision:resnet50",
             "data.name=fake", "data.batch_size=32", f"data.options.train_size={max(m, 64)}",
             "data.options.test_size=32",
@@ -75,6 +78,7 @@ def main() -> int:
     timings = step["timings"]
     result = {
         "benchmark": "scale", "model": "torchvision:resnet50", "quick": args.quick,
+        "device": args.device,
         "seconds": {k: round(timings[k], 1) for k in ("gradients", "estimate", "prune")},
         "estimate_plus_prune_s": round(timings["estimate"] + timings["prune"], 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

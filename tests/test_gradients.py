@@ -147,3 +147,17 @@ def test_cuda_matches_cpu(data):
         s, _ = sampler(model.to(device), data, device=device)
         rows.append(s.sample().cpu())
     torch.testing.assert_close(rows[1], rows[0], rtol=1e-3, atol=1e-5)
+
+
+def test_full_float32_restores_the_settings():
+    from wfcore.precision import full_float32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with full_float32():
+            assert not torch.backends.cudnn.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from wfcore import distributed, progress
 from wfcore.errors import WfcoreError, first_line
+from wfcore.precision import full_float32
 from wfcore.store import STORAGE_DTYPES, GradientStore
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class GradientSampler:
         self.sample_into(store)
         return store.tensor()
 
+    @full_float32()
     def sample_into(self, store: GradientStore) -> GradientStore:
         """Write ``store.m`` gradient rows at the current weights into ``store``, each row
         exactly once, a chunk of rows at a time. Pruned coordinates are zero.
