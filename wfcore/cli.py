@@ -53,10 +53,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     from wfcore import config, manager
 
-    modules = list(args.plugin or [])
+    modules, base_dir = list(args.plugin or []), None
     if args.config:
-        modules += list(config.load(args.config, []).plugins)
-    plugins = manager.build(modules, strict=False)
+        cfg = config.load(args.config, [])
+        modules, base_dir = modules + list(cfg.plugins), cfg.base_dir
+    plugins = manager.build(modules, strict=False, base_dir=base_dir)
     width = max(len(name) for name in plugins.info) + 2
     for info in plugins.info.values():
         version = f" {info.version}" if info.version and info.source != "built-in" else ""
@@ -79,7 +80,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from wfcore import config, manager, pipeline
 
     cfg = config.load(args.config, args.overrides)
-    plugins = manager.build(cfg.plugins)
+    plugins = manager.build(cfg.plugins, base_dir=cfg.base_dir)
     print(config.to_yaml(pipeline.resolved_config(cfg, plugins)), end="")
     return 0
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from wfcore import __version__, files, manager, states
+from wfcore import __version__, files, manager, specs, states
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
 from wfcore.interfaces import DataBundle, Loss
@@ -165,8 +165,12 @@ def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: tor
                 loss_fn: Loss, provenance: dict[str, str] | None = None) -> str:
     """Load or train the dense model in place; returns where it came from."""
     if cfg.model.checkpoint:
-        load_state(model, Path(cfg.model.checkpoint).expanduser(), "model.checkpoint")
+        path = specs.checkpoint_path(cfg.model.checkpoint, cfg.base_dir)
+        specs.load_checkpoint(model, path, cfg.model.trust_checkpoint)
         return str(cfg.model.checkpoint)
+    if cfg.model.trained:  # a model given with its weights: pruned as it is
+        log.info("dense model: %s as built (model.trained)", cfg.model.name)
+        return "as built"
     path = dense_cache_path(cfg, provenance)
     if path.is_file():
         log.info("dense model: cached %s", path)

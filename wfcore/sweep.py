@@ -200,7 +200,8 @@ def execute(run: SweepRun, plugins_cache: dict[tuple[str, ...], manager.Plugins]
     key = tuple(run.cfg.plugins)
     try:
         if key not in plugins_cache:
-            plugins_cache[key] = manager.build(run.cfg.plugins)
+            plugins_cache[key] = manager.build(run.cfg.plugins,
+                                               base_dir=run.cfg.base_dir)
         if not force and resumable(run):
             log.info("%s: resuming the interrupted run", run.run_dir.name)
             try:
