@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from wfcore import config as config_mod
 from wfcore import inmemory, manager, pipeline, rundir
-from wfcore.errors import ConfigError, WfcoreError
+from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.interfaces import Loss
 from wfcore.report import table
 
@@ -290,8 +290,14 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
             bundle = inmemory.as_bundle(data, test if test is not None else data)
         model = model.cpu().eval()
         chosen = select_params(model, list(params) if params is not None else None)
-        return made.export(model, example_input, str(path), data=bundle,
-                           params={n: p.detach() for n, p in chosen.items()})
+        try:
+            return made.export(model, example_input, str(path), data=bundle,
+                               params={n: p.detach() for n, p in chosen.items()})
+        except WfcoreError:
+            raise
+        except Exception as exc:  # the converter's refusal (an operator, an opset): one line
+            raise WfcoreError(f"wfcore.export: exporter '{exporter}' failed on {path}: "
+                              f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
 def bench(paths: str | os.PathLike | Sequence[str | os.PathLike], *,

@@ -20,8 +20,7 @@ log = logging.getLogger("wfcore")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from wfcore import config, distributed, pipeline
-    from wfcore.report import table
+    from wfcore import api, config, distributed, pipeline
 
     if args.resume:
         cfg = pipeline.resume_config(args.resume, args.config, args.overrides)
@@ -29,11 +28,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise WfcoreError("prune needs a config file (or --resume RUN_DIR)")
     else:
         cfg = config.load(args.config, args.overrides)
-    report = pipeline.run(cfg, force=args.force, resume=bool(args.resume))
+    result = api.run_config(cfg, force=args.force, resume=bool(args.resume))
     if distributed.env_rank() > 0:  # rank 0 prints the result of a torchrun run
         return 0
-    print(table(report))
-    print(f"\nrun directory: {report['config']['output'] or 'runs/' + report['name']}")
+    print(result.table())
+    print(f"\nrun directory: {result.run_dir}")
     return 0
 
 
