@@ -133,7 +133,7 @@ def test_the_readme_python_example_runs_verbatim(tmp_path, monkeypatch, capsys, 
     assert first_screen.index("```python") < first_screen.index("make demo")
     monkeypatch.chdir(tmp_path)
     exec(compile(code[0], "README.md", "exec"), {"__name__": "readme"})
-    assert "| 0 | 90.00% |" in capsys.readouterr().out
+    assert "| 1 | 70.00% | 70.00% |" in capsys.readouterr().out
     assert (tmp_path / "digits.onnx").is_file()
 
 
