@@ -55,7 +55,8 @@ def timm_model(options: TimmOptions, num_classes: int, input_shape: tuple[int, .
             raise ConfigError(f"model.options.pretrained: timm cannot load the pretrained "
                               f"weights of '{target}' (offline, and not in the Hugging Face "
                               f"cache?): {type(exc).__name__}: {first_line(exc)}; set "
-                              "pretrained=false, or give the weights as model.checkpoint") \
+                              "pretrained=false, or give the weights as model.checkpoint "
+                              "(HF_HUB_OFFLINE=1 fails at once instead of retrying)") \
                 from None
         raise ConfigError(f"model.name=timm:{target}: timm.create_model failed: "
                           f"{type(exc).__name__}: {first_line(exc)}") from None
