@@ -187,3 +187,13 @@ def test_a_dataloader_gives_its_batch_size_and_the_model_stays_given_with_inplac
                                   quiet=True, scheduler={"sparsities": [0.5]}, **FAST)
     assert pruned is model and result.config["data"]["batch_size"] == 32
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_given_model_is_trained_only_when_asked_and_then_not_cached(tmp_path):
+    model = build(num_classes=10, input_shape=(1, 8, 8))
+    args = dict(quiet=True, scheduler={"sparsities": [0.5]}, **FAST)
+    _, result = wfcore.prune(model, TRAIN.tensors, config=["model.trained=false",
+                                                           "train.epochs=1"], **args)
+    assert result.dense["source"] == "trained (not cached)"
+    with pytest.raises(wfcore.WfcoreError, match="test= and loss= go with data="):
+        wfcore.prune(model, test=TEST, **args)

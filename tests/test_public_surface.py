@@ -70,3 +70,15 @@ def test_wfcore_export_is_the_function_also_once_the_export_package_is_imported(
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     record = wfcore.export(model, tmp_path / "m.onnx", input_shape=(4,), quiet=True)
     assert record["zeros"]["numel"] == 12 and record["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_bench_returns_one_row_per_file_and_engine(tmp_path):
+    import torch
+
+    pytest.importorskip("onnxruntime")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    wfcore.export(model, tmp_path / "m.onnx", input_shape=(16,), quiet=True)
+    rows = wfcore.bench(tmp_path / "m.onnx", engines=["onnxruntime"], warmup=1, runs=3,
+                        quiet=True)
+    assert [(Path(r["model"]).name, r["engine"]) for r in rows] == [("m.onnx", "onnxruntime")]
+    assert rows[0]["median_ms"] > 0 and rows[0]["runs"] >= 3

@@ -202,10 +202,13 @@ def prune(model: nn.Module | None = None, data: Any = None, *, test: Any = None,
             raise ConfigError("resume=True needs the run's output= directory")
         if model is not None and not isinstance(model, nn.Module):
             raise WfcoreError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if data is None and (test is not None or loss is not None):
+            raise WfcoreError("test= and loss= go with data=; a config's data set gives its "
+                              "own test split and loss")
         given: dict[str, Any] = {}
         if model is not None:
             model = model if inplace else copy.deepcopy(model)
-            given["model"] = {"name": inmemory.NAME, "trained": True}
+            given["model"] = {"name": inmemory.NAME}  # model.trained: null = as given
         bundle = None
         if data is not None:
             given["data"] = {"name": inmemory.NAME, "root": None}

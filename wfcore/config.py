@@ -44,9 +44,10 @@ class ModelSection:
     # model.checkpoint may hold a whole pickled module (torch.save(model)); reading one runs
     # code from the file (torch.load weights_only=False), so only with this set to true
     trust_checkpoint: bool = False
-    # true: the model as built already holds its dense weights (a model given to
-    # wfcore.prune, pretrained timm weights): it is pruned as it is, never trained
-    trained: bool = False
+    # true: the model as built already holds its dense weights (pretrained timm weights, a
+    # factory that loads its own): it is pruned as it is, never trained. null = true for a
+    # model given to wfcore.prune (model.name in_memory), false otherwise
+    trained: Optional[bool] = None
     params: Optional[list[str]] = None  # globs over parameter names; null = Linear/Conv weights
     options: dict[str, Any] = field(default_factory=dict)  # passed to the model's factory
 

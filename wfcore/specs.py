@@ -274,10 +274,9 @@ def load_checkpoint(model: nn.Module, path: Path, trust: bool) -> None:
         if "objects other than tensors" not in str(exc):
             raise
         if not trust:
-            raise WfcoreError(f"{what}: {path} holds a pickled object (a whole module?), not "
-                              "a state_dict: loading it runs code from the file, so set "
-                              "model.trust_checkpoint=true if you trust it (or save "
-                              "model.state_dict() instead)") from None
+            raise WfcoreError(f"{exc}; a whole module saved with torch.save(model) loads "
+                              "with model.trust_checkpoint=true (unpickling runs code from "
+                              "the file: only for files you trust)") from None
         state = read_module(path, what)
         if isinstance(state, nn.Module):
             state = state.state_dict()
