@@ -140,8 +140,11 @@ def test_imagefolder_reads_grayscale_with_channels_1(tmp_path):
 
 
 def test_timm_models_by_name_and_pretrained_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once: no retries against the network
     pytest.importorskip("timm")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub  # read the variable when first imported
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     cfg, plugins = load(tmp_path, "model: {name: 'timm:test_resnet'}\ndata: {name: digits}\n")
     data = prepare.load_data(cfg, plugins)
     model = prepare.build_model(cfg, plugins, data)
