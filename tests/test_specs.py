@@ -155,3 +155,12 @@ def test_timm_models_by_name_and_pretrained_offline_is_one_line(tmp_path, monkey
         prepare.build_model(cfg, plugins, data)
     assert str(err.value).startswith("model.options.pretrained: timm cannot load")
     assert "\n" not in str(err.value)
+
+
+def test_a_mistyped_registered_name_is_still_an_unknown_name():
+    registry = manager.build().registry("models")
+    with pytest.raises(ConfigError, match=r"unknown model 'torchvison:resnet18' \(did you mean "
+                                          r"'torchvision:'\?\), nor an importable"):
+        registry.lookup("torchvison:resnet18", "model.name")
+    with pytest.raises(ConfigError, match="file specs .* name models and data sets only"):
+        manager.build().registry("estimators").lookup("x.py:make", "estimator.name")

@@ -87,12 +87,16 @@ class Registry:
         prefix, sep, target = name.partition(":")
         if sep and target and f"{prefix}:" in self.entries:
             return self.entries[f"{prefix}:"], {"target": target}
+        spec = ""
         if specs.is_spec(name):  # a factory of the user's own: file.py:function
-            return specs.entry(self.kind, name, key, self.base_dir), {}
+            try:
+                return specs.entry(self.kind, name, key, self.base_dir), {}
+            except specs.ModuleMissing:  # more likely a registered name mistyped
+                spec = ", nor an importable module:function"
         shown = ", ".join(n + "<name>" if n.endswith(":") else n for n in self.names())
         raise ConfigError(
             f"{key}: unknown {SINGULAR[self.kind]} '{name}'{did_you_mean(name, self.names())}"
-            f"; registered: {shown or 'none'}"
+            f"{spec}; registered: {shown or 'none'}"
         )
 
 

@@ -111,6 +111,11 @@ def file_module(path: Path, key: str) -> ModuleType:
     return module
 
 
+class ModuleMissing(PluginError):
+    """The module of a ``package.module:function`` spec does not exist (a registered name
+    mistyped, more likely than a factory)."""
+
+
 def import_module(module_name: str, base_dir: str | None, key: str,
                   what: str = "module") -> ModuleType:
     """``module_name`` imported with the config's folder and the current directory searched
@@ -118,6 +123,12 @@ def import_module(module_name: str, base_dir: str | None, key: str,
     with searched(base_dir) as dirs:
         try:
             return importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            missing = exc.name and module_name.split(".")[0] == exc.name.split(".")[0]
+            where = ", ".join(map(str, dirs))
+            raise (ModuleMissing if missing else PluginError)(
+                f"{key}: cannot import {what} '{module_name}': {first_line(exc)} (looked in "
+                f"{where}, then the installed packages)") from None
         except ImportError as exc:
             where = ", ".join(map(str, dirs))
             raise PluginError(f"{key}: cannot import {what} '{module_name}': "
@@ -250,8 +261,9 @@ def entry(kind: str, spec: str, key: str, base_dir: str | None) -> Any:
     from wfcore.manager import SINGULAR, Registered
 
     if kind not in RESERVED:
-        raise ConfigError(f"{key}: a {SINGULAR[kind]} is named by its registered name, not "
-                          f"by a file spec ('{spec}'); file specs name models and data sets")
+        raise ConfigError(f"{key}: '{spec}' is no registered {SINGULAR[kind]}; file specs "
+                          "(file.py:function) name models and data sets only (see `wfcore "
+                          "plugins` for what is registered)")
     fn, label = load_function(spec, base_dir, key)
     factory = model_factory(fn, spec) if kind == "models" else data_factory(fn, spec)
     return Registered(spec, factory, label)
