@@ -207,7 +207,7 @@ def prune(model: nn.Module | None = None, data: Any = None, *, test: Any = None,
                               "own test split and loss")
         given: dict[str, Any] = {}
         if model is not None:
-            model = model if inplace else copy.deepcopy(model)
+            model = model if inplace else copied(model)
             given["model"] = {"name": inmemory.NAME}  # model.trained: null = as given
         bundle = None
         if data is not None:
@@ -221,7 +221,8 @@ def prune(model: nn.Module | None = None, data: Any = None, *, test: Any = None,
                 raise ConfigError(f"{section}.name: '{cfg[section].name}' is set, but a "
                                   f"{section} object is given to wfcore.prune; leave it out")
         if data is not None:
-            example = inmemory.first_item(inmemory.to_dataset(data, "data"), "data")[0]
+            train = inmemory.to_dataset(inmemory.split(data, test)[0], "data")
+            example = inmemory.first_item(train, "data")[0]
             classes = inmemory.output_classes(model, example) if model is not None else None
             bundle = inmemory.as_bundle(data, test, loss, classes)
         temporary = output is None
@@ -250,6 +251,15 @@ def prune(model: nn.Module | None = None, data: Any = None, *, test: Any = None,
                 result.run_dir = None
                 result.report["config"]["output"] = None
         return model, result
+
+
+def copied(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, to prune while the caller's stays as it was."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # a module holding something that cannot be copied
+        raise WfcoreError(f"model: cannot be copied ({type(exc).__name__}: {first_line(exc)}); "
+                          "pass inplace=True to prune it in place") from None
 
 
 def pruned_model(run_dir: Path, plugins: manager.Plugins) -> nn.Module:

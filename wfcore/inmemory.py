@@ -95,6 +95,14 @@ def empty_like(dataset: Dataset) -> Dataset:
                          torch.empty(0, *target.shape, dtype=target.dtype))
 
 
+def split(data: Any, test: Any = None) -> tuple[Any, Any]:
+    """``(train, test)`` data sets given as ``data`` apart; else ``(data, test)``."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not is_tensor_pair(data) \
+            and test is None:
+        return data[0], data[1]
+    return data, test
+
+
 def as_bundle(data: Any, test: Any = None, loss: Loss | None = None,
               num_classes: int | None = None, key: str = "data") -> DataBundle:
     """``data`` as a DataBundle: a DataBundle as it is; ``(train, test)`` data sets; or the
@@ -102,9 +110,7 @@ def as_bundle(data: Any, test: Any = None, loss: Loss | None = None,
     (the same kinds, or None: nothing is evaluated)."""
     if isinstance(data, DataBundle):
         return data
-    if isinstance(data, (tuple, list)) and len(data) == 2 and not is_tensor_pair(data) \
-            and test is None:
-        data, test = data
+    data, test = split(data, test)
     train = to_dataset(data, key)
     test_set = to_dataset(test, "test") if test is not None else empty_like(train)
     inputs, _ = first_item(train, key)
