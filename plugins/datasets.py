@@ -107,6 +107,15 @@ fake.Options = FakeOptions
 class ImageOptions:
     image_size: int = 224  # side of the centre crop (imagefolder only)
     normalize: str = "imagenet"  # imagenet | none
+    channels: int = 3  # imagefolder: 3 = RGB, 1 = grayscale (images converted on reading)
+
+    def validate(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be at least 1, got {self.image_size}")
+        if self.normalize not in ("imagenet", "none"):
+            raise ValueError(f"normalize must be imagenet or none, got '{self.normalize}'")
 
 
 def _root(data, what: str) -> Path:
@@ -180,10 +189,14 @@ def imagefolder(options: ImageOptions, data) -> DataBundle:
         if not path.is_dir():
             raise ConfigError(f"data.root: imagefolder needs {path} (one folder per class)")
     size = options.image_size
-    steps = [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
-             transforms.ToTensor()]
-    if options.normalize == "imagenet":
-        steps.append(transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    steps = [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size)]
+    if options.channels == 1:
+        steps.append(transforms.Grayscale(1))
+    steps.append(transforms.ToTensor())
+    if options.normalize == "imagenet":  # one channel: the mean of ImageNet's statistics
+        mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if options.channels == 3 else
+                     ((sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)))
+        steps.append(transforms.Normalize(mean, std))
     tf = transforms.Compose(steps)
     train, test = (_image_folder(split_dirs[s], tf) for s in ("train", "test"))
     if test.classes != train.classes:  # the labels would mean other classes

@@ -319,7 +319,7 @@ def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str
     from wfcore.analyze_report import markdown, plot_all
 
     start = time.perf_counter()
-    plugins = plugins or manager.build(cfg.plugins)
+    plugins = plugins or manager.build(cfg.plugins, base_dir=cfg.base_dir)
     a = cfg.analyze
     if not a.num_grads or min(a.num_grads) < 1:
         raise ConfigError("config key 'analyze.num_grads': a list of m >= 1")

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 FILENAME = "checkpoint.pt"
 FORMAT = 1
 # Keys that may change between a run and its resumption without changing its results
-# (`analyze` is read by `wfcore analyze` only).
-IGNORED_KEYS = ("output", "cache_dir", "device", "analyze", "distributed")
+# (`analyze` is read by `wfcore analyze` only; `base_dir` moves with the config file).
+IGNORED_KEYS = ("output", "cache_dir", "device", "analyze", "distributed", "base_dir")
 # What ``save`` writes and ``load`` needs.
 FIELDS = ("format", "digest", "position", "model", "masks", "trainer", "sampler", "rng", "report")
 

@@ -20,8 +20,7 @@ log = logging.getLogger("wfcore")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from wfcore import config, distributed, pipeline
-    from wfcore.report import table
+    from wfcore import api, config, distributed, pipeline
 
     if args.resume:
         cfg = pipeline.resume_config(args.resume, args.config, args.overrides)
@@ -29,11 +28,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise WfcoreError("prune needs a config file (or --resume RUN_DIR)")
     else:
         cfg = config.load(args.config, args.overrides)
-    report = pipeline.run(cfg, force=args.force, resume=bool(args.resume))
+    result = api.run_config(cfg, force=args.force, resume=bool(args.resume))
     if distributed.env_rank() > 0:  # rank 0 prints the result of a torchrun run
         return 0
-    print(table(report))
-    print(f"\nrun directory: {report['config']['output'] or 'runs/' + report['name']}")
+    print(result.table())
+    print(f"\nrun directory: {result.run_dir}")
     return 0
 
 
@@ -53,10 +52,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     from wfcore import config, manager
 
-    modules = list(args.plugin or [])
+    modules, base_dir = list(args.plugin or []), None
     if args.config:
-        modules += list(config.load(args.config, []).plugins)
-    plugins = manager.build(modules, strict=False)
+        cfg = config.load(args.config, [])
+        modules, base_dir = modules + list(cfg.plugins), cfg.base_dir
+    plugins = manager.build(modules, strict=False, base_dir=base_dir)
     width = max(len(name) for name in plugins.info) + 2
     for info in plugins.info.values():
         version = f" {info.version}" if info.version and info.source != "built-in" else ""
@@ -79,7 +79,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from wfcore import config, manager, pipeline
 
     cfg = config.load(args.config, args.overrides)
-    plugins = manager.build(cfg.plugins)
+    plugins = manager.build(cfg.plugins, base_dir=cfg.base_dir)
     print(config.to_yaml(pipeline.resolved_config(cfg, plugins)), end="")
     return 0
 

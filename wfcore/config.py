@@ -37,8 +37,17 @@ COMPONENT_KINDS = {
 
 @dataclass
 class ModelSection:
-    name: str = "mlpnet"  # a registered model, or torchvision:<name>
+    # a registered model, torchvision:<name>, timm:<name>, or a factory of your own:
+    # path/to/file.py:function or package.module:function (docs/your_model.md)
+    name: str = "mlpnet"
     checkpoint: Optional[str] = None  # state_dict of the dense model; null = train it (cached)
+    # model.checkpoint may hold a whole pickled module (torch.save(model)); reading one runs
+    # code from the file (torch.load weights_only=False), so only with this set to true
+    trust_checkpoint: bool = False
+    # true: the model as built already holds its dense weights (pretrained timm weights, a
+    # factory that loads its own): it is pruned as it is, never trained. null = true for a
+    # model given to wfcore.prune (model.name in_memory), false otherwise
+    trained: Optional[bool] = None
     params: Optional[list[str]] = None  # globs over parameter names; null = Linear/Conv weights
     options: dict[str, Any] = field(default_factory=dict)  # passed to the model's factory
 
@@ -146,6 +155,10 @@ class Config:
     output: Optional[str] = None  # run directory; null = runs/<name>
     cache_dir: Optional[str] = None  # dense-model cache; null = $WFCORE_CACHE or ~/.cache/wfcore
     plugins: list[str] = field(default_factory=list)  # extra plugin modules to import
+    # the folder that file specs (model.name / data.name: path/to/file.py:function),
+    # model.checkpoint and plugins: resolve against before the current directory; null =
+    # the config file's folder when loaded from a file, else the current directory
+    base_dir: Optional[str] = None
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -213,10 +226,13 @@ def _wrap(exc: OmegaConfBaseException, where: str = "", known: Iterable[str] = (
     return ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}")
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
-    """Schema <- YAML file <- dot-list overrides. Errors name the offending key."""
+def load(path: str | Path | None, overrides: list[str] = (),
+         layers: list[DictConfig] = ()) -> DictConfig:
+    """Schema <- YAML file <- dot-list overrides <- ``layers`` (mappings, e.g. the keyword
+    settings of ``wfcore.prune``). Errors name the offending key. A config read from a file
+    gets that file's folder as ``base_dir`` unless it sets one."""
     schema = OmegaConf.structured(Config)
-    layers = []
+    extra, layers = list(layers), []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -243,6 +259,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
             raise ConfigError(f"override '{item}' is not valid: {first_line(exc)}") from None
     if items:
         layers.append(OmegaConf.merge(*items))
+    layers += extra
     _switch_components(layers)
     try:
         cfg = OmegaConf.merge(schema, *layers)
@@ -257,6 +274,8 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
         if value < least:
             raise ConfigError(f"config key '{key}': {value} is less than {least}")
     check_ranges(cfg)
+    if path is not None and cfg.base_dir is None:
+        cfg.base_dir = str(Path(path).resolve().parent)
     for section in COMPONENT_KINDS:
         value = cfg[section]
         if value is None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pluggy
 
-from wfcore import hookspecs
+from wfcore import hookspecs, specs
 from wfcore.errors import ConfigError, PluginError, first_line
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Registry:
 
     kind: str
     entries: dict[str, Registered] = field(default_factory=dict)
+    base_dir: str | None = None  # where file specs (path/to/file.py:function) resolve first
 
     def add(self, name: str, factory: Any, plugin: str) -> None:
         if not isinstance(name, str) or not name:
@@ -86,10 +87,16 @@ class Registry:
         prefix, sep, target = name.partition(":")
         if sep and target and f"{prefix}:" in self.entries:
             return self.entries[f"{prefix}:"], {"target": target}
+        spec = ""
+        if specs.is_spec(name):  # a factory of the user's own: file.py:function
+            try:
+                return specs.entry(self.kind, name, key, self.base_dir), {}
+            except specs.ModuleMissing:  # more likely a registered name mistyped
+                spec = ", nor an importable module:function"
         shown = ", ".join(n + "<name>" if n.endswith(":") else n for n in self.names())
         raise ConfigError(
             f"{key}: unknown {SINGULAR[self.kind]} '{name}'{did_you_mean(name, self.names())}"
-            f"; registered: {shown or 'none'}"
+            f"{spec}; registered: {shown or 'none'}"
         )
 
 
@@ -137,12 +144,13 @@ class Plugins:
     """
 
     def __init__(self, pm: pluggy.PluginManager, sources: dict[str, tuple[str, str]],
-                 strict: bool = True):
+                 strict: bool = True, base_dir: str | None = None):
         self.pm = pm
         self.hook = pm.hook
         self.strict = strict
         self.clashes: list[str] = []
-        self.registries: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
+        self.registries: dict[str, Registry] = {kind: Registry(kind, base_dir=base_dir)
+                                                for kind in KINDS}
         self.info: dict[str, PluginInfo] = {}
         for plugin_name, (source, version) in sources.items():
             plugin = pm.get_plugin(plugin_name)
@@ -247,6 +255,7 @@ def build(
     *,
     disable: Iterable[str] = (),
     strict: bool = True,
+    base_dir: str | None = None,
 ) -> Plugins:
     """Load every plugin: entry points of group ``wfcore``, then ``extra_modules`` (config
     ``plugins:``), then ``extra_plugins`` ((name, object) pairs, for tests and embedding).
@@ -254,6 +263,9 @@ def build(
     Plugins named in ``disable`` or in $WFCORE_DISABLE (by plugin name as ``wfcore plugins``
     shows it, or by distribution name) are not imported at all, like pytest's
     ``-p no:NAME``. ``strict=False`` lists clashes instead of failing (``wfcore plugins``).
+    ``base_dir`` (the config's ``base_dir``): where ``extra_modules`` (module names or
+    ``.py`` files) and file specs are looked for before the current directory and
+    ``sys.path`` (``wfcore.specs``).
     """
     off = disabled_names(disable)
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
@@ -273,7 +285,7 @@ def build(
     for module_name in extra_modules:
         if module_name in off:
             continue
-        module = _import(module_name, "config key 'plugins'")
+        module_name, module = specs.plugin_module(module_name, base_dir)
         if pm.is_registered(module):
             continue
         _register(pm, module, module_name)
@@ -287,7 +299,7 @@ def build(
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"unknown hook: {_one_line(exc)}") from None
-    return Plugins(pm, sources, strict=strict)
+    return Plugins(pm, sources, strict=strict, base_dir=base_dir)
 
 
 def _ep_order(ep: importlib.metadata.EntryPoint) -> tuple[int, str]:

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wfcore import checkpoint, distributed, files, manager, rundir
+from wfcore import checkpoint, distributed, files, inmemory, manager, rundir
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import GradientSampler
@@ -138,7 +138,7 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
     stand-in of the fake data set's default shape (3 x 224 x 224, 1000 classes), said in
     the plan's notes.
     """
-    plugins = plugins or manager.build(cfg.plugins)
+    plugins = plugins or manager.build(cfg.plugins, base_dir=cfg.base_dir)
     components = build_components(cfg, plugins)
     device = resolve_device(cfg.device)
     notes = []
@@ -368,7 +368,9 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
         log.info("distributed: %d processes (%s)", group.world, group.backend)
 
     def prepare() -> tuple[manager.Plugins, Components, list[Any], Path]:
-        plugs = plugins or manager.build(cfg.plugins)
+        plugs = plugins or manager.build(cfg.plugins,
+                                         inmemory.run_dir_plugins(cfg, run_dir_of(cfg)),
+                                         base_dir=cfg.base_dir)
         components = build_components(cfg, plugs)
         plan = components.scheduler.plan()
         step = components.exporter.step if components.exporter is not None else None
@@ -421,7 +423,8 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         report.set_dense(accuracy=dense["accuracy"], loss=dense["loss"],
                          params=sum(p.numel() for p in pruning.model.parameters()),
                          prunable=pruning.masks.numel(), source=pruning.dense_source)
-        log.info("dense: top-1 %s, loss %.4f", number(dense["accuracy"], ".4f"), dense["loss"])
+        log.info("dense: top-1 %s, loss %s", number(dense["accuracy"], ".4f"),
+                 number(dense["loss"], ".4f"))
         runner.save()
     runner.run()
     # whether every rank ended with the same model, bit for bit

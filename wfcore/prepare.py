@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from wfcore import __version__, files, manager, states
+from wfcore import __version__, files, inmemory, manager, specs, states
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
 from wfcore.interfaces import DataBundle, Loss
@@ -165,10 +165,17 @@ def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: tor
                 loss_fn: Loss, provenance: dict[str, str] | None = None) -> str:
     """Load or train the dense model in place; returns where it came from."""
     if cfg.model.checkpoint:
-        load_state(model, Path(cfg.model.checkpoint).expanduser(), "model.checkpoint")
+        path = specs.checkpoint_path(cfg.model.checkpoint, cfg.base_dir)
+        specs.load_checkpoint(model, path, cfg.model.trust_checkpoint)
         return str(cfg.model.checkpoint)
-    path = dense_cache_path(cfg, provenance)
-    if path.is_file():
+    given = cfg.model.name == inmemory.NAME  # a model object given to wfcore.prune
+    trained = given if cfg.model.trained is None else cfg.model.trained
+    if trained:  # a model given with its weights: pruned as it is
+        log.info("dense model: %s as built (model.trained)", cfg.model.name)
+        return "as built"
+    # an object's architecture is not in the config, so the cache key cannot tell two apart
+    path = None if given else dense_cache_path(cfg, provenance)
+    if path is not None and path.is_file():
         log.info("dense model: cached %s", path)
         try:
             load_state(model, path, "dense model cache")
@@ -179,6 +186,8 @@ def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: tor
     train(model, data.train, cfg.train, epochs=cfg.train.epochs, batch_size=cfg.data.batch_size,
           loss_fn=loss_fn, device=device, seed=cfg.seed, num_workers=cfg.data.num_workers,
           desc="dense")
+    if path is None:
+        return "trained (not cached)"
     files.save_torch(path, {k: v.cpu() for k, v in model.state_dict().items()})
     log.info("dense model cached at %s", path)
     return str(path)

@@ -58,11 +58,12 @@ def table(report: dict[str, Any]) -> str:
             "|---:|---:|---:|---:|---:|---:|"]
     if dense:
         rows.append(f"| dense | - | 0.00% | {number(dense['accuracy'], '.2%')} | "
-                    f"{dense['loss']:.4f} | - |")
+                    f"{number(dense['loss'], '.4f')} | - |")
     for s in report.get("steps", []):
         seconds = sum(s["timings"].get(k, 0.0) for k in TIMING_KEYS)
         rows.append(f"| {s['index']} | {s['target_sparsity']:.2%} | {s['sparsity']:.2%} | "
-                    f"{number(s['accuracy'], '.2%')} | {s['loss']:.4f} | {seconds:.1f} |")
+                    f"{number(s['accuracy'], '.2%')} | {number(s['loss'], '.4f')} | "
+                    f"{seconds:.1f} |")
     return "\n".join(rows)
 
 
@@ -98,7 +99,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Fine-tuning epochs", "", "| epoch | step | lr | train loss | sparsity | "
                   "top-1 | loss |", "|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {e['epoch']} | {e['step']} | {e['lr']:.3g} | {e['train_loss']:.4f} | "
-                  f"{e['sparsity']:.2%} | {number(e['accuracy'], '.2%')} | {e['loss']:.4f} |"
+                  f"{e['sparsity']:.2%} | {number(e['accuracy'], '.2%')} | "
+                  f"{number(e['loss'], '.4f')} |"
                   for e in epochs]
         lines.append("")
     if report.get("export"):
@@ -185,6 +187,8 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path | None:
     if not steps:
         return None
     dense = report.get("dense", {})
+    if dense.get("loss") is None:  # no test set (wfcore.prune without one): nothing to plot
+        return None
     value, label = plotted([*steps, *([dense] if dense else [])])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -209,6 +213,8 @@ def plot_epochs(report: dict[str, Any], path: Path) -> Path | None:
     if not epochs:
         return None
     dense = report.get("dense", {})
+    if dense.get("loss") is None:  # no test set: nothing to plot
+        return None
     value, label = plotted([*epochs, *([dense] if dense else [])])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -198,9 +198,9 @@ class Runner:
                   "accuracy": self.metrics["accuracy"], "loss": self.metrics["loss"],
                   "sparsity": self.p.masks.sparsity()}
         self.report.add_epoch(record)
-        log.info("epoch %d: sparsity %.4f, lr %.3g, train loss %.4f, top-1 %s, loss %.4f",
+        log.info("epoch %d: sparsity %.4f, lr %.3g, train loss %.4f, top-1 %s, loss %s",
                  pos["epoch"], record["sparsity"], lr, train_loss,
-                 number(record["accuracy"], ".4f"), record["loss"])
+                 number(record["accuracy"], ".4f"), number(record["loss"], ".4f"))
         if not (in_step and pos["step_epochs"] == step.finetune_epochs):
             self.save()  # (the step's last epoch is saved with the step's record, at once)
 
@@ -237,9 +237,9 @@ class Runner:
         if distributed.is_main():
             files.save_torch(self.run_dir / f"model_step{step.index}.pt", p.model_state())
         self.report.add_step(record)
-        log.info("step %d: sparsity %.4f (target %.4f), top-1 %s, loss %.4f", step.index,
+        log.info("step %d: sparsity %.4f (target %.4f), top-1 %s, loss %s", step.index,
                  record["sparsity"], step.target_sparsity, number(record["accuracy"], ".4f"),
-                 record["loss"])
+                 number(record["loss"], ".4f"))
         pos.update(step=pos["step"] + 1, pruned=False, step_epochs=0)
         self.timings, self.metrics = dict.fromkeys(TIMINGS, 0.0), None
         self.save()

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from wfcore import config as config_mod
-from wfcore import files, manager, rundir, states
+from wfcore import files, inmemory, manager, rundir, states
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.interfaces import DataBundle, Exporter
 from wfcore.masks import select_params
@@ -60,7 +60,8 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
     if not cfg_path.is_file():
         raise WfcoreError(f"{run_dir} is not a run directory: no config.yaml")
     cfg = config_mod.load(cfg_path)
-    plugins = plugins or manager.build(cfg.plugins)
+    plugins = plugins or manager.build(cfg.plugins, inmemory.run_dir_plugins(cfg, run_dir),
+                                       base_dir=cfg.base_dir)
     if shapes is None:
         data = load_data(cfg, plugins)
         model = build_model(cfg, plugins, data)

@@ -37,7 +37,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from wfcore import checkpoint, files, manager, pipeline
+from wfcore import api, checkpoint, files, manager, pipeline
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.report import TIMING_KEYS, pyplot, save_figure
@@ -200,15 +200,18 @@ def execute(run: SweepRun, plugins_cache: dict[tuple[str, ...], manager.Plugins]
     key = tuple(run.cfg.plugins)
     try:
         if key not in plugins_cache:
-            plugins_cache[key] = manager.build(run.cfg.plugins)
+            plugins_cache[key] = manager.build(run.cfg.plugins,
+                                               base_dir=run.cfg.base_dir)
         if not force and resumable(run):
             log.info("%s: resuming the interrupted run", run.run_dir.name)
             try:
-                run.report = pipeline.run(run.cfg, resume=True, plugins=plugins_cache[key])
+                run.report = api.run_config(run.cfg, resume=True,
+                                                plugins=plugins_cache[key]).report
             except WfcoreError as exc:
                 log.warning("%s: cannot resume (%s); starting over", run.run_dir.name, exc)
         if run.report is None:
-            run.report = pipeline.run(run.cfg, force=True, plugins=plugins_cache[key])
+            run.report = api.run_config(run.cfg, force=True,
+                                            plugins=plugins_cache[key]).report
         run.status = "done"
         (run.run_dir / "error.txt").unlink(missing_ok=True)
     except Exception as exc:  # one failed run must not stop the sweep

@@ -228,8 +228,10 @@ def evaluate(
         else:
             correct = None
         count += len(x)
-    accuracy = None if correct is None else correct / max(count, 1)
-    return {"accuracy": accuracy, "loss": total_loss / max(count, 1)}
+    if count == 0:  # no test set (wfcore.prune without one): nothing to report
+        return {"accuracy": None, "loss": None}
+    accuracy = None if correct is None else correct / count
+    return {"accuracy": accuracy, "loss": total_loss / count}
 
 
 def is_classification(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
