@@ -39,7 +39,12 @@ COMPONENT_KINDS = {
 class ModelSection:
     name: str = "mlpnet"  # a registered model, or torchvision:<name>
     checkpoint: Optional[str] = None  # state_dict of the dense model; null = train it (cached)
-    params: Optional[list[str]] = None  # globs over parameter names; null = Linear/Conv weights
+    params: Optional[list[str]] = None  # globs over parameter names; null = by model.prunable
+    # layer kinds whose weights are pruned when params is null (wfcore/prunable.py):
+    # linear, conv (any groups), conv_transpose, attention (nn.MultiheadAttention's
+    # in-projection); opt-in: embedding, norm
+    prunable: list[str] = field(
+        default_factory=lambda: ["linear", "conv", "conv_transpose", "attention"])
     options: dict[str, Any] = field(default_factory=dict)  # passed to the model's factory
 
 

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wfcore import checkpoint, distributed, files, manager, rundir
+from wfcore import checkpoint, distributed, files, manager, prunable, rundir
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import GradientSampler
@@ -122,11 +122,19 @@ def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
     # unlabelled data (sampled labels): class 0 stands in for the label
     target = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else 0
     needs = components.need_gradients()
-    return make_plan(model=model, params=params, example=example.unsqueeze(0).to(device),
+    plan = make_plan(model=model, params=params, example=example.unsqueeze(0).to(device),
                      target=torch.as_tensor(target).unsqueeze(0), loss_fn=loss_fn,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
                      device=device, calibrate=calibrate, nproc=nproc)
+    plan.notes = prunable.summary_lines(prunable_summary(cfg, model, params)) + plan.notes
+    return plan
+
+
+def prunable_summary(cfg: DictConfig, model: nn.Module,
+                     params: dict[str, nn.Parameter]) -> dict[str, Any]:
+    """What is prunable and what is excluded, with why (``wfcore.prunable.summary``)."""
+    return prunable.summary(model, params, cfg.model.params, cfg.model.prunable)
 
 
 def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
@@ -150,7 +158,7 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
         notes.append(f"data: {exc}; planned on stand-in data of shape "
                      f"{'x'.join(map(str, data.input_shape))} with {data.num_classes} classes")
     model = build_model(cfg, plugins, data).to(device)
-    params = select_params(model, cfg.model.params)
+    params = select_params(model, cfg.model.params, cfg.model.prunable)
     if not params:
         raise ConfigError("config key 'model.params': no prunable parameters selected")
     run_dir = Path(cfg.output or Path("runs") / cfg.name)
@@ -174,7 +182,7 @@ class Pruning:
         self.data = load_data(cfg, plugins)
         self.model = build_model(cfg, plugins, self.data).to(self.device)
         self.loss_fn = loss_function(cfg, self.data)
-        self.params = select_params(self.model, cfg.model.params)
+        self.params = select_params(self.model, cfg.model.params, cfg.model.prunable)
         if not self.params:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
         if cfg.fisher.grad_batch > len(self.data.train):
@@ -414,6 +422,7 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
     report.data["distributed"] = {**distributed.provenance(), "parts": parts}
     if saved is None:
         report.data["plan"] = pruning.plan.as_dict()
+        report.data["prunable"] = prunable_summary(cfg, pruning.model, pruning.params)
         report.data["versions"] = versions(pruning.plugins)
         if distributed.is_main():
             files.save_torch(run_dir / "dense.pt", pruning.model_state())

@@ -78,6 +78,7 @@ def markdown(report: dict[str, Any]) -> str:
     dense = report.get("dense", {})
     if dense:
         lines.append(f"- **prunable weights**: {dense.get('prunable')} of {dense.get('params')}")
+    lines += prunable_lines(report.get("prunable"))
     pool = report.get("pruning_data")
     if pool and pool.get("train_fraction", 1.0) < 1.0:
         lines.append(f"- **pruning data**: {pool['samples']} of {pool['of']} training samples "
@@ -106,6 +107,16 @@ def markdown(report: dict[str, Any]) -> str:
     if not report.get("finished"):
         lines.append("_Run in progress or interrupted._\n")
     return "\n".join(lines)
+
+
+def prunable_lines(info: dict[str, Any] | None) -> list[str]:
+    """What the sparsity is measured over and what is excluded, with why (list items)."""
+    if not info:
+        return []
+    from wfcore.prunable import summary_lines
+
+    return [f"- **{line.split(':', 1)[0]}**:{line.split(':', 1)[1]}"
+            for line in summary_lines(info, names=6)]
 
 
 def number(value: float | None, fmt: str) -> str:

@@ -68,7 +68,8 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
         data = None
         model = build_model(
             cfg, plugins, SimpleNamespace(input_shape=tuple(shapes[0]), num_classes=shapes[1]))
-    return Rebuilt(cfg, plugins, model, dict(select_params(model, cfg.model.params)), data)
+    params = select_params(model, cfg.model.params, cfg.model.prunable)
+    return Rebuilt(cfg, plugins, model, dict(params), data)
 
 
 def step_state(run_dir: Path, step: int) -> Path:
