@@ -102,7 +102,11 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{e['sparsity']:.2%} | {number(e['accuracy'], '.2%')} | {e['loss']:.4f} |"
                   for e in epochs]
         lines.append("")
-    if report.get("export"):
+    if report.get("export", {}).get("error"):
+        lines += ["## Export", "", f"Failed: {report['export']['error']}. The pruned steps are "
+                  f"saved; `{report['export'].get('redo', 'wfcore export RUN')}` exports them.",
+                  ""]
+    elif report.get("export"):
         lines += ["## Export", "", export_table(report["export"]), ""]
     if not report.get("finished"):
         lines.append("_Run in progress or interrupted._\n")

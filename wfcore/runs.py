@@ -169,32 +169,33 @@ def refuse_foreign(path: Path, run_dir: Path) -> None:
 
 
 def run_exporter(cfg: DictConfig, plugins: manager.Plugins,
-                 quantize: str | None = None) -> Exporter:
+                 quantize: str | None = None, opset: int | None = None) -> Exporter:
     """The exporter the run's ``export`` section names (``onnx`` with its defaults when it
-    names none), with ``quantize`` in place of its ``quantize`` option when given."""
+    names none), with ``quantize`` and ``opset`` in place of its options when given."""
     section = config_mod.to_dict(cfg.export) if cfg.export is not None \
         else {"name": DEFAULT_EXPORTER}
-    if quantize is not None:
-        section["quantize"] = quantize
+    given = {k: v for k, v in (("quantize", quantize), ("opset", opset)) if v is not None}
+    section.update(given)
     try:
         return instantiate(OmegaConf.create({"export": section, "seed": cfg.seed}), "export",
                            plugins)
     except ConfigError as exc:
-        if quantize is None:
+        if not given:
             raise
-        raise ConfigError(f"--quantize: {first_line(exc)}") from None
+        raise ConfigError(f"--{'/--'.join(given)}: {first_line(exc)}") from None
 
 
 def export_run(run_dir: str | Path, step: int | None = None, output: str | Path | None = None,
                dense: bool = True, sparsity: float | None = None,
-               quantize: str | None = None) -> dict[str, Any]:
+               quantize: str | None = None, opset: int | None = None) -> dict[str, Any]:
     """Export step ``step`` of a run (or the last step at target ``sparsity``; default: the
     last step), and its dense model beside it, with the run's exporter.
 
     The sparse model goes to ``output`` (default ``RUN_DIR/model_step<N>.onnx``), the
     dense one to ``dense.onnx`` in the same directory. ``quantize``: none | int8 (default:
-    the run's ``export.quantize``). Returns both exports' checks, which also go into the
-    run's report (``export``).
+    the run's ``export.quantize``). ``opset``: the ONNX opset (default: the run's
+    ``export.opset``, else the lowest that exports the model). Returns both exports'
+    checks, which also go into the run's report (``export``).
     """
     run_dir = Path(run_dir)
     step = choose_step(run_dir, step, sparsity)
@@ -203,7 +204,7 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
     for target in targets:  # before anything is loaded
         refuse_foreign(target, run_dir)
     run = rebuild(run_dir)
-    exporter = run_exporter(run.cfg, run.plugins, quantize)
+    exporter = run_exporter(run.cfg, run.plugins, quantize, opset)
     for target in targets:  # and the files each export writes beside it (INT8)
         for path in exporter.outputs(str(target)):
             refuse_foreign(Path(path), run_dir)
