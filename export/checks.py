@@ -304,8 +304,14 @@ def check_parity(path: str, model: nn.Module, inputs: torch.Tensor,
                           f"PyTorch {want.shape}")
     diff = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
     scale = float(np.abs(want).max())
+    spread = float(np.abs(want.astype(np.float64) - want[:1].astype(np.float64)).max())
+    distinct = len(inputs) > 1 and spread > 1e-6 * max(scale, 1e-30)
+    if not distinct:
+        log.warning("ONNX parity check: the model gives the same output for all %d inputs "
+                    "(spread %.3g): it does not depend on its input, and parity only shows "
+                    "that the constant agrees", len(inputs), spread)
     if not diff <= atol:  # also catches NaN
         raise WfcoreError(f"ONNX parity check failed: max |ONNX Runtime - PyTorch| = {diff:.3g}"
                           f" > {atol:g} on a batch of {len(inputs)} (outputs up to {scale:.3g})")
     return {"max_abs_diff": diff, "max_abs_output": scale, "batch": int(len(inputs)),
-            "atol": atol}
+            "atol": atol, "output_spread": spread, "distinct_outputs": distinct}

@@ -25,6 +25,7 @@ from torch import nn
 from wfcore import hookimpl
 from wfcore.errors import WfcoreError
 from wfcore.interfaces import DataBundle, Exporter
+from wfcore.masks import select_params
 
 from . import checks, opsets
 from . import quantize as quantize_module
@@ -69,14 +70,20 @@ class OnnxOptions:
 
 
 def conv_linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of every Conv and Linear layer: what pruning zeroes and ONNX must keep."""
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    return {f"{name}.weight" if name else "weight": m.weight.detach()
-            for name, m in model.named_modules() if isinstance(m, kinds)}
+    """The weights of the default prunable set (``wfcore.prunable``: Linear, Conv,
+    ConvTranspose, attention in-projections): what pruning zeroes and ONNX must keep."""
+    return {n: p.detach() for n, p in select_params(model, None).items()}
 
 
-def parity_inputs(example: torch.Tensor, batch: int, seed: int = 0) -> torch.Tensor:
-    """A batch for the parity check: the example's first item, then noise of its scale."""
+def parity_inputs(example: torch.Tensor, batch: int, seed: int = 0,
+                  data: DataBundle | None = None) -> torch.Tensor:
+    """A batch for the parity check: distinct samples of the test set when ``data`` is
+    given (inputs on which a trained model's outputs differ from each other), else the
+    example's first item, then noise of its scale."""
+    if data is not None and len(data.test) >= 2:
+        items = [data.test[i] for i in range(min(batch, len(data.test)))]
+        return torch.stack([(it[0] if isinstance(it, (tuple, list)) else it).detach().float()
+                            for it in items]).cpu()
     g = torch.Generator().manual_seed(seed)
     one = example[:1].detach().float().cpu()  # (1, ...)
     scale = float(one.std()) if one.numel() > 1 and float(one.std()) > 0 else 1.0
@@ -97,11 +104,13 @@ def torch_to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
 def export_checked(model: nn.Module, example: torch.Tensor, path: str | Path,
                    options: OnnxOptions | None = None,
                    params: dict[str, torch.Tensor] | None = None,
-                   metadata: dict[str, str] | None = None) -> dict[str, Any]:
+                   metadata: dict[str, str] | None = None,
+                   data: DataBundle | None = None) -> dict[str, Any]:
     """Export, then check zeros and parity; returns the checks for the report.
 
-    ``params``: the weights whose zeros must survive (default: every Conv/Linear weight).
-    ``metadata``: strings stored in the ONNX file (``wfcore.*`` keys), e.g. the run.
+    ``params``: the weights whose zeros must survive (default: the default prunable set,
+    ``wfcore.masks.select_params``). ``metadata``: strings stored in the ONNX file
+    (``wfcore.*`` keys), e.g. the run. ``data``: parity runs on its test samples.
     """
     import onnx
 
@@ -122,7 +131,8 @@ def export_checked(model: nn.Module, example: torch.Tensor, path: str | Path,
     try:
         table = checks.check_zeros(proto, params)
         parity = checks.check_parity(str(tmp), model,
-                                     parity_inputs(example, options.parity_batch), options.atol)
+                                     parity_inputs(example, options.parity_batch, data=data),
+                                     options.atol)
     except WfcoreError as exc:
         failed = tmp.replace(path.with_name(f"{path.stem}.failed.onnx"))
         raise WfcoreError(f"{path}: {exc} (the export is kept as {failed})") from None
@@ -130,12 +140,16 @@ def export_checked(model: nn.Module, example: torch.Tensor, path: str | Path,
     path.with_name(f"{path.stem}.failed.onnx").unlink(missing_ok=True)
     log.info("exported %s: %s, %d/%d weights zero (all kept), parity max diff %.2g",
              path, why, table["torch_zeros"], table["numel"], parity["max_abs_diff"])
+    if table["untraced"]:
+        log.warning("exported %s: the zeros of %s are not verified (no initializer traced)",
+                    path, ", ".join(table["untraced"]))
     log.debug("ONNX sparsity:\n%s", checks.format_sparsity(table))
     return {
         "path": str(path),
         "opset": opset,
         "sparsity": table["torch_zeros"] / max(table["numel"], 1),
         "zeros": {k: table[k] for k in ("numel", "torch_zeros", "onnx_zeros", "kept_zeros")},
+        "untraced": table["untraced"],
         "initializers": table["rows"],
         "parity": parity,
     }
@@ -184,7 +198,7 @@ class OnnxExporter(Exporter):
                data: DataBundle | None = None, params: dict[str, torch.Tensor] | None = None,
                metadata: dict[str, str] | None = None) -> dict[str, Any]:
         params = params if params is not None else conv_linear_weights(model)
-        result = export_checked(model, example, path, self.options, params, metadata)
+        result = export_checked(model, example, path, self.options, params, metadata, data)
         if self.options.quantize == "int8":
             export_int8(result, params, data, self.options, metadata)
         return result

@@ -136,6 +136,18 @@ class SafeguardSection:
 
 
 @dataclass
+class DegenerateSection:
+    """Degenerate pruning results (wfcore/degenerate.py): each is a warning in the log and
+    the report, and stops the run unless allowed here."""
+
+    allow_empty_layers: bool = False  # a layer pruned to 100% (only its bias is left)
+    # a model whose output no longer depends on its input (on a probe batch of training
+    # samples where the dense model's outputs differ)
+    allow_constant_output: bool = False
+    probe_samples: int = 16  # training samples of that probe batch (seeded)
+
+
+@dataclass
 class StructureSection:
     # Weights pruned in blocks of this many consecutive input channels (at one output
     # channel and kernel position); 1 = unstructured. 4 is the layout DeepSparse's INT8
@@ -157,6 +169,7 @@ class Config:
     fisher: FisherSection = field(default_factory=FisherSection)
     safeguard: SafeguardSection = field(default_factory=SafeguardSection)
     structure: StructureSection = field(default_factory=StructureSection)
+    degenerate: DegenerateSection = field(default_factory=DegenerateSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)  # torchrun
     estimator: dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
     scorer: dict[str, Any] = field(default_factory=lambda: {"name": "obs"})
@@ -187,6 +200,7 @@ MINIMUMS = {
     "fisher.num_grads": 1,
     "fisher.grad_batch": 1,
     "structure.block": 1,
+    "degenerate.probe_samples": 2,
 }
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from wfcore import checkpoint, distributed, files, manager, prunable, rundir
 from wfcore import config as config_mod
+from wfcore.degenerate import DegeneracyCheck
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.gradients import GradientSampler
 from wfcore.interfaces import (
@@ -212,6 +213,11 @@ class Pruning:
                                                 subset_seed)
         self.pool_record["finetune"] = "subset" if cfg.data.finetune_subset else "all"
         self.finetune_data = pool if cfg.data.finetune_subset else self.data.train
+        degenerate = cfg.degenerate
+        self.degeneracy = DegeneracyCheck(
+            calibration_batch(pool, degenerate.probe_samples, cfg.seed + 2, self.device).x,
+            degenerate.allow_empty_layers, degenerate.allow_constant_output)
+        self.degeneracy.dense(self.model)
         guard = cfg.safeguard
         self.safeguard = Safeguard(
             self.model, self.params,
@@ -300,6 +306,7 @@ class Pruning:
             timings["prune"] += time.perf_counter() - start
         if block > 1:
             record["whole_blocks"] = whole_blocks(self.masks.keep, block)
+        self.degeneracy.check(self.model, self.masks, target)  # warns, or refuses
         return {"target_sparsity": target, **record}
 
     def model_state(self) -> dict[str, torch.Tensor]:

@@ -87,6 +87,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", table(report), ""]
     steps = report.get("steps", [])
     lines += safeguard_table(steps)
+    warned = [(s["index"], w) for s in steps for w in s.get("warnings", [])]
+    if warned:
+        lines += ["## Warnings", "", *[f"- step {i}: {w}" for i, w in warned], ""]
     if steps:
         last = steps[-1]
         lines += [f"## Layers at step {last['index']}", "", "| parameter | weights | sparsity |",
