@@ -121,7 +121,8 @@ def test_a_zero_changed_to_1e3_in_the_qkv_initializer_fails_the_check(vit_export
     zero = tuple(np.argwhere(value == 0)[0])
     value[zero] = 1e-3
     init.CopyFrom(numpy_helper.from_array(value, name))
-    with pytest.raises(WfcoreError, match=r"zero check failed: 1 weights .*self_attn.in_proj_weight \(1 of"):
+    lost = r"zero check failed: 1 weights .*self_attn.in_proj_weight \(1 of"
+    with pytest.raises(WfcoreError, match=lost):
         checks.check_zeros(proto, params)
 
 
