@@ -156,9 +156,9 @@ def summary_lines(info: dict[str, Any], names: int = 3) -> list[str]:
     """The summary as lines of the plan: what is prunable, then each reason for exclusion
     with its count and first ``names`` parameter names."""
     kinds = ", ".join(f"{k} {v['tensors']} ({v['numel']:,})" for k, v in info["prunable"].items())
-    out = [f"prunable by {info['selected_by']}: {info['prunable_numel']:,} of "
-           f"{info['model_numel']:,} weights ({info['share']:.1%}), the sparsity is measured "
-           f"over these: {kinds or 'none'}"]
+    out = [f"prunable by {info['selected_by']}: {info['prunable_numel']:,} of the model's "
+           f"{info['model_numel']:,} parameters ({info['share']:.1%}), the sparsity is "
+           f"measured over these: {kinds or 'none'}"]
     for e in info["excluded"]:
         shown = ", ".join(e["names"][:names]) + (", ..." if len(e["names"]) > names else "")
         out.append(f"excluded: {len(e['names'])} tensor(s), {e['numel']:,} weights: "
