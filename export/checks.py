@@ -8,12 +8,14 @@ MatMul weight (or three, one per slice, when queries, keys and values differ), a
 identical initializers are shared through Identity nodes. So the zero check first traces
 each prunable parameter to the initializer(s) that carry it, whatever op consumes them:
 
-1. an initializer with the parameter's own name (``fc.weight``, an Embedding's table);
+1. an initializer with the parameter's own name (``fc.weight``, an Embedding's table),
+   or that name with ``_quantized`` (ONNX Runtime's int8 copy);
 2. the weight input of the Conv / ConvTranspose / Gemm / MatMul / Gather node whose scope
    is the parameter's module (node ``/layer1/layer1.0/conv1/Conv`` is module
    ``layer1.0.conv1``), following Identity nodes (and, in an INT8 model, DequantizeLinear)
    back to their initializer; the QLinearConv / QGemm / QLinearMatMul of an INT8 model
-   count as their float ops (a candidate of the wrong shape is not taken);
+   count as their float ops (a candidate of the wrong shape is not taken; a parameter
+   other than ``weight``, e.g. ``in_proj_weight``, only when one candidate fits);
 3. by value: float initializers that equal the parameter, or a block of its rows, as they
    are or transposed, compared on the parameter's non-zero weights only (so a pruned zero
    that turned non-zero in the file is still traced, and then fails the check); the blocks
@@ -169,14 +171,16 @@ def map_weights(model_proto: Any, params: dict[str, torch.Tensor],
     mapped: dict[str, Mapped] = {}
     for name, p in params.items():
         want = tuple(p.shape)
-        if shapes.get(name) == want:
-            mapped[name] = Mapped(name, name, False, "name")
+        named = [i for i in (name, f"{name}_quantized") if shapes.get(i) == want]
+        if named:  # its own name, or the name ONNX Runtime's quantizer gives its int8 copy
+            mapped[name] = Mapped(name, named[0], False, "name")
             continue
         module = name.rsplit(".", 1)[0] if "." in name else ""
-        if name.endswith(".weight"):
-            fit = [(i, t) for i, t in by_module.get(module, []) if _fits(shapes[i], t, want)]
-            if fit:
-                mapped[name] = Mapped(name, *fit[0], "scope")
+        fit = [(i, t) for i, t in by_module.get(module, []) if _fits(shapes[i], t, want)]
+        # a module's ``weight`` is its first weight op's; another parameter of the module
+        # (an attention's in_proj_weight) only when no other weight there has its shape
+        if fit and (name.endswith(".weight") or len(fit) == 1):
+            mapped[name] = Mapped(name, *fit[0], "scope")
     left = [n for n in params if n not in mapped]
     if left:
         floats = {i.name: numpy_helper.to_array(i) for i in graph.initializer
