@@ -67,12 +67,21 @@ def output_spread(model: nn.Module, inputs: torch.Tensor) -> tuple[float, float]
         out = model(inputs)
     finally:
         model.train(was_training)
-    out = (out[0] if isinstance(out, (tuple, list)) else out).detach().double()
+    if isinstance(out, dict):
+        out = next(iter(out.values()), None)
+    if isinstance(out, (tuple, list)):
+        out = out[0] if out else None
+    if not torch.is_tensor(out) or out.dim() == 0 or out.shape[0] != len(inputs):
+        return float("inf"), float("inf")  # not one output per input: nothing to judge
+    out = out.detach().double()
     return float((out - out[:1]).abs().max()), float(out.abs().max())
 
 
 def is_constant(spread: float, scale: float) -> bool:
-    """Whether outputs with this spread and scale are all equal (to ``CONSTANT_RTOL``)."""
+    """Whether outputs with this spread and scale are all equal (to ``CONSTANT_RTOL``); NaN
+    outputs count as constant (nothing of the input is left in them)."""
+    if spread == float("inf"):
+        return False
     return not spread > CONSTANT_RTOL * max(scale, 1e-30)
 
 
