@@ -208,7 +208,8 @@ def run_vit(tmp_path: Path, *overrides: str) -> tuple[int, Path]:
     out = tmp_path / "run"
     code = cli.main(["-q", "prune", str(ROOT / "configs" / "mnist_mlpnet.yaml"),
                      "model.name=vit_tiny", "model.options={dim: 16, heads: 2, depth: 1}",
-                     "train.epochs=1", "fisher.num_grads=32", "safeguard.calibration_samples=64",
+                     "train.epochs=1", "data.options.test_size=500", "fisher.num_grads=32",
+                     "safeguard.calibration_samples=64",
                      "scheduler.name=oneshot", "scheduler.sparsities=[0.7]",
                      "export.name=onnx", f"output={out}", *overrides])
     return code, out
@@ -294,6 +295,7 @@ def test_a_global_allocation_that_would_empty_a_layer_gets_the_floor_and_a_warni
     default, allowed here to look at it. With floor 0 the emptied layers are refused."""
     base = ["-q", "prune", str(ROOT / "configs" / "mnist_mlpnet.yaml"),
             "model.name=mobilenet_tiny", "model.options={width: 4}", "train.epochs=0",
+            "data.options.test_size=500",
             "estimator.name=magnitude", "scorer.update=none", "safeguard.enabled=false",
             "scheduler.name=oneshot", "scheduler.sparsities=[0.9]"]
     assert cli.main([*base, f"output={tmp_path / 'refused'}"]) == 2
