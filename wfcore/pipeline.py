@@ -15,10 +15,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wfcore import checkpoint, distributed, files, manager, prunable, rundir
+from wfcore import checkpoint, distributed, files, manager, prunable, rundir, runs
 from wfcore import config as config_mod
 from wfcore.degenerate import DegeneracyCheck
-from wfcore.errors import ConfigError, WfcoreError, first_line
+from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import GradientSampler
 from wfcore.interfaces import (
     Allocator,
@@ -450,13 +450,7 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         return report.data
     failed = None
     if components.exporter is not None:
-        try:
-            export_stage(pruning, report)
-        except Exception as exc:  # the pruned steps stay usable: the run still finishes
-            log.debug("export failed", exc_info=True)
-            failed = first_line(exc)
-            report.data["export"] = {"error": failed,
-                                     "redo": f"wfcore export {run_dir} [--opset N]"}
+        failed = runs.export_stage(pruning, report)  # None, or why it failed (one line)
     report.finish()
     checkpoint.path(run_dir).unlink(missing_ok=True)  # finished: nothing left to resume
     pruning.plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir),
@@ -465,23 +459,3 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         raise WfcoreError(f"export failed: {failed}; the pruned steps are saved in {run_dir}: "
                           f"wfcore export {run_dir} [--opset N] exports them")
     return report.data
-
-
-def export_stage(pruning: Pruning, report: Report) -> None:
-    """The run's exporter on the step ``export.step`` (default: the last) and, with
-    ``export.dense``, on the dense model; the checks go into the report."""
-    components, run_dir = pruning.c, pruning.run_dir
-    example = pruning.data.test[0][0].unsqueeze(0)
-    model = pruning.model.cpu().eval()
-    params = {n: p.detach() for n, p in pruning.params.items()}
-    step = components.exporter.step  # export.step; None = the last step
-    if step is not None:
-        load_state(model, run_dir / f"model_step{step}.pt", "config key 'export.step'")
-    report.data["export"] = components.exporter.export(model, example,
-                                                       str(run_dir / "model.onnx"),
-                                                       data=pruning.data, params=params)
-    if components.exporter.dense:  # export.dense: dense.onnx beside it
-        load_state(model, run_dir / "dense.pt", "dense model")
-        params = {n: p.detach() for n, p in pruning.params.items()}
-        report.data["export"]["dense"] = components.exporter.export(
-            model, example, str(run_dir / "dense.onnx"), data=pruning.data, params=params)

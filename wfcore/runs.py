@@ -243,3 +243,36 @@ def record_in_report(run_dir: Path, result: dict[str, Any]) -> None:
         report["export"]["dense"] = result["dense"]
     files.write_json(path, report)
     files.write_text(run_dir / "report.md", markdown(report))
+
+
+def export_stage(pruning: Any, report: Any) -> str | None:
+    """The pipeline's export stage: the run's exporter on the step ``export.step``
+    (default: the last) and, with ``export.dense``, on the dense model; the checks go into
+    the report. ``pruning`` is the run (``wfcore.pipeline.Pruning``), ``report`` its
+    ``wfcore.report.Report``.
+
+    A failure leaves the pruned steps usable: it is recorded in the report (``export.error``)
+    and returned as one line, for the run to finish first and then say.
+    """
+    components, run_dir = pruning.c, pruning.run_dir
+    try:
+        example = pruning.data.test[0][0].unsqueeze(0)
+        model = pruning.model.cpu().eval()
+        step = components.exporter.step  # export.step; None = the last step
+        if step is not None:
+            states.load_state(model, run_dir / f"model_step{step}.pt",
+                              "config key 'export.step'")
+        params = {n: p.detach() for n, p in pruning.params.items()}
+        report.data["export"] = components.exporter.export(
+            model, example, str(run_dir / "model.onnx"), data=pruning.data, params=params)
+        if components.exporter.dense:  # export.dense: dense.onnx beside it
+            states.load_state(model, run_dir / "dense.pt", "dense model")
+            params = {n: p.detach() for n, p in pruning.params.items()}
+            report.data["export"]["dense"] = components.exporter.export(
+                model, example, str(run_dir / "dense.onnx"), data=pruning.data, params=params)
+    except Exception as exc:  # the pruned steps stay usable: the run still finishes
+        log.debug("export failed", exc_info=True)
+        report.data["export"] = {"error": first_line(exc),
+                                 "redo": f"wfcore export {run_dir} [--opset N]"}
+        return first_line(exc)
+    return None
