@@ -251,14 +251,23 @@ def layer_modules(model: nn.Module,
     return modules
 
 
-def diagonal_fisher(problem: PruningProblem, names: list[str], damp: float) -> DiagonalCurvature:
+def diagonal_fisher(problem: PruningProblem, names: list[str], damp: float,
+                    chunk_bytes: int = 256 * 2**20) -> DiagonalCurvature:
     """The diagonal empirical Fisher (``diag_fisher``'s, with K-FAC's damp) of the
-    parameters ``names`` that K-FAC has no Kronecker factors for; their m gradients are
-    sampled once for it."""
-    square_mean = problem.gradient_rows().square_mean()  # (d,) float64
-    layout = problem.layout()
-    inverse = {n: (1.0 / (square_mean[layout.slice(n)] + damp)).reshape(layout.shapes[n])
-               .to(problem.device) for n in names}
+    parameters ``names`` that K-FAC has no Kronecker factors for, from the problem's m
+    gradients, sampled a few rows at a time (``chunk_bytes`` of rows) and reduced to
+    these parameters' squares at once: never the whole (m, d) store."""
+    source, layout = problem.source, problem.layout()
+    rows_at_once = max(1, chunk_bytes // (4 * layout.d))
+    sums = {n: torch.zeros(layout.numels[n], dtype=torch.float64) for n in names}
+    done = 0
+    while done < source.num_grads:
+        rows = source.sample(min(rows_at_once, source.num_grads - done))  # (k, d)
+        for n in names:
+            sums[n] += rows[:, layout.slice(n)].double().pow(2).sum(0).cpu()
+        done += rows.shape[0]
+    inverse = {n: (1.0 / (sums[n] / done + damp)).reshape(layout.shapes[n]).to(problem.device)
+               for n in names}
     return DiagonalCurvature(inverse, damp)
 
 

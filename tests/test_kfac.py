@@ -211,6 +211,7 @@ def test_parameters_without_kronecker_factors_get_the_diagonal_fisher(caplog):
     """The depthwise conv and the in-projection are prunable by default: K-FAC says so in
     one warning and gives them diag_fisher's curvature (with its own damp); the Linear
     layers keep their Kronecker blocks."""
+    from wfcore.plugins import kfac
     from wfcore.plugins.diag_fisher import DiagFisher, DiagFisherOptions
 
     torch.manual_seed(0)
@@ -238,6 +239,10 @@ def test_parameters_without_kronecker_factors_get_the_diagonal_fisher(caplog):
     assert set(inv) == set(params)
     for n in ("attn.in_proj_weight", "depthwise.weight"):
         torch.testing.assert_close(inv[n], diag[n], rtol=1e-9, atol=0)
+    # sampled one row at a time (what a model too large for the (m, d) store gets): the same
+    one_row = kfac.diagonal_fisher(make_problem(), ["attn.in_proj_weight"], damp, chunk_bytes=1)
+    torch.testing.assert_close(one_row.inverse_diag["attn.in_proj_weight"],
+                               diag["attn.in_proj_weight"], rtol=1e-9, atol=0)
     w = {n: p.detach().clone() for n, p in params.items()}
     prune = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in w.items()}
     dw = curvature.prune_update(prune, w, "joint")
