@@ -15,7 +15,6 @@ rebuilds a run's model, loads a step's weights and drives it.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,18 +25,21 @@ from torch import nn
 from wfcore import hookimpl
 from wfcore.errors import WfcoreError
 from wfcore.interfaces import DataBundle, Exporter
+from wfcore.masks import select_params
 
-from . import checks
+from . import checks, opsets
 from . import quantize as quantize_module
 
 log = logging.getLogger(__name__)
 
-MIN_OPSET = 13
+MIN_OPSET = opsets.MIN_OPSET
 
 
 @dataclass
 class OnnxOptions:
-    opset: int = 13  # ONNX opset (13 or newer); 13 is the widest supported by DeepSparse 1.8
+    # ONNX opset (13 or newer); null = the lowest from 13 up that exports the model (13 is
+    # the widest supported by DeepSparse 1.8; attention needs 14), checked in the plan
+    opset: Optional[int] = None
     atol: float = 1e-4  # parity: max |ONNX Runtime - PyTorch| allowed on the check batch
     parity_batch: int = 8  # inputs in the parity batch (the example repeated plus noise)
     step: Optional[int] = None  # pipeline: the step whose model is exported; null = last step
@@ -51,7 +53,7 @@ class OnnxOptions:
     calibration_samples: int = 256  # training samples (never test) calibrating activations
 
     def validate(self) -> None:
-        if self.opset < MIN_OPSET:
+        if self.opset is not None and self.opset < MIN_OPSET:
             raise ValueError(f"opset must be {MIN_OPSET} or newer, got {self.opset}")
         if not self.atol > 0:
             raise ValueError("atol must be positive")
@@ -68,14 +70,20 @@ class OnnxOptions:
 
 
 def conv_linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of every Conv and Linear layer: what pruning zeroes and ONNX must keep."""
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    return {f"{name}.weight" if name else "weight": m.weight.detach()
-            for name, m in model.named_modules() if isinstance(m, kinds)}
+    """The weights of the default prunable set (``wfcore.prunable``: Linear, Conv,
+    ConvTranspose, attention in-projections): what pruning zeroes and ONNX must keep."""
+    return {n: p.detach() for n, p in select_params(model, None).items()}
 
 
-def parity_inputs(example: torch.Tensor, batch: int, seed: int = 0) -> torch.Tensor:
-    """A batch for the parity check: the example's first item, then noise of its scale."""
+def parity_inputs(example: torch.Tensor, batch: int, seed: int = 0,
+                  data: DataBundle | None = None) -> torch.Tensor:
+    """A batch for the parity check: distinct samples of the test set when ``data`` is
+    given (inputs on which a trained model's outputs differ from each other), else the
+    example's first item, then noise of its scale."""
+    if data is not None and len(data.test) >= 2:
+        items = [data.test[i] for i in range(min(batch, len(data.test)))]
+        return torch.stack([(it[0] if isinstance(it, (tuple, list)) else it).detach().float()
+                            for it in items]).cpu()
     g = torch.Generator().manual_seed(seed)
     one = example[:1].detach().float().cpu()  # (1, ...)
     scale = float(one.std()) if one.numel() > 1 and float(one.std()) > 0 else 1.0
@@ -84,27 +92,25 @@ def parity_inputs(example: torch.Tensor, batch: int, seed: int = 0) -> torch.Ten
 
 
 def torch_to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
-                  opset: int = 13) -> Path:
-    """Write ``model`` (eval mode, CPU) to ``path`` with a dynamic batch dimension."""
+                  opset: int | None = None) -> Path:
+    """Write ``model`` (eval mode, CPU) to ``path`` with a dynamic batch dimension, at
+    ``opset`` or (None) the lowest that exports it (export/opsets.py)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=["input"], output_names=["output"], do_constant_folding=True,
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    opsets.export_lowest(model, example, path, opset)
     return path
 
 
 def export_checked(model: nn.Module, example: torch.Tensor, path: str | Path,
                    options: OnnxOptions | None = None,
                    params: dict[str, torch.Tensor] | None = None,
-                   metadata: dict[str, str] | None = None) -> dict[str, Any]:
+                   metadata: dict[str, str] | None = None,
+                   data: DataBundle | None = None) -> dict[str, Any]:
     """Export, then check zeros and parity; returns the checks for the report.
 
-    ``params``: the weights whose zeros must survive (default: every Conv/Linear weight).
-    ``metadata``: strings stored in the ONNX file (``wfcore.*`` keys), e.g. the run.
+    ``params``: the weights whose zeros must survive (default: the default prunable set,
+    ``wfcore.masks.select_params``). ``metadata``: strings stored in the ONNX file
+    (``wfcore.*`` keys), e.g. the run. ``data``: parity runs on its test samples.
     """
     import onnx
 
@@ -113,8 +119,9 @@ def export_checked(model: nn.Module, example: torch.Tensor, path: str | Path,
     example = example.detach().float().cpu()[:1]
     path = Path(path)
     # Checked under a temporary name: ``path`` only ever holds a file that passed.
-    tmp = torch_to_onnx(model, example, path.with_name(f".{path.stem}.unchecked.onnx"),
-                        options.opset)
+    tmp = path.with_name(f".{path.stem}.unchecked.onnx")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    opset, why = opsets.export_lowest(model, example, tmp, options.opset)
     proto = onnx.load(str(tmp))
     if metadata:
         for key, value in metadata.items():
@@ -124,20 +131,25 @@ def export_checked(model: nn.Module, example: torch.Tensor, path: str | Path,
     try:
         table = checks.check_zeros(proto, params)
         parity = checks.check_parity(str(tmp), model,
-                                     parity_inputs(example, options.parity_batch), options.atol)
+                                     parity_inputs(example, options.parity_batch, data=data),
+                                     options.atol)
     except WfcoreError as exc:
         failed = tmp.replace(path.with_name(f"{path.stem}.failed.onnx"))
         raise WfcoreError(f"{path}: {exc} (the export is kept as {failed})") from None
     tmp.replace(path)
     path.with_name(f"{path.stem}.failed.onnx").unlink(missing_ok=True)
-    log.info("exported %s: opset %d, %d/%d weights zero (all kept), parity max diff %.2g",
-             path, options.opset, table["torch_zeros"], table["numel"], parity["max_abs_diff"])
+    log.info("exported %s: %s, %d/%d weights zero (all kept), parity max diff %.2g",
+             path, why, table["torch_zeros"], table["numel"], parity["max_abs_diff"])
+    if table["untraced"]:
+        log.warning("exported %s: the zeros of %s are not verified (no initializer traced)",
+                    path, ", ".join(table["untraced"]))
     log.debug("ONNX sparsity:\n%s", checks.format_sparsity(table))
     return {
         "path": str(path),
-        "opset": options.opset,
+        "opset": opset,
         "sparsity": table["torch_zeros"] / max(table["numel"], 1),
         "zeros": {k: table[k] for k in ("numel", "torch_zeros", "onnx_zeros", "kept_zeros")},
+        "untraced": table["untraced"],
         "initializers": table["rows"],
         "parity": parity,
     }
@@ -186,13 +198,18 @@ class OnnxExporter(Exporter):
                data: DataBundle | None = None, params: dict[str, torch.Tensor] | None = None,
                metadata: dict[str, str] | None = None) -> dict[str, Any]:
         params = params if params is not None else conv_linear_weights(model)
-        result = export_checked(model, example, path, self.options, params, metadata)
+        result = export_checked(model, example, path, self.options, params, metadata, data)
         if self.options.quantize == "int8":
             export_int8(result, params, data, self.options, metadata)
         return result
 
     def outputs(self, path: str) -> list[str]:
         return [path, *([str(int8_path(path))] if self.options.quantize == "int8" else [])]
+
+    def check(self, model: nn.Module, example: torch.Tensor) -> str:
+        """The opset the model exports at (``export.opset``, or the lowest that works)."""
+        _, why = opsets.check_exportable(model, example, self.options.opset)
+        return f"export: onnx, {why}"
 
 
 OnnxExporter.Options = OnnxOptions

@@ -92,9 +92,10 @@ def global_with_caps(scores: Tensors, masks: Tensors, num_zeros: int,
 
 @dataclass
 class GlobalOptions:
-    # Minimum fraction of every layer kept, so that no layer is emptied (0 = a pure
-    # global threshold; e.g. 0.02 keeps at least 2% of each layer).
-    floor: float = 0.0
+    # Minimum fraction of every layer kept (rounded up: at least one weight), so that no
+    # layer is emptied when the layers' scores live on different scales; a floor that
+    # changes the allocation is a warning naming the layers. 0 = a pure global threshold.
+    floor: float = 0.005
     # Per-layer floors by glob over parameter names (first match wins), overriding `floor`.
     floors: dict[str, float] = field(default_factory=dict)
     # Globs of prunable parameters left dense; the others prune more to reach the target.
@@ -143,9 +144,31 @@ class GlobalAllocator(Allocator):
         new = global_with_caps(scores, masks, num_zeros, caps)
         bound = [n for n in new if int((~new[n]).sum()) == caps[n] < masks[n].numel()
                  and caps[n] > int((~masks[n]).sum())]
-        if bound:
+        emptied = [n for n in would_empty(scores, masks, num_zeros, self.options.exclude)
+                   if n in bound]
+        if emptied:
+            log.warning("allocator 'global': one threshold at sparsity %.4g would empty "
+                        "%d layer(s), the floor (allocator.floor=%g / floors) keeps them: %s",
+                        target, len(emptied), self.options.floor, ", ".join(emptied))
+        elif bound:
             log.info("allocator 'global': floors bind in %s", ", ".join(bound))
         return new
+
+
+def would_empty(scores: Tensors, masks: Tensors, num_zeros: int,
+                exclude: list[str]) -> list[str]:
+    """The layers that one threshold over all scores (no floors; ``exclude`` left dense)
+    would prune whole to reach ``num_zeros`` zeros."""
+    free = [n for n in scores if first_match(n, exclude) is None]
+    if not free:
+        return []
+    kept = {n: scores[n].reshape(-1).cpu().double()[masks[n].reshape(-1).cpu()] for n in free}
+    pool = torch.cat(list(kept.values()))
+    new_zeros = num_zeros - sum(int((~m).sum()) for m in masks.values())
+    if new_zeros <= 0 or pool.numel() == 0:
+        return []
+    threshold = torch.kthvalue(pool, min(new_zeros, pool.numel())).values
+    return [n for n, s in kept.items() if s.numel() and bool((s <= threshold).all())]
 
 
 class UniformAllocator(Allocator):

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from wfcore.plugins.diag_fisher import DiagonalCurvature
 
 from wfcore import hookimpl
 from wfcore import progress as progress_bars
-from wfcore.errors import ConfigError, WfcoreError
+from wfcore.errors import WfcoreError
 from wfcore.interfaces import (
     DAMP_MODES,
     Curvature,
@@ -180,14 +181,20 @@ class KfacCurvature(Curvature):
     """
 
     def __init__(self, blocks: dict[str, KroneckerBlock], joint_max: int = 8192,
-                 damp: float | None = None):
+                 damp: float | None = None, diagonal: DiagonalCurvature | None = None):
         self.blocks = blocks
         self.joint_max = joint_max
         self.damp = damp  # the absolute damp the blocks were given, for the report
+        # the parameters without Kronecker factors (see ``kronecker_modules``): diagonal F
+        self.diagonal = diagonal or DiagonalCurvature({}, damp)
+
+    def _diagonal_part(self, t: Tensors) -> Tensors:
+        return {n: t[n] for n in self.diagonal.inverse_diag}
 
     def quadratic(self, dw: Tensors) -> float:
         return sum(0.5 * float((self._matrix(n, dw[n]) * b.mul(self._matrix(n, dw[n]))).sum())
-                   for n, b in self.blocks.items())
+                   for n, b in self.blocks.items()) + \
+            self.diagonal.quadratic(self._diagonal_part(dw))
 
     def damping(self) -> float | None:
         return self.damp
@@ -197,15 +204,16 @@ class KfacCurvature(Curvature):
         for n, b in self.blocks.items():
             diag = (b.Q_G ** 2) @ (1.0 / b.D) @ (b.Q_A ** 2).T  # (out, in)
             out[n] = diag.reshape(b.shape)
-        return out
+        return {**out, **self.diagonal.inverse_diagonal()}
 
     def _matrix(self, n: str, t: torch.Tensor) -> torch.Tensor:
         b = self.blocks[n]
         return t.to(device=b.D.device, dtype=torch.float64).reshape(b.D.shape)  # (out, in)
 
     def inverse_mul(self, v: Tensors) -> Tensors:
-        return {n: b.inverse_mul(self._matrix(n, v[n])).reshape(b.shape)
-                for n, b in self.blocks.items()}
+        return {**{n: b.inverse_mul(self._matrix(n, v[n])).reshape(b.shape)
+                   for n, b in self.blocks.items()},
+                **self.diagonal.inverse_mul(self._diagonal_part(v))}
 
     def prune_update(self, prune_mask: Tensors, w: Tensors, mode: str) -> Tensors:
         if mode != "joint":
@@ -216,26 +224,51 @@ class KfacCurvature(Curvature):
             # weights already at zero stay there: they join the constrained set
             C = self._matrix(n, prune_mask[n]).bool() | (W == 0)
             out[n] = joint_update(b, W, C, self.joint_max).reshape(b.shape)
-        return out
+        return {**out, **self.diagonal.prune_update(self._diagonal_part(prune_mask),
+                                                    self._diagonal_part(w), mode)}
 
 
-def layer_modules(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
-    """The Linear / Conv2d module that owns each prunable weight."""
-    modules = {}
+def modelled(module: nn.Module, name: str, p: nn.Parameter) -> bool:
+    """Whether K-FAC factors ``p``: the weight of a Linear, or of a Conv2d without groups,
+    string padding or a non-zero padding mode (the layers whose input patches it unfolds)."""
+    if name.rpartition(".")[2] != "weight" or getattr(module, "weight", None) is not p:
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and \
+        not isinstance(module.padding, str) and module.padding_mode == "zeros"
+
+
+def layer_modules(model: nn.Module,
+                  params: dict[str, nn.Parameter]) -> dict[str, nn.Module | None]:
+    """The Linear / Conv2d module that owns each prunable weight K-FAC factors
+    (``modelled``); None for the other prunable parameters."""
+    modules: dict[str, nn.Module | None] = {}
     for name, p in params.items():
-        owner, _, attr = name.rpartition(".")
+        owner = name.rpartition(".")[0]
         module = model.get_submodule(owner) if owner else model
-        if attr != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)) or \
-                module.weight is not p:
-            raise ConfigError(f"estimator 'kfac': '{name}' is not the weight of a Linear or "
-                              "Conv2d layer; restrict model.params to those")
-        if isinstance(module, nn.Conv2d) and (module.groups != 1 or
-                                              isinstance(module.padding, str) or
-                                              module.padding_mode != "zeros"):
-            raise ConfigError(f"estimator 'kfac': '{name}': grouped convolutions, string "
-                              "padding and non-zero padding modes are not supported")
-        modules[name] = module
+        modules[name] = module if modelled(module, name, p) else None
     return modules
+
+
+def diagonal_fisher(problem: PruningProblem, names: list[str], damp: float,
+                    chunk_bytes: int = 256 * 2**20) -> DiagonalCurvature:
+    """The diagonal empirical Fisher (``diag_fisher``'s, with K-FAC's damp) of the
+    parameters ``names`` that K-FAC has no Kronecker factors for, from the problem's m
+    gradients, sampled a few rows at a time (``chunk_bytes`` of rows) and reduced to
+    these parameters' squares at once: never the whole (m, d) store."""
+    source, layout = problem.source, problem.layout()
+    rows_at_once = max(1, chunk_bytes // (4 * layout.d))
+    sums = {n: torch.zeros(layout.numels[n], dtype=torch.float64) for n in names}
+    done = 0
+    while done < source.num_grads:
+        rows = source.sample(min(rows_at_once, source.num_grads - done))  # (k, d)
+        for n in names:
+            sums[n] += rows[:, layout.slice(n)].double().pow(2).sum(0).cpu()
+        done += rows.shape[0]
+    inverse = {n: (1.0 / (sums[n] / done + damp)).reshape(layout.shapes[n]).to(problem.device)
+               for n in names}
+    return DiagonalCurvature(inverse, damp)
 
 
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +293,9 @@ def collect_factors(problem: PruningProblem, num_grads: int, grad_batch: int,
     """A (in, in) and G (out, out) of every prunable layer, in float64, from the problem's
     mini-batches (``PruningProblem.batches``: the data's labels or sampled ones)."""
     model, device = problem.model, problem.device
-    modules = layer_modules(model, problem.params)
+    modules = {n: m for n, m in layer_modules(model, problem.params).items() if m is not None}
+    if not modules:
+        return {}
     total = num_grads * grad_batch
     chunk = max(grad_batch, (batch_size // grad_batch) * grad_batch)  # whole groups only
     A = {n: torch.zeros(m.weight[0].numel(), m.weight[0].numel(), dtype=torch.float64,
@@ -365,16 +400,28 @@ class Kfac(HessianEstimator):
                              flops=flops, note=note)
 
     def fit(self, problem: PruningProblem) -> Curvature:
-        s = problem.source
+        s, o = problem.source, self.options
+        others = [n for n, m in layer_modules(problem.model, problem.params).items()
+                  if m is None]
+        diagonal = None
+        if others:  # sampled first: the m gradients a diag_fisher fit would see
+            log.warning("kfac: no Kronecker factors for %d prunable parameter(s) (attention "
+                        "in-projections, grouped or transposed convolutions, Conv1d/3d, other "
+                        "tensors): their curvature is the diagonal empirical Fisher: %s",
+                        len(others), ", ".join(others[:4]) + (", ..." if len(others) > 4 else ""))
+            diagonal = diagonal_fisher(problem, others, o.damp)
         factors = collect_factors(problem, s.num_grads, s.grad_batch,
-                                  batch_size=self.options.batch_size, progress=s.progress)
-        o = self.options
+                                  batch_size=o.batch_size, progress=s.progress)
         damp = kron_damp(factors, o.damp, o.damp_mode)
         blocks = {n: damped_block(A, G, damp, o.damping, tuple(problem.params[n].shape))
                   for n, (A, G) in factors.items()}
         log.debug("kfac: %d layers from %d groups of %d samples", len(blocks), s.num_grads,
                   s.grad_batch)
-        return KfacCurvature(blocks, o.joint_max, damp)
+        if diagonal is not None and damp != o.damp:  # damp_mode relative: the same scale
+            diagonal = DiagonalCurvature(
+                {n: 1.0 / (1.0 / d - o.damp + damp) for n, d in diagonal.inverse_diag.items()},
+                damp)
+        return KfacCurvature(blocks, o.joint_max, damp, diagonal)
 
 
 @hookimpl

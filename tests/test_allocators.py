@@ -16,16 +16,17 @@ def random_layers(seed: int = 0):
     return scores, masks
 
 
-def allocator(name: str):
+def allocator(name: str, **options):
     entry, _ = manager.build().registry("allocators").lookup(name, "allocator.name")
-    options = entry.options_class() if entry.options_class else {}
-    return entry.factory(options)
+    made = entry.options_class(**options) if entry.options_class else {}
+    return entry.factory(made)
 
 
 @pytest.mark.parametrize("target", [0.0, 0.1, 0.5, 0.9, 0.95, 0.99])
 def test_global_reaches_target_exactly_and_prunes_the_lowest(target):
+    """A pure threshold (floor 0): the lowest scores go, whichever layer they are in."""
     scores, masks = random_layers()
-    new = allocator("global").allocate(scores, masks, target)
+    new = allocator("global", floor=0.0).allocate(scores, masks, target)
     total = sum(s.numel() for s in scores.values())
     zeros = sum(int((~k).sum()) for k in new.values())
     assert zeros == round(target * total)

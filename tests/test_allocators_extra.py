@@ -66,11 +66,26 @@ def test_floor_holds_and_target_is_exact(target):
 
 def test_without_floor_the_skewed_layer_is_emptied_and_with_it_is_not():
     scores, masks = layers()
-    plain = allocator("global").allocate(scores, masks, 0.9)
+    plain = allocator("global", floor=0.0).allocate(scores, masks, 0.9)
     assert int(plain["conv1.weight"].sum()) == 0
     floored = allocator("global", floor=0.05).allocate(scores, masks, 0.9)
     assert int(floored["conv1.weight"].sum()) == math.ceil(0.05 * 72)  # the floor binds
     assert zeros(floored) == zeros(plain)
+
+
+def test_the_default_floor_keeps_a_layer_a_threshold_would_empty_and_warns(caplog):
+    """By default (allocator.floor 0.005, rounded up to at least one weight) no layer is
+    emptied; the floor that prevents it is a warning naming the layer."""
+    scores, masks = layers()
+    with caplog.at_level("WARNING"):
+        new = allocator("global").allocate(scores, masks, 0.9)
+    assert int(new["conv1.weight"].sum()) == math.ceil(0.005 * 72) == 1
+    assert zeros(new) == round(0.9 * sum(s.numel() for s in scores.values()))
+    assert "would empty 1 layer(s)" in caplog.text and "conv1.weight" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        allocator("global").allocate(*layers(skew=False), 0.9)
+    assert "would empty" not in caplog.text  # no layer at risk: no warning
 
 
 def test_per_layer_floors_by_glob_override_the_default():
@@ -84,7 +99,7 @@ def test_per_layer_floors_by_glob_override_the_default():
 @pytest.mark.parametrize("target", [0.1, 0.25])
 def test_excluded_layers_stay_dense_and_the_rest_meets_the_target(target):
     scores, masks = layers(1)
-    new = allocator("global", exclude=["conv2.*"]).allocate(scores, masks, target)
+    new = allocator("global", floor=0.0, exclude=["conv2.*"]).allocate(scores, masks, target)
     assert bool(new["conv2.weight"].all())
     assert zeros(new) == round(target * sum(s.numel() for s in scores.values()))
     rest = torch.cat([scores[n][~new[n]] for n in ("conv1.weight", "fc.weight")])
@@ -96,7 +111,7 @@ def test_unreachable_target_says_why():
     scores, masks = layers()
     total = sum(s.numel() for s in scores.values())  # 1624; conv2 (1152) excluded
     with pytest.raises(WfcoreError, match="at most 472"):
-        allocator("global", exclude=["conv2.weight"]).allocate(scores, masks, 0.5)
+        allocator("global", floor=0.0, exclude=["conv2.weight"]).allocate(scores, masks, 0.5)
     with pytest.raises(WfcoreError, match="floors"):
         allocator("global", floor=0.5).allocate(scores, masks, 0.6)
     assert total == 1624

@@ -192,10 +192,60 @@ def test_sampled_labels_are_reproducible_for_a_seed():
         assert not torch.equal(first[n], empirical[n])
 
 
-def test_rejects_parameters_that_are_not_linear_or_conv_weights():
-    from wfcore.errors import ConfigError
+class Mixed(nn.Module):
+    """A Linear beside what K-FAC has no factors for: a depthwise conv, an attention's
+    packed in-projection."""
 
-    prob = problem(num_grads=2)
-    prob.params = {"fc.bias": prob.model.fc.bias}
-    with pytest.raises(ConfigError, match="fc.bias"):
-        Kfac(KfacOptions()).fit(prob)
+    def __init__(self):
+        super().__init__()
+        self.depthwise = nn.Conv2d(2, 2, 3, padding=1, groups=2)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.depthwise(x).flatten(2)  # (batch, 2, 4)
+        return self.fc(self.attn(tokens, tokens, tokens)[0].flatten(1))
+
+
+def test_parameters_without_kronecker_factors_get_the_diagonal_fisher(caplog):
+    """The depthwise conv and the in-projection are prunable by default: K-FAC says so in
+    one warning and gives them diag_fisher's curvature (with its own damp); the Linear
+    layers keep their Kronecker blocks."""
+    from wfcore.plugins import kfac
+    from wfcore.plugins.diag_fisher import DiagFisher, DiagFisherOptions
+
+    torch.manual_seed(0)
+    model = Mixed().double()
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(30, 2, 2, 2, generator=g,
+                                                      dtype=torch.float64),
+                                          torch.randint(0, 3, (30,), generator=g))
+    params = select_params(model, None)
+    assert "attn.in_proj_weight" in params and "depthwise.weight" in params
+
+    def make_problem():
+        masks = Masks(params)
+        sampler = GradientSampler(model, params, masks.keep, data, nn.CrossEntropyLoss(),
+                                  num_grads=6, seed=0, dtype=torch.float64, progress=False)
+        return PruningProblem(model, params, masks, sampler, nn.CrossEntropyLoss(),
+                              torch.device("cpu"))
+
+    damp = 1e-3
+    curvature = Kfac(KfacOptions(damp=damp)).fit(make_problem())
+    assert set(curvature.blocks) == {"attn.out_proj.weight", "fc.weight"}
+    assert "attn.in_proj_weight" in caplog.text and "diagonal empirical Fisher" in caplog.text
+    diag = DiagFisher(DiagFisherOptions(damp=damp)).fit(make_problem()).inverse_diagonal()
+    inv = curvature.inverse_diagonal()
+    assert set(inv) == set(params)
+    for n in ("attn.in_proj_weight", "depthwise.weight"):
+        torch.testing.assert_close(inv[n], diag[n], rtol=1e-9, atol=0)
+    # sampled one row at a time (what a model too large for the (m, d) store gets): the same
+    one_row = kfac.diagonal_fisher(make_problem(), ["attn.in_proj_weight"], damp, chunk_bytes=1)
+    torch.testing.assert_close(one_row.inverse_diag["attn.in_proj_weight"],
+                               diag["attn.in_proj_weight"], rtol=1e-9, atol=0)
+    w = {n: p.detach().clone() for n, p in params.items()}
+    prune = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in w.items()}
+    dw = curvature.prune_update(prune, w, "joint")
+    for n in params:
+        assert torch.all((w[n] + dw[n])[prune[n]].abs() < 1e-10), n
+    assert math.isfinite(curvature.quadratic(dw))

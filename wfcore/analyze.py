@@ -71,7 +71,7 @@ def analysed_params(cfg: DictConfig, model: nn.Module) -> dict[str, nn.Parameter
     patterns = cfg.analyze.params if cfg.analyze.params is not None else cfg.model.params
     key = "analyze.params" if cfg.analyze.params is not None else "model.params"
     try:
-        params = select_params(model, patterns)
+        params = select_params(model, patterns, cfg.model.prunable)
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("'model.params'", f"'{key}'")) from None
     if not params:

@@ -107,11 +107,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from wfcore.runs import export_run
 
     result = export_run(args.run_dir, step=args.step, output=args.output,
-                        sparsity=args.sparsity, quantize=args.quantize)
+                        sparsity=args.sparsity, quantize=args.quantize, opset=args.opset)
     for kind in ("sparse", "dense"):
         if kind in result:
             r = result[kind]
-            print(f"{kind:<6} {r['path']}: sparsity {r['sparsity']:.4f}, zeros kept "
+            print(f"{kind:<6} {r['path']}: opset {r.get('opset')}, sparsity "
+                  f"{r['sparsity']:.4f}, zeros kept "
                   f"{r['zeros']['kept_zeros']}/{r['zeros']['torch_zeros']}, ONNX Runtime max "
                   f"|diff| {r['parity']['max_abs_diff']:.2g}")
             q = r.get("quantized")
@@ -282,6 +283,9 @@ def parser() -> argparse.ArgumentParser:
                         help="int8: also write <name>.int8.onnx beside each model, statically "
                         "quantized on training samples with the zeros kept (default: the "
                         "run's export.quantize)")
+    export.add_argument("--opset", type=int,
+                        help="the ONNX opset (default: the run's export.opset, else the "
+                        "lowest from 13 up that exports the model)")
 
     analyze = command("analyze", "compare each estimator's curvature with the "
                       "exact Hessian and Fishers (the config's analyze section)")

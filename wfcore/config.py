@@ -48,7 +48,12 @@ class ModelSection:
     # factory that loads its own): it is pruned as it is, never trained. null = true for a
     # model given to wfcore.prune (model.name in_memory), false otherwise
     trained: Optional[bool] = None
-    params: Optional[list[str]] = None  # globs over parameter names; null = Linear/Conv weights
+    params: Optional[list[str]] = None  # globs over parameter names; null = by model.prunable
+    # layer kinds whose weights are pruned when params is null (wfcore/prunable.py):
+    # linear, conv (any groups), conv_transpose, attention (nn.MultiheadAttention's
+    # in-projection); opt-in: embedding, norm
+    prunable: list[str] = field(
+        default_factory=lambda: ["linear", "conv", "conv_transpose", "attention"])
     options: dict[str, Any] = field(default_factory=dict)  # passed to the model's factory
 
 
@@ -140,6 +145,18 @@ class SafeguardSection:
 
 
 @dataclass
+class DegenerateSection:
+    """Degenerate pruning results (wfcore/degenerate.py): each is a warning in the log and
+    the report, and stops the run unless allowed here."""
+
+    allow_empty_layers: bool = False  # a layer pruned to 100% (only its bias is left)
+    # a model whose output no longer depends on its input (on a probe batch of training
+    # samples where the dense model's outputs differ)
+    allow_constant_output: bool = False
+    probe_samples: int = 16  # training samples of that probe batch (seeded)
+
+
+@dataclass
 class StructureSection:
     # Weights pruned in blocks of this many consecutive input channels (at one output
     # channel and kernel position); 1 = unstructured. 4 is the layout DeepSparse's INT8
@@ -165,6 +182,7 @@ class Config:
     fisher: FisherSection = field(default_factory=FisherSection)
     safeguard: SafeguardSection = field(default_factory=SafeguardSection)
     structure: StructureSection = field(default_factory=StructureSection)
+    degenerate: DegenerateSection = field(default_factory=DegenerateSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)  # torchrun
     estimator: dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
     scorer: dict[str, Any] = field(default_factory=lambda: {"name": "obs"})
@@ -195,6 +213,7 @@ MINIMUMS = {
     "fisher.num_grads": 1,
     "fisher.grad_batch": 1,
     "structure.block": 1,
+    "degenerate.probe_samples": 2,
 }
 
 

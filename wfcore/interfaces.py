@@ -355,3 +355,9 @@ class Exporter(ABC):
     def outputs(self, path: str) -> list[str]:
         """Every file ``export(..., path)`` writes: ``path`` first, then any beside it."""
         return [path]
+
+    def check(self, model: nn.Module, example: torch.Tensor) -> str | None:
+        """Whether ``model`` (its architecture; weights do not matter) can be exported,
+        before anything is trained or sampled: a line for the plan, or a one-line
+        WfcoreError saying what to change. Optional: the default, None, checks nothing."""
+        return None

@@ -8,36 +8,23 @@ are re-applied after every optimizer step, which also covers optimizers with oth
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from wfcore.errors import ConfigError
+from wfcore import prunable
 
 
-def select_params(model: nn.Module, patterns: Iterable[str] | None) -> dict[str, nn.Parameter]:
-    """The prunable parameters, in model order.
+def select_params(model: nn.Module, patterns: Iterable[str] | None,
+                  kinds: Iterable[str] | None = None) -> dict[str, nn.Parameter]:
+    """The prunable parameters, in model order (``wfcore.prunable``).
 
-    ``patterns`` are globs over parameter names; None selects the weights of every
-    Linear and Conv layer (biases and normalisation layers stay dense).
+    ``patterns`` are globs over parameter names (``model.params``); None selects the
+    weights of the layer ``kinds`` (``model.prunable``; None = Linear, Conv, ConvTranspose
+    and attention in-projections). Biases and normalisation layers stay dense.
     """
-    if patterns is None:
-        conv_linear = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-        chosen = {
-            f"{mod_name}.weight" if mod_name else "weight": module.weight
-            for mod_name, module in model.named_modules()
-            if isinstance(module, conv_linear)
-        }
-        return {n: p for n, p in model.named_parameters() if n in chosen}
-    patterns = list(patterns)
-    params = {n: p for n, p in model.named_parameters()
-              if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
-    for pat in patterns:
-        if not any(fnmatch.fnmatchcase(n, pat) for n in params):
-            raise ConfigError(f"config key 'model.params': '{pat}' matches no parameter")
-    return params
+    return prunable.select(model, patterns, kinds)
 
 
 def to_groups(t: torch.Tensor, block: int, fill: float | bool = 0) -> torch.Tensor:

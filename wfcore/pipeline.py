@@ -15,8 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wfcore import checkpoint, distributed, files, inmemory, manager, rundir
+from wfcore import checkpoint, distributed, files, inmemory, manager, prunable, rundir, runs
 from wfcore import config as config_mod
+from wfcore.degenerate import DegeneracyCheck
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import GradientSampler
 from wfcore.interfaces import (
@@ -122,11 +123,22 @@ def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
     # unlabelled data (sampled labels): class 0 stands in for the label
     target = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else 0
     needs = components.need_gradients()
-    return make_plan(model=model, params=params, example=example.unsqueeze(0).to(device),
+    plan = make_plan(model=model, params=params, example=example.unsqueeze(0).to(device),
                      target=torch.as_tensor(target).unsqueeze(0), loss_fn=loss_fn,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
                      device=device, calibrate=calibrate, nproc=nproc)
+    plan.notes = prunable.summary_lines(prunable_summary(cfg, model, params)) + plan.notes
+    if components.exporter is not None:  # exportability, before anything is trained
+        line = components.exporter.check(model, example.unsqueeze(0))
+        plan.notes += [line] if line else []
+    return plan
+
+
+def prunable_summary(cfg: DictConfig, model: nn.Module,
+                     params: dict[str, nn.Parameter]) -> dict[str, Any]:
+    """What is prunable and what is excluded, with why (``wfcore.prunable.summary``)."""
+    return prunable.summary(model, params, cfg.model.params, cfg.model.prunable)
 
 
 def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
@@ -150,7 +162,7 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
         notes.append(f"data: {exc}; planned on stand-in data of shape "
                      f"{'x'.join(map(str, data.input_shape))} with {data.num_classes} classes")
     model = build_model(cfg, plugins, data).to(device)
-    params = select_params(model, cfg.model.params)
+    params = select_params(model, cfg.model.params, cfg.model.prunable)
     if not params:
         raise ConfigError("config key 'model.params': no prunable parameters selected")
     run_dir = Path(cfg.output or Path("runs") / cfg.name)
@@ -174,7 +186,7 @@ class Pruning:
         self.data = load_data(cfg, plugins)
         self.model = build_model(cfg, plugins, self.data).to(self.device)
         self.loss_fn = loss_function(cfg, self.data)
-        self.params = select_params(self.model, cfg.model.params)
+        self.params = select_params(self.model, cfg.model.params, cfg.model.prunable)
         if not self.params:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
         if cfg.fisher.grad_batch > len(self.data.train):
@@ -201,6 +213,11 @@ class Pruning:
                                                 subset_seed)
         self.pool_record["finetune"] = "subset" if cfg.data.finetune_subset else "all"
         self.finetune_data = pool if cfg.data.finetune_subset else self.data.train
+        degenerate = cfg.degenerate
+        self.degeneracy = DegeneracyCheck(
+            calibration_batch(pool, degenerate.probe_samples, cfg.seed + 2, self.device).x,
+            degenerate.allow_empty_layers, degenerate.allow_constant_output)
+        self.degeneracy.dense(self.model)
         guard = cfg.safeguard
         self.safeguard = Safeguard(
             self.model, self.params,
@@ -289,6 +306,7 @@ class Pruning:
             timings["prune"] += time.perf_counter() - start
         if block > 1:
             record["whole_blocks"] = whole_blocks(self.masks.keep, block)
+        self.degeneracy.check(self.model, self.masks, target)  # warns, or refuses
         return {"target_sparsity": target, **record}
 
     def model_state(self) -> dict[str, torch.Tensor]:
@@ -416,6 +434,7 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
     report.data["distributed"] = {**distributed.provenance(), "parts": parts}
     if saved is None:
         report.data["plan"] = pruning.plan.as_dict()
+        report.data["prunable"] = prunable_summary(cfg, pruning.model, pruning.params)
         report.data["versions"] = versions(pruning.plugins)
         if distributed.is_main():
             files.save_torch(run_dir / "dense.pt", pruning.model_state())
@@ -432,21 +451,14 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         pruning.model.state_dict())
     if not distributed.is_main():  # rank 0 alone exports and writes the report
         return report.data
+    failed = None
     if components.exporter is not None:
-        example = pruning.data.test[0][0].unsqueeze(0)
-        model = pruning.model.cpu().eval()
-        step = components.exporter.step  # export.step; None = the last step
-        if step is not None:
-            load_state(model, run_dir / f"model_step{step}.pt", "config key 'export.step'")
-        report.data["export"] = components.exporter.export(model, example,
-                                                           str(run_dir / "model.onnx"),
-                                                           data=pruning.data)
-        if components.exporter.dense:  # export.dense: dense.onnx beside it
-            load_state(model, run_dir / "dense.pt", "dense model")
-            report.data["export"]["dense"] = components.exporter.export(
-                model, example, str(run_dir / "dense.onnx"), data=pruning.data)
+        failed = runs.export_stage(pruning, report)  # None, or why it failed (one line)
     report.finish()
     checkpoint.path(run_dir).unlink(missing_ok=True)  # finished: nothing left to resume
     pruning.plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir),
                                         options=components.hooks)
+    if failed is not None:
+        raise WfcoreError(f"export failed: {failed}; the pruned steps are saved in {run_dir}: "
+                          f"wfcore export {run_dir} [--opset N] exports them")
     return report.data

@@ -79,6 +79,7 @@ def markdown(report: dict[str, Any]) -> str:
     dense = report.get("dense", {})
     if dense:
         lines.append(f"- **prunable weights**: {dense.get('prunable')} of {dense.get('params')}")
+    lines += prunable_lines(report.get("prunable"))
     pool = report.get("pruning_data")
     if pool and pool.get("train_fraction", 1.0) < 1.0:
         lines.append(f"- **pruning data**: {pool['samples']} of {pool['of']} training samples "
@@ -87,6 +88,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", table(report), ""]
     steps = report.get("steps", [])
     lines += safeguard_table(steps)
+    warned = [(s["index"], w) for s in steps for w in s.get("warnings", [])]
+    if warned:
+        lines += ["## Warnings", "", *[f"- step {i}: {w}" for i, w in warned], ""]
     if steps:
         last = steps[-1]
         lines += [f"## Layers at step {last['index']}", "", "| parameter | weights | sparsity |",
@@ -103,11 +107,25 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{number(e['loss'], '.4f')} |"
                   for e in epochs]
         lines.append("")
-    if report.get("export"):
+    if report.get("export", {}).get("error"):
+        lines += ["## Export", "", f"Failed: {report['export']['error']}. The pruned steps are "
+                  f"saved; `{report['export'].get('redo', 'wfcore export RUN')}` exports them.",
+                  ""]
+    elif report.get("export"):
         lines += ["## Export", "", export_table(report["export"]), ""]
     if not report.get("finished"):
         lines.append("_Run in progress or interrupted._\n")
     return "\n".join(lines)
+
+
+def prunable_lines(info: dict[str, Any] | None) -> list[str]:
+    """What the sparsity is measured over and what is excluded, with why (list items)."""
+    if not info:
+        return []
+    from wfcore.prunable import summary_lines
+
+    return [f"- **{line.split(':', 1)[0]}**:{line.split(':', 1)[1]}"
+            for line in summary_lines(info, names=6)]
 
 
 def number(value: float | None, fmt: str) -> str:

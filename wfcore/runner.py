@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from wfcore import checkpoint, distributed, files
 from wfcore import config as config_mod
+from wfcore.degenerate import collect_warnings
 from wfcore.interfaces import PruneStep, Stateful
 from wfcore.report import number
 from wfcore.training import Trainer, TrainingDiverged
@@ -216,7 +217,9 @@ class Runner:
                 if self.trainer is not None:
                     self.trainer.close()
                 self.trainer = None
-            pos["safeguard"] = [p.prune_to(target, self.timings) for target in step.substeps]
+            with collect_warnings() as warned:  # into the step's record (report.md too)
+                pos["safeguard"] = [p.prune_to(target, self.timings) for target in step.substeps]
+            pos["warnings"] = warned
             if self.trainer is not None:  # no momentum may revive a pruned weight
                 p.masks.zero_optimizer_state(self.trainer.optimizer)
             pos["pruned"], self.metrics = True, None
@@ -231,7 +234,7 @@ class Runner:
         record = {"index": step.index, "target_sparsity": step.target_sparsity,
                   "sparsity": p.masks.sparsity(), "accuracy": metrics["accuracy"],
                   "loss": metrics["loss"], "epoch": pos["epoch"],
-                  "safeguard": pos.pop("safeguard", []),
+                  "safeguard": pos.pop("safeguard", []), "warnings": pos.pop("warnings", []),
                   "timings": {k: round(v, 4) for k, v in self.timings.items()},
                   "layers": p.masks.layer_sparsity()}
         if distributed.is_main():

@@ -69,7 +69,8 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
         data = None
         model = build_model(
             cfg, plugins, SimpleNamespace(input_shape=tuple(shapes[0]), num_classes=shapes[1]))
-    return Rebuilt(cfg, plugins, model, dict(select_params(model, cfg.model.params)), data)
+    params = select_params(model, cfg.model.params, cfg.model.prunable)
+    return Rebuilt(cfg, plugins, model, dict(params), data)
 
 
 def step_state(run_dir: Path, step: int) -> Path:
@@ -169,32 +170,33 @@ def refuse_foreign(path: Path, run_dir: Path) -> None:
 
 
 def run_exporter(cfg: DictConfig, plugins: manager.Plugins,
-                 quantize: str | None = None) -> Exporter:
+                 quantize: str | None = None, opset: int | None = None) -> Exporter:
     """The exporter the run's ``export`` section names (``onnx`` with its defaults when it
-    names none), with ``quantize`` in place of its ``quantize`` option when given."""
+    names none), with ``quantize`` and ``opset`` in place of its options when given."""
     section = config_mod.to_dict(cfg.export) if cfg.export is not None \
         else {"name": DEFAULT_EXPORTER}
-    if quantize is not None:
-        section["quantize"] = quantize
+    given = {k: v for k, v in (("quantize", quantize), ("opset", opset)) if v is not None}
+    section.update(given)
     try:
         return instantiate(OmegaConf.create({"export": section, "seed": cfg.seed}), "export",
                            plugins)
     except ConfigError as exc:
-        if quantize is None:
+        if not given:
             raise
-        raise ConfigError(f"--quantize: {first_line(exc)}") from None
+        raise ConfigError(f"--{'/--'.join(given)}: {first_line(exc)}") from None
 
 
 def export_run(run_dir: str | Path, step: int | None = None, output: str | Path | None = None,
                dense: bool = True, sparsity: float | None = None,
-               quantize: str | None = None) -> dict[str, Any]:
+               quantize: str | None = None, opset: int | None = None) -> dict[str, Any]:
     """Export step ``step`` of a run (or the last step at target ``sparsity``; default: the
     last step), and its dense model beside it, with the run's exporter.
 
     The sparse model goes to ``output`` (default ``RUN_DIR/model_step<N>.onnx``), the
     dense one to ``dense.onnx`` in the same directory. ``quantize``: none | int8 (default:
-    the run's ``export.quantize``). Returns both exports' checks, which also go into the
-    run's report (``export``).
+    the run's ``export.quantize``). ``opset``: the ONNX opset (default: the run's
+    ``export.opset``, else the lowest that exports the model). Returns both exports'
+    checks, which also go into the run's report (``export``).
     """
     run_dir = Path(run_dir)
     step = choose_step(run_dir, step, sparsity)
@@ -203,7 +205,7 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
     for target in targets:  # before anything is loaded
         refuse_foreign(target, run_dir)
     run = rebuild(run_dir)
-    exporter = run_exporter(run.cfg, run.plugins, quantize)
+    exporter = run_exporter(run.cfg, run.plugins, quantize, opset)
     for target in targets:  # and the files each export writes beside it (INT8)
         for path in exporter.outputs(str(target)):
             refuse_foreign(Path(path), run_dir)
@@ -242,3 +244,36 @@ def record_in_report(run_dir: Path, result: dict[str, Any]) -> None:
         report["export"]["dense"] = result["dense"]
     files.write_json(path, report)
     files.write_text(run_dir / "report.md", markdown(report))
+
+
+def export_stage(pruning: Any, report: Any) -> str | None:
+    """The pipeline's export stage: the run's exporter on the step ``export.step``
+    (default: the last) and, with ``export.dense``, on the dense model; the checks go into
+    the report. ``pruning`` is the run (``wfcore.pipeline.Pruning``), ``report`` its
+    ``wfcore.report.Report``.
+
+    A failure leaves the pruned steps usable: it is recorded in the report (``export.error``)
+    and returned as one line, for the run to finish first and then say.
+    """
+    components, run_dir = pruning.c, pruning.run_dir
+    try:
+        example = pruning.data.test[0][0].unsqueeze(0)
+        model = pruning.model.cpu().eval()
+        step = components.exporter.step  # export.step; None = the last step
+        if step is not None:
+            states.load_state(model, run_dir / f"model_step{step}.pt",
+                              "config key 'export.step'")
+        params = {n: p.detach() for n, p in pruning.params.items()}
+        report.data["export"] = components.exporter.export(
+            model, example, str(run_dir / "model.onnx"), data=pruning.data, params=params)
+        if components.exporter.dense:  # export.dense: dense.onnx beside it
+            states.load_state(model, run_dir / "dense.pt", "dense model")
+            params = {n: p.detach() for n, p in pruning.params.items()}
+            report.data["export"]["dense"] = components.exporter.export(
+                model, example, str(run_dir / "dense.onnx"), data=pruning.data, params=params)
+    except Exception as exc:  # the pruned steps stay usable: the run still finishes
+        log.debug("export failed", exc_info=True)
+        report.data["export"] = {"error": first_line(exc),
+                                 "redo": f"wfcore export {run_dir} [--opset N]"}
+        return first_line(exc)
+    return None
