@@ -16,7 +16,8 @@ when the plan says the (m, d) matrix does not fit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -27,12 +28,14 @@ from tqdm.auto import tqdm
 from wfcore import distributed, progress
 from wfcore.errors import WfcoreError, first_line
 from wfcore.store import STORAGE_DTYPES, GradientStore
+from wfcore.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 2**20  # per-sample gradients held at once by one vmap call
 MAX_CHUNK = 256  # rows per vmap call
 LABELS = ("empirical", "sampled")  # fisher.labels: the data's, or drawn from the model
+Write = Callable[[int, torch.Tensor], None]  # (first row, rows (c, d)) into the store
 
 
 class ParamLayout:
@@ -224,25 +227,29 @@ class GradientSampler:
         bar = tqdm(total=store.m, desc="gradients", unit="grad", leave=False, delay=1,
                    disable=progress.disabled(not self.progress, store.m < 50))
         try:
-            if self.method == "vmap" and self.grad_batch == 1:
-                try:
-                    self._sample_vmap(store, bar)
-                except WfcoreError:
-                    raise
-                except Exception as exc:  # a model torch.func cannot trace
-                    log.warning("per-sample gradients with torch.func failed (%s: %s); "
-                                "falling back to one backward pass per gradient",
-                                type(exc).__name__, first_line(exc))
-                    self.method = "loop"
-                    bar.reset()
-                    self._sample_loop(store, bar)
-            else:
-                self._sample_loop(store, bar)
+            # a disk store is written by a thread of its own while the next rows are computed
+            with (StoreWriter(store) if store.place == "disk" else nullcontext()) as writer:
+                write = writer.write if writer is not None else store.write
+                if self.method == "vmap" and self.grad_batch == 1:
+                    try:
+                        self._sample_vmap(store, write, bar)
+                    except WfcoreError:
+                        raise
+                    except Exception as exc:  # a model torch.func cannot trace
+                        log.warning("per-sample gradients with torch.func failed (%s: %s); "
+                                    "falling back to one backward pass per gradient",
+                                    type(exc).__name__, first_line(exc))
+                        self.method = "loop"
+                        bar.reset()
+                        self._sample_loop(store, write, bar)
+                else:
+                    self._sample_loop(store, write, bar)
         finally:
             bar.close()
             self.model.train(was_training)
         if store.shared:  # every rank's rows written before any rank reads
             distributed.barrier()
+        store.finish_rows()
         return store
 
     def _flat_rows(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -256,18 +263,18 @@ class GradientSampler:
         return torch.cat(rows, dim=1)
 
     @staticmethod
-    def _put(store: GradientStore, start: int, lo: int, rows: torch.Tensor,
+    def _put(store: GradientStore, write: Write, start: int, lo: int, rows: torch.Tensor,
              count: int) -> None:
         """This rank's ``rows`` (rows ``lo..`` of the ``count`` rows at ``start``) into
-        ``store``: alone into a store the ranks share, else gathered with the others' first
-        (every rank then writes the whole chunk into its own store)."""
+        ``store`` through ``write``: alone into a store the ranks share, else gathered with
+        the others' first (every rank then writes the whole chunk into its own store)."""
         if store.shared:
             if len(rows):
-                store.write(start + lo, rows)
+                write(start + lo, rows)
         else:
-            store.write(start, distributed.gather_rows(rows, count))
+            write(start, distributed.gather_rows(rows, count))
 
-    def _sample_loop(self, store: GradientStore, bar: tqdm) -> None:
+    def _sample_loop(self, store: GradientStore, write: Write, bar: tqdm) -> None:
         names, chunk = self.layout.names, self._chunk_rows()
         for i in range(0, store.m, chunk):
             c = min(chunk, store.m - i)
@@ -286,10 +293,10 @@ class GradientSampler:
                     with torch.no_grad():
                         self._targets(self.model(self._load(indices)[0]), None)
             mine = torch.cat(rows) if rows else torch.zeros(0, self.layout.d, device=self.device)
-            self._put(store, i, lo, mine, c)
+            self._put(store, write, i, lo, mine, c)
             bar.update(c)
 
-    def _sample_vmap(self, store: GradientStore, bar: tqdm) -> None:
+    def _sample_vmap(self, store: GradientStore, write: Write, bar: tqdm) -> None:
         from torch.func import functional_call, grad, vmap
 
         m, b = store.m, self.grad_batch
@@ -328,6 +335,6 @@ class GradientSampler:
                 mine = self._flat_rows(grads)
             else:
                 mine = torch.zeros(0, self.layout.d, device=self.device)
-            self._put(store, i, lo, mine, c)
+            self._put(store, write, i, lo, mine, c)
             i += c
             bar.update(c)
