@@ -9,7 +9,8 @@ sampling instead of filling the memory. ``pwrite`` and torch's kernels release t
 the thread runs beside the next chunk's gradients.
 
 Errors: an error in the thread (a full disk, a closed store) is raised again in the caller
-at its next ``write`` or when the ``with`` block ends, and the thread stops writing. An error
+at its next ``write`` or when the ``with`` block ends, as a one-line WfcoreError, and the
+thread stops writing. An error
 or Ctrl-C in the caller stops the thread (the chunks still queued are dropped) and waits
 for it before the exception goes on, so that whoever closes the store (the pipeline's
 ``ExitStack``) closes it with no write in flight: an on-disk store is then removed as
@@ -24,6 +25,7 @@ from types import TracebackType
 
 import torch
 
+from wfcore.errors import WfcoreError, first_line
 from wfcore.store import GradientStore
 
 _STOP = None  # the sentinel that ends the thread
@@ -56,9 +58,12 @@ class StoreWriter:
                 self._dropping.set()
 
     def _raise_error(self) -> None:
+        """The thread's error as a one-line WfcoreError (the cause chained): never taken for
+        a failure of the caller's own computation (the sampler's fallback from vmap)."""
         if self._error is not None:
             error, self._error = self._error, None
-            raise error
+            raise WfcoreError(f"gradient store: writing rows failed: {first_line(error)}") \
+                from error
 
     def write(self, start: int, rows: torch.Tensor) -> None:
         """Queue rows ``start .. start + len(rows)`` (the tensor must not change afterwards);

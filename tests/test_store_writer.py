@@ -1,0 +1,137 @@
+"""The gradient stage's background writer and the column sums a disk store takes as it is
+written: the same rows as a write in the caller's thread, errors and Ctrl-C leave no file."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from wfcore.errors import WfcoreError
+from wfcore.gradients import GradientSampler
+from wfcore.masks import Masks, select_params
+from wfcore.store import GradientStore
+from wfcore.store_writer import StoreWriter
+
+
+def tiny_sampler(num_grads: int = 24) -> tuple[GradientSampler, nn.Module]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(40, 3, 4, generator=gen, dtype=torch.float64),
+                         torch.randint(0, 3, (40,), generator=gen))
+    params = select_params(model, None)
+    keep = Masks(params).keep
+    keep["1.weight"][0, :5] = False  # pruned coordinates: zero columns
+    sampler = GradientSampler(model, params, keep, data, nn.CrossEntropyLoss(),
+                              num_grads=num_grads, progress=False)
+    sampler._chunk_rows = lambda: 5  # several chunks (and a short last one) through the queue
+    return sampler, model
+
+
+def store_files(directory) -> list:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".wfcore-gradients"))
+
+
+def writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "wfcore-store-writer"]
+
+
+@pytest.mark.parametrize("method", ["vmap", "loop"])
+def test_disk_rows_through_the_writer_equal_the_in_memory_rows_bit_for_bit(tmp_path, method):
+    sampler, _ = tiny_sampler()
+    sampler.method = method
+    expected = sampler.sample()  # in memory: written in the caller's thread
+    sampler.reset()
+    with GradientStore(24, sampler.layout.d, place="disk", directory=tmp_path) as store:
+        sampler.sample_into(store)
+        assert torch.equal(store.tensor(), expected)
+        # the column sums taken while writing: those of a float64 pass over the stored rows
+        reference = expected.double().square().mean(0)
+        torch.testing.assert_close(store.square_mean(), reference, rtol=1e-15, atol=0)
+        assert float(store.square_mean()[0]) == 0.0  # a pruned weight's column
+    assert not writer_threads()
+
+
+def test_column_sums_need_every_row_once(tmp_path, monkeypatch):
+    G = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+    with GradientStore(6, 9, place="disk", directory=tmp_path) as store:
+        store.write(0, G[:4])
+        store.write(2, G[2:6])  # rows 2-3 written twice: the sums would count them twice
+        streamed = []
+        real = store.column_reduce
+        monkeypatch.setattr(store, "column_reduce",
+                            lambda *a, **k: streamed.append(1) or real(*a, **k))
+        torch.testing.assert_close(store.square_mean(), G.double().square().mean(0))
+        assert streamed == [1]  # read back from the file, not from the sums
+
+
+def test_an_error_in_the_writer_reaches_the_caller_and_leaves_no_file(tmp_path, monkeypatch):
+    sampler, _ = tiny_sampler()
+    written = []
+
+    def failing_write(self, start, rows):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(start)
+
+    monkeypatch.setattr(GradientStore, "write", failing_write)
+    with pytest.raises(WfcoreError, match="^gradient store: writing rows failed: .*No space"):  # noqa: PT012
+        with GradientStore(24, sampler.layout.d, place="disk", directory=tmp_path) as store:
+            assert not store_files(tmp_path)  # nameless from the start
+            sampler.sample_into(store)
+    assert not store_files(tmp_path) and not writer_threads() and store._fd is None
+
+
+def test_ctrl_c_while_rows_are_queued_stops_the_writer_and_leaves_no_file(tmp_path,
+                                                                         monkeypatch):
+    sampler, _ = tiny_sampler()
+    release = threading.Event()
+    real_write = GradientStore.write
+
+    def slow_write(self, start, rows):
+        release.wait(5)  # the queue fills up behind it
+        real_write(self, start, rows)
+
+    calls = []
+    real_flat = GradientSampler._flat_rows
+
+    def interrupted(self, grads):
+        calls.append(1)
+        if len(calls) == 4:
+            release.set()
+            raise KeyboardInterrupt
+        return real_flat(self, grads)
+
+    monkeypatch.setattr(GradientStore, "write", slow_write)
+    monkeypatch.setattr(GradientSampler, "_flat_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # noqa: PT012
+        with GradientStore(24, sampler.layout.d, place="disk", directory=tmp_path) as store:
+            sampler.sample_into(store)
+    assert not store_files(tmp_path) and not writer_threads()
+
+
+def test_the_writer_waits_when_its_queue_is_full(tmp_path):
+    order: list[str] = []
+    gate = threading.Event()
+
+    class Slow:
+        def write(self, start, rows):
+            gate.wait(5)
+            order.append(f"wrote {start}")
+
+    writer = StoreWriter(Slow(), depth=1)
+    writer.write(0, torch.zeros(1, 2))  # taken by the thread, which waits at the gate
+    writer.write(1, torch.zeros(1, 2))  # queued: the queue is full now
+    blocked = threading.Thread(target=lambda: (writer.write(2, torch.zeros(1, 2)),
+                                               order.append("queued 2")))
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive() and order == []  # the third chunk waits for room
+    gate.set()
+    blocked.join(5)
+    writer.close()
+    assert [o for o in order if o.startswith("wrote")] == ["wrote 0", "wrote 1", "wrote 2"]
