@@ -15,6 +15,7 @@ when the plan says the (m, d) matrix does not fit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -63,6 +64,22 @@ class ParamLayout:
         """``{name: tensor}`` views of a (d,) vector (or (..., d): leading dims kept)."""
         lead = vector.shape[:-1]
         return {n: vector[..., self.slice(n)].reshape(*lead, *self.shapes[n]) for n in self.names}
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` on its math path while per-sample gradients are taken.
+
+    torch.func has no batching rule for the fused attention kernels: under vmap each call
+    falls back to a slow per-sample loop (with a warning). The math path is plain matmul and
+    softmax, which vmap batches: 2x faster on a 2-layer ViT, the same gradients to float
+    rounding. (torch < 2.3 has only the older switch.)
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True,
+                                              enable_mem_efficient=False)
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class GradientSampler:
@@ -232,7 +249,8 @@ class GradientSampler:
                 write = writer.write if writer is not None else store.write
                 if self.method == "vmap" and self.grad_batch == 1:
                     try:
-                        self._sample_vmap(store, write, bar)
+                        with math_attention():
+                            self._sample_vmap(store, write, bar)
                     except WfcoreError:
                         raise
                     except Exception as exc:  # a model torch.func cannot trace

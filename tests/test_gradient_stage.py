@@ -1,5 +1,6 @@
-"""The gradient stage's background writer and the column sums a disk store takes as it is
-written: the same rows as a write in the caller's thread, errors and Ctrl-C leave no file."""
+"""The gradient stage: the background writer and the column sums a disk store takes as it is
+written (the same rows as a write in the caller's thread; errors and Ctrl-C leave no file),
+per-sample gradients of attention models."""
 
 from __future__ import annotations
 
@@ -135,3 +136,27 @@ def test_the_writer_waits_when_its_queue_is_full(tmp_path):
     blocked.join(5)
     writer.close()
     assert [o for o in order if o.startswith("wrote")] == ["wrote 0", "wrote 1", "wrote 2"]
+
+
+def test_attention_gets_batched_per_sample_gradients_without_the_slow_fallback():
+    import warnings
+
+    from wfcore.plugins.architectures import TinyViT
+
+    torch.manual_seed(0)
+    model = TinyViT((1, 14, 14), 4, 7, 16, 1, 2, 2)
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(12, 1, 14, 14, generator=gen),
+                         torch.randint(0, 4, (12,), generator=gen))
+    params = select_params(model, None)
+    rows = {}
+    for method in ("vmap", "loop"):
+        sampler = GradientSampler(model, params, Masks(params).keep, data,
+                                  nn.CrossEntropyLoss(), num_grads=6, progress=False,
+                                  method=method)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows[method] = sampler.sample()
+        assert sampler.method == method  # vmap did not fail over to the loop
+        assert not [w for w in caught if "batching rule" in str(w.message)]
+    torch.testing.assert_close(rows["vmap"], rows["loop"], rtol=1e-4, atol=1e-6)
