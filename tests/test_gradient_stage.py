@@ -160,3 +160,48 @@ def test_attention_gets_batched_per_sample_gradients_without_the_slow_fallback()
         assert sampler.method == method  # vmap did not fail over to the loop
         assert not [w for w in caught if "batching rule" in str(w.message)]
     torch.testing.assert_close(rows["vmap"], rows["loop"], rtol=1e-4, atol=1e-6)
+
+
+# -- the per-sample method, calibrated ----------------------------------------------------
+def test_calibration_keeps_the_sample_stream_and_records_its_choice():
+    sampler, _ = tiny_sampler(num_grads=64)
+    sampler.method = "auto"
+    rows = sampler.sample()
+    choice = sampler.choice
+    assert choice.reason == "calibrated" and choice.method in ("vmap", "loop")
+    assert set(choice.rows_per_s) >= {"loop"} and all(v > 0 for v in choice.rows_per_s.values())
+    assert choice.record()["method"] == choice.method
+    # the same samples as a sampler told the chosen method from the start
+    fixed, _ = tiny_sampler(num_grads=64)
+    fixed.method = choice.method
+    fixed._chunk_rows = lambda: choice.chunk
+    torch.testing.assert_close(rows, fixed.sample(), rtol=1e-6, atol=1e-7)
+
+
+def test_calibration_falls_back_to_the_loop_when_vmap_cannot_trace(monkeypatch):
+    sampler, _ = tiny_sampler(num_grads=64)
+    sampler.method = "auto"
+
+    def untraceable(self):
+        raise RuntimeError("vmap: data-dependent control flow")
+
+    monkeypatch.setattr(GradientSampler, "row_grads", untraceable)
+    rows = sampler.sample()
+    assert sampler.choice.method == "loop" and list(sampler.choice.rows_per_s) == ["loop"]
+    reference, _ = tiny_sampler(num_grads=64)
+    reference.method = "loop"
+    assert torch.equal(rows, reference.sample())
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"labels": "sampled"}, "sampled labels"),
+    ({"num_grads": 8}, "fewer than 16 gradients"),
+    ({"grad_batch": 2}, "grad_batch > 1"),
+])
+def test_calibration_is_skipped_where_a_choice_could_change_more_than_speed(change, why):
+    sampler, _ = tiny_sampler(num_grads=change.get("num_grads", 64))
+    for key, value in change.items():
+        setattr(sampler, key, value)
+    sampler.method = "auto"
+    sampler.sample()
+    assert why in sampler.choice.reason and sampler.choice.rows_per_s == {}

@@ -1,4 +1,4 @@
-"""Interleaved timing (export/rounds.py, bench.time_rows) with a fake timer: no real timing."""
+"""Interleaved timing (wfcore/rounds.py, bench.time_rows) with a fake timer: no real timing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from wfcore.export import bench, rounds
+from wfcore.export import bench
+
+from wfcore import rounds
 
 
 class FakeClock:

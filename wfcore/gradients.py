@@ -8,7 +8,9 @@ or drawn from the model's own softmax (``sampled``: no labels needed).
 With ``grad_batch`` 1, per-sample gradients come from torch.func (``vmap`` over ``grad`` of
 a functional call), a chunk of rows at a time; with ``grad_batch`` > 1 a row is one batched
 backward pass over its samples. ``method="loop"`` is the plain one-backward-per-row
-reference (and the fallback for models that vmap cannot trace). Rows are written into the
+reference (and the fallback for models that vmap cannot trace); ``method="auto"`` (what a
+run uses) times both, and vmap's chunk sizes, on the model at hand first
+(``grad_calibration.py``). Rows are written into the
 store a chunk at a time: in memory, or in a file on disk (float32 / float16 / bfloat16)
 when the plan says the (m, d) matrix does not fit.
 """
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from wfcore import distributed, progress
 from wfcore.errors import WfcoreError, first_line
+from wfcore.grad_calibration import MethodChoice, calibrate
 from wfcore.store import STORAGE_DTYPES, GradientStore
 from wfcore.store_writer import StoreWriter
 
@@ -113,8 +116,8 @@ class GradientSampler:
                 raise WfcoreError(f"fisher.storage_dtype: '{dtype}' is not one of "
                                   f"{', '.join(STORAGE_DTYPES)}")
             dtype = STORAGE_DTYPES[dtype]
-        if method not in ("vmap", "loop"):
-            raise WfcoreError(f"gradient method '{method}' is not one of vmap, loop")
+        if method not in ("auto", "vmap", "loop"):
+            raise WfcoreError(f"gradient method '{method}' is not one of auto, vmap, loop")
         self.model = model
         self.params = params
         self.masks = masks
@@ -127,6 +130,7 @@ class GradientSampler:
         self.dtype = dtype  # storage dtype of the buffer
         self.offload = offload
         self.method = method
+        self.choice: MethodChoice | None = None  # what ``auto`` chose (calibrated once)
         self.progress = progress
         self.layout = ParamLayout(params)
         self.seed = seed
@@ -216,7 +220,13 @@ class GradientSampler:
                     return
 
     def _chunk_rows(self) -> int:
-        per_row = self.layout.d * 4  # float32 gradient rows held before a store write
+        if self.choice is not None:
+            return self.choice.chunk
+        return self.max_chunk_rows()
+
+    def max_chunk_rows(self) -> int:
+        """Rows per vmap call that fit ``CHUNK_BYTES`` (float32 rows held before a write)."""
+        per_row = self.layout.d * 4
         return max(1, min(MAX_CHUNK, CHUNK_BYTES // per_row))
 
     # -- sampling -----------------------------------------------------------------------
@@ -241,6 +251,9 @@ class GradientSampler:
             raise ValueError(f"a store of width {store.d} for {self.layout.d} gradient values")
         was_training = self.model.training
         self.model.eval()
+        if self.method == "auto":  # the fastest way for this model, found once
+            self.choice = calibrate(self, store.m)
+            self.method = self.choice.method
         bar = tqdm(total=store.m, desc="gradients", unit="grad", leave=False, delay=1,
                    disable=progress.disabled(not self.progress, store.m < 50))
         try:
@@ -314,10 +327,11 @@ class GradientSampler:
             self._put(store, write, i, lo, mine, c)
             bar.update(c)
 
-    def _sample_vmap(self, store: GradientStore, write: Write, bar: tqdm) -> None:
+    def row_grads(self) -> tuple[Callable[..., dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """(row_grad, prunable): ``row_grad(prunable, x (c, b, ...), y (c, b))`` gives the
+        ``{name: (c, *shape)}`` gradients of c rows at once (torch.func: vmap over grad)."""
         from torch.func import functional_call, grad, vmap
 
-        m, b = store.m, self.grad_batch
         prunable = {n: p.detach() for n, p in self.params.items()}
         fixed = {n: t.detach() for n, t in
                  [*self.model.named_parameters(), *self.model.named_buffers()]
@@ -330,7 +344,11 @@ class GradientSampler:
             logits = functional_call(model, {**fixed, **weights}, (x,))
             return loss_fn(logits, y)
 
-        row_grad = vmap(grad(row_loss), in_dims=(None, 0, 0))
+        return vmap(grad(row_loss), in_dims=(None, 0, 0)), prunable
+
+    def _sample_vmap(self, store: GradientStore, write: Write, bar: tqdm) -> None:
+        m, b, model = store.m, self.grad_batch, self.model
+        row_grad, prunable = self.row_grads()
         chunk = self._chunk_rows()
         i = 0
         while i < m:

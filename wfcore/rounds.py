@@ -15,7 +15,8 @@ one). The spread of the baseline's own rounds tells whether the load changed dur
 run: when it is beyond ``NOISE_BOUND``, every ratio against that baseline is marked noisy.
 
 Everything here takes plain callables and a clock, so that the logic is tested with a fake
-timer (tests/test_rounds.py); ``bench.py`` feeds it real engines.
+timer (tests/test_rounds.py); ``export/bench.py`` feeds it real engines, and
+``grad_calibration.py`` the ways of taking per-sample gradients.
 """
 
 from __future__ import annotations
