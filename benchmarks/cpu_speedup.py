@@ -10,7 +10,7 @@ engine times the INT8 file laid out for it: ``deepsparse`` (QLinearConv, per-ten
 weights) on DeepSparse, ``onnxruntime`` (QDQ, per-channel) on ONNX Runtime; PyTorch has no
 INT8 counterpart.
 
-Timing is interleaved (export/rounds.py): the float and INT8 files of one sparse model, on
+Timing is interleaved (wfcore/rounds.py): the float and INT8 files of one sparse model, on
 every engine, and the dense float32 model on ONNX Runtime (the baseline) are kept warm and
 timed in rounds, each round running every one of them once in a rotated order; a
 speed-up is the median of the ratios measured round by round, with their quartiles, and
@@ -38,11 +38,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from wfcore.export import bench, rounds
+from wfcore.export import bench
 from wfcore.export.onnx import OnnxOptions, conv_linear_weights, export_checked
 from wfcore.export.quantize import quantize_int8
 from wfcore.plugins.allocators import GlobalAllocator, UniformAllocator
 
+from wfcore import rounds
 from wfcore.masks import block_scores
 
 log = logging.getLogger("cpu_speedup")

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from wfcore.export import rounds
+from wfcore import rounds
 
 ROOT = Path(__file__).parents[1]
 
@@ -108,7 +108,7 @@ def main() -> None:
         worker(args)
         return
     # the settings in rounds, each round launching every setting once in a rotated order;
-    # a speed-up is the median of the per-round ratios (export/rounds.py)
+    # a speed-up is the median of the per-round ratios (wfcore/rounds.py)
     results: dict[int, list[dict]] = {n: [] for n in args.nprocs}
     for r in range(max(1, args.rounds)):
         for i in rounds.rotation(len(args.nprocs), r):

@@ -30,10 +30,9 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from wfcore import progress
+from wfcore import progress, rounds
 from wfcore.errors import WfcoreError, first_line
 
-from . import rounds
 from .engines import Runner, Worker
 from .provenance import check_same_model, describe, torch_model_for
 
