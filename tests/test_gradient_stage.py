@@ -205,3 +205,29 @@ def test_calibration_is_skipped_where_a_choice_could_change_more_than_speed(chan
     sampler.method = "auto"
     sampler.sample()
     assert why in sampler.choice.reason and sampler.choice.rows_per_s == {}
+
+
+# -- the plan counts the estimator's passes over a disk store ----------------------------
+def test_woodfisher_passes_over_the_store_follow_whether_its_factors_are_kept():
+    from wfcore.plugins.woodfisher import WoodFisher, WoodFisherOptions
+
+    from wfcore.gradients import ParamLayout
+
+    layout = ParamLayout({"w": torch.zeros(64, 100)})
+    roomy = WoodFisher(WoodFisherOptions(block_size=100, max_memory_gb=1.0))
+    tight = WoodFisher(WoodFisherOptions(block_size=100, max_memory_gb=0.0002))
+    assert roomy.cost(layout, 50, "cpu").store_passes == 1.0  # factors kept for the update
+    assert tight.cost(layout, 50, "cpu").store_passes == 2.0  # the update reads it again
+
+
+def test_the_plan_times_the_passes_over_a_disk_store(capsys):
+    from pathlib import Path
+
+    from wfcore import cli
+
+    config = str(Path(__file__).parents[1] / "configs" / "mnist_mlpnet.yaml")
+    for store, said in (("disk", True), ("memory", False)):
+        assert cli.main(["plan", config, "estimator.name=woodfisher",
+                         f"fisher.store={store}"]) == 0
+        out = capsys.readouterr().out
+        assert ("1 pass(es) over the disk store" in out) == said, out
