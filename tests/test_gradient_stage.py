@@ -164,7 +164,7 @@ def test_attention_gets_batched_per_sample_gradients_without_the_slow_fallback()
 
 # -- the per-sample method, calibrated ----------------------------------------------------
 def test_calibration_keeps_the_sample_stream_and_records_its_choice():
-    sampler, _ = tiny_sampler(num_grads=64)
+    sampler, _ = tiny_sampler(num_grads=160)
     sampler.method = "auto"
     rows = sampler.sample()
     choice = sampler.choice
@@ -172,14 +172,14 @@ def test_calibration_keeps_the_sample_stream_and_records_its_choice():
     assert set(choice.rows_per_s) >= {"loop"} and all(v > 0 for v in choice.rows_per_s.values())
     assert choice.record()["method"] == choice.method
     # the same samples as a sampler told the chosen method from the start
-    fixed, _ = tiny_sampler(num_grads=64)
+    fixed, _ = tiny_sampler(num_grads=160)
     fixed.method = choice.method
     fixed._chunk_rows = lambda: choice.chunk
     torch.testing.assert_close(rows, fixed.sample(), rtol=1e-6, atol=1e-7)
 
 
 def test_calibration_falls_back_to_the_loop_when_vmap_cannot_trace(monkeypatch):
-    sampler, _ = tiny_sampler(num_grads=64)
+    sampler, _ = tiny_sampler(num_grads=160)
     sampler.method = "auto"
 
     def untraceable(self):
@@ -188,7 +188,7 @@ def test_calibration_falls_back_to_the_loop_when_vmap_cannot_trace(monkeypatch):
     monkeypatch.setattr(GradientSampler, "row_grads", untraceable)
     rows = sampler.sample()
     assert sampler.choice.method == "loop" and list(sampler.choice.rows_per_s) == ["loop"]
-    reference, _ = tiny_sampler(num_grads=64)
+    reference, _ = tiny_sampler(num_grads=160)
     reference.method = "loop"
     assert torch.equal(rows, reference.sample())
 
@@ -196,6 +196,7 @@ def test_calibration_falls_back_to_the_loop_when_vmap_cannot_trace(monkeypatch):
 @pytest.mark.parametrize(("change", "why"), [
     ({"labels": "sampled"}, "sampled labels"),
     ({"num_grads": 8}, "fewer than 16 gradients"),
+    ({"num_grads": 64}, "too few gradients to calibrate"),
     ({"grad_batch": 2}, "grad_batch > 1"),
 ])
 def test_calibration_is_skipped_where_a_choice_could_change_more_than_speed(change, why):

@@ -6,7 +6,8 @@ a ResNet-50 holds only two rows of 25M values in the chunk budget, and a model w
 operators that vmap runs one sample at a time can be slower than the plain loop of
 backward passes). So before a run's first gradient stage, ``calibrate`` times a few
 rows with vmap at up to three chunk sizes (the largest that fits the chunk budget and
-the gradient count, a quarter and a sixteenth of it) and with the loop, a few calls each
+lets the whole calibration compute at most an eighth of the m rows, a quarter and a
+sixteenth of it) and with the loop, a few calls each
 after a warm-up call, back to back as the sampling makes them, and keeps the fastest by
 median rows per CPU second. They are timed on one thread, in CPU seconds of that thread:
 on a machine that other jobs load, wall time measures the other jobs, and the CPU time
@@ -26,7 +27,8 @@ was chosen. The methods agree to float rounding (not bit for bit: batched kernel
 another order). Calibration is skipped, and vmap used at the largest chunk, where a choice
 could change more than speed or would cost too much: ``grad_batch`` > 1 (a row is one
 batched backward anyway), ``sampled`` labels (the draws depend on the chunk), several ranks
-(they must agree), or fewer than 16 gradients.
+(they must agree), or fewer gradients than an eighth of which could calibrate (16 at
+least).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_GRADS = 16  # fewer gradients than this: no calibration (it would cost a sizable share)
-SHARE = 8  # a vmap candidate's call holds at most m / SHARE rows
+SHARE = 8  # the calibration computes at most m / SHARE rows in all
 CALLS = 3  # timed calls per candidate (the median per candidate)
 
 
@@ -72,9 +74,12 @@ def calibrate(sampler: GradientSampler, m: int) -> MethodChoice:
     if sampler.grad_batch != 1:
         return MethodChoice("loop", largest, "grad_batch > 1: one batched backward per row")
     n = min(largest, m // SHARE)
+    while n >= 2 and calibration_rows(n) > m // SHARE:
+        n -= 1
     why_not = ("sampled labels" if sampler.labels == "sampled" else
                "several ranks" if distributed.world() > 1 else
-               f"fewer than {MIN_GRADS} gradients" if m < MIN_GRADS or n < 2 else None)
+               f"fewer than {MIN_GRADS} gradients" if m < MIN_GRADS else
+               "too few gradients to calibrate on an eighth of them" if n < 2 else None)
     if why_not:
         return MethodChoice("vmap", largest, f"not calibrated: {why_not}")
     state, threads = sampler.state_dict(), torch.get_num_threads()
@@ -88,7 +93,7 @@ def calibrate(sampler: GradientSampler, m: int) -> MethodChoice:
         with math_attention():
             try:
                 row_grad, prunable = sampler.row_grads()
-                for c in sorted({n, max(1, n // 4), max(1, n // 16)}, reverse=True):
+                for c in chunk_sizes(n):
                     slots[f"vmap/{c}"] = _slot(lambda c=c: row_grad(prunable, x[:c], y[:c]), c)
             except WfcoreError:
                 raise
@@ -115,6 +120,17 @@ def calibrate(sampler: GradientSampler, m: int) -> MethodChoice:
              f", {chunk} rows per call" if method == "vmap" else "",
              ", ".join(f"{k} {v:.3g}" for k, v in choice.rows_per_s.items()), choice.seconds)
     return choice
+
+
+def chunk_sizes(n: int) -> list[int]:
+    """The vmap chunk sizes timed for a largest chunk of ``n`` rows."""
+    return sorted({n, max(1, n // 4), max(1, n // 16)}, reverse=True)
+
+
+def calibration_rows(n: int) -> int:
+    """Rows the calibration computes with a largest chunk of ``n``: every candidate (the
+    vmap chunks and the loop's one row) once untimed and ``CALLS`` times timed."""
+    return (1 + CALLS) * (sum(chunk_sizes(n)) + 1)
 
 
 def _slot(run: Callable[[], Any], rows: int) -> Callable[[], float]:
