@@ -232,3 +232,23 @@ def test_the_plan_times_the_passes_over_a_disk_store(capsys):
                          f"fisher.store={store}"]) == 0
         out = capsys.readouterr().out
         assert ("1 pass(es) over the disk store" in out) == said, out
+
+
+def test_vmap_chunk_sizes_give_the_same_rows_bit_for_bit():
+    rows = []
+    for chunk in (1, 5, 24):
+        sampler, _ = tiny_sampler()
+        sampler._chunk_rows = lambda chunk=chunk: chunk
+        rows.append(sampler.sample())
+    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[1], rows[2])
+
+
+def test_the_choice_is_part_of_the_samplers_state():
+    sampler, _ = tiny_sampler(num_grads=160)
+    sampler.method = "auto"
+    sampler.sample()
+    state = sampler.state_dict()
+    resumed, _ = tiny_sampler(num_grads=160)
+    resumed.method = "auto"
+    resumed.load_state_dict(state)
+    assert resumed.choice == sampler.choice and resumed.method == sampler.choice.method

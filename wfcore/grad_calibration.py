@@ -23,12 +23,15 @@ records of report.json).
 
 The calibration draws its samples from a copy of the sampler's random state and puts the
 state back afterwards, so the rows of the store are those of the same samples whatever
-was chosen. The methods agree to float rounding (not bit for bit: batched kernels sum in
-another order). Calibration is skipped, and vmap used at the largest chunk, where a choice
-could change more than speed or would cost too much: ``grad_batch`` > 1 (a row is one
-batched backward anyway), ``sampled`` labels (the draws depend on the chunk), several ranks
-(they must agree), or fewer gradients than an eighth of which could calibrate (16 at
-least).
+was chosen. vmap's chunk sizes give the same rows bit for bit (each sample's gradient is
+computed on its own); the loop agrees with vmap to float rounding only (its kernels sum
+in another order), so it replaces vmap only when it is clearly faster (``LOOP_MARGIN``),
+and the choice is part of the sampler's state (``state_dict``): a resumed run keeps it.
+
+Calibration is skipped, and vmap used at the largest chunk, where a choice could change
+more than speed or would cost too much: ``grad_batch`` > 1 (a row is one batched backward
+anyway), ``sampled`` labels (the draws depend on the chunk), several ranks (they must
+agree), or fewer gradients than an eighth of which could calibrate (16 at least).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 MIN_GRADS = 16  # fewer gradients than this: no calibration (it would cost a sizable share)
 SHARE = 8  # the calibration computes at most m / SHARE rows in all
 CALLS = 3  # timed calls per candidate (the median per candidate)
+LOOP_MARGIN = 1.5  # the loop replaces vmap only when this much faster (module doc)
 
 
 @dataclass
@@ -109,7 +113,10 @@ def calibrate(sampler: GradientSampler, m: int) -> MethodChoice:
         torch.set_num_threads(threads)
         sampler.load_state_dict(state)
     rates = {k: 1.0 / rounds.quartiles(v)[1] for k, v in per_row.items()}
-    best = max(rates, key=rates.__getitem__)
+    vmaps = {k: v for k, v in rates.items() if k != "loop"}
+    best = max(vmaps, key=vmaps.__getitem__) if vmaps else "loop"
+    if best != "loop" and rates["loop"] > LOOP_MARGIN * rates[best]:
+        best = "loop"
     method, chunk = ("loop", largest) if best == "loop" else ("vmap", int(best.split("/")[1]))
     if method == "vmap" and chunk == n:  # the largest timed won: the largest that fits
         chunk = largest

@@ -145,12 +145,17 @@ class GradientSampler:
         self._pos = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The random state: the generator and the place in the shuffled data."""
-        return {"generator": self.generator.get_state(), "order": self._order, "pos": self._pos}
+        """The random state: the generator and the place in the shuffled data; and the
+        calibrated gradient method, so that a resumed run takes gradients the same way."""
+        return {"generator": self.generator.get_state(), "order": self._order, "pos": self._pos,
+                "choice": self.choice.record() if self.choice is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self._order, self._pos = state["order"], int(state["pos"])
+        if state.get("choice"):
+            self.choice = MethodChoice(**state["choice"])
+            self.method = self.choice.method
 
     # -- data ---------------------------------------------------------------------------
     def _next_indices(self, count: int) -> torch.Tensor:
