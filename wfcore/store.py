@@ -137,6 +137,10 @@ class GradientStore:
             if store.path is not None:
                 store.path.unlink(missing_ok=True)
                 store.path = None
+        # every rank sums its own rows' squares (a disk store), added up in ``finish_rows``:
+        # the same on every rank, or the ranks' collectives would not match
+        store._square_sum = torch.zeros(d + 1, dtype=torch.float64) if place == "disk" \
+            else None
         return store
 
     def _open_file(self, directory: Path, keep_name: bool = False) -> None:
