@@ -225,12 +225,12 @@ def time_rows(rows: list[Row], batch_size: int, *, warmup: int = 5, runs: int = 
     out = []
     for i, seconds in values.items():
         ms = [s * 1e3 for s in seconds]
-        q1, median, q3 = rounds.quartiles(ms)
+        median = rounds.quartiles(ms)[1]
         p90 = sorted(ms)[min(len(ms) - 1, math.ceil(0.9 * len(ms)) - 1)]
         out.append(Timing(rows[i].label, rows[i].engine, batch_size, round(median, 4),
                           round(p90, 4), round(batch_size * 1e3 / median, 2), len(ms),
                           repeats[i], round(rounds.spread(ms), 4),
-                          round_ms=[round(v, 4) for v in ms]))
+                          round_ms=[round(v, 6) for v in ms]))
     return out
 
 
