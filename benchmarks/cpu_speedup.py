@@ -8,9 +8,17 @@ zeros kept (export/quantize.py; calibrated on random inputs, which is all a spee
 needs), then timed at each batch size on every installed engine, all in one run. Each
 engine times the INT8 file laid out for it: ``deepsparse`` (QLinearConv, per-tensor
 weights) on DeepSparse, ``onnxruntime`` (QDQ, per-channel) on ONNX Runtime; PyTorch has no
-INT8 counterpart. Prints one JSON object per line (model, sparsity, allocation, quantize,
-batch_size, engine, median_ms, items_per_s, plus p90_ms, runs and speedup against dense
-float32 ONNX Runtime at the same batch size), then a summary table on stderr.
+INT8 counterpart.
+
+Timing is interleaved (wfcore/rounds.py): the float and INT8 files of one sparse model, on
+every engine, and the dense float32 model on ONNX Runtime (the baseline) are kept warm and
+timed in rounds, each round running every one of them once in a rotated order; a
+speed-up is the median of the ratios measured round by round, with their quartiles, and
+is marked ``noisy`` when the baseline's own rounds spread beyond the bound (the machine's
+load changed). One group of files is alive at a time, so that memory stays that of a few
+models. Prints one JSON object per line (model, sparsity, allocation, block, quantize,
+batch_size, engine, median_ms, items_per_s, p90_ms, rounds, spread, achieved_sparsity,
+speedup, speedup_low, speedup_high, noisy), then a summary table on stderr.
 
     NM_DISABLE_ANALYTICS=1 .venv/bin/python benchmarks/cpu_speedup.py > speedup.jsonl
     .venv/bin/python benchmarks/cpu_speedup.py --quick      # 0 and 95% uniform, batch 16
@@ -35,7 +43,7 @@ from wfcore.export.onnx import OnnxOptions, conv_linear_weights, export_checked
 from wfcore.export.quantize import quantize_int8
 from wfcore.plugins.allocators import GlobalAllocator, UniformAllocator
 
-from wfcore.errors import WfcoreError
+from wfcore import rounds
 from wfcore.masks import block_scores
 
 log = logging.getLogger("cpu_speedup")
@@ -73,7 +81,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calibration-samples", type=int, default=8,
                    help="random inputs that calibrate the INT8 activation ranges")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    p.add_argument("--runs", type=int, default=10, help="timed batches (at least)")
+    p.add_argument("--runs", type=int, default=10,
+                   help="timed rounds (at least), each running every file of a group once")
     p.add_argument("--min-seconds", type=float, default=3.0, help="and at least this long")
     p.add_argument("--max-seconds", type=float, default=40.0,
                    help="but a slow engine stops after this long (3 batches at least)")
@@ -97,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     allocations = args.allocations.split(",")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    # ONNX Runtime first: its dense timing is the baseline of every speed-up.
-    engines = sorted(bench.available(args.engines.split(",")), key=lambda e: e != "onnxruntime")
+    engines = bench.available(args.engines.split(","))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cpu_speedup-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -107,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     example = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     calibration = torch.randn(args.calibration_samples, 3, 224, 224,
                               generator=torch.Generator().manual_seed(2)).numpy()
-    # Dense first, then one allocation's sparsities after another, so that the ratios that
-    # matter most (uniform against dense) are timed close together.
+    # The dense model first: its file on ONNX Runtime is the baseline timed in every group.
     blocks = [int(b) for b in args.blocks.split(",")]
     plan = [(0.0, "none", 1)] if 0 in sparsities else []
     plan += [(s, a, b) for a in allocations for s in sparsities if s != 0 for b in blocks]
@@ -132,40 +139,58 @@ def main(argv: list[str] | None = None) -> int:
             models.append((sparsity, allocation, block, reached, "int8", int8, None))
 
     records = []
+    dense_path = next((paths["onnxruntime"] for s, _, _, _, q, paths, _ in models
+                       if s == 0 and q == "none" and "onnxruntime" in paths), None)
+    groups: dict[tuple, list] = {}  # the float and INT8 files of one sparse model together
+    for entry in models:
+        groups.setdefault(entry[:3], []).append(entry)
     for batch_size in batch_sizes:
-        base = None
-        for sparsity, allocation, block, reached, quantized, paths, model in models:
-            for engine, path in paths.items():
-                log.info("%s on %s, batch %d", path.name, engine, batch_size)
-                try:
-                    t = bench.time_engine(engine, path, batch_size, torch_model=model,
-                                          warmup=args.warmup, runs=args.runs,
-                                          min_seconds=args.min_seconds,
-                                          max_seconds=args.max_seconds, threads=args.threads)
-                except WfcoreError as exc:  # DeepSparse aborted compiling it: one row lost
-                    log.warning("skipped: %s", exc)
+        for entries in groups.values():
+            # one group timed in rounds, with the dense ONNX Runtime baseline in every round
+            rows, about = [], {}
+            if dense_path is not None:
+                rows.append(bench.Row("baseline", "onnxruntime", dense_path))
+            for sparsity, allocation, block, reached, quantized, paths, model in entries:
+                for engine, path in paths.items():
+                    if path == dense_path and engine == "onnxruntime":
+                        about["baseline"] = (sparsity, allocation, block, reached, quantized)
+                        continue
+                    label = f"{path.name}/{engine}"
+                    rows.append(bench.Row(label, engine, path, model))
+                    about[label] = (sparsity, allocation, block, reached, quantized)
+            log.info("timing %s at batch %d in rounds", ", ".join(r.label for r in rows),
+                     batch_size)
+            timings = bench.time_rows(rows, batch_size, warmup=args.warmup, runs=args.runs,
+                                      min_seconds=args.min_seconds,
+                                      max_seconds=args.max_seconds, threads=args.threads)
+            bench.add_speedups(timings, lambda t: t.model == "baseline")
+            for t in timings:
+                if t.model not in about:  # the baseline of a sparse group: only its ratios
                     continue
-                if sparsity == 0 and quantized == "none" and engine == "onnxruntime":
-                    base = t.items_per_s
+                sparsity, allocation, block, reached, quantized = about[t.model]
                 record = {"model": args.model, "sparsity": sparsity, "allocation": allocation,
-                          "block": block,
-                          "quantize": quantized, "batch_size": batch_size, "engine": engine,
-                          "median_ms": t.median_ms, "items_per_s": t.items_per_s,
-                          "p90_ms": t.p90_ms, "runs": t.runs,
-                          "achieved_sparsity": round(reached, 4),
-                          "speedup": round(t.items_per_s / base, 3) if base else None}
+                          "block": block, "quantize": quantized, "batch_size": batch_size,
+                          "engine": t.engine, "median_ms": t.median_ms,
+                          "items_per_s": t.items_per_s, "p90_ms": t.p90_ms, "rounds": t.runs,
+                          "spread": t.spread, "achieved_sparsity": round(reached, 4),
+                          "speedup": t.speedup, "speedup_low": t.speedup_low,
+                          "speedup_high": t.speedup_high, "noisy": t.noisy}
                 records.append(record)
                 print(json.dumps(record), flush=True)
 
     wall = time.perf_counter() - started
     lines = [f"{'sparsity':>8} {'alloc':<7} {'block':>5} {'weights':<7} {'batch':>5} "
-             f"{'engine':<12} {'median ms':>10} {'items/s':>9} {'vs dense ORT':>12}"]
+             f"{'engine':<12} {'median ms':>10} {'items/s':>9} {'vs dense ORT (quartiles)':>26}"]
     for r in records:
-        speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        speedup = (f"{r['speedup']:.2f}x ({r['speedup_low']:.2f}-{r['speedup_high']:.2f})"
+                   if r["speedup"] else "-") + (" noisy" if r["noisy"] else "")
         weights = "int8" if r["quantize"] == "int8" else "float32"
         lines.append(f"{r['sparsity']:>8.2f} {r['allocation']:<7} {r['block']:>5} {weights:<7} "
                      f"{r['batch_size']:>5} {r['engine']:<12} {r['median_ms']:>10.2f} "
-                     f"{r['items_per_s']:>9.1f} {speedup:>12}")
+                     f"{r['items_per_s']:>9.1f} {speedup:>26}")
+    if any(r["noisy"] for r in records):
+        lines.append(f"noisy: the baseline's rounds spread beyond {rounds.NOISE_BOUND:.0%} "
+                     "(the machine's load changed during the run)")
     print("\n".join(lines) + f"\nwall time {wall:.0f} s on {os.cpu_count()} CPUs",
           file=sys.stderr)
     return 0

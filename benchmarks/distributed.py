@@ -8,11 +8,17 @@ computes and writes its share of each chunk of rows), and rank 0 reports the wal
 the whole sampling after a warm-up. One JSON object per line:
 
     {"processes", "threads_per_process", "model", "m", "d", "seconds", "rows_per_s",
-     "speedup"}
+     "rounds", "spread", "speedup", "speedup_low", "speedup_high", "noisy"}
 
-``speedup`` is against the first setting. ``--threads`` intra-op threads in all are split
-between the processes (a fair split of one machine's cores); with ``--threads`` 1 every
-process gets one thread, the processes then use as many cores as there are of them.
+The settings are timed in rounds (``--rounds``), each round launching every setting once
+in a rotated order: ``seconds`` is the median over the rounds, ``speedup`` against the first
+setting the median of the per-round ratios (``speedup_low``/``speedup_high`` their
+quartiles), and ``noisy`` says that the first setting's own rounds spread beyond
+``rounds.NOISE_BOUND`` (the machine's load changed during the run).
+
+``--threads`` intra-op threads in all are split between the processes (a fair split of one
+machine's cores); with ``--threads`` 1 every process gets one thread, the processes then use
+as many cores as there are of them.
 
     python benchmarks/distributed.py                      # mnist_cnn, 512 rows, 1 and 2 procs
     python benchmarks/distributed.py --nprocs 1 2 4 --rows 1024 --threads 4
@@ -28,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from wfcore import rounds
 
 ROOT = Path(__file__).parents[1]
 
@@ -90,6 +98,8 @@ def main() -> None:
     p.add_argument("--nprocs", type=int, nargs="+", default=[1, 2], help="processes")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads in all, split between the processes")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds, each launching every setting once (rotated order)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
@@ -97,13 +107,23 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    first = None
+    # the settings in rounds, each round launching every setting once in a rotated order;
+    # a speed-up is the median of the per-round ratios (wfcore/rounds.py)
+    results: dict[int, list[dict]] = {n: [] for n in args.nprocs}
+    for r in range(max(1, args.rounds)):
+        for i in rounds.rotation(len(args.nprocs), r):
+            results[args.nprocs[i]].append(launch(args, args.nprocs[i]))
+    first = [res["seconds"] for res in results[args.nprocs[0]]]
     for nproc in args.nprocs:
-        result = launch(args, nproc)
-        first = first or result["seconds"]
-        result["speedup"] = round(first / result["seconds"], 2)
+        seconds = [res["seconds"] for res in results[nproc]]
+        result = dict(results[nproc][0])
+        _, median, _ = rounds.quartiles(seconds)
+        ratio = rounds.Ratio.of(first, seconds)
+        result.update(seconds=round(median, 3), rows_per_s=round(args.m / median, 1),
+                      rounds=len(seconds), spread=round(rounds.spread(seconds), 4),
+                      speedup=round(ratio.median, 2), speedup_low=round(ratio.low, 2),
+                      speedup_high=round(ratio.high, 2), noisy=rounds.noisy(first))
         print(json.dumps(result), flush=True)
-
 
 if __name__ == "__main__":
     main()

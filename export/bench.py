@@ -1,46 +1,47 @@
 """CPU latency of ONNX models on DeepSparse, ONNX Runtime and PyTorch, side by side.
 
-Each measurement builds the engine for one model at one batch size, runs ``warmup``
-untimed batches, then timed batches until both ``runs`` batches and ``min_seconds``
-have passed (a slow engine stops at ``max_seconds``). It reports the median and p90
-latency of a batch, items per second, and the speed-up against the dense model on ONNX
-Runtime at the same batch size.
+Every model on every engine is built once and kept warm (``engines.py``), given ``warmup``
+untimed batches, then timed in rounds (``rounds.py``): each round runs every model and
+engine once, a slot of a few batches each, in an order rotated from round to round, until
+both ``runs`` rounds and ``min_seconds`` have passed (a slow set stops at ``max_seconds``).
+A row reports the median and p90 over the rounds of the time per batch, items per second,
+and the speed-up against the dense model on ONNX Runtime at the same batch size: the
+median of the ratios measured round by round, with their interquartile range. When the
+dense model's own rounds spread beyond ``rounds.NOISE_BOUND`` (the machine's load changed
+during the run), its speed-ups are marked noisy, in the table and the JSON.
 
-Engines run one at a time and each is freed before the next starts, so that no idle
-engine's threads or memory compete with the one being timed. Every engine gets the same
-number of threads (default: all cores).
-
-DeepSparse runs in a process of its own (``isolated``): DeepSparse 1.8 aborts the whole
-process when it fails to compile some sparse INT8 graphs, and that must cost one row of
-the table, not the others (nor a run's export). Its row is then skipped with one line that
-names the file and the signal.
+Every engine gets the same number of threads (default: all cores). DeepSparse runs in a
+process of its own (``engines.Worker``), started once and timed round after round:
+DeepSparse 1.8 aborts the whole process when it fails to compile some sparse INT8 graphs,
+and that must cost one row of the table, not the others (nor a run's export). Its row is
+then skipped with one line that names the file and the signal.
 """
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import logging
+import math
 import os
-import pickle
-import re
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from wfcore import progress, rounds
 from wfcore.errors import WfcoreError, first_line
 
+from .engines import Runner, Worker
+from .provenance import check_same_model, describe, torch_model_for
+
 log = logging.getLogger(__name__)
+
+__all__ = ["ENGINES", "Timing", "bench", "check_same_model", "describe", "format_table",
+           "summary", "time_rows", "torch_model_for"]
+
+SLOT_SECONDS = 0.01  # a slot runs enough batches to last this long (one batch at least)
 
 ENGINES = ("deepsparse", "onnxruntime", "torch")
 INSTALL = {
@@ -53,16 +54,22 @@ INSTALL = {
 
 @dataclass
 class Timing:
-    """One engine on one model at one batch size."""
+    """One engine on one model at one batch size, over the rounds it was timed in."""
 
     model: str  # a label: the file name, or what the caller calls it
     engine: str
     batch_size: int
-    median_ms: float
+    median_ms: float  # median over the rounds of the time per batch
     p90_ms: float
     items_per_s: float
-    runs: int
-    speedup: float | None = None  # dense ONNX Runtime median / this median
+    runs: int  # rounds
+    repeats: int = 1  # batches per slot (one slot per round)
+    spread: float = 0.0  # interquartile range / median of this row's rounds
+    speedup: float | None = None  # median of the per-round ratios dense ONNX Runtime / this
+    speedup_low: float | None = None  # their first quartile
+    speedup_high: float | None = None  # and third
+    noisy: bool = False  # the baseline's rounds spread beyond the bound (see the module doc)
+    round_ms: list[float] = field(default_factory=list)  # time per batch in each round
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,14 +142,6 @@ def signature(proto: Any) -> tuple[Any, ...]:
             tuple(shape(o) for o in proto.graph.output))
 
 
-def check_same_model(proto: Any, dense_proto: Any, path: Path, dense: Path) -> None:
-    """A speed-up against ``dense`` means something only for the same inputs and outputs."""
-    if signature(proto) != signature(dense_proto):
-        raise WfcoreError(f"--dense {dense}: its inputs or outputs differ from those of "
-                          f"{path} ({signature(dense_proto)} vs {signature(proto)}); a speed-up "
-                          "compares one model dense and sparse")
-
-
 def input_shape(proto: Any, batch_size: int) -> tuple[int, ...]:
     """The input's shape with the batch dimension set (dynamic dims -> error)."""
     dims = graph_inputs(proto)[0].type.tensor_type.shape.dim
@@ -155,143 +154,112 @@ def input_shape(proto: Any, batch_size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _runner(engine: str, path: str, batch_size: int, threads: int,
-            torch_model: nn.Module | None) -> Callable[[np.ndarray], Any]:
-    if engine == "deepsparse":
-        os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-        import deepsparse
+@dataclass
+class Row:
+    """What to time: a model file on an engine (a PyTorch module for the torch engine)."""
 
-        ds = deepsparse.Engine(model=path, batch_size=batch_size, num_cores=threads)
-        return lambda x: ds.run([x])
-    if engine == "onnxruntime":
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})
-    if torch_model is None:
-        raise WfcoreError("torch: no PyTorch model for this ONNX file")
-    torch.set_num_threads(threads)
-    model = torch_model.cpu().eval()
-
-    def run_torch(x: np.ndarray) -> Any:
-        with torch.inference_mode():
-            return model(torch.from_numpy(x))
-
-    return run_torch
+    label: str
+    engine: str
+    path: Path
+    torch_model: nn.Module | None = None
 
 
-def isolated(fn: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` in a fresh Python process; its result, or its error again as a
-    one-line WfcoreError. A process that dies (a signal, an exit) is a one-line WfcoreError
-    naming ``what``: nothing of this process is lost. ``fn``, its arguments and its result
-    are pickled; the caller's ``__main__`` is never imported again (unlike multiprocessing's
-    spawn), so a plain script may call this."""
-    with tempfile.TemporaryDirectory(prefix="wfcore-isolated-") as tmp:
-        result, errors = Path(tmp) / "result.pkl", Path(tmp) / "stderr.txt"
-        call = pickle.dumps((fn, args, kwargs, str(result)))
-        payload = pickle.dumps((list(sys.path), call))  # the path first: fn may need it
-        with errors.open("w+b") as err:
-            code = subprocess.run([sys.executable, "-c", f"import {__name__} as m; m._child()"],
-                                  input=payload, stderr=err, check=False).returncode
-            err.seek(0)
-            said = err.read().decode(errors="replace")
-        if not result.is_file():
-            how = (f"killed by {signal.Signals(-code).name}" if code < 0
-                   else f"exit status {code}")
-            raise WfcoreError(f"{what}: the process ended ({how}) before it finished"
-                              f"{last_words(said)}")
-        replay(said)
-        ok, value = pickle.loads(result.read_bytes())
-    if not ok:
-        raise WfcoreError(f"{what}: {value}")
-    return value
+def _start(row: Row, shape: tuple[int, ...], threads: int, seed: int,
+           isolate: bool) -> Runner | Worker:
+    if row.engine == "deepsparse" and isolate:
+        return Worker(f"deepsparse on {row.path.name}", row.engine, str(row.path), shape,
+                      threads, seed=seed)
+    return Runner(row.engine, row.path, shape, threads, row.torch_model, seed)
 
 
-_REPLAYED: set[str] = set()
+def time_rows(rows: list[Row], batch_size: int, *, warmup: int = 5, runs: int = 20,
+              min_seconds: float = 2.0, max_seconds: float = 60.0,
+              threads: int | None = None, seed: int = 0, isolate: bool = True) -> list[Timing]:
+    """Build every row's engine, warm each up, then time them all in rounds (module doc).
 
-
-def replay(stderr: str) -> None:
-    """A finished child's stderr, on this process's, each line once per process: an engine
-    prints its banner once, however many children load it."""
-    for line in stderr.splitlines(keepends=True):
-        if line not in _REPLAYED:
-            _REPLAYED.add(line)
-            sys.stderr.write(line)
-
-
-def last_words(stderr: str) -> str:
-    """``; <the line that says why>`` from a dead process's stderr: its first assertion or
-    error line (a native abort prints pages of backtrace after it), else ''."""
-    for line in stderr.splitlines():
-        if re.search(r"\b(Assertion|Error|error|Fatal|fatal)\b", line):
-            return f"; {line.strip()[:200]}"
-    return ""
-
-
-def _child() -> None:
-    """The other end of ``isolated``: read the call from stdin, write its outcome."""
-    path, call = pickle.loads(sys.stdin.buffer.read())
-    sys.path[:] = path
-    fn, args, kwargs, result = pickle.loads(call)
+    A DeepSparse row whose process dies, at start or later, is skipped with a warning; any
+    other failure is an error. The engines are freed when the rounds end.
+    """
+    threads = threads or os.cpu_count() or 1
+    started: dict[int, Runner | Worker] = {}
+    repeats: dict[int, int] = {}
     try:
-        outcome = (True, fn(*args, **kwargs))
-    except Exception as exc:  # sent back as one line; the parent raises it
-        outcome = (False, first_line(exc))
-    Path(result).write_bytes(pickle.dumps(outcome))
+        for i, row in enumerate(rows):
+            shape = input_shape(read_onnx(row.path), batch_size)
+            log.info("starting %s on %s at batch %d", row.path.name, row.engine, batch_size)
+            try:
+                engine = started[i] = _start(row, shape, threads, seed, isolate)
+                if warmup:
+                    engine.time(warmup)
+                once = engine.time(1)
+            except WfcoreError as exc:
+                if row.engine != "deepsparse":
+                    raise
+                log.warning("skipped: %s", exc)  # the other engines' rows are kept
+                if i in started:
+                    started.pop(i).close()
+                continue
+            repeats[i] = max(1, min(1000, math.ceil(SLOT_SECONDS / max(once, 1e-9))))
+
+        def timer(i: int):
+            def slot() -> float:
+                try:
+                    return started[i].time(repeats[i])
+                except WfcoreError as exc:
+                    if rows[i].engine != "deepsparse":
+                        raise
+                    raise rounds.Dropped(str(exc)) from None
+            return slot
+
+        bar = tqdm(total=max(runs, rounds.MIN_ROUNDS), desc="rounds", unit="round",
+                   leave=False, delay=1, disable=progress.disabled(False, False))
+        try:
+            values = rounds.interleave({i: timer(i) for i in started}, runs=runs,
+                                       min_seconds=min_seconds, max_seconds=max_seconds,
+                                       on_round=lambda done: bar.update(1))
+        finally:
+            bar.close()
+    finally:
+        for engine in started.values():
+            engine.close()
+    out = []
+    for i, seconds in values.items():
+        ms = [s * 1e3 for s in seconds]
+        median = rounds.quartiles(ms)[1]
+        p90 = sorted(ms)[min(len(ms) - 1, math.ceil(0.9 * len(ms)) - 1)]
+        out.append(Timing(rows[i].label, rows[i].engine, batch_size, round(median, 4),
+                          round(p90, 4), round(batch_size * 1e3 / median, 2), len(ms),
+                          repeats[i], round(rounds.spread(ms), 4),
+                          round_ms=[round(v, 6) for v in ms]))
+    return out
 
 
 def time_engine(engine: str, path: str | Path, batch_size: int, *, label: str | None = None,
-                torch_model: nn.Module | None = None, warmup: int = 5, runs: int = 20,
-                min_seconds: float = 2.0, max_seconds: float = 60.0,
-                threads: int | None = None, seed: int = 0, isolate: bool = True) -> Timing:
-    """Warm up, then time ``engine`` on the ONNX model at ``path`` (see module doc).
-
-    A slow engine stops after ``max_seconds`` of timed batches (but never before 3).
-    DeepSparse is timed in a process of its own (see the module doc).
-    """
-    if engine == "deepsparse" and isolate:
-        return isolated(time_engine, engine, str(path), batch_size, label=label,
-                        warmup=warmup, runs=runs, min_seconds=min_seconds,
-                        max_seconds=max_seconds, threads=threads, seed=seed, isolate=False,
-                        what=f"deepsparse on {Path(path).name}")
-    threads = threads or os.cpu_count() or 1
-    shape = input_shape(read_onnx(path), batch_size)
-    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-    run = _runner(engine, str(path), batch_size, threads, torch_model)
-    try:
-        for _ in range(warmup):
-            run(x)
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < runs or time.perf_counter() - start < min_seconds:
-            t0 = time.perf_counter()
-            run(x)
-            times.append(time.perf_counter() - t0)
-            elapsed = time.perf_counter() - start
-            if len(times) >= 10 * runs or (len(times) >= 3 and elapsed > max_seconds):
-                break
-    finally:
-        del run
-        gc.collect()
-    ms = np.array(times) * 1e3
-    median = float(np.median(ms))
-    return Timing(label or Path(path).name, engine, batch_size, round(median, 3),
-                  round(float(np.percentile(ms, 90)), 3), round(batch_size * 1e3 / median, 2),
-                  len(times))
+                torch_model: nn.Module | None = None, **kwargs: Any) -> Timing:
+    """One model on one engine (``time_rows`` of one row): no ratio, so no rounds to share."""
+    row = Row(label or Path(path).name, engine, Path(path), torch_model)
+    timings = time_rows([row], batch_size, **kwargs)
+    if not timings:
+        raise WfcoreError(f"{engine} on {Path(path).name}: its process ended early")
+    return timings[0]
 
 
-def add_speedups(timings: list[Timing], dense_label: str) -> None:
-    """Fill ``speedup`` against the dense model on ONNX Runtime, per batch size."""
-    # Throughputs, not the rounded medians: a model that runs in microseconds keeps its ratio.
-    base = {t.batch_size: t.items_per_s for t in timings
-            if t.model == dense_label and t.engine == "onnxruntime"}
+def add_speedups(timings: list[Timing], is_baseline, bound: float = rounds.NOISE_BOUND
+                 ) -> None:
+    """Fill the speed-ups against the row ``is_baseline(timing)`` picks at each batch size:
+    the per-round ratios of the baseline's time to each row's (all timed in the same rounds),
+    their median and quartiles, and the noisy mark (the baseline's own spread beyond
+    ``bound``). A row without a baseline is marked noisy by its own spread."""
+    base = {t.batch_size: t for t in timings if is_baseline(t)}
     for t in timings:
-        if t.batch_size in base:
-            t.speedup = round(t.items_per_s / base[t.batch_size], 3)
+        b = base.get(t.batch_size)
+        if b is None:
+            t.noisy = rounds.noisy(t.round_ms, bound)
+            continue
+        ratio = rounds.Ratio.of(b.round_ms, t.round_ms)
+        t.speedup, t.speedup_low, t.speedup_high = (round(ratio.median, 3),
+                                                    round(ratio.low, 3), round(ratio.high, 3))
+        t.noisy = rounds.noisy(b.round_ms, bound)
 
 
 def is_quantized(proto: Any) -> bool:
@@ -318,12 +286,12 @@ def bench(path: str | Path | list[str | Path], *, dense: str | Path | None = Non
     protos = {p: read_onnx(p) for p in paths}
     for p, proto in protos.items():
         check_benchable(proto, p)
+    quantized = {p: is_quantized(proto) for p, proto in protos.items()}
     if dense:
         for p in paths[:-1]:
-            check_same_model(protos[p], protos[paths[-1]], p, paths[-1])
-    quantized = {p: is_quantized(proto) for p, proto in protos.items()}
+            check_same_model(protos[p], protos[paths[-1]], p, paths[-1], quantized[p])
     torch_models = {str(Path(k)): v for k, v in (torch_models or {}).items()}
-    out: list[Timing] = []
+    rows: list[Row] = []
     for p in paths:
         for engine in available(engines):
             model = None
@@ -337,89 +305,46 @@ def bench(path: str | Path | list[str | Path], *, dense: str | Path | None = Non
                     log.warning("torch: skipped for %s: it does not name a wfcore run "
                                 "(export it with `wfcore export`)", p.name)
                     continue
-            log.info("timing %s on %s at batch %d", p.name, engine, batch_size)
-            try:
-                out.append(time_engine(engine, p, batch_size, torch_model=model,
-                                       label=str(p), **kwargs))
-            except WfcoreError as exc:
-                if engine != "deepsparse":
-                    raise
-                log.warning("skipped: %s", exc)  # the other engines' rows are kept
+            rows.append(Row(str(p), engine, p, model))
+    out = time_rows(rows, batch_size, **kwargs)
     if dense:
-        add_speedups(out, str(Path(dense)))
+        dense_label = str(Path(dense))
+        add_speedups(out, lambda t: t.model == dense_label and t.engine == "onnxruntime")
+    else:
+        add_speedups(out, lambda t: False)
     return out
 
 
-def torch_model_for(path: str | Path) -> nn.Module | None:
-    """The PyTorch model behind an ONNX file that ``wfcore export`` wrote, or None.
-
-    The file names its run (paths relative to the file). The run's config.yaml and
-    state_dict are read, but no module is imported on the file's word: a run whose config
-    names ``plugins:`` gets no torch timing.
-    """
-    from wfcore import config as config_mod
-    from wfcore import manager, runs, states
-
-    path = Path(path)
-    proto = read_onnx(path)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    run_dir, state = meta.get("wfcore.run_dir"), meta.get("wfcore.state")
-    if not run_dir or not state:
-        return None
-    base = path.resolve().parent
-    run_dir, state = base / run_dir, base / state  # (an absolute path stays as it is)
-    if not state.is_file() or not (run_dir / "config.yaml").is_file():
-        return None
-    try:
-        plugins = config_mod.load(run_dir / "config.yaml").plugins
-        if plugins:
-            log.warning("torch: skipped for %s: its run imports plugins (%s), and bench "
-                        "imports nothing that a model file names", path.name, ", ".join(plugins))
-            return None
-        shape = input_shape(proto, 1)[1:]
-        num_classes = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-        model = runs.rebuild(run_dir, (shape, num_classes), plugins=manager.build()).model
-        states.load_state(model, state, "torch engine")
-    except WfcoreError as exc:
-        log.warning("torch: skipped for %s: %s", path.name, exc)
-        return None
-    return model.eval()
-
-
-def describe(path: str | Path) -> str:
-    """What an ONNX file holds, for a summary line: the run's model and data set when the
-    file comes from a run (its metadata or the run directory it sits in), else its name."""
-    from omegaconf import OmegaConf
-
-    meta = {p.key: p.value for p in read_onnx(path).metadata_props}
-    run_dir = Path(meta.get("wfcore.run_dir") or Path(path).parent)
-    try:
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        untrained = not cfg.model.checkpoint and cfg.train.epochs == 0
-        return (f"{cfg.model.name}{' with random weights' if untrained else ''} on "
-                f"{cfg.data.name} ({run_dir})")
-    except Exception:  # not a run: any file, any directory
-        return Path(path).name
-
-
 def summary(timings: list[Timing], dense: str | Path) -> str:
-    """One line: the fastest non-dense model against dense float32 ONNX Runtime."""
-    others = [t for t in timings if t.model != str(Path(dense)) and t.speedup is not None]
-    if not others:
+    """One line: the fastest row (dense ones included) against dense float32 ONNX Runtime,
+    the median of its per-round ratios with their interquartile range."""
+    rated = [t for t in timings if t.speedup is not None]
+    if not rated:
         return ""
-    best = max(others, key=lambda t: t.speedup or 0.0)
+    best = max(rated, key=lambda t: t.speedup or 0.0)
+    noisy = (f"; noisy: the dense model's rounds spread beyond "
+             f"{rounds.NOISE_BOUND:.0%}" if best.noisy else "")
     return (f"fastest: {Path(best.model).name} on {best.engine}, {best.speedup:.2f}x dense "
-            f"float32 ONNX Runtime at batch {best.batch_size}; model: {describe(best.model)}")
+            f"float32 ONNX Runtime at batch {best.batch_size} (median of {best.runs} rounds, "
+            f"quartiles {best.speedup_low:.2f}-{best.speedup_high:.2f}{noisy}); "
+            f"model: {describe(best.model)}")
 
 
 def format_table(timings: list[Timing]) -> str:
-    """The timings as fixed-width text, one line per model and engine."""
+    """The timings as fixed-width text, one line per model and engine; a speed-up whose
+    baseline's rounds spread beyond the bound is marked ``noisy``, with a note below."""
     head = (f"{'model':<28} {'engine':<12} {'batch':>5} {'median ms':>10} {'p90 ms':>9} "
-            f"{'items/s':>9} {'vs dense ORT':>12}")
+            f"{'items/s':>9} {'spread':>7} {'vs dense ORT (quartiles)':>26}")
     lines = [head, "-" * len(head)]
     for t in timings:
-        speedup = f"{t.speedup:.3g}x" if t.speedup is not None else "-"
+        speedup = "-"
+        if t.speedup is not None:
+            speedup = f"{t.speedup:.3g}x ({t.speedup_low:.3g}-{t.speedup_high:.3g})"
         lines.append(f"{Path(t.model).name[:28]:<28} {t.engine:<12} {t.batch_size:>5} "
                      f"{t.median_ms:>10.2f} {t.p90_ms:>9.2f} {t.items_per_s:>9.1f} "
-                     f"{speedup:>12}")
+                     f"{t.spread:>7.1%} {speedup:>26}{' noisy' if t.noisy else ''}")
+    if any(t.noisy for t in timings):
+        lines.append(f"noisy: the baseline's rounds spread (interquartile range / median) "
+                     f"beyond {rounds.NOISE_BOUND:.0%}: the machine's load changed during the "
+                     "run, and the ratios are less sure than their quartiles say")
     return "\n".join(lines)

@@ -361,11 +361,17 @@ class WoodFisher(HessianEstimator):
         chunks = self.chunks(layout, m, device)
         # besides the chunk: diag(F^-1) and the flat vectors of an update, solve dtype
         flat = 4 * layout.d * DTYPES[self.options.dtype].itemsize
+        # the fit reads the store once (a relative damp's scale comes from the sums a disk
+        # store takes while it is written); an update reads it again unless the chunks'
+        # factors are kept (see ``fit``)
+        cached = sum(c.nbytes for c in chunks) <= memory_budget(self.options, device) / 2
         return EstimatorCost(
             working_bytes=max(c.nbytes for c in chunks) + flat,
             flops=algebra_flops(layout, self.options.block_size, self.options.form, m),
             note=f"{sum(len(o) for c in chunks for o in c.groups.values())} blocks in "
-                 f"{len(chunks)} chunk(s)")
+                 f"{len(chunks)} chunk(s)" + ("" if cached else ", the update reads the store "
+                                             "again (factors not kept)"),
+            store_passes=1.0 if cached else 2.0)
 
     def fit(self, problem: PruningProblem) -> WoodFisherCurvature:
         opts = self.options

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
-from wfcore.export import bench, checks
+from wfcore.export import bench, checks, engines
 from wfcore.export.onnx import OnnxOptions, conv_linear_weights, export_checked
 from wfcore.plugins.models import MnistCNN, ResNet20
 
@@ -245,21 +246,29 @@ def test_a_failed_check_leaves_no_file_under_the_requested_name(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx"]
 
 
-def test_an_isolated_process_that_aborts_is_one_line_and_this_process_goes_on():
+def test_a_worker_process_that_dies_is_one_line_and_this_process_goes_on(tmp_path):
     # DeepSparse 1.8 aborts the process on some sparse INT8 graphs: bench times it in a
-    # process of its own, so that the abort costs one row, not the run.
-    with pytest.raises(WfcoreError, match=r"^deepsparse on m.onnx: the process ended "
-                                          r"\(killed by SIGABRT\) before it finished$"):
-        bench.isolated(os.abort, what="deepsparse on m.onnx")
-    with pytest.raises(WfcoreError, match=r"^x: .*No such file"):
-        bench.isolated(open, "/nonexistent/file", what="x")
-    assert bench.isolated(divmod, 7, 2, what="y") == (3, 1)
+    # process of its own, kept warm across rounds, so that the abort costs one row, not the run.
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    export_checked(MnistCNN().eval(), torch.randn(1, 1, 28, 28), path)
+    worker = engines.Worker("onnxruntime on m.onnx", "onnxruntime", str(path), (2, 1, 28, 28), 1)
+    try:
+        assert worker.time(2) > 0 and worker.time(1) > 0  # the same warm engine, twice
+        os.kill(worker._proc.pid, signal.SIGABRT)
+        with pytest.raises(WfcoreError, match=r"^onnxruntime on m.onnx: the process ended "
+                                              r"\(killed by SIGABRT\) before it finished$"):
+            worker.time(1)
+    finally:
+        worker.close()
+    with pytest.raises(WfcoreError, match=r"^x: .*missing"):
+        engines.Worker("x", "onnxruntime", str(tmp_path / "missing.onnx"), (2, 4), 1)
 
 
 def test_the_reason_of_a_native_abort_is_its_assertion_line():
     said = "DeepSparse\nThread: 0x7f\n\nAssertion at ./src/pool.hpp:333\n\nBacktrace:\n 0# .."
-    assert bench.last_words(said) == "; Assertion at ./src/pool.hpp:333"
-    assert bench.last_words("nothing to say\n") == ""
+    assert engines.last_words(said) == "; Assertion at ./src/pool.hpp:333"
+    assert engines.last_words("nothing to say\n") == ""
 
 
 def test_report_shows_the_result_of_an_exporter_without_the_onnx_keys():

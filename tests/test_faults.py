@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from wfcore.export.onnx import export_checked
 from wfcore.plugins.models import MnistCNN
 
 from wfcore import cli, config, errors, files, manager, pipeline, rundir
@@ -478,6 +480,68 @@ def test_bench_refuses_a_dense_model_of_another_shape(exported, tmp_path, capsys
     line = fails(capsys, "bench", str(exported / "model_step1.onnx"), "--dense", str(other),
                  "--engines", "onnxruntime")
     assert "--dense" in line and "inputs or outputs differ" in line
+
+
+def test_bench_refuses_a_dense_model_of_another_architecture(exported, tmp_path, capsys):
+    """Same inputs and outputs, other weights: no speed-up to report (issue 25, case 8)."""
+    proto = onnx.load(str(exported / "model_step1.onnx"))
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
+    classes = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    unrelated = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(dims), classes))
+    other = tmp_path / "other.onnx"
+    export_checked(unrelated.eval(), torch.randn(1, *dims), other)
+    line = fails(capsys, "bench", str(exported / "model_step1.onnx"), "--dense", str(other),
+                 "--engines", "onnxruntime", "--runs", "1", "--warmup", "0")
+    assert "--dense" in line and "not the same architecture" in line
+
+
+def test_bench_names_the_files_run_not_the_current_directorys(exported, tmp_path, capsys,
+                                                               monkeypatch):
+    decoy = tmp_path / "elsewhere"
+    decoy.mkdir()
+    text = (exported / "config.yaml").read_text()
+    (decoy / "config.yaml").write_text(text.replace("name: mlpnet", "name: decoy_model"))
+    monkeypatch.chdir(decoy)
+    assert cli.main(["-q", "bench", str(exported / "model_step1.onnx"), "--dense",
+                     str(exported / "dense.onnx"), "--engines", "onnxruntime", "--runs", "3",
+                     "--warmup", "0", "--min-seconds", "0"]) == 0
+    fastest = capsys.readouterr().out.strip().splitlines()[-1]
+    assert fastest.startswith("fastest:") and "model: mlpnet" in fastest, fastest
+    assert "decoy" not in fastest and str(exported.resolve()) in fastest
+
+
+@pytest.mark.parametrize("inside_a_run", [False, True])
+def test_bench_reads_nothing_outside_the_files_own_run(exported, tmp_path, capsys,
+                                                       monkeypatch, inside_a_run):
+    """Absolute ``wfcore.run_dir``/``wfcore.state`` naming another run: neither its config
+    nor its weights are read (no torch row, the summary names no other run)."""
+    other = Path(shutil.copytree(exported, tmp_path / "other_run"))
+    (other / "config.yaml").write_text((other / "config.yaml").read_text().replace(
+        "name: mlpnet", "name: other_model"))
+    home = Path(shutil.copytree(exported, tmp_path / "home")) if inside_a_run \
+        else tmp_path / "loose"
+    home.mkdir(exist_ok=True)
+    proto = onnx.load(str(exported / "model_step1.onnx"))
+    for p in proto.metadata_props:
+        if p.key == "wfcore.run_dir":
+            p.value = str(other.resolve())
+        if p.key == "wfcore.state":
+            p.value = str((other / "model_step1.pt").resolve())
+    crafted = home / "crafted.onnx"
+    onnx.save(proto, str(crafted))
+    read: list[str] = []
+    real_load = config.load
+    monkeypatch.setattr(config, "load", lambda path, *a, **k: (read.append(str(path)),
+                                                               real_load(path, *a, **k))[1])
+    out = tmp_path / "timings.json"
+    assert cli.main(["-q", "bench", str(crafted), "--dense", str(exported / "dense.onnx"),
+                     "--engines", "onnxruntime,torch", "--runs", "3", "--warmup", "0",
+                     "--min-seconds", "0", "--json", str(out)]) == 0
+    rows = {(Path(t["model"]).name, t["engine"]) for t in json.loads(out.read_text())}
+    assert ("crafted.onnx", "torch") not in rows and ("crafted.onnx", "onnxruntime") in rows
+    assert not any("other_run" in path for path in read)
+    said = capsys.readouterr()
+    assert "other_model" not in said.out and "other_run" not in said.out
 
 
 # -- security --------------------------------------------------------------------------

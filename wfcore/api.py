@@ -319,8 +319,9 @@ def bench(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
           torch_models: Mapping[str, nn.Module] | None = None, quiet: bool = False,
           **kwargs: Any) -> list[dict[str, Any]]:
     """Time ONNX files on every installed engine, as ``wfcore bench``; one row per file and
-    engine: model, engine, batch_size, median_ms, p90_ms, items_per_s, runs, speedup
-    (against ``dense`` on ONNX Runtime). ``kwargs``: warmup, runs, threads."""
+    engine: model, engine, batch_size, median_ms, p90_ms, items_per_s, runs (rounds),
+    speedup (against ``dense`` on ONNX Runtime: the median of the per-round ratios, with
+    speedup_low/high and ``noisy``). ``kwargs``: warmup, runs, min_seconds, threads."""
     from wfcore.export.bench import bench as time_files
 
     listed = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)

@@ -133,7 +133,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         files.check_writable(args.json, "--json")  # before the timings, not after
     timings = bench(list(args.model), dense=args.dense, batch_size=args.batch_size,
                     engines=engines,
-                    warmup=args.warmup, runs=args.runs, threads=args.threads)
+                    warmup=args.warmup, runs=args.runs, threads=args.threads,
+                    min_seconds=args.min_seconds)
     print(format_table(timings))
     if args.dense and summary(timings, args.dense):
         print(summary(timings, args.dense))
@@ -302,7 +303,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--engines", default="deepsparse,onnxruntime,torch",
                        help="comma-separated: deepsparse, onnxruntime, torch (default: all three)")
     bench.add_argument("--warmup", type=int, default=5, help="untimed batches first (default: 5)")
-    bench.add_argument("--runs", type=int, default=20, help="timed batches, at least (default: 20)")
+    bench.add_argument("--runs", type=int, default=20, help="timed rounds, at least; each round "
+                       "runs every model on every engine once (default: 20)")
+    bench.add_argument("--min-seconds", type=float, default=2.0,
+                       help="and time rounds for at least this long (default: 2)")
     bench.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     bench.add_argument("--json", help="also write the timings to this JSON file")
     return p

@@ -106,6 +106,9 @@ class EstimatorCost:
     working_bytes: int  # peak memory of the fit and the update, store not included
     flops: float  # floating-point operations of the algebra (fit and one update)
     note: str = ""  # how the work is split, e.g. '12800 blocks in 40 chunk(s)'
+    # whole reads of the gradient store by the fit and one update: on disk, each costs
+    # store bytes / the disk's read rate (the plan counts them)
+    store_passes: float = 0.0
 
 
 @dataclass

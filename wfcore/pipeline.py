@@ -230,7 +230,7 @@ class Pruning:
             self.model, self.params, self.masks.keep, pool, self.loss_fn,
             num_grads=fisher.num_grads, grad_batch=fisher.grad_batch, labels=fisher.labels,
             seed=cfg.seed, device=self.device, dtype=fisher.storage_dtype,
-            offload=fisher.offload)
+            offload=fisher.offload, method="auto")
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.test, batch_size=self.cfg.data.batch_size,
@@ -306,6 +306,8 @@ class Pruning:
             timings["prune"] += time.perf_counter() - start
         if block > 1:
             record["whole_blocks"] = whole_blocks(self.masks.keep, block)
+        if self.sampler.choice is not None:  # how per-sample gradients were taken, and why
+            record["gradient_method"] = self.sampler.choice.record()
         self.degeneracy.check(self.model, self.masks, target)  # warns, or refuses
         return {"target_sparsity": target, **record}
 

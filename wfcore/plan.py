@@ -13,7 +13,9 @@ cannot fit (``Plan.check``) before it trains or samples anything. The numbers:
 - flops: the gradients (forward + backward, counted with torch's FlopCounterMode on one
   sample) and the estimator's algebra;
 - time: the gradients from timing a few forward/backward passes of this model on this
-  machine, the algebra from the measured float64 matrix-multiply rate of the solve device.
+  machine, the algebra from the measured float64 matrix-multiply rate of the solve device,
+  and, for a store on disk, the estimator's passes over it (``EstimatorCost.store_passes``)
+  at ``STORE_READ_RATE`` (the pages of a store larger than the page cache come from disk).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 STORE_MEMORY_SHARE = 0.25  # fisher.store=auto keeps the store in memory up to this share
 MEMORY_SHARE = 0.9  # of the available memory a run may plan to use at its peak
 GiB = 2**30
+STORE_READ_RATE = 400 * 2**20  # bytes/s of a column pass over a disk store (m reads per chunk)
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:
@@ -141,6 +144,8 @@ class Plan:
     algebra_flops: float
     gradient_seconds: float
     algebra_seconds: float
+    store_passes: float = 0.0  # the estimator's whole reads of a disk store
+    store_read_seconds: float = 0.0  # their time at STORE_READ_RATE
     nproc: int = 1  # processes of a torchrun run (--nproc-per-node); the share is per rank
     on_host: bool = True  # the ranks of one machine share its memory (CPU runs)
     notes: list[str] = field(default_factory=list)
@@ -184,7 +189,7 @@ class Plan:
             raise WfcoreError(f"plan: {problems[0]}")
 
     def lines(self) -> list[str]:
-        seconds = self.gradient_seconds + self.algebra_seconds
+        seconds = self.gradient_seconds + self.algebra_seconds + self.store_read_seconds
         store = ("none (the estimator needs no gradients)" if self.store_place is None else
                  f"{self.store_bytes / GiB:.3g} GiB {self.store_place}"
                  + (f" in {self.store_dir}" if self.store_place == "disk" else ""))
@@ -198,7 +203,10 @@ class Plan:
             f"flops: gradients {self.gradient_flops:.3g}, algebra {self.algebra_flops:.3g}",
             f"estimated time of the step: {format_seconds(seconds)} (gradients "
             f"{format_seconds(self.gradient_seconds)}, algebra "
-            f"{format_seconds(self.algebra_seconds)})",
+            f"{format_seconds(self.algebra_seconds)}"
+            + (f", {self.store_passes:g} pass(es) over the disk store "
+               f"{format_seconds(self.store_read_seconds)}" if self.store_read_seconds else "")
+            + ")",
         ]
         if self.nproc > 1:
             n = self.nproc
@@ -254,6 +262,7 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
               gradient_seconds(model, example, loss_fn, target, samples) if calibrate
               else math.nan)
     algebra_s = cost.flops / matmul_rate(device) if calibrate else math.nan
+    passes = cost.store_passes if place == "disk" else 0.0
     notes = [f"estimator: {cost.note}"] if cost.note else []
     return Plan(d=d, m=m, grad_batch=grad_batch, estimator=estimator_name, store_place=place,
                 store_dir=str(store_dir), store_bytes=nbytes, model_bytes=model_bytes,
@@ -261,4 +270,5 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
                 memory_available=available_memory(device if device.type == "cuda" else "cpu"),
                 disk_available=free_disk(store_dir), gradient_flops=3 * fwd * samples,
                 algebra_flops=cost.flops, gradient_seconds=grad_s, algebra_seconds=algebra_s,
+                store_passes=passes, store_read_seconds=passes * nbytes / STORE_READ_RATE,
                 nproc=nproc, on_host=device.type != "cuda", notes=notes)

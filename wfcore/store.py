@@ -16,6 +16,13 @@ file system when the store is closed or the process ends, even when it is killed
 
 Under torchrun on one machine the ranks share one store (``shared_by_ranks``): each rank
 writes its own rows, and an in-memory store lives in /dev/shm, mapped once for all ranks.
+
+A disk store sums the squares of each column as its rows are written (``square_mean``, what
+a relative damp scales by): reading a 20 GB store once more only for those d numbers
+would cost as much as a pass of the estimator. The sums are taken from the values as
+stored (after the cast to the storage dtype), in float64, so they are those of a pass over
+the file; under torchrun the ranks' sums are added up when the rows are complete
+(``finish_rows``). ``StoreWriter`` (store_writer.py) writes rows from a thread of its own.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ log = logging.getLogger(__name__)
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PLACES = ("memory", "disk")
 DISK_MARGIN = 1 * 2**30  # free space left on the file system beside a store
+SUM_SLICE_BYTES = 64 * 2**20  # float64 temporaries of the column sums, per slice of columns
 SHARED_MEMORY = Path("/dev/shm")  # where the ranks of one machine share an in-memory store
 
 
@@ -72,6 +80,7 @@ class GradientStore:
         self._fd: int | None = None
         self._rows: torch.Tensor | None = None
         self.shared = False  # one store written by every rank of a machine (``shared``)
+        self._square_sum: torch.Tensor | None = None  # (d + 1,): column sums, rows summed
         if place == "memory":
             self._rows = torch.empty(m, d, dtype=dtype, device=self.device,
                                      pin_memory=pin and self.device.type == "cpu")
@@ -86,7 +95,7 @@ class GradientStore:
         store.dtype, store.place, store.device = G.dtype, "memory", G.device
         store.nbytes, store.path, store._fd, store._rows = G.numel() * G.element_size(), \
             None, None, G
-        store.shared = False
+        store.shared, store._square_sum = False, None
         return store
 
     @classmethod
@@ -104,6 +113,7 @@ class GradientStore:
         store.m, store.d, store.dtype, store.place = m, d, dtype, place
         store.device, store.nbytes = torch.device("cpu"), store_bytes(m, d, dtype)
         store.path, store._fd, store._rows, store.shared = None, None, None, True
+        store._square_sum = None
         where = Path(directory if directory is not None else tempfile.gettempdir())
         if place == "memory" and SHARED_MEMORY.is_dir() \
                 and free_disk(SHARED_MEMORY) > store.nbytes + DISK_MARGIN:
@@ -127,6 +137,10 @@ class GradientStore:
             if store.path is not None:
                 store.path.unlink(missing_ok=True)
                 store.path = None
+        # every rank sums its own rows' squares (a disk store), added up in ``finish_rows``:
+        # the same on every rank, or the ranks' collectives would not match
+        store._square_sum = torch.zeros(d + 1, dtype=torch.float64) if place == "disk" \
+            else None
         return store
 
     def _open_file(self, directory: Path, keep_name: bool = False) -> None:
@@ -146,6 +160,7 @@ class GradientStore:
             raise WfcoreError(f"gradient store: cannot create a file in {directory}: "
                               f"{exc.strerror or exc}") from None
         self._fd, self.path = fd, Path(name)
+        self._square_sum = torch.zeros(self.d + 1, dtype=torch.float64)
         try:
             if hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(fd, 0, self.nbytes)
@@ -169,10 +184,28 @@ class GradientStore:
         if self._rows is not None:
             self._rows[start:start + rows.shape[0]].copy_(rows)
             return
-        data = _bytes_view(rows.detach().to("cpu", self.dtype).contiguous())
+        stored = rows.detach().to("cpu", self.dtype).contiguous()
+        data = _bytes_view(stored)
         offset, done = start * self.d * self.dtype.itemsize, 0
         while done < len(data):
             done += os.pwrite(self._require_fd(), data[done:], offset + done)
+        if self._square_sum is not None:
+            self._add_squares(stored)
+
+    def _add_squares(self, stored: torch.Tensor) -> None:
+        """Add the squares of ``stored`` (c, d), as stored, to the column sums, a slice of
+        columns at a time (a float64 copy of a whole chunk of rows would double its memory)."""
+        step = max(1, SUM_SLICE_BYTES // max(1, 8 * stored.shape[0]))
+        for a in range(0, self.d, step):
+            b = min(self.d, a + step)
+            self._square_sum[a:b] += stored[:, a:b].double().square_().sum(0)
+        self._square_sum[-1] += stored.shape[0]
+
+    def finish_rows(self) -> None:
+        """Every row is written: under torchrun, each rank's column sums of a shared store
+        are added up (the others wrote rows this rank did not see)."""
+        if self._square_sum is not None and self.shared:
+            distributed.sum_(self._square_sum)
 
     # -- reading --------------------------------------------------------------------------
     def columns(self, start: int, stop: int, dtype: torch.dtype | None = None,
@@ -218,7 +251,10 @@ class GradientStore:
         return self.column_reduce(lambda G: G.mean(0), torch.float32, budget_bytes)
 
     def square_mean(self, budget_bytes: int = 256 * 2**20) -> torch.Tensor:
-        """(d,) float64: the mean of the squared rows (diag(G^T G) / m), streamed."""
+        """(d,) float64: the mean of the squared rows (diag(G^T G) / m): from the sums taken
+        while the rows were written when every row was written once, else streamed."""
+        if self._square_sum is not None and int(self._square_sum[-1]) == self.m:
+            return self._square_sum[:-1] / self.m
         return self.column_reduce(lambda G: G.square_().mean(0), torch.float64, budget_bytes)
 
     def tensor(self) -> torch.Tensor:
@@ -234,6 +270,7 @@ class GradientStore:
     def close(self) -> None:
         """Free the rows; a disk store's file is closed and removed."""
         self._rows = None
+        self._square_sum = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
