@@ -95,6 +95,10 @@ class FisherSection:
     # quarter of the free memory, else a file on disk (removed when the step ends)
     store: str = "auto"  # auto | memory | disk
     store_dir: Optional[str] = None  # directory of an on-disk store; null = the run directory
+    # how per-sample gradients are taken: auto = timed once on the model at hand (vmap at
+    # a few chunk sizes, or the plain loop; wfcore/grad_calibration.py); vmap | loop fixes
+    # it (vmap rows are the same bit for bit at any chunk; the loop's only to rounding)
+    grad_method: str = "auto"
 
 
 @dataclass
@@ -200,6 +204,7 @@ CHOICES = {
     "fisher.labels": ("empirical", "sampled"),
     "fisher.storage_dtype": ("float32", "float16", "bfloat16"),
     "fisher.store": ("auto", "memory", "disk"),
+    "fisher.grad_method": ("auto", "vmap", "loop"),
     "safeguard.fallback": ("magnitude", "none"),
     "distributed.backend": ("auto", "gloo", "nccl"),
 }

@@ -230,7 +230,7 @@ class Pruning:
             self.model, self.params, self.masks.keep, pool, self.loss_fn,
             num_grads=fisher.num_grads, grad_batch=fisher.grad_batch, labels=fisher.labels,
             seed=cfg.seed, device=self.device, dtype=fisher.storage_dtype,
-            offload=fisher.offload, method="auto")
+            offload=fisher.offload, method=fisher.grad_method)
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.test, batch_size=self.cfg.data.batch_size,
