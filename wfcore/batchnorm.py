@@ -60,11 +60,16 @@ class RunningStats:
     def active(self) -> bool:
         return bool(self.modules)
 
-    def record(self) -> dict[str, Any]:
-        """What the report states: modules, samples (from the pruning pool), calls, seconds."""
+    def mark(self) -> tuple[int, float]:
+        """(calls, seconds) so far: ``record(since=mark())`` counts what came after."""
+        return self.calls, self.seconds
+
+    def record(self, since: tuple[int, float] = (0, 0.0)) -> dict[str, Any]:
+        """What the report states: modules, samples (from the pruning pool), and the calls
+        and seconds since ``since``."""
         return {"enabled": self.active, "modules": len(self.modules),
-                "samples": 0 if self.x is None else len(self.x), "calls": self.calls,
-                "seconds": round(self.seconds, 4)}
+                "samples": 0 if self.x is None else len(self.x),
+                "calls": self.calls - since[0], "seconds": round(self.seconds - since[1], 4)}
 
     @torch.no_grad()
     def refresh(self) -> None:

@@ -52,6 +52,7 @@ from wfcore.prepare import (  # noqa: F401  (the setup of a run, re-exported her
 from wfcore.report import Report, number
 from wfcore.runner import Runner
 from wfcore.safeguard import Safeguard, calibration_batch, magnitude_scores
+from wfcore.safeguard_plan import safeguard_cost
 from wfcore.store import STORAGE_DTYPES, GradientStore, store_bytes
 from wfcore.training import evaluate
 
@@ -124,11 +125,17 @@ def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
     # unlabelled data (sampled labels): class 0 stands in for the label
     target = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else 0
     needs = components.need_gradients()
-    return make_plan(model=model, params=params, example=example.unsqueeze(0).to(device),
+    plan = make_plan(model=model, params=params, example=example.unsqueeze(0).to(device),
                      target=torch.as_tensor(target).unsqueeze(0), loss_fn=loss_fn,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
                      device=device, calibrate=calibrate, nproc=nproc)
+    guard = safeguard_cost(cfg, model, example.unsqueeze(0).to(device),
+                           components.estimator.baseline or components.scorer.baseline,
+                           calibrate)
+    plan.safeguard_seconds = guard.seconds
+    plan.notes.append(guard.line())
+    return plan
 
 
 def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
@@ -261,6 +268,7 @@ class Pruning:
         """
         c = self.c
         needs, block = c.need_gradients(), self.cfg.structure.block
+        stats_before = self.stats.mark()
         with ExitStack() as stack:
             gradients, curvature = self.dense_fit.take() or (None, None)
             if needs and curvature is None:
@@ -305,7 +313,7 @@ class Pruning:
             self.stats.refresh()  # fresh running statistics for the pruned weights
             self.dense_fit.step_done()
             timings["prune"] += time.perf_counter() - start
-        record["batchnorm"] = self.stats.record()
+        record["batchnorm"] = self.stats.record(since=stats_before)
         if block > 1:
             record["whole_blocks"] = whole_blocks(self.masks.keep, block)
         return {"target_sparsity": target, **record}
