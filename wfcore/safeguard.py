@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 SCREEN_CHUNK = 32  # samples per chunk of the screening's paired standard error
 SCREEN_SIGMAS = 3.0  # a candidate this many standard errors above the best is dropped
+# finalists whose screened losses differ by less than this share of the loss before the
+# step are not told apart on all the samples: any of them is as good (the best is taken)
+SCREEN_RTOL = 1e-3
 
 
 @dataclass
@@ -200,8 +203,11 @@ class Safeguard:
             finalists = list(losses)
             if first < k:
                 finalists = close_to_best(losses)
-                for i in finalists if len(finalists) > 1 else []:
-                    losses[i], samples[i] = judge(i, None), k
+                means = [float(losses[i].mean()) for i in finalists]
+                if max(means) - min(means) > SCREEN_RTOL * abs(float(before[:len(losses[0])]
+                                                                     .mean())):
+                    for i in finalists:
+                        losses[i], samples[i] = judge(i, None), k
         finally:
             self._set(weights, None, None)
             if kept_stats is not None:
@@ -247,7 +253,9 @@ class Safeguard:
             record["skipped"] = skipped
             log.info("safeguard: skipped (%s)", skipped)
             return record
-        record["forward_samples"] = len(self.batch.x) + sum(t["samples"] for t in tried)
+        screen = min(t["samples"] for t in tried)  # every candidate ran on these first
+        record["forward_samples"] = (len(self.batch.x) + screen * len(tried)
+                                     + sum(t["samples"] for t in tried if t["samples"] > screen))
         log.info("safeguard: %s mask, alpha %s, loss increase %.4g (predicted %s) on %d "
                  "calibration samples", best["mask"], best["alpha"], best["increase"],
                  "n/a" if predicted is None else f"{predicted:.4g}", best["samples"])
