@@ -450,8 +450,10 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
                          prunable=pruning.masks.numel(), source=pruning.dense_source)
         log.info("dense: top-1 %s, loss %.4f", number(dense["accuracy"], ".4f"), dense["loss"])
         runner.save()
-    runner.run()
-    pruning.dense_fit.close()
+    try:
+        runner.run()
+    finally:  # the dense fit kept for oneshot's targets (an on-disk store is removed)
+        pruning.dense_fit.close()
     # whether every rank ended with the same model, bit for bit
     report.data["distributed"]["replicas_equal"] = distributed.same_on_every_rank(
         pruning.model.state_dict())
