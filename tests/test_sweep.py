@@ -162,3 +162,9 @@ def test_baselines_keep_their_own_masks_and_fallback_cells_are_marked(tmp_path, 
     assert sweep.table(result).count(sweep.FALLBACK_MARK) == 1
     sweep.write_outputs(result)
     assert "1 cell(s) show magnitude pruning's mask" in (out / "results.md").read_text()
+
+
+def test_one_key_turns_the_safeguard_off_for_every_row(tmp_path):
+    _, _, runs = sweep.plan(CONFIG, [f"output={tmp_path}", "estimator.name=woodfisher,random",
+                                     "safeguard.enabled=false"])
+    assert len(runs) == 2 and all(run.cfg.safeguard.enabled is False for run in runs)
