@@ -49,9 +49,9 @@ def test_plan_counts_the_safeguard_and_nothing_for_a_baseline():
     # the current weights
     assert planned_forward_samples(cfg, baseline=False, has_stats=False) == k + 6 * k
     cfg.safeguard.screen_samples = 100
-    assert planned_forward_samples(cfg, False, False) == k + 6 * 100 + 2 * k
+    assert planned_forward_samples(cfg, False, False) == k + 6 * 100 + 2 * (k - 100)
     stats = cfg.batchnorm.samples
-    assert planned_forward_samples(cfg, False, True) == k + 6 * 100 + 2 * k + 7 * stats
+    assert planned_forward_samples(cfg, False, True) == k + 6 * 100 + 2 * (k - 100) + 7 * stats
     assert planned_forward_samples(cfg, True, True) == stats  # the refresh after the step
     assert planned_forward_samples(cfg, True, False) == 0
     cfg.batchnorm.recalibrate = False

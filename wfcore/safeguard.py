@@ -103,30 +103,33 @@ class Safeguard:
         self.stats = stats  # running statistics re-estimated for each candidate
 
     @torch.no_grad()
-    def logits(self, upto: int | None = None) -> torch.Tensor:
+    def logits(self, start: int = 0, upto: int | None = None) -> torch.Tensor:
         """(k, outputs) of the model at its current weights, in eval mode, float64, on the
-        first ``upto`` samples (all: None)."""
+        samples ``start:upto`` (all: 0, None)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            x = self.batch.x[:upto]
+            x = self.batch.x[start:upto]
             return torch.cat([self.model(c).double() for c in x.split(self.chunk)])
         finally:
             self.model.train(was_training)
 
-    def chunk_losses(self, teacher: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+    def chunk_losses(self, teacher: torch.Tensor, start: int = 0,
+                     upto: int | None = None) -> torch.Tensor:
         """(chunks,) the calibration loss of each chunk of ``SCREEN_CHUNK`` samples among
-        the first ``upto`` (``teacher``: probabilities before the step)."""
-        logits = self.logits(upto)
+        the samples ``start:upto`` (``teacher``: probabilities before the step; ``start``
+        a multiple of ``SCREEN_CHUNK``)."""
+        logits = self.logits(start, upto)
         out = []
-        for start in range(0, len(logits), SCREEN_CHUNK):
-            part = slice(start, start + SCREEN_CHUNK)
+        for offset in range(0, len(logits), SCREEN_CHUNK):
+            part = slice(offset, offset + SCREEN_CHUNK)
+            at = slice(start + offset, start + offset + SCREEN_CHUNK)  # in the whole batch
             if self.use_labels:
-                y = self.batch.y[part]
+                y = self.batch.y[at]
                 out.append(float(self.loss_fn(logits[part],
                                               y.double() if y.is_floating_point() else y)))
             else:
-                out.append(float(-(teacher[part] * F.log_softmax(logits[part], -1))
+                out.append(float(-(teacher[at] * F.log_softmax(logits[part], -1))
                                  .sum(-1).mean()))
         return torch.tensor(out, dtype=torch.float64)
 
@@ -180,11 +183,13 @@ class Safeguard:
         if len(candidates) > len(self.alphas if update is not None else [0.0]):
             masks["magnitude"] = magnitude_keep()
         k = len(self.batch.x)
-        first = self.screen if 0 < self.screen < k else k
+        # the screening's samples: whole chunks, so that the rest continues them
+        first = max(SCREEN_CHUNK, self.screen - self.screen % SCREEN_CHUNK)
+        first = first if 0 < self.screen and first < k else k
         kept_stats = self.stats.state() if self.stats is not None else None
         states: dict[int, Any] = {}
 
-        def judge(i: int, upto: int) -> torch.Tensor:
+        def judge(i: int, start: int = 0, upto: int | None = None) -> torch.Tensor:
             mask, alpha = candidates[i]
             self._set(weights, update if mask == "scores" else None, masks[mask], alpha)
             if self.stats is not None:
@@ -193,12 +198,12 @@ class Safeguard:
                 else:
                     self.stats.refresh()
                     states[i] = self.stats.state()
-            return self.chunk_losses(teacher, upto)
+            return self.chunk_losses(teacher, start, upto)
 
         try:
             teacher = torch.softmax(self.logits(), -1)
             before = self.chunk_losses(teacher)  # (chunks,)
-            losses = {i: judge(i, first) for i in range(len(candidates))}
+            losses = {i: judge(i, 0, first) for i in range(len(candidates))}
             samples = dict.fromkeys(losses, first)
             finalists = list(losses)
             if first < k:
@@ -206,8 +211,8 @@ class Safeguard:
                 means = [float(losses[i].mean()) for i in finalists]
                 if max(means) - min(means) > SCREEN_RTOL * abs(float(before[:len(losses[0])]
                                                                      .mean())):
-                    for i in finalists:
-                        losses[i], samples[i] = judge(i, None), k
+                    for i in finalists:  # the rest of the samples, after the screened ones
+                        losses[i], samples[i] = torch.cat([losses[i], judge(i, first)]), k
         finally:
             self._set(weights, None, None)
             if kept_stats is not None:
@@ -229,8 +234,11 @@ class Safeguard:
             update = None  # the mask alone, exactly
         elif update is not None and best["alpha"] != 1.0:
             update = {n: best["alpha"] * u for n, u in update.items()}
-        return update, keep, self.record(weights, update, keep, curvature, gradient, best,
-                                         self.mean_loss(before, k), tried, None)
+        record = self.record(weights, update, keep, curvature, gradient, best,
+                             self.mean_loss(before, k), tried, None)
+        record["forward_samples"] = k + first * len(tried) + sum(
+            k - first for t in tried if t["samples"] > first)
+        return update, keep, record
 
     def record(self, weights: Tensors, update: Tensors | None, keep: Tensors,
                curvature: Curvature, gradient: Tensors | None, best: dict[str, Any],
@@ -253,9 +261,6 @@ class Safeguard:
             record["skipped"] = skipped
             log.info("safeguard: skipped (%s)", skipped)
             return record
-        screen = min(t["samples"] for t in tried)  # every candidate ran on these first
-        record["forward_samples"] = (len(self.batch.x) + screen * len(tried)
-                                     + sum(t["samples"] for t in tried if t["samples"] > screen))
         log.info("safeguard: %s mask, alpha %s, loss increase %.4g (predicted %s) on %d "
                  "calibration samples", best["mask"], best["alpha"], best["increase"],
                  "n/a" if predicted is None else f"{predicted:.4g}", best["samples"])

@@ -5,7 +5,7 @@ safeguard's forward passes were most of the step (a small ViT: 80 s of safeguard
 8.6 s of pruning) and a big one was planned at a quarter of what it took. The count here
 follows ``wfcore.safeguard.Safeguard.choose``: one forward of the calibration batch at
 the current weights, each candidate on ``screen_samples`` (all of the batch without
-screening), about two finalists on all of it, and for a model with running statistics
+screening), about two finalists on the rest of it, and for a model with running statistics
 one re-estimation per candidate and one after the step (``batchnorm.samples`` each). A
 baseline (magnitude, random) runs none of it.
 """
@@ -45,7 +45,7 @@ def planned_forward_samples(cfg: DictConfig, baseline: bool, has_stats: bool) ->
     candidates = len({*guard.alphas, 0.0}) + (guard.fallback == "magnitude")
     k = guard.calibration_samples
     screen = guard.screen_samples if 0 < guard.screen_samples < k else k
-    finals = FINALISTS * k if screen < k else 0
+    finals = FINALISTS * (k - screen)  # the rest of the samples, for the close ones
     return k + candidates * screen + finals + (candidates + 1) * stats
 
 
