@@ -44,15 +44,16 @@ def test_refresh_gives_the_exact_statistics_of_the_samples():
 
 def test_stale_statistics_fail_and_fresh_ones_pass():
     """The eval-mode output of a pruned model with refreshed statistics equals a model
-    built afresh and calibrated on the same samples; with the old ones it does not."""
-    model = bn_model()
-    x = torch.randn(200, 5)
+    calibrated on all the samples in one batch (float64); with the old ones it does not."""
+    model = bn_model().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64)
     RunningStats(model, x).refresh()
     with torch.no_grad():
-        model[0].weight.mul_(torch.rand_like(model[0].weight) > 0.7)
+        model[0].weight.mul_(torch.rand(model[0].weight.shape, generator=g) > 0.7)
     model.eval()
     stale = model(x)
-    fresh_model = bn_model()
+    fresh_model = bn_model().double()
     fresh_model.load_state_dict(model.state_dict())
     with torch.no_grad():  # the reference: BatchNorm in train mode on all samples at once
         fresh_model.train()
@@ -60,7 +61,7 @@ def test_stale_statistics_fail_and_fresh_ones_pass():
         fresh_model[0:2](x)
     fresh_model.eval()
     RunningStats(model, x).refresh()
-    torch.testing.assert_close(model(x), fresh_model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(x), fresh_model(x), rtol=1e-9, atol=1e-10)
     assert not torch.allclose(stale, fresh_model(x), atol=1e-3)
 
 
