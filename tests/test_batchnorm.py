@@ -132,3 +132,13 @@ def test_bn_cnn_keeps_70_percent_at_80_percent_one_shot(tmp_path):
     assert run("magnitude", "estimator.name=magnitude")["accuracy"] <= woodfisher["accuracy"]
     stale = run("stale", "batchnorm.recalibrate=false")
     assert stale["accuracy"] < woodfisher["accuracy"]  # measured: 86.1% against 91.2%
+
+
+def test_from_pool_draws_samples_only_for_models_with_statistics():
+    data = TensorDataset(torch.randn(40, 5), torch.zeros(40, dtype=torch.long))
+    with_bn = RunningStats.from_pool(bn_model(), data, 30, seed=0, device="cpu")
+    assert with_bn.active and with_bn.x.shape == (30, 5)
+    plain = RunningStats.from_pool(nn.Linear(5, 3), data, 30, seed=0, device="cpu")
+    assert not plain.active and plain.x is None
+    off = RunningStats.from_pool(bn_model(), data, 30, seed=0, device="cpu", enabled=False)
+    assert not off.active and off.x is None

@@ -56,6 +56,16 @@ class RunningStats:
         self.seconds = 0.0  # spent in refresh, all calls together
         self.calls = 0
 
+    @classmethod
+    def from_pool(cls, model: nn.Module, pool: torch.utils.data.Dataset, samples: int,
+                  seed: int, device: torch.device | str, *, enabled: bool = True,
+                  chunk: int = 256) -> RunningStats:
+        """``samples`` inputs of the pruning pool (seeded), drawn only for a model that
+        keeps running statistics (none are held for the others)."""
+        needed = enabled and samples > 0 and bool(stat_modules(model))
+        return cls(model, pool_inputs(pool, samples if needed else 0, seed, device),
+                   enabled=enabled, chunk=chunk)
+
     @property
     def active(self) -> bool:
         return bool(self.modules)

@@ -17,7 +17,7 @@ from torch import nn
 
 from wfcore import checkpoint, distributed, files, manager, rundir
 from wfcore import config as config_mod
-from wfcore.batchnorm import RunningStats, pool_inputs
+from wfcore.batchnorm import RunningStats
 from wfcore.dense_fit import DenseFit
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import GradientSampler
@@ -211,10 +211,9 @@ class Pruning:
         self.pool_record["finetune"] = "subset" if cfg.data.finetune_subset else "all"
         self.finetune_data = pool if cfg.data.finetune_subset else self.data.train
         bn = cfg.batchnorm  # running statistics re-estimated on the pool (wfcore/batchnorm.py)
-        self.stats = RunningStats(
-            self.model, pool_inputs(pool, bn.samples if bn.recalibrate else 0, cfg.seed + 2,
-                                    self.device), enabled=bn.recalibrate,
-            chunk=cfg.data.batch_size)
+        self.stats = RunningStats.from_pool(self.model, pool, bn.samples, cfg.seed + 2,
+                                            self.device, enabled=bn.recalibrate,
+                                            chunk=cfg.data.batch_size)
         self.pool_record["batchnorm"] = self.stats.record()
         guard = cfg.safeguard
         self.safeguard = Safeguard(
