@@ -45,6 +45,18 @@ PAIRS: dict[str, dict[str, Any]] = {
     "mlpnet-adam": {"overrides": ["train.optimizer=adam", "train.lr=0.002",
                                   "train.epochs=20"]},
     "mlpnet-1%-sampled": {"overrides": ["data.train_fraction=0.01", "fisher.labels=sampled"]},
+    # the architectures users bring (plugins/architectures.py; configs/<model>.yaml hold
+    # the same training settings, every key commented)
+    "bn_cnn": {"batchnorm": True, "overrides": [
+        "model.name=bn_cnn", "train.epochs=5", "train.weight_decay=0.0005"]},
+    "mobilenet_tiny": {"batchnorm": True, "overrides": [
+        "model.name=mobilenet_tiny", "train.epochs=5", "train.weight_decay=0.0005"]},
+    "vit_tiny": {"overrides": [
+        "model.name=vit_tiny", "train.epochs=10", "train.optimizer=adamw", "train.lr=0.002",
+        "train.weight_decay=0.01",
+        "model.params=[patch_embed.weight,encoder.layers.*.self_attn.in_proj_weight,"
+        "encoder.layers.*.self_attn.out_proj.weight,encoder.layers.*.linear*.weight,"
+        "head.weight]"]},
 }
 
 OLD = ["estimator.name=woodfisher", "estimator.damp=1e-5", "estimator.damp_mode=absolute",
@@ -84,7 +96,8 @@ def run_one(pair: str, method: str, seed: int, out: Path) -> dict[str, Any]:
     return {"pair": pair, "method": method, "seed": seed,
             "dense": report["dense"]["accuracy"],
             "top1": {f"{s['target_sparsity']:g}": s["accuracy"] for s in steps},
-            "alpha": {f"{s['target_sparsity']:g}": [r.get("alpha") for r in s.get("safeguard", [])]
+            "alpha": {f"{s['target_sparsity']:g}": [(r.get("alpha"), r.get("mask", "scores"))
+                                                    for r in s.get("safeguard", [])]
                       for s in steps}}
 
 
@@ -100,6 +113,20 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                     "min": min(accs), "max": max(accs)})
     return out
+
+
+def alphas(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (pair, method): the (sub-)steps whose safeguard kept the update (alpha > 0 on
+    the method's own mask) and the ones whose mask the magnitude fallback replaced."""
+    groups: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for r in runs:
+        for records in r["alpha"].values():
+            groups.setdefault((r["pair"], r["method"]), []).extend(records)
+    return [{"alphas": True, "pair": pair, "method": method, "steps": len(steps),
+             "alpha_positive": sum(a is not None and a > 0 for a, _ in steps),
+             "fallback": sum(m != "scores" for _, m in steps),
+             "share_alpha_positive": sum(a is not None and a > 0 for a, _ in steps) / len(steps)}
+            for (pair, method), steps in groups.items() if steps]
 
 
 def choose(summary: list[dict[str, Any]], candidates: tuple[str, ...]) -> dict[str, Any]:
@@ -123,16 +150,20 @@ def choose(summary: list[dict[str, Any]], candidates: tuple[str, ...]) -> dict[s
     return {"choose": best, "scores": scores}
 
 
-def markdown(summary: list[dict[str, Any]], methods: list[str]) -> str:
+def markdown(summary: list[dict[str, Any]], methods: list[str],
+             chosen: list[dict[str, Any]] = ()) -> str:
     cell = {(s["pair"], s["method"], s["sparsity"]): s for s in summary}
-    lines = ["| pair | method | 80% | 90% | 95% |", "|---|---|---:|---:|---:|"]
+    alpha = {(a["pair"], a["method"]): a for a in chosen}
+    lines = ["| pair | method | 80% | 90% | 95% | alpha > 0 |", "|---|---|---:|---:|---:|---:|"]
     for pair in PAIRS:
         for method in methods:
             row = [cell.get((pair, method, s)) for s in SPARSITIES]
             if not any(row):
                 continue
             text = [f"{c['mean']:.1f} ± {c['std']:.1f}" if c else "-" for c in row]
-            lines.append(f"| {pair} | {method} | " + " | ".join(text) + " |")
+            a = alpha.get((pair, method))
+            share = f"{a['alpha_positive']}/{a['steps']}" if a and method != "magnitude" else "-"
+            lines.append(f"| {pair} | {method} | " + " | ".join(text) + f" | {share} |")
     return "\n".join(lines)
 
 
@@ -168,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(runs)
     for s in summary:
         emit(s)
+    chosen = alphas(runs)
+    for a in chosen:
+        emit(a)
     if args.choose:
         emit(choose(summary, CANDIDATES))
     if args.markdown:
-        print(markdown(summary, methods), file=sys.stderr)
+        print(markdown(summary, methods, chosen), file=sys.stderr)
     return 0
 
 

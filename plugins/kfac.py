@@ -154,9 +154,7 @@ def joint_update(block: KroneckerBlock, W: torch.Tensor, C: torch.Tensor,
         return -W
     if block.extra == 0.0 and num_c <= num_k:
         if num_c > max_size:
-            raise WfcoreError(f"estimator 'kfac': joint update of {num_c} weights in one layer "
-                              f"exceeds joint_max={max_size}; raise it or use "
-                              "scorer.update=independent")
+            return row_joint_update(block, W, C, num_c, max_size)
         G_inv, A_inv = block.factor("G", -1.0), block.factor("A", -1.0)
         rows, cols = C.nonzero(as_tuple=True)
         S = G_inv[rows][:, rows] * A_inv[cols][:, cols]  # (|C|, |C|) = (F^-1)_CC
@@ -164,13 +162,45 @@ def joint_update(block: KroneckerBlock, W: torch.Tensor, C: torch.Tensor,
         X[rows, cols] = spd_solve(S, W[rows, cols])
         return -(G_inv @ X @ A_inv)
     if num_k > max_size:
-        raise WfcoreError(f"estimator 'kfac': joint update keeping {num_k} weights in one layer "
-                          f"exceeds joint_max={max_size}; raise it or use "
-                          "scorer.update=independent")
+        return row_joint_update(block, W, C, min(num_c, num_k), max_size)
     rows, cols = K.nonzero(as_tuple=True)
     F_KC_w = block.mul(torch.where(C, W, torch.zeros_like(W)))[rows, cols]  # (|K|,)
     dW[rows, cols] = spd_solve(block.submatrix(rows, cols), F_KC_w)
     dW[C] = -W[C]
+    return dW
+
+
+def row_joint_update(block: KroneckerBlock, W: torch.Tensor, C: torch.Tensor, size: int,
+                     max_size: int) -> torch.Tensor:
+    """The exact OBS change inside each output row, for a layer whose joint system (``size``
+    weights) is over ``joint_max``: F restricted to row i is G_f[i, i] A_f (+ extra I), so
+    row i's kept weights K_i move by dw_K = (F_KK)^-1 F_KC w_C (primal; the dual
+    -A_f^-1[:, C] (A_f^-1[C, C])^-1 w_C when fewer are pruned than kept and the damping is
+    factored) and its pruned ones go to zero. The coupling between rows (G's off-diagonal)
+    is dropped: the row-wise update of OBC / SparseGPT, with A as the row Hessian. Systems
+    are at most ``in`` weights (the factor A itself is already that large)."""
+    log.info("kfac: the joint update of %d weights in one layer exceeds joint_max=%d; solved "
+             "row by row (exact within each output row)", size, max_size)
+    A_f = block.factor("A")  # (in, in)
+    A_inv = block.factor("A", -1.0) if block.extra == 0.0 else None
+    g = torch.diagonal(block.factor("G"))  # (out,) G_f[i, i]
+    dW = torch.zeros_like(W)
+    for i in range(W.shape[0]):
+        c = C[i]
+        k = ~c
+        num_c, num_k = int(c.sum()), int(k.sum())
+        if num_c == 0:
+            continue
+        dW[i, c] = -W[i, c]
+        if num_k == 0:
+            continue
+        if A_inv is not None and num_c <= num_k:
+            x = spd_solve(A_inv[c][:, c], W[i, c])  # (|C|,)
+            dW[i, k] = -(A_inv[k][:, c] @ x)
+        else:
+            M = g[i] * A_f[k][:, k] + block.extra * torch.eye(num_k, dtype=W.dtype,
+                                                                device=W.device)
+            dW[i, k] = spd_solve(M, g[i] * (A_f[k][:, c] @ W[i, c]))
     return dW
 
 
@@ -392,10 +422,9 @@ class Kfac(HessianEstimator):
         large = [n for n in layout.names if layout.numels[n] > 2 * joint]
         note = (f"{len(layout.names)} Kronecker blocks, {factors / 2**30:.3g} GiB of factors")
         if large:
-            note += (f"; a joint update fails in {len(large)} of {len(layout.names)} layers "
-                     f"(more than 2 x joint_max={joint} weights, at sparsities between "
-                     "joint_max/numel and 1 - joint_max/numel): use scorer.update=independent "
-                     "or a larger estimator.joint_max")
+            note += (f"; a joint update may be solved row by row in {len(large)} of "
+                     f"{len(layout.names)} layers (more than 2 x joint_max={joint} weights, at "
+                     "sparsities between joint_max/numel and 1 - joint_max/numel)")
         return EstimatorCost(working_bytes=factors + 4 * joint * joint * 8 + 4 * layout.d * 8,
                              flops=flops, note=note)
 

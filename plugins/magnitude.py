@@ -31,6 +31,7 @@ class IdentityCurvature(Curvature):
 
 class Magnitude(HessianEstimator):
     needs_gradients = False
+    baseline = True  # the safeguard never swaps its mask
 
     def __init__(self, options=None):
         pass

@@ -42,6 +42,7 @@ class RandomScorer(Scorer, Stateful):
     """Uniform random scores in (0, 1], 0 for weights already at zero; mask-only update."""
 
     Options = RandomScorerOptions
+    baseline = True  # the safeguard never swaps its mask for magnitude's
 
     def __init__(self, options: RandomScorerOptions | None = None, seed: int = 0):
         self.options = options or RandomScorerOptions()
@@ -72,6 +73,7 @@ class RandomEstimator(HessianEstimator):
 
     Options = RandomOptions
     needs_gradients = False
+    baseline = True
 
     def __init__(self, options: RandomOptions | None = None):
         self.options = options or RandomOptions()

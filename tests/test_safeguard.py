@@ -107,6 +107,9 @@ def test_safeguard_never_above_update_none(labels, scale):
         return out
 
     none = loss_after(None)
+    if scale == 0.0:  # an update that moves no kept weight: nothing to choose, nothing run
+        assert chosen is None and record["skipped"] and record["actual_increase"] is None
+        return
     assert loss_after(chosen) <= none
     assert record["actual_increase"] == pytest.approx(loss_after(chosen) - guard.loss(teacher))
     assert record["alpha"] in (1.0, 0.5, 0.25, 0.0)
@@ -197,13 +200,16 @@ def test_report_records_safeguard_and_pruning_data(tmp_path):
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["pruning_data"] == {"train_fraction": 0.05, "samples": 200, "of": 4000,
-                                      "seed": 0, "finetune": "all"}
+                                      "seed": 0, "finetune": "all",
+                                      "batchnorm": {"enabled": False, "modules": 0,
+                                                    "samples": 0, "calls": 0, "seconds": 0.0}}
     records = report["steps"][0]["safeguard"]
     assert [r["target_sparsity"] for r in records] == pytest.approx([0.7875, 0.9])
     for r in records:
         assert r["alpha"] in (1.0, 0.75, 0.5, 0.25, 0.0) and r["damp"] > 0
         assert r["predicted_increase"] >= 0
-        assert r["actual_increase"] == min(t["increase"] for t in r["tried"])
+        finalists = [t for t in r["tried"] if t["samples"] == 200]  # judged on all
+        assert r["actual_increase"] == min(t["increase"] for t in finalists)
     md = (out / "report.md").read_text()
     assert "## Update safeguard" in md and "200 of 4000 training samples" in md
 
@@ -215,3 +221,31 @@ def test_bad_values_name_the_key(override, key):
     with pytest.raises(Exception, match=key):
         cfg = config_mod.load("configs/mnist_mlpnet.yaml", [override])
         pipeline.build_components(cfg, manager.build())
+
+
+def test_screening_drops_clearly_worse_candidates_on_fewer_samples():
+    """With ``screen`` samples, a candidate far worse than the best is judged on those
+    alone; the close ones on all of them. The choice equals the one without screening."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(512, 6)
+    data = TensorDataset(x, model(x).argmax(1).detach())
+    params = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
+    weights = {n: p.detach().clone() for n, p in params.items()}
+    keep = {n: w.abs() > w.abs().flatten().kthvalue(w.numel() // 4).values
+            for n, w in weights.items()}
+    g = torch.Generator().manual_seed(3)
+    update = {n: torch.where(keep[n], 5.0 * torch.randn(w.shape, generator=g), -w)
+              for n, w in weights.items()}  # a wild update: alpha 1 is far worse
+    batch = calibration_batch(data, 512, seed=0)
+    screened = Safeguard(model, params, batch, alphas=[1.0, 0.5, 0.25], screen=128)
+    full = Safeguard(model, params, batch, alphas=[1.0, 0.5, 0.25])
+    curvature = IdentityCurvature(weights)
+    _, _, a = screened.choose(weights, update, keep, curvature, None)
+    _, _, b = full.choose(weights, update, keep, curvature, None)
+    assert a["alpha"] == b["alpha"] == 0.0
+    samples = {t["alpha"]: t["samples"] for t in a["tried"]}
+    assert samples[1.0] == 128  # dropped after the screening
+    assert a["forward_samples"] < b["forward_samples"] == 512 * 5
+    if samples[0.0] == 512:  # a finalist: judged on all, like the run without screening
+        assert a["actual_increase"] == pytest.approx(b["actual_increase"], rel=1e-12)

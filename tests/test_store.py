@@ -178,12 +178,19 @@ def test_on_disk_store_is_gone_after_each_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(woodfisher.WoodFisher, "fit", spy)
     store_dir = tmp_path / "store"
-    assert prune(tmp_path, "fisher.store=disk", f"fisher.store_dir={store_dir}") == 0
+    assert prune(tmp_path, "fisher.store=disk", f"fisher.store_dir={store_dir}",
+                 "fisher.reuse_dense=false") == 0
     assert [place for place, _ in seen] == ["disk", "disk"]
     assert all(len(files) == 1 for _, files in seen)  # one store at a time, while in use
     assert not open_store_files() and not list(store_dir.iterdir())
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert all(s["timings"]["gradients"] > 0 for s in report["steps"])
+    # oneshot's dense fit kept for every target (one store) is gone when the run ends
+    seen.clear()
+    assert prune(tmp_path, "fisher.store=disk", f"fisher.store_dir={store_dir}",
+                 "--force") == 0
+    assert [place for place, _ in seen] == ["disk"]
+    assert not open_store_files() and not list(store_dir.iterdir())
 
 
 @pytest.mark.parametrize("fault", [WfcoreError("bad block"), KeyboardInterrupt()])

@@ -72,7 +72,7 @@ def test_sweep_writes_table_and_plots_trains_once_and_skips_on_rerun(tmp_path, m
 
     rows = read_csv(out / "results.csv")
     assert list(rows[0]) == ["estimator.name", "allocator.name", "target_sparsity", "sparsity",
-                             "accuracy", "loss", "seconds"]
+                             "accuracy", "loss", "seconds", "fallback"]
     assert len(rows) == 4 * 2
     assert [(r["estimator.name"], r["allocator.name"], r["target_sparsity"]) for r in rows[:4]] \
         == [("magnitude", "global", "0.5"), ("magnitude", "global", "0.9"),
@@ -140,3 +140,31 @@ def test_interrupted_run_is_resumed(tmp_path, monkeypatch):
     assert [r.status for r in result.runs] == ["done"]
     assert calls == [0.5, 0.9, 0.9]  # step 0 was not pruned again
     assert [r["target_sparsity"] for r in read_csv(out / "results.csv")] == ["0.5", "0.9"]
+
+
+def test_baselines_keep_their_own_masks_and_fallback_cells_are_marked(tmp_path, monkeypatch):
+    """random and magnitude under the default safeguard: each shows its own mask (the
+    safeguard runs nothing for them); a cell whose mask the fallback chose is marked in
+    the table and counted under it."""
+    monkeypatch.setenv("WFCORE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    result = sweep.run_sweep(CONFIG, [f"output={out}", *FAST, "estimator.name=random,magnitude"])
+    assert all(row["fallback"] is False for row in result.rows)
+    for run in result.runs:
+        for step in run.report["steps"]:
+            assert [r["mask"] for r in step["safeguard"]] == ["scores"]
+            assert step["safeguard"][0]["skipped"]
+    acc = {(r["estimator.name"], r["target_sparsity"]): r["accuracy"] for r in result.rows}
+    assert acc[("random", 0.9)] < acc[("magnitude", 0.9)]
+    assert sweep.FALLBACK_MARK not in sweep.table(result)
+    result.runs[0].report["steps"][1]["safeguard"][0]["mask"] = "magnitude"
+    result.rows = sweep.rows(result)
+    assert sweep.table(result).count(sweep.FALLBACK_MARK) == 1
+    sweep.write_outputs(result)
+    assert "1 cell(s) show magnitude pruning's mask" in (out / "results.md").read_text()
+
+
+def test_one_key_turns_the_safeguard_off_for_every_row(tmp_path):
+    _, _, runs = sweep.plan(CONFIG, [f"output={tmp_path}", "estimator.name=woodfisher,random",
+                                     "safeguard.enabled=false"])
+    assert len(runs) == 2 and all(run.cfg.safeguard.enabled is False for run in runs)

@@ -99,6 +99,9 @@ class FisherSection:
     # a few chunk sizes, or the plain loop; wfcore/grad_calibration.py); vmap | loop fixes
     # it (vmap rows are the same bit for bit at any chunk; the loop's only to rounding)
     grad_method: str = "auto"
+    # steps that start from the dense model (every oneshot target) reuse the gradients and
+    # curvature of the first one (wfcore/dense_fit.py); false: sample and fit every step
+    reuse_dense: bool = True
 
 
 @dataclass
@@ -146,6 +149,18 @@ class SafeguardSection:
     # magnitude: also try magnitude pruning's mask (no update) and keep it when its loss is
     # lower, so a step is never worse than magnitude on that batch. none: the scores' mask.
     fallback: str = "magnitude"
+    # Candidates are first compared on this many of the calibration samples; only those
+    # within the noise of the best (3 standard errors of the paired difference over
+    # chunks) are compared on all of them. 0 = every candidate on all the samples.
+    screen_samples: int = 256
+
+
+@dataclass
+class BatchNormSection:
+    # Re-estimate the running statistics (BatchNorm, tracked InstanceNorm) after every
+    # pruning step and for every candidate the safeguard judges (wfcore/batchnorm.py).
+    recalibrate: bool = True  # false: keep the statistics of the dense model / fine-tuning
+    samples: int = 1000  # training samples of the pruning pool (seeded), never the test set
 
 
 @dataclass
@@ -187,6 +202,7 @@ class Config:
     safeguard: SafeguardSection = field(default_factory=SafeguardSection)
     structure: StructureSection = field(default_factory=StructureSection)
     degenerate: DegenerateSection = field(default_factory=DegenerateSection)
+    batchnorm: BatchNormSection = field(default_factory=BatchNormSection)  # running stats
     distributed: DistributedSection = field(default_factory=DistributedSection)  # torchrun
     estimator: dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
     scorer: dict[str, Any] = field(default_factory=lambda: {"name": "obs"})
@@ -219,6 +235,8 @@ MINIMUMS = {
     "fisher.grad_batch": 1,
     "structure.block": 1,
     "degenerate.probe_samples": 2,
+    "batchnorm.samples": 1,
+    "safeguard.screen_samples": 0,
 }
 
 

@@ -241,6 +241,9 @@ class HessianEstimator(ABC):
     # whether fit reads problem.gradients: the pipeline samples the step's m gradients into
     # a store first (a visible, timed stage) only for estimators that do
     needs_gradients: bool = True
+    # a reference method (magnitude, random): its own mask is its result, which the update
+    # safeguard never replaces by another method's (magnitude's fallback mask)
+    baseline: bool = False
 
     @abstractmethod
     def fit(self, problem: PruningProblem) -> Curvature:
@@ -265,6 +268,7 @@ class Scorer(ABC):
     """Per-weight saliency, and the weight update that goes with removing weights."""
 
     needs_gradient: bool = False  # first-order scorers get the mean gradient
+    baseline: bool = False  # a reference method (random): see HessianEstimator.baseline
 
     @abstractmethod
     def scores(self, weights: Tensors, curvature: Curvature, gradient: Tensors | None) -> Tensors:

@@ -17,7 +17,9 @@ from torch import nn
 
 from wfcore import checkpoint, distributed, files, inmemory, manager, prunable, rundir, runs
 from wfcore import config as config_mod
+from wfcore.batchnorm import RunningStats
 from wfcore.degenerate import DegeneracyCheck
+from wfcore.dense_fit import DenseFit
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import GradientSampler
 from wfcore.interfaces import (
@@ -51,6 +53,7 @@ from wfcore.prepare import (  # noqa: F401  (the setup of a run, re-exported her
 from wfcore.report import Report, number
 from wfcore.runner import Runner
 from wfcore.safeguard import Safeguard, calibration_batch, magnitude_scores
+from wfcore.safeguard_plan import safeguard_cost
 from wfcore.store import STORAGE_DTYPES, GradientStore, store_bytes
 from wfcore.training import evaluate
 
@@ -128,6 +131,11 @@ def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
                      device=device, calibrate=calibrate, nproc=nproc)
+    guard = safeguard_cost(cfg, model, example.unsqueeze(0).to(device),
+                           components.estimator.baseline or components.scorer.baseline,
+                           calibrate)
+    plan.safeguard_seconds = guard.seconds
+    plan.notes.append(guard.line())
     plan.notes = prunable.summary_lines(prunable_summary(cfg, model, params)) + plan.notes
     if components.exporter is not None:  # exportability, before anything is trained
         line = components.exporter.check(model, example.unsqueeze(0))
@@ -213,6 +221,11 @@ class Pruning:
                                                 subset_seed)
         self.pool_record["finetune"] = "subset" if cfg.data.finetune_subset else "all"
         self.finetune_data = pool if cfg.data.finetune_subset else self.data.train
+        bn = cfg.batchnorm  # running statistics re-estimated on the pool (wfcore/batchnorm.py)
+        self.stats = RunningStats.from_pool(self.model, pool, bn.samples, cfg.seed + 2,
+                                            self.device, enabled=bn.recalibrate,
+                                            chunk=cfg.data.batch_size)
+        self.pool_record["batchnorm"] = self.stats.record()
         degenerate = cfg.degenerate
         self.degeneracy = DegeneracyCheck(
             calibration_batch(pool, degenerate.probe_samples, cfg.seed + 2, self.device).x,
@@ -224,7 +237,11 @@ class Pruning:
             calibration_batch(pool, guard.calibration_samples, cfg.seed + 1, self.device),
             alphas=list(guard.alphas), enabled=guard.enabled,
             fallback=guard.fallback == "magnitude", labels=cfg.fisher.labels,
-            chunk=cfg.data.batch_size, loss_fn=self.loss_fn)
+            chunk=cfg.data.batch_size, loss_fn=self.loss_fn, screen=guard.screen_samples,
+            stats=self.stats)
+        # a baseline's own mask is its result: the safeguard never replaces it
+        self.baseline = components.estimator.baseline or components.scorer.baseline
+        self.dense_fit = DenseFit(components.estimator, cfg.fisher.reuse_dense)
         fisher = cfg.fisher
         self.sampler = GradientSampler(
             self.model, self.params, self.masks.keep, pool, self.loss_fn,
@@ -242,6 +259,7 @@ class Pruning:
         self.model.load_state_dict(self.dense_state)
         self.masks.reset()
         self.sampler.reset()
+        self.dense_fit.restored()
 
     def gradient_store(self) -> GradientStore:
         """An empty store for this step's m gradient rows, where the plan puts it."""
@@ -265,19 +283,23 @@ class Pruning:
         """
         c = self.c
         needs, block = c.need_gradients(), self.cfg.structure.block
+        stats_before = self.stats.mark()
         with ExitStack() as stack:
-            gradients = None
-            if needs:
+            gradients, curvature = self.dense_fit.take() or (None, None)
+            if needs and curvature is None:
                 start = time.perf_counter()
-                gradients = stack.enter_context(self.gradient_store())
+                owner = self.dense_fit.stack if self.dense_fit.keeps() else stack
+                gradients = owner.enter_context(self.gradient_store())
                 self.sampler.sample_into(gradients)
                 timings["gradients"] += time.perf_counter() - start
             problem = PruningProblem(self.model, self.params, self.masks, self.sampler,
                                      self.loss_fn, self.device,
                                      gradients if c.estimator.needs_gradients else None)
-            start = time.perf_counter()
-            curvature = c.estimator.fit(problem)
-            timings["estimate"] += time.perf_counter() - start
+            if curvature is None:
+                start = time.perf_counter()
+                curvature = c.estimator.fit(problem)
+                timings["estimate"] += time.perf_counter() - start
+                self.dense_fit.put(gradients, curvature)
             start = time.perf_counter()
             gradient = (self.sampler.layout.unflatten(gradients.mean().to(self.device))
                         if c.scorer.needs_gradient else None)
@@ -294,7 +316,7 @@ class Pruning:
             update = c.scorer.update(weights, curvature, prune_mask, gradient)
             update, new_keep, record = self.safeguard.choose(
                 weights, update, new_keep, curvature, gradient,
-                magnitude_keep=lambda: c.allocator.allocate(
+                magnitude_keep=None if self.baseline else lambda: c.allocator.allocate(
                     block_scores(magnitude_scores(weights), self.masks.keep, block),
                     dict(self.masks.keep), target))
             if update is not None:
@@ -303,7 +325,10 @@ class Pruning:
                         p.add_(update[n].to(device=p.device, dtype=p.dtype))
             self.masks.set(new_keep)
             distributed.broadcast_module(self.model)  # every rank ends with rank 0's weights
+            self.stats.refresh()  # fresh running statistics for the pruned weights
+            self.dense_fit.step_done()
             timings["prune"] += time.perf_counter() - start
+        record["batchnorm"] = self.stats.record(since=stats_before)
         if block > 1:
             record["whole_blocks"] = whole_blocks(self.masks.keep, block)
         if self.sampler.choice is not None:  # how per-sample gradients were taken, and why
@@ -447,7 +472,10 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         log.info("dense: top-1 %s, loss %s", number(dense["accuracy"], ".4f"),
                  number(dense["loss"], ".4f"))
         runner.save()
-    runner.run()
+    try:
+        runner.run()
+    finally:  # the dense fit kept for oneshot's targets (an on-disk store is removed)
+        pruning.dense_fit.close()
     # whether every rank ended with the same model, bit for bit
     report.data["distributed"]["replicas_equal"] = distributed.same_on_every_rank(
         pruning.model.state_dict())

@@ -147,6 +147,8 @@ class Plan:
     store_passes: float = 0.0  # the estimator's whole reads of a disk store
     store_read_seconds: float = 0.0  # their time at STORE_READ_RATE
     nproc: int = 1  # processes of a torchrun run (--nproc-per-node); the share is per rank
+    # the update safeguard's and the running statistics' forward passes (safeguard_plan.py)
+    safeguard_seconds: float = 0.0
     on_host: bool = True  # the ranks of one machine share its memory (CPU runs)
     notes: list[str] = field(default_factory=list)
 
@@ -189,7 +191,8 @@ class Plan:
             raise WfcoreError(f"plan: {problems[0]}")
 
     def lines(self) -> list[str]:
-        seconds = self.gradient_seconds + self.algebra_seconds + self.store_read_seconds
+        seconds = (self.gradient_seconds + self.algebra_seconds + self.store_read_seconds
+                   + self.safeguard_seconds)
         store = ("none (the estimator needs no gradients)" if self.store_place is None else
                  f"{self.store_bytes / GiB:.3g} GiB {self.store_place}"
                  + (f" in {self.store_dir}" if self.store_place == "disk" else ""))
@@ -203,7 +206,8 @@ class Plan:
             f"flops: gradients {self.gradient_flops:.3g}, algebra {self.algebra_flops:.3g}",
             f"estimated time of the step: {format_seconds(seconds)} (gradients "
             f"{format_seconds(self.gradient_seconds)}, algebra "
-            f"{format_seconds(self.algebra_seconds)}"
+            f"{format_seconds(self.algebra_seconds)}, safeguard "
+            f"{format_seconds(self.safeguard_seconds)}"
             + (f", {self.store_passes:g} pass(es) over the disk store "
                f"{format_seconds(self.store_read_seconds)}" if self.store_read_seconds else "")
             + ")",

@@ -44,7 +44,14 @@ from wfcore.report import TIMING_KEYS, pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
-METRICS = ("target_sparsity", "sparsity", "accuracy", "loss", "seconds")
+METRICS = ("target_sparsity", "sparsity", "accuracy", "loss", "seconds", "fallback")
+FALLBACK_MARK = "†"  # a cell whose mask the safeguard's magnitude fallback chose
+
+
+def fell_back(step: dict[str, Any]) -> bool:
+    """Whether the safeguard replaced the method's mask in any (sub-)step of ``step``
+    (``safeguard.fallback: magnitude``): that cell shows magnitude pruning's mask."""
+    return any(r.get("mask", "scores") != "scores" for r in step.get("safeguard", []))
 
 
 def split_values(text: str) -> list[str]:
@@ -257,7 +264,8 @@ def rows(result: SweepResult) -> list[dict[str, Any]]:
             seconds = sum(step["timings"].get(k, 0.0) for k in TIMING_KEYS)
             out.append({**run.combo, "target_sparsity": step["target_sparsity"],
                         "sparsity": step["sparsity"], "accuracy": step["accuracy"],
-                        "loss": step["loss"], "seconds": seconds})
+                        "loss": step["loss"], "seconds": seconds,
+                        "fallback": fell_back(step)})
     return out
 
 
@@ -269,7 +277,8 @@ def csv_text(result: SweepResult) -> str:
         writer.writerow([*(row[k] for k in result.swept), f"{row['target_sparsity']:g}",
                          f"{row['sparsity']:.6f}",
                          "" if row["accuracy"] is None else f"{row['accuracy']:.4f}",
-                         f"{row['loss']:.6f}", f"{row['seconds']:.2f}"])
+                         f"{row['loss']:.6f}", f"{row['seconds']:.2f}",
+                         str(row["fallback"]).lower()])
     return buf.getvalue()
 
 
@@ -292,7 +301,8 @@ def shown(result: SweepResult) -> str:
 
 def table(result: SweepResult) -> str:
     """Top-1 accuracy (or the test loss, see ``shown``) by target sparsity (rows) and
-    method (columns), Markdown."""
+    method (columns), Markdown. A cell where the safeguard's fallback replaced the
+    method's mask by magnitude pruning's carries ``FALLBACK_MARK``."""
     key = shown(result)
     fmt = ".2%" if key == "accuracy" else ".4f"
     groups = lines(result)
@@ -302,12 +312,13 @@ def table(result: SweepResult) -> str:
         for run in runs:
             dense.setdefault(label, run.report["dense"][key])
             for step in run.report["steps"]:
-                cells.setdefault(step["target_sparsity"], {})[label] = step[key]
+                cells.setdefault(step["target_sparsity"], {})[label] = (
+                    format(step[key], fmt) + (FALLBACK_MARK if fell_back(step) else ""))
     header = "| sparsity | " + " | ".join(groups) + " |"
     out = [header, "|---:|" + "---:|" * len(groups)]
     out.append("| dense | " + " | ".join(format(dense[g], fmt) for g in groups) + " |")
     for target in sorted(cells):
-        row = [format(cells[target][g], fmt) if g in cells[target] else "-" for g in groups]
+        row = [cells[target].get(g, "-") for g in groups]
         out.append(f"| {target:.0%} | " + " | ".join(row) + " |")
     return "\n".join(out)
 
@@ -318,6 +329,12 @@ def write_outputs(result: SweepResult) -> None:
     what = "Top-1 accuracy." if shown(result) == "accuracy" else \
         "Test loss (top-1 does not apply to this data)."
     md = [f"# sweep {result.root.name}", "", what, "", table(result), ""]
+    replaced = [r for r in result.rows if r["fallback"]]
+    if replaced:
+        md += [f"{FALLBACK_MARK} {len(replaced)} cell(s) show magnitude pruning's mask: the "
+               "update safeguard's fallback judged it better on the calibration batch than "
+               "the method's own (safeguard.fallback=none, or safeguard.enabled=false for "
+               "every row, shows each method's own result).", ""]
     if failed:
         md += ["## Failed runs", ""] + [f"- {r.run_dir.name}: {r.error}" for r in failed] + [""]
     files.write_text(result.root / "results.md", "\n".join(md))
