@@ -152,6 +152,6 @@ def pool_inputs(dataset: torch.utils.data.Dataset, size: int, seed: int,
     for ``size`` 0."""
     if size <= 0:
         return None
-    from wfcore.safeguard import calibration_batch  # one way to draw samples of a split
+    from wfcore.calibration import calibration_batch  # one way to draw samples of a split
 
     return calibration_batch(dataset, size, seed, device).x

@@ -40,17 +40,40 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from wfcore import distributed, rounds
 from wfcore.errors import WfcoreError, first_line
-
-if TYPE_CHECKING:
-    from wfcore.gradients import GradientSampler
+from wfcore.precision import math_attention
 
 log = logging.getLogger(__name__)
+
+
+class GradientSampler(Protocol):
+    """What the calibration reads of ``wfcore.gradients.GradientSampler`` (declared here,
+    so that this module, which gradients.py calls, does not import it back)."""
+
+    grad_batch: int
+    labels: str
+    params: dict[str, torch.nn.Parameter]
+    model: torch.nn.Module
+    loss_fn: Any
+
+    def max_chunk_rows(self) -> int: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def row_grads(self) -> Any: ...
+
+    def _load(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def _next_indices(self, n: int) -> Any: ...
+
+    def _targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 MIN_GRADS = 16  # fewer gradients than this: no calibration (it would cost a sizable share)
 SHARE = 8  # the calibration computes at most m / SHARE rows in all
@@ -151,12 +174,6 @@ def _slot(run: Callable[[], Any], rows: int) -> Callable[[], float]:
         return (time.thread_time() - start) / rows
 
     return timed
-
-
-def math_attention():
-    from wfcore.gradients import math_attention as attention
-
-    return attention()
 
 
 def _loop_rows(sampler: GradientSampler, x: torch.Tensor, y: torch.Tensor) -> None:

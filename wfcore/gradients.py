@@ -17,7 +17,6 @@ when the plan says the (m, d) matrix does not fit.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from wfcore import distributed, progress
 from wfcore.errors import WfcoreError, first_line
 from wfcore.grad_calibration import MethodChoice, calibrate
-from wfcore.precision import full_float32
+from wfcore.precision import full_float32, math_attention
 from wfcore.store import STORAGE_DTYPES, GradientStore
 from wfcore.store_writer import StoreWriter
 
@@ -68,22 +67,6 @@ class ParamLayout:
         """``{name: tensor}`` views of a (d,) vector (or (..., d): leading dims kept)."""
         lead = vector.shape[:-1]
         return {n: vector[..., self.slice(n)].reshape(*lead, *self.shapes[n]) for n in self.names}
-
-
-def math_attention() -> contextlib.AbstractContextManager:
-    """``scaled_dot_product_attention`` on its math path while per-sample gradients are taken.
-
-    torch.func has no batching rule for the fused attention kernels: under vmap each call
-    falls back to a slow per-sample loop (with a warning). The math path is plain matmul and
-    softmax, which vmap batches: 2x faster on a 2-layer ViT, the same gradients to float
-    rounding. (torch < 2.3 has only the older switch.)
-    """
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3
-        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True,
-                                              enable_mem_efficient=False)
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 class GradientSampler:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from wfcore import hookimpl, specs, states
+from wfcore import hookimpl, states
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.interfaces import DataBundle, Loss
 
@@ -188,7 +188,7 @@ def read(path: Path, key: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{key}: the model or data was given to wfcore.prune in Python and "
                           f"{path} (saved by that run) is missing: run it from Python again")
-    return specs.read_module(path, key)
+    return states.read_module(path, key)
 
 
 def run_dir_plugins(cfg: DictConfig, run_dir: Path) -> list[tuple[str, object]]:
@@ -214,6 +214,6 @@ def write_snapshot(run_dir: Path, model: nn.Module | None, data: DataBundle | No
                         "another process cannot import; define them in a module for "
                         "`wfcore export` / --resume from the command line", name)
             continue
-        if specs.save_module(obj, run_dir / name):
+        if states.save_module(obj, run_dir / name):
             written.append(run_dir / name)
     return written

@@ -90,7 +90,7 @@ class Registry:
         spec = ""
         if specs.is_spec(name):  # a factory of the user's own: file.py:function
             try:
-                return specs.entry(self.kind, name, key, self.base_dir), {}
+                return Registered(name, *specs.entry(self.kind, name, key, self.base_dir)), {}
             except specs.ModuleMissing:  # more likely a registered name mistyped
                 spec = ", nor an importable module:function"
         shown = ", ".join(n + "<name>" if n.endswith(":") else n for n in self.names())

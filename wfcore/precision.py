@@ -6,11 +6,13 @@ by up to a few percent, and where a ReLU or a max-pool sits at a tie they route 
 gradient elsewhere: on an H200, 6.8% of mnist_cnn's gradient entries differed from the
 CPU's by more than 1e-3 relative. ``full_float32`` turns TF32 off (convolutions and
 matrix products) for the duration, and restores the user's settings after; it changes
-nothing on the CPU.
+nothing on the CPU. ``math_attention`` puts attention on its math path while per-sample
+gradients are taken.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,3 +30,19 @@ def full_float32() -> Iterator[None]:
     finally:
         torch.backends.cudnn.allow_tf32 = cudnn
         torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` on its math path while per-sample gradients are taken.
+
+    torch.func has no batching rule for the fused attention kernels: under vmap each call
+    falls back to a slow per-sample loop (with a warning). The math path is plain matmul and
+    softmax, which vmap batches: 2x faster on a 2-layer ViT, the same gradients to float
+    rounding. (torch < 2.3 has only the older switch.)
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True,
+                                              enable_mem_efficient=False)
+    return sdpa_kernel(SDPBackend.MATH)

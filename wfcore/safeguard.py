@@ -40,15 +40,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, default_collate
 
 from wfcore.batchnorm import RunningStats
+from wfcore.calibration import CalibrationBatch, calibration_batch  # noqa: F401 (re-exported)
 from wfcore.interfaces import Curvature, Loss, Tensors
 
 log = logging.getLogger(__name__)
@@ -58,27 +57,6 @@ SCREEN_SIGMAS = 3.0  # a candidate this many standard errors above the best is d
 # finalists whose screened losses differ by less than this share of the loss before the
 # step are not told apart on all the samples: any of them is as good (the best is taken)
 SCREEN_RTOL = 1e-3
-
-
-@dataclass
-class CalibrationBatch:
-    """Samples of the training split that score candidate updates."""
-
-    x: torch.Tensor  # (k, *input)
-    y: torch.Tensor | None  # (k,) data labels; None for unlabelled data
-    indices: torch.Tensor  # (k,) their indices in the training split given
-
-
-def calibration_batch(train: Dataset, size: int, seed: int,
-                      device: torch.device | str = "cpu") -> CalibrationBatch:
-    """``size`` samples of ``train`` (all of it if smaller), in a seeded random order."""
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    indices = order[:size]
-    batch = default_collate([train[int(i)] for i in indices])
-    if torch.is_tensor(batch):
-        return CalibrationBatch(batch.to(device), None, indices)
-    y = batch[1].to(device) if len(batch) > 1 else None
-    return CalibrationBatch(batch[0].to(device), y, indices)
 
 
 class Safeguard:

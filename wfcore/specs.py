@@ -35,10 +35,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
-from wfcore import files, states
+from wfcore import states
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
 
 log = logging.getLogger(__name__)
@@ -256,17 +255,16 @@ def data_factory(fn: Callable[..., Any], spec: str) -> Callable[..., Any]:
     return factory
 
 
-def entry(kind: str, spec: str, key: str, base_dir: str | None) -> Any:
-    """The ``manager.Registered`` entry of a spec for models or datasets."""
-    from wfcore.manager import SINGULAR, Registered
-
+def entry(kind: str, spec: str, key: str, base_dir: str | None) -> tuple[Any, str]:
+    """(factory, plugin label) of a spec for models or datasets: what the registry
+    (``wfcore.manager``) registers it as."""
     if kind not in RESERVED:
-        raise ConfigError(f"{key}: '{spec}' is no registered {SINGULAR[kind]}; file specs "
+        raise ConfigError(f"{key}: '{spec}' is no registered {kind[:-1]}; file specs "
                           "(file.py:function) name models and data sets only (see `wfcore "
                           "plugins` for what is registered)")
     fn, label = load_function(spec, base_dir, key)
     factory = model_factory(fn, spec) if kind == "models" else data_factory(fn, spec)
-    return Registered(spec, factory, label)
+    return factory, label
 
 
 # -- model.checkpoint ------------------------------------------------------------------
@@ -289,34 +287,10 @@ def load_checkpoint(model: nn.Module, path: Path, trust: bool) -> None:
             raise WfcoreError(f"{exc}; a whole module saved with torch.save(model) loads "
                               "with model.trust_checkpoint=true (unpickling runs code from "
                               "the file: only for files you trust)") from None
-        state = read_module(path, what)
+        state = states.read_module(path, what)
         if isinstance(state, nn.Module):
             state = state.state_dict()
     state = states.check_state_dict(state, what, path)
     states.check_matches(model, state, what, path)
     states.check_finite(state, what, path)
     model.load_state_dict(state)
-
-
-def read_module(path: Path, what: str) -> Any:
-    """A trusted pickle (``torch.load(weights_only=False)``), its failure in one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a class that cannot be found, a truncated file
-        raise WfcoreError(f"{what}: cannot unpickle {path}: {type(exc).__name__}: "
-                          f"{first_line(exc)} (the classes it holds must be importable)") \
-            from None
-
-
-def save_module(obj: Any, path: Path) -> bool:
-    """Pickle ``obj`` to ``path`` atomically; False (and a warning) when it cannot be."""
-    try:
-        files.save_torch(path, obj)
-    except (TypeError, AttributeError, RuntimeError, ValueError) as exc:  # pickling errors
-        log.warning("%s not written: %s cannot be pickled (%s)", path.name,
-                    type(obj).__name__, first_line(exc))
-        return False
-    except Exception as exc:  # pickle.PicklingError and the like
-        log.warning("%s not written: %s", path.name, first_line(exc))
-        return False
-    return True

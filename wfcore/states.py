@@ -9,6 +9,7 @@ weight names its parameter. Files are read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from torch import nn
 
 from wfcore import files
 from wfcore.errors import WfcoreError, first_line
+
+log = logging.getLogger(__name__)
 
 SHOWN = 3  # keys named per kind of mismatch
 
@@ -92,3 +95,27 @@ def load_state(model: nn.Module, path: str | Path, what: str) -> None:
     check_matches(model, state, what, path)
     check_finite(state, what, path)
     model.load_state_dict(state)
+
+
+def read_module(path: Path, what: str) -> Any:
+    """A trusted pickle (``torch.load(weights_only=False)``), its failure in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a class that cannot be found, a truncated file
+        raise WfcoreError(f"{what}: cannot unpickle {path}: {type(exc).__name__}: "
+                          f"{first_line(exc)} (the classes it holds must be importable)") \
+            from None
+
+
+def save_module(obj: Any, path: Path) -> bool:
+    """Pickle ``obj`` to ``path`` atomically; False (and a warning) when it cannot be."""
+    try:
+        files.save_torch(path, obj)
+    except (TypeError, AttributeError, RuntimeError, ValueError) as exc:  # pickling errors
+        log.warning("%s not written: %s cannot be pickled (%s)", path.name,
+                    type(obj).__name__, first_line(exc))
+        return False
+    except Exception as exc:  # pickle.PicklingError and the like
+        log.warning("%s not written: %s", path.name, first_line(exc))
+        return False
+    return True
