@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wfcore import checkpoint, distributed, files, inmemory, manager, rundir
+from wfcore import checkpoint, degenerate, distributed, files, inmemory, manager, rundir
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import GradientSampler
@@ -153,6 +153,7 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
     params = select_params(model, cfg.model.params)
     if not params:
         raise ConfigError("config key 'model.params': no prunable parameters selected")
+    degenerate.check(components.scheduler.plan(), params, cfg.allocator.name)
     run_dir = Path(cfg.output or Path("runs") / cfg.name)
     plan = plan_run(cfg, components, model, params, data, loss_function(cfg, data), device,
                     store_dir(cfg, run_dir), nproc=nproc)
@@ -177,6 +178,7 @@ class Pruning:
         self.params = select_params(self.model, cfg.model.params)
         if not self.params:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
+        degenerate.check(components.scheduler.plan(), self.params, cfg.allocator.name)
         if cfg.fisher.grad_batch > len(self.data.train):
             raise ConfigError(f"config key 'fisher.grad_batch': {cfg.fisher.grad_batch} is more "
                               f"than the {len(self.data.train)} training samples")
