@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from wfcore import hookimpl
-from wfcore.errors import WfcoreError
+from wfcore.errors import ConfigError, WfcoreError
 from wfcore.interfaces import DataBundle, Exporter
 
 from . import checks
@@ -193,6 +193,13 @@ class OnnxExporter(Exporter):
 
     def outputs(self, path: str) -> list[str]:
         return [path, *([str(int8_path(path))] if self.options.quantize == "int8" else [])]
+
+    def check_data(self, data: DataBundle) -> None:
+        """INT8 calibrates on ``calibration_samples`` training samples: they must exist."""
+        count, available = self.options.calibration_samples, len(data.train)
+        if self.options.quantize == "int8" and count > available:
+            raise ConfigError(f"config key 'export.calibration_samples': {count} is more than "
+                              f"the {available} training samples")
 
 
 OnnxExporter.Options = OnnxOptions

@@ -355,3 +355,9 @@ class Exporter(ABC):
     def outputs(self, path: str) -> list[str]:
         """Every file ``export(..., path)`` writes: ``path`` first, then any beside it."""
         return [path]
+
+    def check_data(self, data: DataBundle) -> None:
+        """Refuse, at the start of the run (before anything is pruned), a data set that
+        ``export`` would fail on (too few training samples to calibrate, ...): raise a
+        ConfigError naming the export key. Default: nothing to check."""
+        return None

@@ -179,6 +179,8 @@ class Pruning:
         if not self.params:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
         degenerate.check(components.scheduler.plan(), self.params, cfg.allocator.name)
+        if components.exporter is not None:  # the export's limits, before anything is pruned
+            components.exporter.check_data(self.data)
         if cfg.fisher.grad_batch > len(self.data.train):
             raise ConfigError(f"config key 'fisher.grad_batch': {cfg.fisher.grad_batch} is more "
                               f"than the {len(self.data.train)} training samples")
