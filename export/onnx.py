@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from wfcore import hookimpl
-from wfcore.errors import WfcoreError
+from wfcore.errors import ConfigError, WfcoreError
 from wfcore.interfaces import DataBundle, Exporter
 from wfcore.masks import select_params
 
@@ -210,6 +210,13 @@ class OnnxExporter(Exporter):
         """The opset the model exports at (``export.opset``, or the lowest that works)."""
         _, why = opsets.check_exportable(model, example, self.options.opset)
         return f"export: onnx, {why}"
+
+    def check_data(self, data: DataBundle) -> None:
+        """INT8 calibrates on ``calibration_samples`` training samples: they must exist."""
+        count, available = self.options.calibration_samples, len(data.train)
+        if self.options.quantize == "int8" and count > available:
+            raise ConfigError(f"config key 'export.calibration_samples': {count} is more than "
+                              f"the {available} training samples")
 
 
 OnnxExporter.Options = OnnxOptions

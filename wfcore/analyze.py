@@ -27,7 +27,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,8 +35,8 @@ from torch import nn
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from wfcore import analyze_dir, files, manager, rundir
 from wfcore import config as config_mod
-from wfcore import files, manager
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.exact import HVP_COLUMNS, DenseCurvature, ExactLoss, damped_inverse
 from wfcore.gradients import GradientSampler, ParamLayout
@@ -281,10 +280,8 @@ def evaluate(refs: References, curvature: Curvature, M: torch.Tensor) -> dict[st
 
 
 def heatmap_block(cfg: DictConfig, layout: ParamLayout) -> tuple[str, slice]:
+    analyze_dir.check_heatmap_param(cfg, layout.names)
     name = cfg.analyze.heatmap_param or layout.names[0]
-    if name not in layout.names:
-        raise ConfigError(f"config key 'analyze.heatmap_param': '{name}' is not analysed; "
-                          f"analysed: {', '.join(layout.names)}")
     start = layout.offsets[name]
     return name, slice(start, start + min(cfg.analyze.heatmap_size, layout.numels[name]))
 
@@ -314,15 +311,35 @@ def exact_loss(cfg: DictConfig, setup: Fitting) -> ExactLoss:
     return ExactLoss(model64, params64, x, y, setup.loss_fn, batch_size=cfg.analyze.batch_size)
 
 
-def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str, Any]:
-    """Run the analysis the config's ``analyze`` section describes; returns analysis.json."""
+def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None, *,
+            force: bool = False) -> dict[str, Any]:
+    """Run the analysis the config's ``analyze`` section describes; returns analysis.json.
+
+    Its options and output directory are checked first; the directory is locked for the
+    whole analysis, and an earlier analysis there is replaced only with ``force``.
+    """
     from wfcore.analyze_report import markdown, plot_all
 
+    analyze_dir.check_options(cfg)
+    run_dir = analyze_dir.output_of(cfg)
+    analyze_dir.check_output(run_dir, force)
+    with rundir.RunLock(run_dir):
+        analyze_dir.check_output(run_dir, force)  # again: another analysis may have ended
+        result, heatmaps = compute(cfg, plugins)
+        analyze_dir.replace(run_dir)
+        result["plots"] = plot_all(result, heatmaps, run_dir)
+        files.write_text(run_dir / "analysis.md", markdown(result))
+        files.write_json(run_dir / "analysis.json", result)
+    result["run_dir"] = str(run_dir)
+    return result
+
+
+def compute(cfg: DictConfig, plugins: manager.Plugins | None
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The analysis itself: analysis.json's content and the heatmap blocks."""
     start = time.perf_counter()
     plugins = plugins or manager.build(cfg.plugins, base_dir=cfg.base_dir)
     a = cfg.analyze
-    if not a.num_grads or min(a.num_grads) < 1:
-        raise ConfigError("config key 'analyze.num_grads': a list of m >= 1")
     estimators = build_estimators(cfg, plugins)
     scorer, allocator = instantiate(cfg, "scorer", plugins), instantiate(cfg, "allocator",
                                                                         plugins)
@@ -330,6 +347,7 @@ def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str
     data = load_data(cfg, plugins)
     model = build_model(cfg, plugins, data).to(device)
     params = analysed_params(cfg, model)
+    analyze_dir.check_heatmap_param(cfg, list(params))
     sizes = {n: p.numel() for n, p in params.items()}
     plan = check_memory(cfg, sizes)
     setup = Fitting(model, params, data, loss_function(cfg, data), device, estimators)
@@ -380,10 +398,4 @@ def analyze(cfg: DictConfig, plugins: manager.Plugins | None = None) -> dict[str
               "heatmap": {"param": heatmap_param, "start": block.start,
                           "size": block.stop - block.start},
               "results": results, "seconds": time.perf_counter() - start}
-    run_dir = Path(cfg.output or f"runs/{cfg.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result["plots"] = plot_all(result, {k: v.numpy() for k, v in heatmaps.items()}, run_dir)
-    files.write_text(run_dir / "analysis.md", markdown(result))
-    files.write_json(run_dir / "analysis.json", result)
-    result["run_dir"] = str(run_dir)
-    return result
+    return result, {k: v.numpy() for k, v in heatmaps.items()}

@@ -31,6 +31,10 @@ FORMAT = 1
 # Keys that may change between a run and its resumption without changing its results
 # (`analyze` is read by `wfcore analyze` only; `base_dir` moves with the config file).
 IGNORED_KEYS = ("output", "cache_dir", "device", "analyze", "distributed", "base_dir")
+# Dotted keys inside a section that only place files: a resumed run may move them (a
+# store directory that turned out to be full or unwritable). Checkpoints written before
+# this list existed digested them; ``load`` accepts that digest too.
+PLACEMENT_KEYS = ("fisher.store_dir",)
 # What ``save`` writes and ``load`` needs.
 FIELDS = ("format", "digest", "position", "model", "masks", "trainer", "sampler", "rng", "report")
 
@@ -39,14 +43,21 @@ def path(run_dir: str | Path) -> Path:
     return Path(run_dir) / FILENAME
 
 
-def resumable_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+def resumable_config(cfg: DictConfig | dict[str, Any],
+                     placement: tuple[str, ...] = PLACEMENT_KEYS) -> dict[str, Any]:
     """The resolved config less the keys that a resumed run may change."""
     values = config_mod.to_dict(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    return {k: v for k, v in values.items() if k not in IGNORED_KEYS}
+    out = {k: v for k, v in values.items() if k not in IGNORED_KEYS}
+    for key in placement:
+        section, name = key.split(".", 1)
+        if isinstance(out.get(section), dict) and name in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != name}
+    return out
 
 
-def config_digest(cfg: DictConfig | dict[str, Any]) -> str:
-    return config_mod.digest(resumable_config(cfg))
+def config_digest(cfg: DictConfig | dict[str, Any],
+                  placement: tuple[str, ...] = PLACEMENT_KEYS) -> str:
+    return config_mod.digest(resumable_config(cfg, placement))
 
 
 def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
@@ -146,8 +157,7 @@ def load(run_dir: str | Path, cfg: DictConfig) -> dict[str, Any]:
                           f"{', '.join(repr(k) for k in missing)}; start over with --force")
     model = states.check_state_dict(state["model"], where, file)
     states.check_finite(model, where, file)
-    digest = config_digest(cfg)
-    if state["digest"] != digest:
+    if state["digest"] not in (config_digest(cfg), config_digest(cfg, placement=())):
         report = state["report"] if isinstance(state["report"], dict) else {}
         saved = report.get("config", {})
         keys = config_differences(saved, cfg) if saved else []

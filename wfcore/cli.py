@@ -162,7 +162,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from wfcore import config
     from wfcore.analyze import analyze
 
-    result = analyze(config.load(args.config, args.overrides))
+    result = analyze(config.load(args.config, args.overrides), force=args.force)
     print(f"analysis directory: {result['run_dir']} (analysis.json, analysis.md, "
           f"{', '.join(result['plots'])})")
     return 0
@@ -292,6 +292,8 @@ def parser() -> argparse.ArgumentParser:
                       "exact Hessian and Fishers (the config's analyze section)")
     analyze.add_argument("config", help="YAML config (see configs/)")
     analyze.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dot-list)")
+    analyze.add_argument("--force", action="store_true",
+                         help="replace an earlier analysis in the output directory")
 
     bench = command("bench", "time an ONNX model on DeepSparse, ONNX Runtime "
                     "and PyTorch")

@@ -368,3 +368,9 @@ class Exporter(ABC):
         before anything is trained or sampled: a line for the plan, or a one-line
         WfcoreError saying what to change. Optional: the default, None, checks nothing."""
         return None
+
+    def check_data(self, data: DataBundle) -> None:
+        """Refuse, at the start of the run (before anything is pruned), a data set that
+        ``export`` would fail on (too few training samples to calibrate, ...): raise a
+        ConfigError naming the export key. Default: nothing to check."""
+        return None

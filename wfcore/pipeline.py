@@ -15,7 +15,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wfcore import checkpoint, distributed, files, inmemory, manager, prunable, rundir, runs
+from wfcore import (
+    checkpoint,
+    distributed,
+    files,
+    inmemory,
+    manager,
+    prunable,
+    rundir,
+    runs,
+    targets,
+)
 from wfcore import config as config_mod
 from wfcore.batchnorm import RunningStats
 from wfcore.degenerate import DegeneracyCheck
@@ -173,6 +183,7 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
     params = select_params(model, cfg.model.params, cfg.model.prunable)
     if not params:
         raise ConfigError("config key 'model.params': no prunable parameters selected")
+    targets.check(components.scheduler.plan(), params, cfg.allocator.name)
     run_dir = Path(cfg.output or Path("runs") / cfg.name)
     plan = plan_run(cfg, components, model, params, data, loss_function(cfg, data), device,
                     store_dir(cfg, run_dir), nproc=nproc)
@@ -197,6 +208,9 @@ class Pruning:
         self.params = select_params(self.model, cfg.model.params, cfg.model.prunable)
         if not self.params:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
+        targets.check(components.scheduler.plan(), self.params, cfg.allocator.name)
+        if components.exporter is not None:  # the export's limits, before anything is pruned
+            components.exporter.check_data(self.data)
         if cfg.fisher.grad_batch > len(self.data.train):
             raise ConfigError(f"config key 'fisher.grad_batch': {cfg.fisher.grad_batch} is more "
                               f"than the {len(self.data.train)} training samples")

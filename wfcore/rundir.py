@@ -29,11 +29,14 @@ OWNED = ("config.yaml", "report.json", "report.md", "accuracy_vs_sparsity.png", 
          "dense.pt", "model_step*.pt", "checkpoint.pt", "model.onnx", "dense.onnx",
          "model.int8.onnx", "dense.int8.onnx",
          "model_step*.onnx", "*.failed.onnx", "error.txt")
+# What `wfcore analyze` writes (wfcore/analyze_dir.py): what its --force clears.
+ANALYSIS = ("analysis.json", "analysis.md", "heatmaps.png", "errors_vs_m.png",
+            "obs_single.png", "obs_sets.png")
 
 
-def owned_files(run_dir: Path) -> list[Path]:
-    """The files in ``run_dir`` that a run writes, sorted."""
-    found = {p for pattern in OWNED for p in run_dir.glob(pattern) if p.is_file()}
+def owned_files(run_dir: Path, owned: tuple[str, ...] = OWNED) -> list[Path]:
+    """The files in ``run_dir`` that a run (or what writes ``owned``) writes, sorted."""
+    found = {p for pattern in owned for p in run_dir.glob(pattern) if p.is_file()}
     return sorted(found)
 
 
@@ -47,12 +50,23 @@ def _legacy_run(run_dir: Path) -> bool:
         and "steps" in report and "finished" in report
 
 
+def _legacy_analysis(run_dir: Path) -> bool:
+    """An analysis written before the marker existed: its analysis.json is an analysis's."""
+    try:
+        result = json.loads((run_dir / "analysis.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and isinstance(result.get("config"), dict) \
+        and isinstance(result.get("results"), list)
+
+
 def is_owned(run_dir: Path) -> bool:
-    return (run_dir / MARKER).is_file() or _legacy_run(run_dir)
+    return (run_dir / MARKER).is_file() or _legacy_run(run_dir) or _legacy_analysis(run_dir)
 
 
 def check_usable(run_dir: Path) -> None:
-    """Refuse a path that is a file, or a directory holding files that no run wrote."""
+    """Refuse a path that is a file, or a directory holding files that no run wrote: a
+    file of a run or of an analysis, since the marker then claims both for wfcore."""
     try:
         if not run_dir.exists():
             return
@@ -63,7 +77,7 @@ def check_usable(run_dir: Path) -> None:
         raise WfcoreError(f"output={run_dir} is a file, not a directory; choose another output=")
     if is_owned(run_dir):
         return
-    found = owned_files(run_dir)
+    found = owned_files(run_dir, OWNED + ANALYSIS)
     if found:
         raise WfcoreError(f"output={run_dir} holds {found[0].name}, which no wfcore run wrote; "
                           "wfcore replaces none of its files: choose another output=")
@@ -75,9 +89,9 @@ def claim(run_dir: Path) -> None:
         files.write_json(run_dir / MARKER, {"wfcore": __version__})
 
 
-def clear(run_dir: Path) -> None:
+def clear(run_dir: Path, owned: tuple[str, ...] = OWNED) -> None:
     """Remove every file a run wrote (``--force``): no step or report of the old run stays."""
-    removed = owned_files(run_dir)
+    removed = owned_files(run_dir, owned)
     for path in removed:
         path.unlink(missing_ok=True)
     if removed:

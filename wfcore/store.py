@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from wfcore import distributed
+from wfcore import distributed, shared_store
 from wfcore.errors import WfcoreError
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ class GradientStore:
 
         Rank 0 creates the file (``memory``: in /dev/shm when it has room, else in
         ``directory``, mapped by every rank; ``disk``: in ``directory``, read and written
-        with pread / pwrite); every rank opens it, and the name is removed once all have.
+        with pread / pwrite); every rank opens it without a name where /proc allows, else
+        by its name, removed once all have (wfcore/shared_store.py).
         """
         store = cls.__new__(cls)
         store.m, store.d, store.dtype, store.place = m, d, dtype, place
@@ -119,24 +120,29 @@ class GradientStore:
                 and free_disk(SHARED_MEMORY) > store.nbytes + DISK_MARGIN:
             where = SHARED_MEMORY
 
-        def create() -> str:
-            store._open_file(where, keep_name=True)
-            return str(store.path)
+        nameless = shared_store.by_descriptor()  # no name a SIGKILL could leave behind
+
+        def create() -> str | tuple[int, int]:
+            store._open_file(where, keep_name=not nameless)
+            return shared_store.handle(store._fd) if nameless else str(store.path)
 
         try:
             name = distributed.on_main(create)
             if not distributed.is_main():
-                store._fd = os.open(name, os.O_RDWR)
+                store._fd = shared_store.open_handle(name) if nameless \
+                    else os.open(name, os.O_RDWR)
             if place == "memory":  # every rank maps the same pages
-                store._rows = torch.from_file(name, shared=True, size=m * d,
+                store._rows = torch.from_file(f"/proc/self/fd/{store._fd}" if nameless
+                                              else name, shared=True, size=m * d,
                                               dtype=dtype).view(m, d)
-                os.close(store._fd)
-                store._fd = None
-            distributed.barrier()  # every rank has it open: the name can go
+            distributed.barrier()  # every rank has it open: the name (or rank 0's fd) can go
         finally:  # on rank 0, which made it, also when another rank failed
             if store.path is not None:
                 store.path.unlink(missing_ok=True)
                 store.path = None
+            if place == "memory" and store._fd is not None:  # the mapping holds the pages
+                os.close(store._fd)
+                store._fd = None
         # every rank sums its own rows' squares (a disk store), added up in ``finish_rows``:
         # the same on every rank, or the ranks' collectives would not match
         store._square_sum = torch.zeros(d + 1, dtype=torch.float64) if place == "disk" \
@@ -154,7 +160,8 @@ class GradientStore:
                 "fisher.storage_dtype=float16")
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=directory, prefix=".wfcore-gradients-",
+            shared_store.sweep(directory)  # the files of killed runs
+            fd, name = tempfile.mkstemp(dir=directory, prefix=shared_store.prefix(),
                                         suffix=".bin")
         except OSError as exc:
             raise WfcoreError(f"gradient store: cannot create a file in {directory}: "
