@@ -76,11 +76,12 @@ class HessianSum:
 
     def add(self, X: torch.Tensor) -> None:
         """``X`` (n, cols): more input columns."""
-        X = X.detach().double()
+        X = X.detach()
         k = X.shape[0]
         self.H *= self.n / (self.n + k)
         self.n += k
-        self.H += (2.0 / self.n) * X.T @ X
+        # X^T X in the inputs' precision, accumulated in float64 (OBC ``add_batch``)
+        self.H += (2.0 / self.n) * (X.T @ X).double()
 
 
 def prepare(W: torch.Tensor, H: torch.Tensor, damp: float
