@@ -32,18 +32,21 @@ from wfcore.progress import disabled
 
 
 def greedy_path(W: torch.Tensor, Hinv: torch.Tensor, keep: torch.Tensor, steps: int,
-                chunk: int, pattern: tuple[int, int] | None = None, show: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk: int, pattern: tuple[int, int] | None = None, show: bool = False,
+                dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, losses), each (rows, steps): the column each row removes at each step and
     the loss w_j^2 / (2 [H^-1]_jj) of that step (-inf for an already pruned weight; +inf
     once a row under ``pattern`` has no weight left to remove).
 
     ``pattern`` (n, m): at most m - n removals in each group of m consecutive columns.
     ``chunk``: rows processed together (each holds a (cols, cols) copy of H^-1).
+    ``dtype``: of the path's arithmetic (OBC runs it in float32; the chosen set is then
+    solved in float64 by ``obs_with_mask``).
     """
+    W, Hinv = W.to(dtype), Hinv.to(dtype)
     rows, cols = W.shape
     order = torch.zeros(rows, steps, dtype=torch.long, device=W.device)
-    losses = torch.full((rows, steps), float("inf"), dtype=torch.float64, device=W.device)
+    losses = torch.full((rows, steps), float("inf"), dtype=dtype, device=W.device)
     for i1 in tqdm(range(0, rows, chunk), desc="exact_obs rows", leave=False,
                    disable=disabled(not show)):
         i2 = min(i1 + chunk, rows)
@@ -78,9 +81,8 @@ def greedy_path(W: torch.Tensor, Hinv: torch.Tensor, keep: torch.Tensor, steps: 
                 done = groups.sum(-1, keepdim=True) >= m - n
                 full_groups[:, :cols - cols % m] = done.expand_as(groups).reshape(count, -1)
                 full_groups[:, cols - cols % m:] = True  # a tail shorter than m stays
-            row = row / torch.sqrt(d).unsqueeze(1)
-            row = row * active.unsqueeze(1)
-            H_inv -= torch.bmm(row.unsqueeze(2), row.unsqueeze(1))
+            row = row * (active / torch.sqrt(d)).unsqueeze(1)
+            H_inv.baddbmm_(row.unsqueeze(2), row.unsqueeze(1), alpha=-1)
     return order, losses
 
 
@@ -109,7 +111,7 @@ def scatter_taken(order: torch.Tensor, taken: torch.Tensor, cols: int) -> torch.
 
 def prune(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, zeros: int, damp: float,
           pattern: tuple[int, int] | None = None, chunk: int = 64,
-          show: bool = False) -> LayerResult:
+          show: bool = False, dtype: torch.dtype = torch.float64) -> LayerResult:
     """ExactOBS on one (rows, cols) matrix to exactly ``zeros`` zeros (or, with ``pattern``
     (n, m), to n of every m consecutive columns kept). ``keep``: the current mask."""
     W0 = W.double()
@@ -122,7 +124,7 @@ def prune(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, zeros: int, damp
         steps = min(cols, (cols // m) * (m - n) + int((~keep).sum(1).max()))
     if steps == 0:
         return LayerResult(W0.clone(), keep.clone(), 0.0)
-    order, losses = greedy_path(W, Hinv, keep, steps, chunk, pattern, show)
+    order, losses = greedy_path(W, Hinv, keep, steps, chunk, pattern, show, dtype)
     taken = select(order, losses, zeros) if pattern is None else losses < float("inf")
     prune_mask = scatter_taken(order, taken, cols) | ~keep
     weights = obs_with_mask(W, Hinv, prune_mask)
@@ -130,12 +132,13 @@ def prune(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, zeros: int, damp
 
 
 def error_profile(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, damp: float,
-                  levels: list[int], chunk: int = 64) -> list[float]:
+                  levels: list[int], chunk: int = 64,
+                  dtype: torch.dtype = torch.float64) -> list[float]:
     """The predicted reconstruction error at each count of zeros in ``levels``, from one
     greedy path (what OBC's database stores per sparsity level)."""
     W, _, Hinv = prepare(W.double(), H, damp)
     steps = min(W.shape[1], max(levels))
     if steps == 0:
         return [0.0 for _ in levels]
-    order, losses = greedy_path(W, Hinv, keep, steps, chunk)
+    order, losses = greedy_path(W, Hinv, keep, steps, chunk, dtype=dtype)
     return [path_error(losses, select(order, losses, z)) for z in levels]

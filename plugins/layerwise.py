@@ -98,6 +98,17 @@ class LayerwiseOptions:
 
 
 @dataclass
+class ExactOBSOptions(LayerwiseOptions):
+    # of the greedy path (OBC's is float32); the chosen set's weights are solved in float64
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype '{self.dtype}' is not float32 or float64")
+
+
+@dataclass
 class SparseGPTOptions(LayerwiseOptions):
     # columns per block of lazy updates and mask selection (the reference's 128);
     # null = the whole layer as one block
@@ -369,13 +380,18 @@ class Layerwise(LayerwiseEstimator):
 
 
 class ExactOBS(Layerwise):
+    Options = ExactOBSOptions
+
     def prune_matrix(self, W, H, keep, zeros, pattern):
         return exact_obs.prune(W, H, keep, zeros, self.options.damp, pattern,
-                               chunk=self.chunk(W.shape[1]))
+                               chunk=self.chunk(W.shape[1]), dtype=self.dtype())
 
     def profile(self, W, H, keep, levels):
         return exact_obs.error_profile(W, H, keep, self.options.damp, levels,
-                                       chunk=self.chunk(W.shape[1]))
+                                       chunk=self.chunk(W.shape[1]), dtype=self.dtype())
+
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.options.dtype)
 
     def given_mask(self, W, H, keep):
         W0 = W

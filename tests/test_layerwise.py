@@ -11,7 +11,7 @@ from torch import nn
 from torch.testing import assert_close
 from wfcore.plugins import exact_obs
 from wfcore.plugins.layer_hessian import HessianSum, columns_of
-from wfcore.plugins.layerwise import ExactOBS, LayerwiseOptions, SparseGPT, Wanda, lower_hull
+from wfcore.plugins.layerwise import ExactOBS, ExactOBSOptions, SparseGPT, Wanda, lower_hull
 
 from wfcore import cli
 from wfcore.gradients import GradientSampler
@@ -60,7 +60,7 @@ def test_conv_pruned_layer_wise_equals_the_linear_case_on_the_unfolded_input():
     prob = problem(model, x, params=["0.weight"])
     keep = {"0.weight": torch.ones_like(conv.weight, dtype=torch.bool)}
     keep["0.weight"].view(-1)[:60] = False  # 60 zeros (the count is what is used)
-    est = ExactOBS(LayerwiseOptions(samples=40, batch_size=16, damp=0.01))
+    est = ExactOBS(ExactOBSOptions(samples=40, batch_size=16, damp=0.01, dtype="float64"))
     update, new_keep = est.prune_layers(prob, keep)
     acc = HessianSum(27, "cpu")
     acc.add(columns_of(conv, x, 0))
@@ -119,8 +119,8 @@ def test_attention_in_projection_sees_query_key_value():
     prob = problem(model, x, params=["attn.in_proj_weight"])
     keep = {"attn.in_proj_weight": torch.ones_like(attn.in_proj_weight, dtype=torch.bool)}
     keep["attn.in_proj_weight"].view(-1)[:96] = False
-    update, new_keep = ExactOBS(LayerwiseOptions(samples=20, batch_size=20)).prune_layers(
-        prob, keep)
+    est = ExactOBS(ExactOBSOptions(samples=20, batch_size=20, dtype="float64"))
+    update, new_keep = est.prune_layers(prob, keep)
     X = x.reshape(-1, 8)
     H = 2 * X.T @ X / X.shape[0]
     W = attn.in_proj_weight.detach()
