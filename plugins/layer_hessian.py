@@ -87,14 +87,14 @@ class HessianSum:
 def prepare(W: torch.Tensor, H: torch.Tensor, damp: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W, H, H^-1) in float64 as the reference code starts them: inputs that never fire
-    (diag(H) = 0) get H_jj = 1 and their weights zero (they do nothing on this data), then
-    ``damp`` times the mean of diag(H) is added to the diagonal (sparsegpt.py
-    ``fasterprune``'s ``percdamp``). A Cholesky that fails raises the damping tenfold
-    (said in the log)."""
+    (diag(H) = 0) get H_jj = 1, then ``damp`` times the mean of diag(H) is added to the
+    diagonal (sparsegpt.py ``fasterprune``'s ``percdamp``). The reference also zeroes the
+    weights of dead inputs; here they keep their values (they do nothing on this data),
+    so that the layer holds exactly the zeros its mask says. A Cholesky that fails raises
+    the damping tenfold (said in the log)."""
     W, H = W.double().clone(), H.double().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     mean = float(torch.diagonal(H).mean())
     step = damp * mean
     eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
