@@ -78,7 +78,9 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for s, acc in r["top1"].items():
             groups.setdefault((r["config"], r["method"], s), []).append(100 * acc)
     return [{"summary": True, "config": c, "method": m, "sparsity": float(s),
-             "seeds": len(a), "mean": statistics.fmean(a), "min": min(a), "max": max(a)}
+             "seeds": len(a), "mean": statistics.fmean(a), "min": min(a), "max": max(a),
+             "fallback": sum(r["mask"][s] != ["scores"] for r in runs
+                             if (r["config"], r["method"]) == (c, m))}
             for (c, m, s), a in groups.items()]
 
 
@@ -88,9 +90,16 @@ def markdown(summary: list[dict[str, Any]]) -> str:
              "|---|---|" + "---:|" * len(levels)]
     keys = sorted({(s["config"], s["method"]) for s in summary},
                   key=lambda k: (k[0], list(METHODS).index(k[1])))
-    cell = {(s["config"], s["method"], s["sparsity"]): s["mean"] for s in summary}
+    cell = {(s["config"], s["method"], s["sparsity"]): s for s in summary}
+
+    def text(c: dict[str, Any] | None) -> str:
+        if c is None:
+            return "-"  # a star: the safeguard kept another mask on that many seeds
+        return f"{c['mean']:.1f}" + (f" ({c['seeds']})" if c["seeds"] != 3 else "") + \
+            ("*" * c["fallback"])
+
     for c, m in keys:
-        row = [f"{cell[(c, m, s)]:.1f}" if (c, m, s) in cell else "-" for s in levels]
+        row = [text(cell.get((c, m, s))) for s in levels]
         lines.append(f"| {c} | {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -103,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", default="0.9,0.95,0.98")
     ap.add_argument("--out", default="runs/layerwise")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--collect", action="store_true",
+                    help="only read the finished runs back (run nothing)")
     ap.add_argument("overrides", nargs="*", help="more key=value overrides for every run")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -111,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     for config in args.configs.split(","):
         for method in args.methods.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
+                finished = pipeline.is_finished(Path(args.out) / config / method / f"seed{seed}")
+                if args.collect and not finished:
+                    continue
                 runs.append(run_one(config, method, seed, sparsities, Path(args.out),
                                     args.overrides))
                 emit(runs[-1])
