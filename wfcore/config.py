@@ -324,10 +324,14 @@ def describe_options(options_class: type | None) -> list[tuple[str, str, Any, st
     if options_class is None or not dataclasses.is_dataclass(options_class):
         return []
     comments: dict[str, str] = {}
-    try:
-        lines = inspect.getsource(options_class).splitlines()
-    except (OSError, TypeError):
-        lines = []
+    lines = []
+    for klass in reversed(options_class.__mro__):  # inherited fields keep their comments
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines += inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            pass
     above: list[str] = []
     for line in lines:
         stripped = line.strip()
