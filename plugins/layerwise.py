@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 from wfcore.plugins import exact_obs, sparsegpt, wanda
+from wfcore.plugins.layer_allocation import ReconstructionCurvature, ReconstructionScorer
 from wfcore.plugins.layer_hessian import (
     SUPPORTED,
     HessianSum,
@@ -49,7 +50,6 @@ from wfcore.plugins.layer_hessian import (
 from wfcore.plugins.magnitude import IdentityCurvature
 
 from wfcore import hookimpl
-from wfcore.errors import WfcoreError
 from wfcore.interfaces import (
     Curvature,
     EstimatorCost,
@@ -432,62 +432,6 @@ class Wanda(Layerwise):
 
     def algebra_cost(self, rows, cols):
         return 8 * (cols * cols + 3 * rows * cols), float(rows * cols * math.log2(cols + 1))
-
-
-class ReconstructionCurvature(IdentityCurvature):
-    """The identity curvature, plus each layer's relative error curve (zeros, error)."""
-
-    def __init__(self, params: dict[str, torch.Tensor],
-                 curves: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        super().__init__(params)
-        self.curves = curves
-
-    def marginal_scores(self, weights: Tensors) -> Tensors:
-        """Every kept weight scored by the slope of its layer's lower convex hull at its
-        rank (smallest magnitude first): one threshold over these is the Lagrangian choice
-        of per-layer counts that minimises the sum of the relative errors."""
-        out = {}
-        for n, w in weights.items():
-            zeros, errors = self.curves.get(n, (None, None))
-            flat = w.reshape(-1).double().abs()
-            if zeros is None:  # a layer without a curve: its magnitudes, scaled away
-                out[n] = w.double() ** 2 * 1e12
-                continue
-            hull = lower_hull(zeros.tolist(), errors.tolist())
-            now = int((flat == 0).sum())
-            rank = torch.empty_like(flat)
-            rank[torch.argsort(flat, stable=True)] = torch.arange(flat.numel(), dtype=flat.dtype)
-            slope = torch.zeros_like(flat)
-            for (z0, e0), (z1, e1) in zip(hull, hull[1:], strict=False):
-                inside = (rank + 1 > z0) & (rank + 1 <= z1)
-                slope[inside] = (e1 - e0) / max(z1 - z0, 1e-12)
-            slope[rank < now] = -1.0  # already zero: first, at no cost
-            out[n] = slope.reshape(w.shape).to(w.device)
-        return out
-
-
-def lower_hull(zeros: list[float], errors: list[float]) -> list[tuple[float, float]]:
-    """The lower convex hull of the points (zeros, error), left to right."""
-    hull: list[tuple[float, float]] = []
-    for p in sorted(zip(zeros, errors, strict=True)):
-        while len(hull) >= 2:
-            (x1, y1), (x2, y2) = hull[-2], hull[-1]
-            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
-
-
-class ReconstructionScorer(Scorer):
-    """Scores of ``allocation: reconstruction`` (see ``ReconstructionCurvature``)."""
-
-    def scores(self, weights: Tensors, curvature: Curvature, gradient: Tensors | None) -> Tensors:
-        if not isinstance(curvature, ReconstructionCurvature):
-            raise WfcoreError("the reconstruction scorer needs the curvature of a layer-wise "
-                              "estimator with allocation: reconstruction")
-        return curvature.marginal_scores(weights)
 
 
 @hookimpl

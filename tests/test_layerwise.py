@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 from wfcore.plugins import exact_obs
+from wfcore.plugins.layer_allocation import lower_hull
 from wfcore.plugins.layer_hessian import HessianSum, columns_of
-from wfcore.plugins.layerwise import ExactOBS, ExactOBSOptions, SparseGPT, Wanda, lower_hull
+from wfcore.plugins.layerwise import ExactOBS, ExactOBSOptions, SparseGPT, Wanda
 
 from wfcore import cli
 from wfcore.gradients import GradientSampler
@@ -155,3 +156,23 @@ def test_two_of_four_on_the_shipped_models(tmp_path, config, estimator):
         full = to_groups(torch.ones_like(state[name], dtype=torch.bool), 4, False).all(-1)
         assert (groups[full].sum(-1) == 2).all(), name
         assert (groups.sum(-1) <= groups.shape[-1]).all()
+
+
+def test_reconstruction_allocation_meets_the_target_exactly_and_spares_fragile_layers():
+    from wfcore.plugins.allocators import GlobalAllocator
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(60, 12, dtype=torch.float64)
+    x[:, 6:] *= 0.01  # half the inputs barely matter: the first layer can bear more zeros
+    prob = problem(model, x)
+    est = ExactOBS(ExactOBSOptions(samples=60, batch_size=60, allocation="reconstruction",
+                                   dtype="float64"))
+    curvature = est.fit(prob)
+    scores = est.paired_scorer().scores(prob.weights(), curvature, None)
+    keep = GlobalAllocator().allocate(scores, dict(prob.masks.keep), 0.6)
+    zeros = {n: int((~k).sum()) for n, k in keep.items()}
+    assert sum(zeros.values()) == round(0.6 * (96 + 24))
+    assert zeros["0.weight"] / 96 > zeros["2.weight"] / 24
+    update, new_keep = est.prune_layers(prob, keep)
+    assert {n: int((~k).sum()) for n, k in new_keep.items()} == zeros
