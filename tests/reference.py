@@ -93,3 +93,93 @@ def block_groups(shapes: dict[str, tuple[int, ...]], block: int) -> list[list[in
             groups.setdefault(key, []).append(int(flat[index]))
         offset += flat.numel()
     return list(groups.values())
+
+
+# -- layer-wise methods: one row, one weight at a time, explicit inverses --------------------
+
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) * I (sparsegpt.py ``percdamp``)."""
+    H = H.double()
+    return H + damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
+
+
+def greedy_obs_row(w: torch.Tensor, H: torch.Tensor, steps: int
+                   ) -> tuple[list[int], list[float], list[torch.Tensor]]:
+    """The greedy OBS path of one row: at each step the kept weight q with the least
+    w_q^2 / (2 [H_K^-1]_qq), H_K^-1 = inv(H[K, K]) of the kept set K (an explicit inverse
+    every step); the others move by -H_K^-1[:, q] w_q / [H_K^-1]_qq. Returns the order,
+    the losses and the row after each step (index 0: before any)."""
+    w = w.double().clone()
+    kept = list(range(w.numel()))
+    order, losses, rows = [], [], [w.clone()]
+    for _ in range(steps):
+        Hinv = torch.linalg.inv(H[kept][:, kept])
+        scores = w[kept] ** 2 / torch.diagonal(Hinv)
+        k = int(torch.argmin(scores))
+        q = kept[k]
+        losses.append(float(scores[k]) / 2)
+        w[kept] -= Hinv[:, k] * w[q] / Hinv[k, k]
+        w[q] = 0.0
+        kept.pop(k)
+        order.append(q)
+        rows.append(w.clone())
+    return order, losses, rows
+
+
+def exact_obs_layer(W: torch.Tensor, H: torch.Tensor, zeros: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, keep) of greedy OBS on every row, the layer's ``zeros`` spread over the
+    rows by the path losses (the smallest of the layer win; OBC ``prune_blocked``)."""
+    rows, cols = W.shape
+    paths = [greedy_obs_row(W[i], H, min(cols, zeros)) for i in range(rows)]
+    entries = sorted((loss, i * cols + t) for i, p in enumerate(paths)
+                     for t, loss in enumerate(p[1]))[:zeros]
+    per_row = [0] * rows
+    for _, flat in entries:
+        per_row[flat // cols] += 1
+    out = torch.stack([paths[i][2][per_row[i]] for i in range(rows)])
+    keep = torch.ones(rows, cols, dtype=torch.bool)
+    for i in range(rows):
+        keep[i, paths[i][0][:per_row[i]]] = False
+    return out, keep
+
+
+def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float, block: int,
+                    nm: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's formulas with explicit inverses and no lazy batching: column i is
+    pruned or kept with H_i^-1 = inv(H[i:, i:]), and its error (w_i - q_i) / [H_i^-1]_00
+    moves every later column by -err * H_i^-1[0, 1:]. A block's mask is the
+    ``sparsity`` lowest w_j^2 / [H_j^-1]_00 over the block when it is reached; N:M: the
+    m - n lowest of each group of m when its first column is reached."""
+    W = W.double().clone()
+    rows, cols = W.shape
+    inv = [torch.linalg.inv(H[i:, i:]) for i in range(cols)]
+    diag = torch.tensor([float(inv[i][0, 0]) for i in range(cols)], dtype=torch.float64)
+    prune = torch.zeros(rows, cols, dtype=torch.bool)
+    for i in range(cols):
+        if nm is None and i % block == 0:
+            score = W[:, i:i + block] ** 2 / diag[i:i + block]
+            k = round(score.numel() * sparsity)
+            chosen = torch.argsort(score.reshape(-1), stable=True)[:k]
+            sub = torch.zeros(score.numel(), dtype=torch.bool)
+            sub[chosen] = True
+            prune[:, i:i + block] = sub.reshape(score.shape)
+        if nm is not None and i % nm[1] == 0:
+            n, m = nm
+            score = W[:, i:i + m] ** 2 / diag[i:i + m]
+            low = torch.topk(score, m - n, dim=1, largest=False).indices
+            prune[:, i:i + m].scatter_(1, low, True)
+        q = torch.where(prune[:, i], 0.0, W[:, i])
+        err = (W[:, i] - q) / inv[i][0, 0]
+        W[:, i:] -= err.unsqueeze(1) * inv[i][0].unsqueeze(0)
+        W[:, i] = q
+    return W, ~prune
+
+
+def wanda_layer(W: torch.Tensor, X: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """locuslab/wanda ``prune_wanda``: |W| * ||X_j||_2 (X: (n, cols) inputs), each row's
+    lowest ``int(cols * sparsity)`` set to zero."""
+    metric = W.double().abs() * X.double().norm(dim=0).unsqueeze(0)
+    idx = torch.sort(metric, dim=-1, stable=True)[1][:, :int(W.shape[1] * sparsity)]
+    mask = torch.zeros_like(metric, dtype=torch.bool).scatter_(1, idx, True)
+    return torch.where(mask, 0.0, W.double())

@@ -181,6 +181,10 @@ class StructureSection:
     # channel and kernel position); 1 = unstructured. 4 is the layout DeepSparse's INT8
     # kernels (AVX-512 VNNI) run fastest: see README, "Sparse and INT8".
     block: int = 1
+    # N:M semi-structured: N weights kept of every M consecutive input channels (at one
+    # output channel and kernel position), e.g. "2:4" (sparse tensor cores); null = none.
+    # The pattern sets each step's masks (the target sparsity is not used).
+    pattern: Optional[str] = None
 
 
 @dataclass
@@ -334,6 +338,13 @@ def check_ranges(cfg: DictConfig) -> None:
                           "in (0, 1]")
     if cfg.safeguard.calibration_samples < 1:
         raise ConfigError("config key 'safeguard.calibration_samples': must be >= 1")
+    if cfg.structure.pattern is not None:
+        from wfcore.nm import parse_pattern
+
+        parse_pattern(cfg.structure.pattern)
+        if cfg.structure.block > 1:
+            raise ConfigError("config keys 'structure.block' and 'structure.pattern': "
+                              "choose one")
     if any(not 0.0 <= a <= 1.0 for a in cfg.safeguard.alphas):
         raise ConfigError(f"config key 'safeguard.alphas': {list(cfg.safeguard.alphas)} are "
                           "not all in [0, 1]")
@@ -374,10 +385,14 @@ def describe_options(options_class: type | None) -> list[tuple[str, str, Any, st
     if options_class is None or not dataclasses.is_dataclass(options_class):
         return []
     comments: dict[str, str] = {}
-    try:
-        lines = inspect.getsource(options_class).splitlines()
-    except (OSError, TypeError):
-        lines = []
+    lines = []
+    for klass in reversed(options_class.__mro__):  # inherited fields keep their comments
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines += inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            pass
     above: list[str] = []
     for line in lines:
         stripped = line.strip()

@@ -264,6 +264,38 @@ class HessianEstimator(ABC):
         return EstimatorCost(working_bytes=4 * layout.d * 8, flops=4.0 * m * layout.d)
 
 
+class LayerwiseEstimator(HessianEstimator):
+    """An estimator that prunes layer by layer against each layer's reconstruction error
+    (ExactOBS, SparseGPT, Wanda): the layer's input Hessian H = 2 X X^T from calibration
+    batches, taken layer after layer from the already-pruned model.
+
+    The pipeline asks it for a curvature as usual (``fit``): the scorer and the allocator
+    read it to decide how many weights each layer loses. It then hands the allocator's
+    keep-masks to ``prune_layers``, which takes each layer's count of zeros from them (and,
+    where the method chooses its own mask, only the count), and returns the weight change
+    and the masks it chose; the safeguard judges that change like any update.
+    """
+
+    needs_gradients: bool = False
+
+    def guide(self) -> dict[str, Any] | None:
+        """``{name, **options}`` of a registered estimator whose curvature ``fit`` returns
+        (so that its scores, through the configured scorer and allocator, set each layer's
+        count), or None. The pipeline builds it and hands it to ``set_guide``."""
+        return None
+
+    def set_guide(self, estimator: HessianEstimator) -> None:
+        """Receive the estimator that ``guide`` names, built with its validated options."""
+
+    @abstractmethod
+    def prune_layers(self, problem: PruningProblem, keep: Tensors,
+                     pattern: tuple[int, int] | None = None) -> tuple[Tensors, Tensors]:
+        """(weight change, keep-masks): every prunable layer pruned to the count of zeros
+        of ``keep`` (``pattern`` (n, m): n kept of every m consecutive input weights), in
+        forward order, each layer seeing the inputs of the already-pruned layers before it.
+        The model's weights are left as they came; pruned weights end exactly at zero."""
+
+
 class Scorer(ABC):
     """Per-weight saliency, and the weight update that goes with removing weights."""
 

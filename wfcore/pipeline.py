@@ -37,14 +37,17 @@ from wfcore.interfaces import (
     DataBundle,
     Exporter,
     HessianEstimator,
+    LayerwiseEstimator,
     Loss,
     PruningProblem,
     Scheduler,
     Scorer,
 )
 from wfcore.masks import Masks, block_scores, select_params, whole_blocks
+from wfcore.nm import nm_keep, parse_pattern
 from wfcore.plan import Plan, make_plan, store_place
 from wfcore.prepare import (  # noqa: F401  (the setup of a run, re-exported here)
+    build,
     build_model,
     cache_dir,
     data_fingerprint,
@@ -117,8 +120,24 @@ def build_components(cfg: DictConfig, plugins: manager.Plugins) -> Components:
         log.info("estimator '%s' scores with its own %s (scorer.name=%s is not used)",
                  cfg.estimator.name, type(paired).__name__, cfg.scorer.name)
         made["scorer"] = paired
+    if isinstance(made["estimator"], LayerwiseEstimator):
+        bind_guide(made["estimator"], cfg.seed, plugins)
     exporter = instantiate(cfg, "export", plugins) if cfg.export is not None else None
     return Components(exporter=exporter, hooks=hook_options(cfg, plugins), **made)
+
+
+def bind_guide(estimator: LayerwiseEstimator, seed: int, plugins: manager.Plugins) -> None:
+    """Build the estimator a layer-wise estimator's ``guide`` option names (its options
+    validated as ``estimator.guide``) and hand it over."""
+    spec = estimator.guide()
+    if spec is None:
+        return
+    values = dict(spec)
+    name = values.pop("name")
+    entry, extra = plugins.registry("estimators").lookup(name, "estimator.guide.name")
+    options = config_mod.validate_options("estimator.guide", values, entry.options_class)
+    estimator.set_guide(build(entry, "estimator.guide.name", name, options, seed=seed,
+                              **extra))
 
 
 def store_dir(cfg: DictConfig, run_dir: Path) -> Path:
@@ -298,6 +317,7 @@ class Pruning:
         c = self.c
         needs, block = c.need_gradients(), self.cfg.structure.block
         stats_before = self.stats.mark()
+        pattern = parse_pattern(self.cfg.structure.pattern)  # N:M: the masks' own rule
         with ExitStack() as stack:
             gradients, curvature = self.dense_fit.take() or (None, None)
             if needs and curvature is None:
@@ -323,14 +343,20 @@ class Pruning:
                 if s.shape != weights[n].shape or not torch.isfinite(s[self.masks.keep[n]]).all():
                     raise WfcoreError(f"scorer '{self.cfg.scorer.name}' gave non-finite or "
                                       f"misshapen scores for '{n}'")
-            new_keep = c.allocator.allocate(scores, dict(self.masks.keep), target)
+            new_keep = (nm_keep(scores, self.masks.keep, pattern) if pattern is not None
+                        else c.allocator.allocate(scores, dict(self.masks.keep), target))
             new_keep = distributed.broadcast_masks(new_keep)  # rank 0's threshold everywhere
             prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
             del scores
-            update = c.scorer.update(weights, curvature, prune_mask, gradient)
+            if isinstance(c.estimator, LayerwiseEstimator):  # each layer's own mask and update
+                update, new_keep = c.estimator.prune_layers(problem, new_keep, pattern)
+            else:
+                update = c.scorer.update(weights, curvature, prune_mask, gradient)
             update, new_keep, record = self.safeguard.choose(
                 weights, update, new_keep, curvature, gradient,
-                magnitude_keep=None if self.baseline else lambda: c.allocator.allocate(
+                magnitude_keep=None if self.baseline else lambda: nm_keep(
+                    magnitude_scores(weights), self.masks.keep, pattern) if pattern is not None
+                else c.allocator.allocate(
                     block_scores(magnitude_scores(weights), self.masks.keep, block),
                     dict(self.masks.keep), target))
             if update is not None:

@@ -1,0 +1,439 @@
+"""Layer-wise pruning: the estimators ``exact_obs``, ``sparsegpt`` and ``wanda``.
+
+The orchestration lives here; the algebra of each method, tensors in and tensors out, in
+its own module (``exact_obs``, ``sparsegpt``, ``wanda``; ``layer_hessian`` for what they
+share). A pruning step:
+
+1. ``fit``: the curvature whose scores, through the configured scorer and allocator, set
+   how many weights each layer loses. ``allocation: guide`` fits the ``guide`` estimator
+   (magnitude by default; ``{name: woodfisher}`` gives WoodFisher's global threshold).
+   ``allocation: reconstruction`` measures each layer's relative reconstruction error
+   e_l(s) = err / tr(W H W^T)/2 at the sparsities of ``levels`` with the method itself (OBC's
+   database) and scores every weight by the slope of the lower convex hull of its layer's
+   curve at its rank, so that one global threshold (``allocator: global``) minimises the
+   sum of the layers' relative errors for the target (the Lagrangian of OBC's search).
+2. ``prune_layers``: the calibration inputs (``samples`` of the pruning pool) run through
+   the model once per layer, in forward order, with the layers before already pruned; a
+   hook on the layer adds its input columns to H and stops the forward pass; the method
+   prunes the layer to its count and writes its weights; the next layer follows.
+
+Layers: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (any ``groups``, through unfold) and
+``nn.MultiheadAttention.in_proj_weight`` (the query, key and value rows see the query,
+key and value inputs). A prunable parameter of another kind, or one whose module is never
+called by its ``forward`` (an attention's ``out_proj``), keeps the allocator's mask
+without an update (said in the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from wfcore.plugins import exact_obs, sparsegpt, wanda
+from wfcore.plugins.layer_allocation import ReconstructionCurvature, ReconstructionScorer
+from wfcore.plugins.layer_hessian import (
+    SUPPORTED,
+    HessianSum,
+    LayerResult,
+    columns_of,
+    obs_with_mask,
+    parts_of,
+    prepare,
+    reconstruction_error,
+)
+from wfcore.plugins.magnitude import IdentityCurvature
+
+from wfcore import hookimpl
+from wfcore.interfaces import (
+    Curvature,
+    EstimatorCost,
+    HessianEstimator,
+    LayerwiseEstimator,
+    PruningProblem,
+    Scorer,
+    Tensors,
+)
+from wfcore.progress import disabled
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("guide", "reconstruction")
+LEVELS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99]
+
+
+@dataclass
+class LayerwiseOptions:
+    samples: int = 1000  # calibration samples of the pruning pool behind each layer's H
+    batch_size: int = 128  # samples per forward pass
+    damp: float = 0.01  # added to diag(H), as a fraction of its mean (SparseGPT: 1%)
+    # guide: the guide estimator's curvature sets each layer's count through the scorer
+    # and allocator; reconstruction: each layer's reconstruction error curve does (see
+    # the module doc; use with allocator.name=global)
+    allocation: str = "guide"
+    # {name, **options} of the estimator whose curvature the scorer and allocator read
+    # with allocation: guide (magnitude = the weights' magnitudes)
+    guide: dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
+    # sparsities at which allocation: reconstruction measures each layer's error
+    levels: list[float] = field(default_factory=lambda: list(LEVELS))
+    memory_gb: float = 1.0  # working memory of one layer's algebra (ExactOBS: rows at once)
+
+    def validate(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation '{self.allocation}' is not one of "
+                             f"{', '.join(ALLOCATIONS)}")
+        if self.samples < 1 or self.batch_size < 1:
+            raise ValueError("samples and batch_size must be >= 1")
+        if self.damp < 0:
+            raise ValueError(f"damp {self.damp} must be >= 0")
+        if not self.guide or "name" not in self.guide:
+            raise ValueError("guide needs a 'name' (a registered estimator)")
+        if any(not 0.0 < s < 1.0 for s in self.levels):
+            raise ValueError(f"levels {self.levels} must lie in (0, 1)")
+
+
+@dataclass
+class ExactOBSOptions(LayerwiseOptions):
+    # of the greedy path (OBC's is float32); the chosen set's weights are solved in float64
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype '{self.dtype}' is not float32 or float64")
+
+
+@dataclass
+class SparseGPTOptions(LayerwiseOptions):
+    # columns per block of lazy updates and mask selection (the reference's 128);
+    # null = the whole layer as one block
+    block_size: int | None = 128
+
+
+@dataclass
+class Part:
+    """One weight matrix that a layer-wise method prunes with one H."""
+
+    param: str
+    rows: slice  # its rows of the parameter
+    index: int  # which part of the module (conv group; query/key/value)
+
+
+def module_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def supported(module: nn.Module, attr: str) -> bool:
+    return (isinstance(module, SUPPORTED) and attr == "weight") or \
+        (isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight")
+
+
+def parts(name: str, module: nn.Module, shape: torch.Size) -> list[Part]:
+    count = parts_of(module)
+    size = shape[0] // count
+    return [Part(name, slice(k * size, (k + 1) * size), k) for k in range(count)]
+
+
+class StopForward(Exception):
+    """Raised by a hook once the layer it waits for has seen its input."""
+
+
+class Calibration:
+    """The calibration inputs, run through the model with hooks that collect H."""
+
+    def __init__(self, problem: PruningProblem, samples: int, batch_size: int):
+        self.model = problem.model
+        self.inputs = [x for x, _ in problem.batches(samples, batch_size)]
+        self.device = problem.device
+
+    def run(self, modules: dict[str, nn.Module], sums: dict[str, list[HessianSum]],
+            stop_after: str | None) -> list[str]:
+        """Every batch forward (eval mode, gradients on so that fused attention paths that
+        skip submodules stay off), adding each module's input columns to its sums; stop a
+        pass once ``stop_after`` has its input. Returns the modules in the order called."""
+        called: list[str] = []
+
+        def hook(name: str, module: nn.Module) -> Callable:
+            def add(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                if name not in called:
+                    called.append(name)
+                if not sums[name]:
+                    pass
+                elif isinstance(mod, nn.MultiheadAttention):
+                    qkv = [kwargs.get(k, args[i] if len(args) > i else None)
+                           for i, k in enumerate(("query", "key", "value"))]
+                    for k, x in enumerate(qkv):
+                        x = x.transpose(0, 1) if not mod.batch_first else x
+                        sums[name][k].add(x.reshape(-1, x.shape[-1]))
+                else:
+                    for k, acc in enumerate(sums[name]):
+                        acc.add(columns_of(mod, args[0], k))
+                if name == stop_after:
+                    raise StopForward
+            return add
+
+        handles = [m.register_forward_pre_hook(hook(n, m), with_kwargs=True)
+                   for n, m in modules.items()]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                for x in self.inputs:
+                    try:
+                        self.model(x)
+                    except StopForward:
+                        pass
+        finally:
+            self.model.train(was_training)
+            for h in handles:
+                h.remove()
+        return called
+
+
+def hessian_sums(module: nn.Module, weight: torch.Tensor, device: torch.device
+                 ) -> list[HessianSum]:
+    cols = weight.shape[1] * math.prod(weight.shape[2:])
+    return [HessianSum(cols, device) for _ in range(parts_of(module))]
+
+
+def channels_last(shape: torch.Size) -> torch.Tensor:
+    """Column order (kernel..., in channel) of a conv weight's flattened columns, so that
+    m consecutive columns are m consecutive input channels at one kernel position."""
+    return torch.arange(math.prod(shape[1:])).reshape(shape[1:]).movedim(0, -1).reshape(-1)
+
+
+class Layerwise(LayerwiseEstimator):
+    """The orchestration shared by the three methods; ``prune_matrix`` is the method."""
+
+    Options = LayerwiseOptions
+
+    def __init__(self, options: LayerwiseOptions | None = None):
+        self.options = options or self.Options()
+        self._guide: HessianEstimator | None = None
+
+    # -- the method ---------------------------------------------------------------------
+    def prune_matrix(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, zeros: int,
+                     pattern: tuple[int, int] | None) -> LayerResult:
+        raise NotImplementedError
+
+    def profile(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor,
+                levels: list[int]) -> list[float]:
+        raise NotImplementedError
+
+    def algebra_cost(self, rows: int, cols: int) -> tuple[int, float]:
+        """(bytes, flops) of one (rows, cols) matrix."""
+        return 8 * (cols * cols * 3 + rows * cols * 3), float(cols ** 3 + rows * cols ** 2)
+
+    # -- the contract -------------------------------------------------------------------
+    def guide(self) -> dict[str, Any] | None:
+        return dict(self.options.guide) if self.options.allocation == "guide" else None
+
+    def set_guide(self, estimator: HessianEstimator) -> None:
+        self._guide = estimator
+
+    @property
+    def needs_gradients(self) -> bool:  # the guide's gradients (WoodFisher's m rows)
+        return self._guide is not None and self._guide.needs_gradients
+
+    def paired_scorer(self) -> Scorer | None:
+        return ReconstructionScorer() if self.options.allocation == "reconstruction" else None
+
+    def cost(self, layout, m: int, device: torch.device | str) -> EstimatorCost:
+        peak, flops = 0, 0.0
+        for n in layout.names:
+            shape = layout.shapes[n]
+            rows, cols = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
+            nbytes, f = self.algebra_cost(rows, cols)
+            peak, flops = max(peak, nbytes + 4 * cols * cols * 8), flops + f
+            flops += 2.0 * self.options.samples * cols * cols  # H (Linear; conv: x positions)
+        guide = self._guide.cost(layout, m, device) if self._guide is not None else None
+        if guide is not None:
+            peak, flops = max(peak, guide.working_bytes), flops + guide.flops
+        return EstimatorCost(working_bytes=peak, flops=flops,
+                             note=f"{len(layout.names)} layer(s) in sequence, "
+                                  f"{self.options.samples} calibration samples")
+
+    def fit(self, problem: PruningProblem) -> Curvature:
+        if self.options.allocation == "reconstruction":
+            return self.reconstruction_curvature(problem)
+        if self._guide is None:
+            return IdentityCurvature({n: p.detach() for n, p in problem.params.items()})
+        return self._guide.fit(problem)
+
+    # -- allocation: reconstruction -----------------------------------------------------
+    def reconstruction_curvature(self, problem: PruningProblem) -> ReconstructionCurvature:
+        """Each layer's relative error at ``levels``, measured on the current model's
+        inputs (one forward pass for all layers, OBC's database)."""
+        layers = self.layers(problem)
+        sums = {mod: hessian_sums(module, problem.params[parts_[0].param], problem.device)
+                for mod, (module, parts_) in layers.items()}
+        Calibration(problem, self.options.samples, self.options.batch_size).run(
+            {mod: module for mod, (module, _) in layers.items()}, sums, None)
+        curves = {}
+        for mod, (module, parts_) in tqdm(layers.items(), desc="layer error curves",
+                                          leave=False, disable=disabled(False)):
+            for part in parts_:
+                curves.setdefault(part.param, []).append(
+                    self.part_curve(problem, part, module, sums[mod][part.index]))
+        out = {}
+        for name, pieces in curves.items():
+            numel = problem.params[name].numel()
+            zeros = [z for z, _ in pieces[0]]
+            errors = [sum(p[i][1] for p in pieces) for i in range(len(zeros))]
+            energy = errors[-1] if errors[-1] > 0 else 1.0
+            out[name] = (torch.tensor([z * len(pieces) for z in zeros], dtype=torch.float64)
+                         .clamp(max=numel), torch.tensor(errors, dtype=torch.float64) / energy)
+        return ReconstructionCurvature({n: p.detach() for n, p in problem.params.items()}, out)
+
+    def part_curve(self, problem: PruningProblem, part: Part, module: nn.Module,
+                   acc: HessianSum) -> list[tuple[int, float]]:
+        """(zeros, error) of one part from its current zeros to all of its weights."""
+        W = problem.params[part.param].detach()[part.rows].flatten(1).double()
+        keep = problem.masks.keep[part.param][part.rows].flatten(1)
+        numel, now = W.numel(), int((~keep).sum())
+        levels = sorted({z for s in self.options.levels if (z := round(s * numel)) > now})
+        errors = self.profile(W, acc.H, keep, levels) if levels else []
+        energy = 0.5 * float(((W @ acc.H) * W).sum())
+        return [(now, 0.0), *zip(levels, errors, strict=True), (numel, energy)]
+
+    # -- pruning ------------------------------------------------------------------------
+    def layers(self, problem: PruningProblem) -> dict[str, tuple[nn.Module, list[Part]]]:
+        """{module name: (module, its parts)} of the supported prunable parameters."""
+        out: dict[str, tuple[nn.Module, list[Part]]] = {}
+        for name, p in problem.params.items():
+            module, attr = module_of(problem.model, name)
+            if not supported(module, attr):
+                log.warning("%s: %s.%s has no layer-wise reconstruction here; it keeps the "
+                            "allocator's mask without an update", name,
+                            type(module).__name__, attr)
+                continue
+            out[name.rpartition(".")[0]] = (module, parts(name, module, p.shape))
+        return out
+
+    @torch.no_grad()
+    def prune_layers(self, problem: PruningProblem, keep: Tensors,
+                     pattern: tuple[int, int] | None = None) -> tuple[Tensors, Tensors]:
+        o = self.options
+        before = problem.weights()
+        current = {n: k.clone() for n, k in problem.masks.keep.items()}
+        new_keep = {n: k.clone() for n, k in keep.items()}
+        layers = self.layers(problem)
+        calibration = Calibration(problem, o.samples, o.batch_size)
+        modules = {mod: module for mod, (module, _) in layers.items()}
+        order = calibration.run(modules, {m: [] for m in modules}, None)
+        for mod in [m for m in modules if m not in order]:
+            log.warning("%s: never called by the model's forward; it keeps the allocator's "
+                        "mask without an update", mod)
+        try:
+            for mod in tqdm(order, desc=f"{type(self).__name__} layers", leave=False,
+                            disable=disabled(False)):
+                module, parts_ = layers[mod]
+                param = problem.params[parts_[0].param]
+                sums = {mod: hessian_sums(module, param, problem.device)}
+                calibration.run({mod: module}, sums, stop_after=mod)
+                for part in parts_:
+                    self.prune_part(param, part, sums[mod][part.index], current, keep,
+                                    new_keep, pattern)
+            update = {n: problem.params[n].detach().double() * new_keep[n] - before[n].double()
+                      for n in before}
+        finally:
+            for n, p in problem.params.items():
+                p.copy_(before[n])
+        return update, new_keep
+
+    def prune_part(self, param: nn.Parameter, part: Part, acc: HessianSum, current: Tensors,
+                   keep: Tensors, new_keep: Tensors, pattern: tuple[int, int] | None) -> None:
+        """Prune one part in place: ``param`` and ``new_keep`` get its weights and mask.
+        ``current``: the masks before the step; ``keep``: the allocator's (its count)."""
+        name, rows = part.param, part.rows
+        W = param.detach()[rows].flatten(1).double()
+        now = current[name][rows].flatten(1).to(W.device)
+        given = keep[name][rows].flatten(1).to(W.device)
+        shape = param[rows].shape
+        own_pattern = pattern is not None and shape[1] % pattern[1] == 0
+        # under N:M, a conv's columns go channels last: a group is m consecutive columns
+        perm = channels_last(shape).to(W.device) if own_pattern and len(shape) > 2 else None
+        H = acc.H
+        if perm is not None:
+            W, now, H = W[:, perm], now[:, perm], H[perm][:, perm]
+        if pattern is not None and not own_pattern:  # N:M groups that are not whole
+            result = self.given_mask(W, H, given & now)
+        else:
+            result = self.prune_matrix(W, H, now, int((~given).sum()),
+                                       pattern if own_pattern else None)
+        weights, mask = result.weights, result.keep
+        if perm is not None:
+            inverse = torch.argsort(perm)
+            weights, mask = weights[:, inverse], mask[:, inverse]
+        param[rows] = weights.reshape(shape).to(param.dtype)
+        new_keep[name][rows] = mask.reshape(shape).to(new_keep[name].device)
+
+    def given_mask(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor) -> LayerResult:
+        """The layer keeps ``keep`` as it is; subclasses add their update."""
+        return LayerResult(torch.where(keep, W, 0.0), keep, 0.0)
+
+
+class ExactOBS(Layerwise):
+    Options = ExactOBSOptions
+
+    def prune_matrix(self, W, H, keep, zeros, pattern):
+        return exact_obs.prune(W, H, keep, zeros, self.options.damp, pattern,
+                               chunk=self.chunk(W.shape[1]), dtype=self.dtype())
+
+    def profile(self, W, H, keep, levels):
+        return exact_obs.error_profile(W, H, keep, self.options.damp, levels,
+                                       chunk=self.chunk(W.shape[1]), dtype=self.dtype())
+
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.options.dtype)
+
+    def given_mask(self, W, H, keep):
+        W0 = W
+        W, _, Hinv = prepare(W, H, self.options.damp)
+        weights = obs_with_mask(W, Hinv, ~keep)
+        return LayerResult(weights, keep, reconstruction_error(W0, weights, H))
+
+    def chunk(self, cols: int) -> int:
+        return max(1, int(self.options.memory_gb * 2**30 // (2 * 8 * cols * cols)))
+
+    def algebra_cost(self, rows, cols):
+        chunk = min(rows, self.chunk(cols))
+        return 8 * cols * cols * (chunk + 3), float(rows * cols ** 3 + cols ** 3)
+
+
+class SparseGPT(Layerwise):
+    Options = SparseGPTOptions
+
+    def prune_matrix(self, W, H, keep, zeros, pattern):
+        block = self.options.block_size
+        if pattern is not None and block is not None and block % pattern[1]:
+            block = (block // pattern[1] + 1) * pattern[1]
+        return sparsegpt.prune(W, H, keep, zeros, self.options.damp, block, pattern)
+
+    def profile(self, W, H, keep, levels):
+        return sparsegpt.error_profile(W, H, keep, self.options.damp, levels,
+                                       self.options.block_size)
+
+    given_mask = ExactOBS.given_mask
+
+
+class Wanda(Layerwise):
+    def prune_matrix(self, W, H, keep, zeros, pattern):
+        return wanda.prune(W, H, keep, zeros, pattern)
+
+    def profile(self, W, H, keep, levels):
+        return wanda.error_profile(W, H, keep, levels)
+
+    def algebra_cost(self, rows, cols):
+        return 8 * (cols * cols + 3 * rows * cols), float(rows * cols * math.log2(cols + 1))
+
+
+@hookimpl
+def wfcore_estimators():
+    return {"exact_obs": ExactOBS, "sparsegpt": SparseGPT, "wanda": Wanda}
