@@ -136,6 +136,21 @@ class StructureSection:
     # channel and kernel position); 1 = unstructured. 4 is the layout DeepSparse's INT8
     # kernels (AVX-512 VNNI) run fastest: see README, "Sparse and INT8".
     block: int = 1
+    # weight: single weights or blocks (above). channel: whole output channels with
+    # everything coupled to them (BatchNorm, next layers' inputs, residual additions,
+    # concatenations; Torch-Pruning's DependencyGraph), removed from the modules: the
+    # model gets smaller and faster on any runtime. See README, "Structured pruning".
+    unit: str = "weight"
+    target: str = "flops"  # channel: a step's target is the share of flops | params removed
+    min_keep: float = 0.1  # channel: every group keeps at least this share (and one channel)
+    # channel: order of removal: saliency (loss increase) | per_cost (saliency per FLOP or
+    # parameter the channel costs)
+    rank: str = "saliency"
+    # channel: auto = the estimator's group OBS (woodfisher: the whole Fisher in the dual
+    # form; other curvatures: their diagonal and their own update) | magnitude (group L2) |
+    # taylor ((g.w)^2 of the group) | random
+    scores: str = "auto"
+    recalibrate: int = 1024  # channel: training samples that re-estimate BatchNorm statistics
 
 
 @dataclass
@@ -171,6 +186,10 @@ CHOICES = {
     "fisher.store": ("auto", "memory", "disk"),
     "safeguard.fallback": ("magnitude", "none"),
     "distributed.backend": ("auto", "gloo", "nccl"),
+    "structure.unit": ("weight", "channel"),
+    "structure.target": ("flops", "params"),
+    "structure.rank": ("saliency", "per_cost"),
+    "structure.scores": ("auto", "magnitude", "taylor", "random"),
 }
 
 
@@ -182,6 +201,7 @@ MINIMUMS = {
     "fisher.num_grads": 1,
     "fisher.grad_batch": 1,
     "structure.block": 1,
+    "structure.recalibrate": 0,
 }
 
 

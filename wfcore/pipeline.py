@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from wfcore import checkpoint, distributed, files, manager, rundir
+from wfcore import checkpoint, distributed, files, manager, rundir, structured_run
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import GradientSampler
@@ -195,6 +195,7 @@ class Pruning:
                                 provenance))
         distributed.broadcast_module(self.model)
         self.masks = Masks(self.params)
+        self.pristine: nn.Module | None = None  # the dense architecture (structure.unit: channel)
         self.dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         subset_seed = cfg.seed if cfg.data.subset_seed is None else cfg.data.subset_seed
         pool, self.pool_record = pruning_subset(self.data.train, cfg.data.train_fraction,
@@ -222,6 +223,7 @@ class Pruning:
 
     def restore_dense(self) -> None:
         """The dense model, no masks, and the gradient sampler back at its seed."""
+        structured_run.restore_dense(self)
         self.model.load_state_dict(self.dense_state)
         self.masks.reset()
         self.sampler.reset()
@@ -246,6 +248,8 @@ class Pruning:
 
         Returns the safeguard's record of the step (damp, alpha, loss increases).
         """
+        if self.cfg.structure.unit == "channel":
+            return structured_run.prune_to(self, target, timings)
         c = self.c
         needs, block = c.need_gradients(), self.cfg.structure.block
         with ExitStack() as stack:
@@ -434,11 +438,15 @@ def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) ->
         model = pruning.model.cpu().eval()
         step = components.exporter.step  # export.step; None = the last step
         if step is not None:
+            structured_run.restore_dense(pruning)  # the architecture the state rebuilds from
+            model = pruning.model.cpu().eval()
             load_state(model, run_dir / f"model_step{step}.pt", "config key 'export.step'")
         report.data["export"] = components.exporter.export(model, example,
                                                            str(run_dir / "model.onnx"),
                                                            data=pruning.data)
         if components.exporter.dense:  # export.dense: dense.onnx beside it
+            structured_run.restore_dense(pruning)  # channels removed: the full architecture
+            model = pruning.model.cpu().eval()
             load_state(model, run_dir / "dense.pt", "dense model")
             report.data["export"]["dense"] = components.exporter.export(
                 model, example, str(run_dir / "dense.onnx"), data=pruning.data)

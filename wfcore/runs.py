@@ -208,17 +208,18 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
             refuse_foreign(Path(path), run_dir)
     model, data = run.model, run.data
     example = data.test[0][0].unsqueeze(0)
+    pristine = copy.deepcopy(model) if dense else None  # before a shrunk state rebuilds it
     state_path = load_step(model, run_dir, step)
     # Paths relative to the ONNX file: nothing of the machine that made it is kept.
     where = output.parent.resolve()
     meta = {"run_dir": os.path.relpath(run_dir.resolve(), where),
             "state": os.path.relpath(state_path.resolve(), where), "step": str(step)}
-    params = {n: p.detach() for n, p in run.params.items()}
+    params = {n: p.detach() for n, p in model.named_parameters() if n in run.params}
     result = {"step": step, "sparse": exporter.export(model, example, str(output), data=data,
                                                       params=params, metadata=meta)}
     if dense:
         dense_path = run_dir / "dense.pt"
-        dense_model = copy.deepcopy(model)
+        dense_model = pristine
         states.load_state(dense_model, dense_path, "wfcore export (dense model)")
         meta = {**meta, "state": os.path.relpath(dense_path.resolve(), where), "step": "dense"}
         dense_params = {n: p.detach() for n, p in dense_model.named_parameters() if n in params}
