@@ -4,16 +4,22 @@ against the masked one, and residual additions keeping their tied channels toget
 from __future__ import annotations
 
 import copy
+import math
+from pathlib import Path
 
+import onnx
 import pytest
 import reference
 import torch
+from test_resume import interrupt_epoch
 from wfcore.plugins.architectures import ResidualBNCNN
 
+from wfcore import config, pipeline
 from wfcore.channels import channel_groups, coordinates, shrink
 from wfcore.gradients import ParamLayout
 from wfcore.group_obs import Diagonal, DualFisher, Random, Taylor
 from wfcore.masks import select_params
+from wfcore.runs import export_run
 from wfcore.structured import prunable_groups, prune_channels, recalibrate_batchnorm
 
 pytest.importorskip("torch_pruning")
@@ -142,3 +148,52 @@ def test_prune_channels_reaches_target_and_reports_both_metrics():
     assert record["history"] and model(EXAMPLE).shape == (2, 10)
     recalibrate_batchnorm(model, [EXAMPLE])
     assert torch.isfinite(model(EXAMPLE)).all()
+
+
+# -- in a run ---------------------------------------------------------------------------
+
+GRADUAL = Path(__file__).parents[1] / "configs" / "mnist_cnn_gradual.yaml"
+
+
+def structured_run(out: Path, *extra: str, resume: bool = False) -> dict:
+    cfg = config.load(GRADUAL, [
+        "model.name=bn_cnn", "model.options={width: 4}", "train.epochs=2",
+        "data.options.test_size=4000", "estimator.name=woodfisher", "fisher.num_grads=32",
+        "structure.unit=channel", "structure.recalibrate=256", "scorer.update=joint",
+        "scheduler.initial_sparsity=0.3", "scheduler.final_sparsity=0.6",
+        "scheduler.start_epoch=1", "scheduler.end_epoch=3", "scheduler.freq=1",
+        "scheduler.epochs=4", "scheduler.lr=0.01", "scheduler.lr_decay_start=3",
+        "export={name: onnx}", f"output={out}", *extra])
+    return pipeline.run(cfg, resume=resume)
+
+
+@pytest.mark.slow  # two gradual runs with fine-tuning (a minute or more on two cores)
+@pytest.mark.usefixtures("one_thread")
+def test_gradual_channel_run_shrinks_fine_tunes_resumes_and_exports(tmp_path, monkeypatch):
+    """Fine-tuning runs on the shrunk model, the run directory's states rebuild their
+    architecture (resume mid-epoch gives the same weights), the export is smaller."""
+    whole = structured_run(tmp_path / "whole")
+    flops = [s["safeguard"][0]["structured"]["counted"]["flops_removed_from_dense"]
+             for s in whole["steps"]]
+    assert flops == sorted(flops) and flops[-1] >= 0.6
+    assert [s["target_sparsity"] for s in whole["steps"]][-1] == 0.6
+    out = tmp_path / "resumed"
+    interrupt_epoch(monkeypatch, 3)  # after the second structured step
+    with pytest.raises(KeyboardInterrupt):
+        structured_run(out)
+    monkeypatch.undo()
+    resumed = structured_run(out, resume=True)
+    last = len(whole["steps"]) - 1
+    a = torch.load(tmp_path / "whole" / f"model_step{last}.pt", weights_only=True)
+    b = torch.load(out / f"model_step{last}.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["accuracy"] for e in whole["epochs"]] == [e["accuracy"] for e in resumed["epochs"]]
+    onnx_model = onnx.load(str(tmp_path / "whole" / "model.onnx"))
+    numel = sum(math.prod(t.dims) for t in onnx_model.graph.initializer)
+    dense = sum(math.prod(t.dims) for t in onnx.load(str(tmp_path / "whole" / "dense.onnx"))
+                .graph.initializer)
+    assert numel < 0.6 * dense
+    assert whole["export"]["parity"]["max_abs_diff"] < 1e-4
+    # a state of an earlier step rebuilds its own architecture (wfcore export RUN --step 0)
+    result = export_run(tmp_path / "whole", step=0, output=tmp_path / "step0.onnx")
+    assert result["sparse"]["parity"]["max_abs_diff"] < 1e-4
