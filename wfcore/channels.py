@@ -138,6 +138,7 @@ def coordinates(group: ChannelGroup, model: nn.Module, offsets: dict[str, int]) 
     name) of each of the group's channels: a list of ``group.size`` index tensors. A
     parameter not in ``offsets`` (BatchNorm, biases: not prunable) has none."""
     modules = dict(model.named_modules())
+    blocks: list[torch.Tensor] = []  # (size, per) of items that cover every channel once
     parts: list[list[torch.Tensor]] = [[] for _ in range(group.size)]
     for item in group.items:
         module = modules[item.module]
@@ -149,11 +150,14 @@ def coordinates(group: ChannelGroup, model: nn.Module, offsets: dict[str, int]) 
             rows = gather(item, module, index)
             if rows is None:
                 continue
+            if torch.equal(item.roots.sort().values, torch.arange(group.size)):
+                blocks.append(rows[item.roots.argsort()])
+                continue
             for root, row in zip(item.roots.tolist(), rows, strict=True):
                 parts[root].append(row)
+    whole = torch.cat(blocks, 1) if blocks else torch.zeros(group.size, 0, dtype=torch.long)
     # unique: a depthwise conv's weights are both its out and its in channels
-    return [torch.unique(torch.cat(p)) if p else torch.zeros(0, dtype=torch.long)
-            for p in parts]
+    return [torch.unique(torch.cat([w, *p])) for w, p in zip(whole, parts, strict=True)]
 
 
 @torch.no_grad()

@@ -114,9 +114,9 @@ class Diagonal(GroupScorer):
         self.inv = inverse_diagonal  # (d,); None = the identity (magnitude)
 
     def saliencies(self, w: torch.Tensor, channels: list[torch.Tensor]) -> torch.Tensor:
-        w2 = w.double() ** 2 if self.inv is None else w.double() ** 2 / self.inv.double()
-        return torch.stack([0.5 * w2[idx].sum() for idx in channels]) if channels else \
-            torch.zeros(0, dtype=torch.float64)
+        if self.inv is None:
+            return 0.5 * sums(lambda idx: w[idx].double() ** 2, channels)
+        return 0.5 * sums(lambda idx: w[idx].double() ** 2 / self.inv[idx].double(), channels)
 
 
 class Taylor(GroupScorer):
@@ -126,9 +126,17 @@ class Taylor(GroupScorer):
         self.g = gradient.double()  # (d,) the mean gradient
 
     def saliencies(self, w: torch.Tensor, channels: list[torch.Tensor]) -> torch.Tensor:
-        gw = self.g * w.double()
-        return torch.stack([gw[idx].sum() ** 2 for idx in channels]) if channels else \
-            torch.zeros(0, dtype=torch.float64)
+        return sums(lambda idx: self.g[idx] * w[idx].double(), channels) ** 2
+
+
+def sums(values, channels: list[torch.Tensor]) -> torch.Tensor:
+    """(len(channels),) the sum of ``values(index)`` (per-coordinate terms of the flat
+    coordinates ``index``) over each channel's coordinates."""
+    if not channels:
+        return torch.zeros(0, dtype=torch.float64)
+    if len({idx.numel() for idx in channels}) == 1:
+        return values(torch.stack(channels)).sum(1)
+    return torch.stack([values(idx).sum() for idx in channels])
 
 
 class Random(GroupScorer):
