@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 import torch
 from tqdm import tqdm
 
-from wfcore.plugins.woodbury import BlockGroup, cholesky_raising_damp
+from wfcore.plugins.woodbury import BlockGroup, cholesky_raising_damp, solve_spd
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,11 @@ class DualFisher(GroupScorer):
         damp = float(self.damp)
         if b <= m:  # S = (I - A_G^T A_G) / damp, b x b
             S = torch.eye(b, dtype=A_G.dtype, device=A_G.device) - A_G.transpose(1, 2) @ A_G
-            x = torch.linalg.solve(S, w_G[..., None])[..., 0] * damp
+            x = solve_spd(S, w_G[..., None])[..., 0] * damp  # S is SPD: F^-1 is
             return 0.5 * (w_G * x).sum(1)
         u = A_G @ w_G[..., None]  # (c, m, 1)
         M = torch.eye(m, dtype=A_G.dtype, device=A_G.device) - A_G @ A_G.transpose(1, 2)
-        y = torch.linalg.solve(M, u)
+        y = solve_spd(M, u)
         return 0.5 * damp * ((w_G * w_G).sum(1) + (u * y).sum((1, 2)))
 
     def update(self, w: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
