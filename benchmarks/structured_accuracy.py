@@ -80,7 +80,9 @@ def tp_scores(method: str, model, groups, graph, batches) -> list[torch.Tensor]:
     return out
 
 
-def run_one(model_name: str, method: str, seed: int, target: float, m: int) -> dict[str, Any]:
+def run_one(model_name: str, name: str, seed: int, target: float, m: int) -> dict[str, Any]:
+    """``name``: a method, with ``@per_cost`` for that allocation order."""
+    method, _, rank = name.partition("@")
     cfg = config_mod.load(BASE, MODELS[model_name] + [f"seed={seed}", f"fisher.num_grads={m}"])
     plugins = manager.build(cfg.plugins)
     p = pipeline.Pruning(cfg, plugins, pipeline.build_components(cfg, plugins),
@@ -109,10 +111,10 @@ def run_one(model_name: str, method: str, seed: int, target: float, m: int) -> d
         scorer = Fixed(tp_scores(method, model, groups, graph, batches[:2]))
     cost = CostModel(model, example)
     layout = ParamLayout(params)
-    coords = [coordinates(g, model, layout.offsets) for g in groups]
+    coords = [coordinates(g, model, layout.offsets, scorer.reads) for g in groups]
     w = layout.flatten({n: t.detach() for n, t in params.items()})
     saliencies = [scorer.saliencies(w, c) for c in coords]
-    allocation = allocate(groups, saliencies, cost, target)
+    allocation = allocate(groups, saliencies, cost, target, rank=rank or "saliency")
     from wfcore.channels import shrink, zero_channels
     if update:
         mask = torch.zeros(layout.d, dtype=torch.bool)
@@ -132,7 +134,7 @@ def run_one(model_name: str, method: str, seed: int, target: float, m: int) -> d
     acc = evaluate(model, p.data.test, batch_size=256, loss_fn=p.loss_fn,
                    device=p.device)["accuracy"]
     macs, n_params = CostModel(model, example).total()
-    return {"model": model_name, "method": method, "seed": seed, "target": target,
+    return {"model": model_name, "method": name, "seed": seed, "target": target,
             "dense": dense, "top1": acc, "top1_no_bn_recalibration": before,
             "flops_removed": 1 - macs / allocation.before["macs"],
             "params_removed": 1 - n_params / allocation.before["params"]}

@@ -132,16 +132,19 @@ def gather(item: Item, module: nn.Module, t: torch.Tensor) -> torch.Tensor | Non
     return rows[item.idxs // per_in, :, item.idxs % per_in].reshape(len(item.idxs), -1)
 
 
-def coordinates(group: ChannelGroup, model: nn.Module, offsets: dict[str, int]) -> \
-        list[torch.Tensor]:
+def coordinates(group: ChannelGroup, model: nn.Module, offsets: dict[str, int],
+                kinds: tuple[str, ...] | None = None) -> list[torch.Tensor]:
     """The flat coordinates (in a layout of parameters at ``offsets``, keyed by parameter
     name) of each of the group's channels: a list of ``group.size`` index tensors. A
-    parameter not in ``offsets`` (BatchNorm, biases: not prunable) has none."""
+    parameter not in ``offsets`` (BatchNorm, biases: not prunable) has none. ``kinds``:
+    only the items of these kinds (``("in",)``: the weights that read the channel)."""
     modules = dict(model.named_modules())
     blocks: list[torch.Tensor] = []  # (size, per) of items that cover every channel once
     parts: list[list[torch.Tensor]] = [[] for _ in range(group.size)]
     for item in group.items:
         module = modules[item.module]
+        if kinds is not None and item.kind not in kinds:
+            continue
         for pname, p in module.named_parameters(recurse=False):
             full = f"{item.module}.{pname}" if item.module else pname
             if full not in offsets:

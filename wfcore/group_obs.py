@@ -44,7 +44,17 @@ class GroupScorer(ABC):
     """Saliency of every channel of a group, and the update removing a set of weights.
 
     ``w`` is the (d,) flat vector of the prunable weights; ``channels`` is a list of
-    index tensors, one per channel of a group (``channels.coordinates``)."""
+    index tensors, one per channel of a group (``channels.coordinates``).
+
+    ``reads``: which weights of a group the score and the update take as removed. None:
+    all of them (group L2 and the other baselines). ``("in",)``: the weights that read
+    the channel (the next layers' input columns). Once nothing reads a channel it is gone
+    whatever the weights that make it are, so this is the exact removal, and the right
+    one for a curvature: a conv followed by BatchNorm is scale-invariant per output
+    channel (F w_row ~ 0), so the quadratic model rates zeroing its rows as almost free.
+    """
+
+    reads: tuple[str, ...] | None = None
 
     @abstractmethod
     def saliencies(self, w: torch.Tensor, channels: list[torch.Tensor]) -> torch.Tensor:
@@ -58,6 +68,8 @@ class GroupScorer(ABC):
 
 class DualFisher(GroupScorer):
     """Group OBS with F = damp*I + (1/m) G^T G, G (m, d), in the dual form."""
+
+    reads = ("in",)
 
     def __init__(self, G: torch.Tensor, damp: float):
         self.G = G.double()  # (m, d)

@@ -156,7 +156,7 @@ def prune_channels(model: nn.Module, example: torch.Tensor, params: dict[str, to
     graph, groups = prunable_groups(model, example)
     cost = CostModel(model, example)
     layout = ParamLayout(params)
-    coords = [coordinates(g, model, layout.offsets) for g in groups]
+    coords = [coordinates(g, model, layout.offsets, scorer.reads) for g in groups]
     w = layout.flatten({n: p.detach() for n, p in params.items()})
     saliencies = score_groups(scorer, w, coords)
     allocation = allocate(groups, saliencies, cost, target, metric, min_keep, rank)

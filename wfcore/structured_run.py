@@ -98,6 +98,8 @@ def group_scorer(pruning: Pruning, G: torch.Tensor | None, curvature: Any) -> Gr
 class CurvatureGroups(Diagonal):
     """Any fitted curvature: its diagonal group score, its own joint update."""
 
+    reads = ("in",)
+
     def __init__(self, curvature: Any, layout: ParamLayout):
         self.curvature, self.layout = curvature, layout
         super().__init__(layout.flatten(curvature.inverse_diagonal()).double().cpu())
