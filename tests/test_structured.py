@@ -197,3 +197,19 @@ def test_gradual_channel_run_shrinks_fine_tunes_resumes_and_exports(tmp_path, mo
     # a state of an earlier step rebuilds its own architecture (wfcore export RUN --step 0)
     result = export_run(tmp_path / "whole", step=0, output=tmp_path / "step0.onnx")
     assert result["sparse"]["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_reading_coordinates_are_the_next_layers_inputs():
+    model = tiny_model()
+    params = select_params(model, None)
+    layout = ParamLayout(params)
+    _, groups = prunable_groups(model, EXAMPLE)
+    stem = next(g for g in groups if g.root == "conv1")
+    every = coordinates(stem, model, layout.offsets)
+    reads = coordinates(stem, model, layout.offsets, DualFisher.reads)
+    conv1 = set(range(layout.offsets["conv1.weight"],
+                      layout.offsets["conv1.weight"] + layout.numels["conv1.weight"]))
+    for a, r in zip(every, reads, strict=True):
+        assert set(r.tolist()) < set(a.tolist()) and not conv1 & set(r.tolist())
+    # layer1.conv1, layer2.conv1 and the shortcut read channel c: 4*9 + 8*9 + 8 weights
+    assert all(r.numel() == 4 * 9 + 8 * 9 + 8 for r in reads)
