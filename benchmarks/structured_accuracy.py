@@ -36,7 +36,7 @@ from wfcore.training import evaluate
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "mnist_cnn.yaml"
 MODELS = {"bn_cnn": ["model.name=bn_cnn", "train.epochs=10"],
-          "mnist_cnn": ["model.name=mnist_cnn", "train.epochs=10"]}
+          "mnist_cnn": ["model.name=mnist_cnn", "train.epochs=20"]}
 METHODS = ("woodfisher", "woodfisher-noupdate", "magnitude", "taylor", "tp-magnitude",
            "tp-taylor", "tp-hessian")
 

@@ -12,7 +12,7 @@ import pytest
 import reference
 import torch
 from test_resume import interrupt_epoch
-from wfcore.plugins.architectures import ResidualBNCNN
+from wfcore.plugins.architectures import ResidualBNCNN, TinyMobileNet
 
 from wfcore import config, pipeline
 from wfcore.channels import channel_groups, coordinates, shrink
@@ -20,7 +20,7 @@ from wfcore.gradients import ParamLayout
 from wfcore.group_obs import Diagonal, DualFisher, Random, Taylor
 from wfcore.masks import select_params
 from wfcore.runs import export_run
-from wfcore.structured import prunable_groups, prune_channels, recalibrate_batchnorm
+from wfcore.structured import CostModel, prunable_groups, prune_channels, recalibrate_batchnorm
 
 pytest.importorskip("torch_pruning")
 
@@ -132,6 +132,20 @@ def test_shrunk_model_equals_masked_model(scorer):
     assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in model.parameters())
     torch.testing.assert_close(shrunk(EXAMPLE), masked_out, rtol=0, atol=1e-5)
     assert step.record()["predicted"]["flops_removed"] >= 0.5  # the target is reached
+
+
+def test_depthwise_separable_model_shrinks_to_the_masked_model():
+    torch.manual_seed(0)
+    model = TinyMobileNet(1, 10, 4).eval()
+    x = torch.randn(2, 1, 12, 12)
+    step = prune_channels(model, x, select_params(model, None), Diagonal(), 0.5,
+                          shrink_model=False)
+    masked_out = model(x)
+    graph, groups = prunable_groups(model, x)
+    shrink(model, graph, groups, step.allocation.removed)
+    torch.testing.assert_close(model(x), masked_out, rtol=0, atol=1e-5)
+    counted = CostModel(model, x).total()
+    assert counted == (step.allocation.after["macs"], step.allocation.after["params"])
 
 
 def test_prune_channels_reaches_target_and_reports_both_metrics():

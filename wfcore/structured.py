@@ -70,8 +70,8 @@ def channel_layers(group: ChannelGroup, cost: CostModel) -> list[list[tuple[str,
     for item in group.items:
         if item.module not in cost.layers or item.kind not in ("out", "in", "depthwise"):
             continue
-        for r in item.roots.tolist():
-            touched[r].append((item.module, item.kind))
+        for r in item.roots.tolist():  # a depthwise conv loses an input with each output
+            touched[r].append((item.module, "out" if item.kind == "depthwise" else item.kind))
             if item.kind == "depthwise":
                 touched[r].append((item.module, "in"))
     return touched
