@@ -80,10 +80,13 @@ def tp_scores(method: str, model, groups, graph, batches) -> list[torch.Tensor]:
     return out
 
 
-def run_one(model_name: str, name: str, seed: int, target: float, m: int) -> dict[str, Any]:
-    """``name``: a method, with ``@per_cost`` for that allocation order."""
+def run_one(model_name: str, name: str, seed: int, target: float, m: int,
+            extra: list[str] = ()) -> dict[str, Any]:
+    """``name``: a method, with ``@per_cost`` for that allocation order; ``extra``: config
+    overrides (e.g. other dense epochs)."""
     method, _, rank = name.partition("@")
-    cfg = config_mod.load(BASE, MODELS[model_name] + [f"seed={seed}", f"fisher.num_grads={m}"])
+    cfg = config_mod.load(BASE, MODELS[model_name] + [f"seed={seed}", f"fisher.num_grads={m}",
+                                                      *extra])
     plugins = manager.build(cfg.plugins)
     p = pipeline.Pruning(cfg, plugins, pipeline.build_components(cfg, plugins),
                          Path("runs/structured_accuracy"))
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target", type=float, default=0.5, help="share of FLOPs removed")
     ap.add_argument("--num-grads", type=int, default=1000)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -155,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
             for seed in map(int, args.seeds.split(",")):
-                row = run_one(model_name, method, seed, args.target, args.num_grads)
+                row = run_one(model_name, method, seed, args.target, args.num_grads,
+                              args.overrides)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     summary = []
