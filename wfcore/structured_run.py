@@ -22,15 +22,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from wfcore.channels import replay
+from wfcore.channels import CostModel, replay
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import ParamLayout
 from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Random, Taylor
+from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params
 from wfcore.structured import prune_channels, recalibrate_batchnorm
 
@@ -113,10 +115,6 @@ class CurvatureGroups(Diagonal):
 def prune_to(pruning: Pruning, target: float, timings: dict[str, float]) -> dict[str, Any]:
     """``Pruning.prune_to`` under ``structure.unit: channel``: ``target`` is the share of
     FLOPs (or parameters, ``structure.target``) removed from the dense model."""
-    import time
-
-    from wfcore.interfaces import PruningProblem
-
     cfg, c = pruning.cfg, pruning.c
     if cfg.structure.scores not in SCORES:
         raise ConfigError(f"config key 'structure.scores': '{cfg.structure.scores}' is not "
@@ -124,13 +122,11 @@ def prune_to(pruning: Pruning, target: float, timings: dict[str, float]) -> dict
     structure = read_structure(pruning.model.state_dict())
     example = pruning.data.test[0][0][None].to(pruning.device)
     if structure is None:
-        from wfcore.channels import CostModel
         macs, params = CostModel(pruning.model, example).total()
         structure = {"input_shape": list(example.shape), "history": [],
                      "dense": {"macs": macs, "params": params}}
     # a later step's target is from the dense model: the share still to go of what is left
     metric = "macs" if cfg.structure.target == "flops" else "params"
-    from wfcore.channels import CostModel
     now = CostModel(pruning.model, example).total()[0 if metric == "macs" else 1]
     left = 1 - (1 - target) * structure["dense"][metric] / now
     if left <= 0:
