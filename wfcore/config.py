@@ -185,6 +185,21 @@ class StructureSection:
     # output channel and kernel position), e.g. "2:4" (sparse tensor cores); null = none.
     # The pattern sets each step's masks (the target sparsity is not used).
     pattern: Optional[str] = None
+    # weight: single weights or blocks (above). channel: whole output channels with
+    # everything coupled to them (BatchNorm, next layers' inputs, residual additions,
+    # concatenations; Torch-Pruning's DependencyGraph), removed from the modules: the
+    # model gets smaller and faster on any runtime. See README, "Structured pruning".
+    unit: str = "weight"
+    target: str = "flops"  # channel: a step's target is the share of flops | params removed
+    min_keep: float = 0.1  # channel: every group keeps at least this share (and one channel)
+    # channel: order of removal: saliency (loss increase) | per_cost (saliency per FLOP or
+    # parameter the channel costs)
+    rank: str = "saliency"
+    # channel: auto = the estimator's group OBS (woodfisher: the whole Fisher in the dual
+    # form; other curvatures: their diagonal and their own update) | magnitude (group L2) |
+    # taylor ((g.w)^2 of the group) | random
+    scores: str = "auto"
+    recalibrate: int = 1024  # channel: training samples that re-estimate BatchNorm statistics
 
 
 @dataclass
@@ -227,6 +242,10 @@ CHOICES = {
     "fisher.grad_method": ("auto", "vmap", "loop"),
     "safeguard.fallback": ("magnitude", "none"),
     "distributed.backend": ("auto", "gloo", "nccl"),
+    "structure.unit": ("weight", "channel"),
+    "structure.target": ("flops", "params"),
+    "structure.rank": ("saliency", "per_cost"),
+    "structure.scores": ("auto", "magnitude", "taylor", "random"),
 }
 
 
@@ -241,6 +260,7 @@ MINIMUMS = {
     "degenerate.probe_samples": 2,
     "batchnorm.samples": 1,
     "safeguard.screen_samples": 0,
+    "structure.recalibrate": 0,
 }
 
 

@@ -24,6 +24,7 @@ from wfcore import (
     prunable,
     rundir,
     runs,
+    structured_run,
     targets,
 )
 from wfcore import config as config_mod
@@ -248,6 +249,7 @@ class Pruning:
                                 provenance))
         distributed.broadcast_module(self.model)
         self.masks = Masks(self.params)
+        self.pristine: nn.Module | None = None  # the dense architecture (structure.unit: channel)
         self.dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         subset_seed = cfg.seed if cfg.data.subset_seed is None else cfg.data.subset_seed
         pool, self.pool_record = pruning_subset(self.data.train, cfg.data.train_fraction,
@@ -289,6 +291,7 @@ class Pruning:
 
     def restore_dense(self) -> None:
         """The dense model, no masks, and the gradient sampler back at its seed."""
+        structured_run.restore_dense(self)
         self.model.load_state_dict(self.dense_state)
         self.masks.reset()
         self.sampler.reset()
@@ -314,6 +317,8 @@ class Pruning:
 
         Returns the safeguard's record of the step (damp, alpha, loss increases).
         """
+        if self.cfg.structure.unit == "channel":
+            return structured_run.prune_to(self, target, timings)
         c = self.c
         needs, block = c.need_gradients(), self.cfg.structure.block
         stats_before = self.stats.mark()

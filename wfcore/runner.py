@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import OmegaConf
 
-from wfcore import checkpoint, distributed, files
+from wfcore import checkpoint, distributed, files, structured_run
 from wfcore import config as config_mod
 from wfcore.degenerate import collect_warnings
 from wfcore.interfaces import PruneStep, Stateful
@@ -134,6 +134,7 @@ class Runner:
         position = dict(state["position"])
         self.timings = position.pop("timings")
         self.position = position
+        structured_run.restore(self.p, state["model"])  # a shrunk architecture first
         self.p.model.load_state_dict(state["model"])
         self.p.masks.load_state_dict(state["masks"])
         self.p.sampler.load_state_dict(state["sampler"])
@@ -220,6 +221,8 @@ class Runner:
             with collect_warnings() as warned:  # into the step's record (report.md too)
                 pos["safeguard"] = [p.prune_to(target, self.timings) for target in step.substeps]
             pos["warnings"] = warned
+            if self.trainer is not None and self.cfg.structure.unit == "channel":
+                self.trainer = structured_run.rebuilt_trainer(self, self.trainer)  # new tensors
             if self.trainer is not None:  # no momentum may revive a pruned weight
                 p.masks.zero_optimizer_state(self.trainer.optimizer)
             pos["pruned"], self.metrics = True, None

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from wfcore import config as config_mod
-from wfcore import files, inmemory, manager, rundir, states
+from wfcore import files, inmemory, manager, rundir, states, structured_run
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.interfaces import DataBundle, Exporter
 from wfcore.masks import select_params
@@ -211,17 +211,18 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
             refuse_foreign(Path(path), run_dir)
     model, data = run.model, run.data
     example = data.test[0][0].unsqueeze(0)
+    pristine = copy.deepcopy(model) if dense else None  # before a shrunk state rebuilds it
     state_path = load_step(model, run_dir, step)
     # Paths relative to the ONNX file: nothing of the machine that made it is kept.
     where = output.parent.resolve()
     meta = {"run_dir": os.path.relpath(run_dir.resolve(), where),
             "state": os.path.relpath(state_path.resolve(), where), "step": str(step)}
-    params = {n: p.detach() for n, p in run.params.items()}
+    params = {n: p.detach() for n, p in model.named_parameters() if n in run.params}
     result = {"step": step, "sparse": exporter.export(model, example, str(output), data=data,
                                                       params=params, metadata=meta)}
     if dense:
         dense_path = run_dir / "dense.pt"
-        dense_model = copy.deepcopy(model)
+        dense_model = pristine
         states.load_state(dense_model, dense_path, "wfcore export (dense model)")
         meta = {**meta, "state": os.path.relpath(dense_path.resolve(), where), "step": "dense"}
         dense_params = {n: p.detach() for n, p in dense_model.named_parameters() if n in params}
@@ -261,12 +262,16 @@ def export_stage(pruning: Any, report: Any) -> str | None:
         model = pruning.model.cpu().eval()
         step = components.exporter.step  # export.step; None = the last step
         if step is not None:
+            structured_run.restore_dense(pruning)  # the architecture the state rebuilds from
+            model = pruning.model.cpu().eval()
             states.load_state(model, run_dir / f"model_step{step}.pt",
                               "config key 'export.step'")
         params = {n: p.detach() for n, p in pruning.params.items()}
         report.data["export"] = components.exporter.export(
             model, example, str(run_dir / "model.onnx"), data=pruning.data, params=params)
         if components.exporter.dense:  # export.dense: dense.onnx beside it
+            structured_run.restore_dense(pruning)  # channels removed: the full architecture
+            model = pruning.model.cpu().eval()
             states.load_state(model, run_dir / "dense.pt", "dense model")
             params = {n: p.detach() for n, p in pruning.params.items()}
             report.data["export"]["dense"] = components.exporter.export(

@@ -92,6 +92,8 @@ def load_state(model: nn.Module, path: str | Path, what: str) -> None:
     """Load the state_dict file ``path`` into ``model``; one-line errors name ``what``."""
     path = Path(path)
     state = check_state_dict(read_torch(path, what), what, path)
+    from wfcore.structured_run import fit_architecture
+    fit_architecture(model, state, what)  # a shrunk model's state: its architecture first
     check_matches(model, state, what, path)
     check_finite(state, what, path)
     model.load_state_dict(state)

@@ -1,0 +1,186 @@
+"""One-shot channel pruning of trained models to a FLOPs target: group OBS (WoodFisher,
+with the OBS update) against group magnitude and Torch-Pruning's own importances, all
+allocated by the same global allocator to the same FLOPs, BatchNorm statistics
+re-estimated after the step for every method alike.
+
+Prints one JSON line per (model, method, seed) and one summary line per (model, method)
+with the mean and standard deviation of top-1 over the seeds; ``--markdown`` prints the
+README table.
+
+    nice -n 5 python benchmarks/structured_accuracy.py --models bn_cnn --seeds 0,1,2
+
+Each seed trains its own dense model once (cached like any wfcore run's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from wfcore.plugins.diag_fisher import live_mean
+
+from wfcore import config as config_mod
+from wfcore import manager, pipeline
+from wfcore.channels import coordinates
+from wfcore.gradients import ParamLayout
+from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Taylor
+from wfcore.structured import CostModel, allocate, prunable_groups, recalibrate_batchnorm
+from wfcore.training import evaluate
+
+BASE = Path(__file__).resolve().parents[1] / "configs" / "mnist_cnn.yaml"
+MODELS = {"bn_cnn": ["model.name=bn_cnn", "train.epochs=10"],
+          "mnist_cnn": ["model.name=mnist_cnn", "train.epochs=20"]}
+METHODS = ("woodfisher", "woodfisher-noupdate", "magnitude", "taylor", "tp-magnitude",
+           "tp-taylor", "tp-hessian")
+
+
+class Fixed(GroupScorer):
+    """Scores computed elsewhere (Torch-Pruning's importances), one tensor per group."""
+
+    def __init__(self, scores: list[torch.Tensor]):
+        self.scores, self.k = scores, 0
+
+    def saliencies(self, w, channels):
+        self.k += 1
+        return self.scores[self.k - 1].double()
+
+
+def tp_scores(method: str, model, groups, graph, batches) -> list[torch.Tensor]:
+    """Torch-Pruning's importance of every channel of our groups (same roots), with the
+    gradients Taylor and Hessian need accumulated over ``batches``."""
+    imp = {"tp-magnitude": tp.importance.GroupMagnitudeImportance(p=2),
+           "tp-taylor": tp.importance.GroupTaylorImportance(),
+           "tp-hessian": tp.importance.GroupHessianImportance()}[method]
+    model.zero_grad()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    if method == "tp-hessian":
+        for x, y in batches:
+            for xi, yi in zip(x, y, strict=True):  # per-sample gradients (its OBD estimate)
+                model.zero_grad()
+                loss_fn(model(xi[None]), yi[None]).backward()
+                imp.accumulate_grad(model)
+    elif method == "tp-taylor":
+        for x, y in batches:
+            loss_fn(model(x), y).backward()
+    modules = dict(model.named_modules())
+    out = []
+    for g in groups:
+        root = modules[g.root]
+        group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels,
+                                        list(range(g.size)))
+        out.append(imp(group).detach().cpu())
+    model.zero_grad()
+    return out
+
+
+def run_one(model_name: str, name: str, seed: int, target: float, m: int,
+            extra: list[str] = ()) -> dict[str, Any]:
+    """``name``: a method, with ``@per_cost`` for that allocation order; ``extra``: config
+    overrides (e.g. other dense epochs)."""
+    method, _, rank = name.partition("@")
+    cfg = config_mod.load(BASE, MODELS[model_name] + [f"seed={seed}", f"fisher.num_grads={m}",
+                                                      *extra])
+    plugins = manager.build(cfg.plugins)
+    p = pipeline.Pruning(cfg, plugins, pipeline.build_components(cfg, plugins),
+                         Path("runs/structured_accuracy"))
+    model = p.model.eval()
+    dense = p.evaluate()["accuracy"]
+    example = p.data.test[0][0][None]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(p.data.train), generator=gen)[:1024].tolist()
+    xs = torch.stack([p.data.train[i][0] for i in order])
+    ys = torch.as_tensor([int(p.data.train[i][1]) for i in order])
+    batches = [(xs[i:i + 128], ys[i:i + 128]) for i in range(0, len(xs), 128)]
+    params = p.params
+    graph, groups = prunable_groups(model, example)
+    update = True
+    if method.startswith("woodfisher"):
+        G = p.sampler.sample(m).double()  # (m, d)
+        damp = 0.1 * live_mean(G.square().mean(0))
+        scorer: GroupScorer = DualFisher(G, damp)
+        update = method == "woodfisher"
+    elif method == "magnitude":
+        scorer = Diagonal()
+    elif method == "taylor":
+        scorer = Taylor(p.sampler.sample(m).double().mean(0))
+    else:
+        scorer = Fixed(tp_scores(method, model, groups, graph, batches[:2]))
+    cost = CostModel(model, example)
+    layout = ParamLayout(params)
+    coords = [coordinates(g, model, layout.offsets, scorer.reads) for g in groups]
+    w = layout.flatten({n: t.detach() for n, t in params.items()})
+    saliencies = [scorer.saliencies(w, c) for c in coords]
+    allocation = allocate(groups, saliencies, cost, target, rank=rank or "saliency")
+    from wfcore.channels import shrink, zero_channels
+    if update:
+        mask = torch.zeros(layout.d, dtype=torch.bool)
+        for g, chans in allocation.removed.items():
+            for c in chans:
+                mask[coords[g][c]] = True
+        dw = scorer.update(w, mask)
+        if dw is not None:
+            with torch.no_grad():
+                for n, t in layout.unflatten(dw).items():
+                    params[n].add_(t.to(params[n].dtype))
+    zero_channels(model, groups, allocation.removed)
+    before = evaluate(model, p.data.test, batch_size=256, loss_fn=p.loss_fn,
+                      device=p.device)["accuracy"]
+    shrink(model, graph, groups, allocation.removed)
+    recalibrate_batchnorm(model, [x for x, _ in batches])
+    acc = evaluate(model, p.data.test, batch_size=256, loss_fn=p.loss_fn,
+                   device=p.device)["accuracy"]
+    macs, n_params = CostModel(model, example).total()
+    return {"model": model_name, "method": name, "seed": seed, "target": target,
+            "dense": dense, "top1": acc, "top1_no_bn_recalibration": before,
+            "flops_removed": 1 - macs / allocation.before["macs"],
+            "params_removed": 1 - n_params / allocation.before["params"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="bn_cnn,mnist_cnn")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--target", type=float, default=0.5, help="share of FLOPs removed")
+    ap.add_argument("--num-grads", type=int, default=1000)
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    rows = []
+    for model_name in args.models.split(","):
+        for method in args.methods.split(","):
+            for seed in map(int, args.seeds.split(",")):
+                row = run_one(model_name, method, seed, args.target, args.num_grads,
+                              args.overrides)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    summary = []
+    for model_name in args.models.split(","):
+        for method in args.methods.split(","):
+            accs = [r["top1"] for r in rows if r["model"] == model_name and r["method"] == method]
+            raw = [r["top1_no_bn_recalibration"] for r in rows
+                   if r["model"] == model_name and r["method"] == method]
+            s = {"model": model_name, "method": method, "mean": statistics.mean(accs),
+                 "std": statistics.pstdev(accs), "mean_no_bn_recalibration": statistics.mean(raw),
+                 "seeds": len(accs)}
+            summary.append(s)
+            print(json.dumps({"summary": s}), flush=True)
+    if args.markdown:
+        print("| model | method | top-1 (mean ± std) | without BN re-estimation |")
+        print("|---|---|---|---|")
+        for s in summary:
+            print(f"| {s['model']} | {s['method']} | {100 * s['mean']:.2f} ± "
+                  f"{100 * s['std']:.2f} | {100 * s['mean_no_bn_recalibration']:.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

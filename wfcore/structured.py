@@ -1,0 +1,205 @@
+"""One structured pruning step: score coupled channels, allocate them globally to a
+target in removed FLOPs or parameters, compensate the rest (OBS), zero them (the masked
+model) and remove them (the shrunk, dense model).
+
+The allocation is greedy over all channels of all groups, lowest saliency first (or
+lowest saliency per unit of cost, ``rank: per_cost``), each group keeping at least
+``min_keep`` of its channels (and one), until the removed share of the target metric
+(MACs or parameters of the Conv/Linear layers, ``CostModel``) reaches the target. The
+cost of a channel changes as others go (a conv's MACs are out * in), so the totals are
+updated exactly after every choice. The plan reports both metrics, predicted and, after
+the surgery, counted on the shrunk model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from wfcore.channels import (
+    ChannelGroup,
+    CostModel,
+    build_graph,
+    channel_groups,
+    coordinates,
+    shrink,
+    zero_channels,
+)
+from wfcore.errors import ConfigError
+from wfcore.gradients import ParamLayout
+from wfcore.group_obs import GroupScorer, score_groups
+
+log = logging.getLogger(__name__)
+
+METRICS = ("flops", "params")
+RANKS = ("saliency", "per_cost")
+
+
+@dataclass
+class Allocation:
+    removed: dict[int, list[int]]  # group index -> removed root channels
+    before: dict[str, float]  # {"macs", "params"} of the Conv/Linear layers
+    after: dict[str, float]  # predicted by the cost model
+
+    def as_dict(self) -> dict[str, Any]:
+        removed = {k: 1 - self.after[k] / self.before[k] if self.before[k] else 0.0
+                   for k in self.before}
+        return {"channels_removed": sum(len(c) for c in self.removed.values()),
+                "predicted": {"macs": self.after["macs"], "params": self.after["params"],
+                              "flops_removed": removed["macs"],
+                              "params_removed": removed["params"]}}
+
+
+def prunable_groups(model: nn.Module, example: torch.Tensor) -> tuple[Any, list[ChannelGroup]]:
+    """(graph, groups) of the channels that may go: those some layer consumes (a group
+    no layer reads from is a model output, e.g. the classifier's classes)."""
+    graph = build_graph(model, example)
+    groups = [g for g in channel_groups(model, graph)
+              if any(item.kind == "in" for item in g.items)]
+    return graph, groups
+
+
+def channel_layers(group: ChannelGroup, cost: CostModel) -> list[list[tuple[str, str]]]:
+    """For each root channel, the (Conv/Linear layer, out|in) channels removing it removes."""
+    touched: list[list[tuple[str, str]]] = [[] for _ in range(group.size)]
+    for item in group.items:
+        if item.module not in cost.layers or item.kind not in ("out", "in", "depthwise"):
+            continue
+        for r in item.roots.tolist():  # a depthwise conv loses an input with each output
+            touched[r].append((item.module, "out" if item.kind == "depthwise" else item.kind))
+            if item.kind == "depthwise":
+                touched[r].append((item.module, "in"))
+    return touched
+
+
+def allocate(groups: list[ChannelGroup], saliencies: list[torch.Tensor], cost: CostModel,
+             target: float, metric: str = "flops", min_keep: float = 0.1,
+             rank: str = "saliency") -> Allocation:
+    """Remove the least salient channels of all groups until ``target`` of ``metric``
+    (flops | params) is gone; each group keeps max(1, ceil(min_keep * size)) channels."""
+    if metric not in METRICS:
+        raise ConfigError(f"config key 'structure.target': '{metric}' is not one of "
+                          f"{', '.join(METRICS)}")
+    if rank not in RANKS:
+        raise ConfigError(f"config key 'structure.rank': '{rank}' is not one of "
+                          f"{', '.join(RANKS)}")
+    counts = {n: {"out": L["out"], "in": L["in"]} for n, L in cost.layers.items()}
+    layer_cost = {n: cost.layer_cost(n, c["out"], c["in"]) for n, c in counts.items()}
+    total = [sum(c[0] for c in layer_cost.values()), sum(c[1] for c in layer_cost.values())]
+    before = {"macs": total[0], "params": total[1]}
+    which = 0 if metric == "flops" else 1
+    goal = (1 - target) * total[which]
+    touched = [channel_layers(g, cost) for g in groups]
+    candidates = []
+    for g, s in enumerate(saliencies):
+        for c, value in enumerate(s.tolist()):
+            key = value
+            if rank == "per_cost":
+                own = sum(layer_cost[n][which] / max(counts[n][k], 1) for n, k in touched[g][c])
+                key = value / max(own, 1e-30)
+            candidates.append((key, g, c))
+    candidates.sort()
+    kept = [g.size for g in groups]
+    floor = [max(1, math.ceil(min_keep * g.size)) for g in groups]
+    removed: dict[int, list[int]] = {}
+    for _, g, c in candidates:
+        if total[which] <= goal:
+            break
+        if kept[g] <= floor[g]:
+            continue
+        kept[g] -= 1
+        removed.setdefault(g, []).append(c)
+        for n in {n for n, _ in touched[g][c]}:
+            for k in [k for m, k in touched[g][c] if m == n]:
+                counts[n][k] -= 1
+            new = cost.layer_cost(n, counts[n]["out"], counts[n]["in"])
+            total = [total[0] - layer_cost[n][0] + new[0], total[1] - layer_cost[n][1] + new[1]]
+            layer_cost[n] = new
+    if total[which] > goal:
+        log.warning("structured: the floors (structure.min_keep %.2f) stop at %.1f%% %s "
+                    "removed, short of the target %.1f%%", min_keep,
+                    100 * (1 - total[which] / before["macs" if which == 0 else "params"]),
+                    metric, 100 * target)
+    return Allocation(removed, before, {"macs": total[0], "params": total[1]})
+
+
+@dataclass
+class StructuredStep:
+    """What one step did: the allocation and the shrink's pruning history."""
+
+    allocation: Allocation
+    history: list[list[Any]]
+    counted: dict[str, float] = field(default_factory=dict)  # on the shrunk model
+
+    def record(self) -> dict[str, Any]:
+        out = self.allocation.as_dict()
+        before = self.allocation.before
+        out["counted"] = {**self.counted,
+                          "flops_removed": 1 - self.counted["macs"] / before["macs"],
+                          "params_removed": 1 - self.counted["params"] / before["params"]}
+        out["history"] = self.history
+        return out
+
+
+def prune_channels(model: nn.Module, example: torch.Tensor, params: dict[str, torch.Tensor],
+                   scorer: GroupScorer, target: float, *, metric: str = "flops",
+                   min_keep: float = 0.1, rank: str = "saliency", update: bool = True,
+                   shrink_model: bool = True) -> StructuredStep:
+    """Score, allocate, update, zero and (``shrink_model``) remove coupled channels of
+    ``model`` so that ``target`` of its ``metric`` is gone. ``params``: the prunable
+    parameters, in the flat order the scorer's curvature was built on."""
+    graph, groups = prunable_groups(model, example)
+    cost = CostModel(model, example)
+    layout = ParamLayout(params)
+    coords = [coordinates(g, model, layout.offsets, scorer.reads) for g in groups]
+    w = layout.flatten({n: p.detach() for n, p in params.items()})
+    saliencies = score_groups(scorer, w, coords)
+    allocation = allocate(groups, saliencies, cost, target, metric, min_keep, rank)
+    if update:
+        mask = torch.zeros(layout.d, dtype=torch.bool)
+        for g, channels in allocation.removed.items():
+            for c in channels:
+                mask[coords[g][c]] = True
+        dw = scorer.update(w, mask)
+        if dw is not None:
+            with torch.no_grad():
+                for n, t in layout.unflatten(dw).items():
+                    params[n].add_(t.to(params[n].device, params[n].dtype))
+    zero_channels(model, groups, allocation.removed)
+    history = shrink(model, graph, groups, allocation.removed) if shrink_model else []
+    macs, n_params = CostModel(model, example).total()
+    step = StructuredStep(allocation, history, {"macs": macs, "params": n_params})
+    record = step.record()
+    log.info("structured: %d channels removed; FLOPs removed %.1f%% (predicted %.1f%%), "
+             "parameters removed %.1f%% (predicted %.1f%%)", record["channels_removed"],
+             100 * record["counted"]["flops_removed"], 100 * record["predicted"]["flops_removed"],
+             100 * record["counted"]["params_removed"],
+             100 * record["predicted"]["params_removed"])
+    return step
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (a cumulative
+    average from scratch): after channels are removed and the rest compensated, the old
+    statistics describe other activations."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or not batches:
+        return
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for x in batches:
+        model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
