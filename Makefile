@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # deepsparse 1.8.0 (the last working release) pins onnx < 1.15 and numpy < 2; the extra
 # installs it beside everything else in one environment (see README, "DeepSparse").
-EXTRAS ?= dev,deepsparse
+EXTRAS ?= dev,deepsparse,structured
 
 .PHONY: demo test test-all lint bench clean
 
