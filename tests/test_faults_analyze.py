@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cli_checks
 import numpy as np
 import pytest
 
@@ -35,13 +36,9 @@ def no_work(monkeypatch):
 
 
 def fails(capsys, *argv: str) -> str:
-    capsys.readouterr()
-    assert cli.main(["-q", "analyze", CONFIG, *argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wfcore: error: "), err
-    return lines[0]
+    """``wfcore analyze CONFIG *argv`` refused in one line."""
+    return cli_checks.fails(capsys, "analyze", CONFIG, *argv)
+
 
 
 @pytest.mark.parametrize(("override", "key"), [

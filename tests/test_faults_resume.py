@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import fails
 
 from wfcore import checkpoint, cli, config, pipeline, rundir
 from wfcore.errors import WfcoreError
@@ -16,16 +17,6 @@ ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")
 FAST = ["train.epochs=1", "data.batch_size=500", "fisher.num_grads=16",
         "estimator.name=magnitude", "scorer.update=none", "scheduler.name=oneshot"]
-
-
-def fails(capsys, *argv: str) -> str:
-    capsys.readouterr()
-    assert cli.main(["-q", *argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wfcore: error: "), err
-    return lines[0]
 
 
 def saved_checkpoint(run_dir: Path, digest: str) -> None:

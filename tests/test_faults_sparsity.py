@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import fails
 from torch import nn
 
-from wfcore import cli, rundir, targets
+from wfcore import rundir, targets
 from wfcore.errors import ConfigError
 from wfcore.interfaces import PruneStep
 
@@ -20,16 +21,6 @@ ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")
 FAST = ["train.epochs=1", "estimator.name=magnitude", "scorer.update=none",
         "scheduler.name=oneshot"]
-
-
-def fails(capsys, *argv: str) -> str:
-    capsys.readouterr()
-    assert cli.main(["-q", *argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wfcore: error: "), err
-    return lines[0]
 
 
 def finished_run(out: Path) -> dict[str, bytes]:
