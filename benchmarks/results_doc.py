@@ -94,8 +94,8 @@ def write_section(name: str, title: str, body: str, *, command: str | None = Non
     section = (f"<!-- results:{name} -->\n## {title}\n\n{stamp}\n{body.rstrip()}\n"
                + (f"\n{notes.rstrip()}\n" if notes else "") + f"<!-- /results:{name} -->\n")
     text = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(rf"<!-- results:{re.escape(name)} -->\n.*?<!-- /results:{re.escape(name)} -->\n",
-                         re.S)
+    tag = re.escape(name)
+    pattern = re.compile(rf"<!-- results:{tag} -->\n.*?<!-- /results:{tag} -->\n", re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _m: section, text)
     else:
