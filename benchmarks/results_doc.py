@@ -70,6 +70,9 @@ def machine() -> str:
     return f"{cpu}, {cores} cores{mem}, Python {platform.python_version()}{tv}"
 
 
+_this_machine = machine  # write_section's ``machine`` parameter shadows the name
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command that reproduces this run, relative to the checkout."""
     argv = list(sys.argv if argv is None else argv)
@@ -81,16 +84,35 @@ def command_line(argv: list[str] | None = None) -> str:
     return "python " + " ".join(shlex.quote(a) for a in argv)
 
 
-def write_section(name: str, title: str, body: str, *, command: str | None = None,
-                  notes: str = "", path: Path = RESULTS) -> Path:
+def write_section(name: str, title: str, body: str, *,
+                  command: str | list[str] | None = None, notes: str = "",
+                  path: Path = RESULTS, date: str | None = None, commit: str | None = None,
+                  machine: str | None = None) -> Path:
     """Replace or append the section ``name`` of ``path`` (docs/results.md).
 
-    ``body`` is the markdown table (or tables); ``notes`` a paragraph printed under it.
+    ``body`` is the markdown table (or tables); ``notes`` a paragraph printed under it;
+    ``command`` one command or several (one ``command:`` line each; default: this
+    process's own command line).
+
+    A table measured earlier and carried over without a rerun gives the ``date``, the
+    ``commit`` and the ``machine`` of that measurement (all three, or none); its
+    stamp then says that it was carried over, not measured by this process.
     """
     if not re.fullmatch(r"[a-z0-9_.-]+", name):
         raise ValueError(f"results section name {name!r}: use lowercase letters, digits, _.-")
-    stamp = (f"*{_dt.date.today().isoformat()}, commit {_commit()}, {machine()}*  \n"
-             f"command: `{command or command_line()}`\n")
+    carried = [date, commit, machine]
+    if any(v is not None for v in carried) and not all(v for v in carried):
+        raise ValueError(f"results section {name!r}: a carried-over table needs date, "
+                         "commit and machine together")
+    commands = [command] if isinstance(command, str) else list(command or [command_line()])
+    if not commands or not all(c and c.strip() for c in commands):
+        raise ValueError(f"results section {name!r}: every command must be given")
+    if date is None:
+        stamp = f"*{_dt.date.today().isoformat()}, commit {_commit()}, {_this_machine()}*  \n"
+    else:
+        stamp = (f"*{date}, commit {commit}, {machine}; carried over, measured at "
+                 f"commit {commit} and not rerun since*  \n")
+    stamp += "  \n".join(f"command: `{c}`" for c in commands) + "\n"
     section = (f"<!-- results:{name} -->\n## {title}\n\n{stamp}\n{body.rstrip()}\n"
                + (f"\n{notes.rstrip()}\n" if notes else "") + f"<!-- /results:{name} -->\n")
     text = path.read_text() if path.exists() else HEADER
