@@ -179,7 +179,7 @@ class DegenerateSection:
 class StructureSection:
     # Weights pruned in blocks of this many consecutive input channels (at one output
     # channel and kernel position); 1 = unstructured. 4 is the layout DeepSparse's INT8
-    # kernels (AVX-512 VNNI) run fastest: see README, "Sparse and INT8".
+    # kernels (AVX-512 VNNI) run fastest: see docs/export.md.
     block: int = 1
     # N:M semi-structured: N weights kept of every M consecutive input channels (at one
     # output channel and kernel position), e.g. "2:4" (sparse tensor cores); null = none.
@@ -188,7 +188,7 @@ class StructureSection:
     # weight: single weights or blocks (above). channel: whole output channels with
     # everything coupled to them (BatchNorm, next layers' inputs, residual additions,
     # concatenations; Torch-Pruning's DependencyGraph), removed from the modules: the
-    # model gets smaller and faster on any runtime. See README, "Structured pruning".
+    # model gets smaller and faster on any runtime. See docs/components.md.
     unit: str = "weight"
     target: str = "flops"  # channel: a step's target is the share of flops | params removed
     min_keep: float = 0.1  # channel: every group keeps at least this share (and one channel)
