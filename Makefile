@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # deepsparse 1.8.0 (the last working release) pins onnx < 1.15 and numpy < 2; the extra
-# installs it beside everything else in one environment (see README, "DeepSparse").
+# installs it beside everything else in one environment (see docs/export.md, "DeepSparse").
 EXTRAS ?= dev,deepsparse,structured
 
 .PHONY: demo test test-all lint bench clean
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # sparsity to pay: torchvision's ResNet-50 with random weights (no trained weights ship),
 # magnitude-pruned to 95%, exported to float32 and INT8 and timed against the dense model.
 # The files are timed in rounds (each round runs every file on every engine once); the last
-# line quotes the median of the per-round speed-ups (see README, "Measured speed-up").
+# line quotes the median of the per-round speed-ups (see docs/export.md, "Measured speed-up").
 # A second `make demo` reuses the finished runs.
 DEMO := runs/demo
 WF   := NM_DISABLE_ANALYTICS=1 $(BIN)/wfcore

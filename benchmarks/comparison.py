@@ -1,4 +1,4 @@
-"""The README's comparison: every registered estimator, global and uniform allocation,
+"""The comparison of docs/results.md: every registered estimator, global and uniform allocation,
 one-shot at 50-95% (98% on MLPNet), seeds 0-2, on the shipped models and the robustness
 models, with the time of each step.
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", default="", help="default: 50-95%% (and 98%% on MLPNet)")
     ap.add_argument("--out", type=Path, default=Path("runs/comparison"))
     ap.add_argument("--no-safeguard", action="store_true", help="safeguard.enabled=false")
-    ap.add_argument("--markdown", action="store_true", help="print the README table too")
+    ap.add_argument("--markdown", action="store_true", help="print the markdown table too")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     models = args.models.split(",")

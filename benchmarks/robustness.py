@@ -5,7 +5,7 @@ own dense model, trained once and cached) with magnitude, the old default (absol
 1e-5, joint update, no safeguard) and candidate new defaults, and prints one JSON line per
 run and one per (pair, method, sparsity) summary: mean, standard deviation, min, max of
 top-1. With ``--choose`` it also prints which candidate the selection rule picks over the
-whole set of pairs (see ``choose``), and ``--markdown`` prints the README table.
+whole set of pairs (see ``choose``), and ``--markdown`` prints the table of docs/results.md.
 
     nice -n 10 python benchmarks/robustness.py                 # everything (tens of minutes)
     python benchmarks/robustness.py --pairs digits-mlp --seeds 0 --methods magnitude,new
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/robustness")
     ap.add_argument("--choose", action="store_true",
                     help=f"also rank the candidates {', '.join(CANDIDATES)} over all pairs")
-    ap.add_argument("--markdown", action="store_true", help="print the README table too")
+    ap.add_argument("--markdown", action="store_true", help="print the markdown table too")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

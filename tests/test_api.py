@@ -131,7 +131,8 @@ def test_the_readme_python_example_runs_verbatim(tmp_path, monkeypatch, capsys, 
     lines = [line for line in code[0].splitlines() if line.strip()]
     assert len(lines) <= 12
     # the README starts with its two commands (demo, tests), the example follows at once
-    assert first_screen.index("make demo") < first_screen.index("```python")
+    assert first_screen.index("make demo") < first_screen.index("make test") \
+        < first_screen.index("```python")
     monkeypatch.chdir(tmp_path)
     exec(compile(code[0], "README.md", "exec"), {"__name__": "readme"})
     assert "| 1 | 70.00% | 70.00% |" in capsys.readouterr().out
