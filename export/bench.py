@@ -30,8 +30,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from wfcore import progress, rounds
-from wfcore.errors import WfcoreError, first_line
+from wfcore import WfcoreError, first_line, progress, rounds
 
 from .engines import Runner, Worker
 from .provenance import check_same_model, describe, torch_model_for

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from wfcore.errors import WfcoreError
+from wfcore import WfcoreError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
     is imported on the file's word: a run whose config names ``plugins:`` gets no torch
     timing.
     """
-    from wfcore import config as config_mod
-    from wfcore import manager, runs, states
+    from wfcore import load_model
 
     from .bench import input_shape, read_onnx
 
@@ -90,19 +89,13 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
     if not state.is_file() or not (run_dir / "config.yaml").is_file():
         return None
     try:
-        plugins = config_mod.load(run_dir / "config.yaml").plugins
-        if plugins:
-            log.warning("torch: skipped for %s: its run imports plugins (%s), and bench "
-                        "imports nothing that a model file names", path.name, ", ".join(plugins))
-            return None
         shape = input_shape(proto, 1)[1:]
         num_classes = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-        model = runs.rebuild(run_dir, (shape, num_classes), plugins=manager.build()).model
-        states.load_state(model, state, "torch engine")
+        return load_model(run_dir, state, shapes=(shape, num_classes), run_plugins=False,
+                          what="torch engine")
     except WfcoreError as exc:
         log.warning("torch: skipped for %s: %s", path.name, exc)
         return None
-    return model.eval()
 
 
 def describe(path: str | Path) -> str:
