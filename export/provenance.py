@@ -31,6 +31,8 @@ from torch import nn
 
 from wfcore import WfcoreError
 
+from .graph import input_shape, read_onnx, signature
+
 log = logging.getLogger(__name__)
 
 QUANTIZED_SUFFIX = "_quantized"  # what ONNX Runtime's quantizer appends to a weight's name
@@ -78,8 +80,6 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
     """
     from wfcore import load_model
 
-    from .bench import input_shape, read_onnx
-
     path = Path(path)
     proto = read_onnx(path)
     found = run_of(path, proto)
@@ -102,8 +102,6 @@ def describe(path: str | Path) -> str:
     """What an ONNX file holds, for a summary line: the run's model and data set when the
     file comes from a run (see ``run_of``), else its name."""
     from omegaconf import OmegaConf
-
-    from .bench import read_onnx
 
     found = run_of(path, read_onnx(path))
     if found is None:
@@ -130,8 +128,6 @@ def check_same_model(proto: Any, dense_proto: Any, path: Path, dense: Path,
     """A speed-up against ``dense`` means something only for one model, dense and sparse:
     the same weights by name and shape. A quantized file may store a weight transposed
     (DeepSparse's MatMul layout), so its shapes are compared as sorted dimensions."""
-    from .bench import signature
-
     if signature(proto) != signature(dense_proto):
         raise WfcoreError(f"--dense {dense}: its inputs or outputs differ from those of "
                           f"{path} ({signature(dense_proto)} vs {signature(proto)}); a speed-up "

@@ -12,13 +12,14 @@ The public surface, for users and plugin authors alike, is what ``__all__`` name
 - the errors a user sees as one line (``WfcoreError``, ``ConfigError``, ``PluginError``)
   and ``first_line``, the one line of any other exception, to quote in one of them;
 - ``available_memory``, the free bytes a component may plan its own memory by;
-- the public submodules, whose every name is public: ``testing`` (the contract checks),
+- the public submodules: ``testing`` (the contract checks),
   ``masks`` (``select_params``, ``to_groups``, ...), ``progress`` (the ``wfcore -q``
   switch of progress bars), ``distributed`` (the collectives a component shares its work
   across ranks with) and ``rounds`` (timing in interleaved rounds).
 
-Plugins (plugins/), the exporters and ``wfcore bench`` (export/), benchmarks/ and the
-docs import only these; tests/test_architecture.py keeps it so. Everything else
+Plugins (plugins/), the exporters and ``wfcore bench`` (export/) and the docs import
+only these (benchmarks/ too, but for the machinery some measure directly);
+tests/test_architecture.py keeps it so. Everything else
 (``wfcore.pipeline``, ``wfcore.manager``, ...) is machinery that may change. Names are
 imported on first use, so ``import wfcore`` (and the ``wfcore`` command's start) does not
 load torch.
@@ -39,7 +40,7 @@ hookimpl = pluggy.HookimplMarker("wfcore")
 # public name -> the module that defines it
 _LAZY = {
     "prune": "wfcore.api", "export": "wfcore.api", "bench": "wfcore.api",
-    "Result": "wfcore.api", "load_model": "wfcore.api",
+    "Result": "wfcore.api", "load_model": "wfcore.runs",
     "DataBundle": "wfcore.interfaces", "Loss": "wfcore.interfaces",
     "Tensors": "wfcore.interfaces", "UPDATE_MODES": "wfcore.interfaces",
     "DAMP_MODES": "wfcore.interfaces", "GradientRows": "wfcore.interfaces",
@@ -55,7 +56,7 @@ _LAZY = {
     "PluginError": "wfcore.errors", "first_line": "wfcore.errors",
     "available_memory": "wfcore.plan",
 }
-# public submodules, every name in them public: ``from wfcore.testing import check_curvature``
+# public submodules (their functions and classes): ``from wfcore.testing import check_curvature``
 _MODULES = ("testing", "masks", "progress", "distributed", "rounds")
 
 __all__ = [  # _LAZY and _MODULES, spelled out for linters and readers
@@ -70,7 +71,7 @@ __all__ = [  # _LAZY and _MODULES, spelled out for linters and readers
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them
     from wfcore import distributed, masks, progress, rounds, testing
-    from wfcore.api import Result, bench, export, load_model, prune
+    from wfcore.api import Result, bench, export, prune
     from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
     from wfcore.gradients import ParamLayout
     from wfcore.interfaces import (
@@ -95,6 +96,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
     )
     from wfcore.masks import Masks
     from wfcore.plan import available_memory
+    from wfcore.runs import load_model
 
 
 def __getattr__(name: str) -> Any:
