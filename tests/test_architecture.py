@@ -6,6 +6,7 @@ module-level, function-level and TYPE_CHECKING imports alike).
   public API (``wfcore.__all__`` and its public submodules) besides their own package;
 - the tools that only the CLI uses (sweep, analyze, ...) import the run machinery, never
   the reverse;
+- the core imports no plugin: it finds them through their entry points;
 - benchmarks/ import only public names, but for the machinery some of them measure
   directly (a list that may only shrink).
 
@@ -38,6 +39,11 @@ TOOLS = frozenset({"wfcore.cli", "wfcore.__main__", "wfcore.sweep", "wfcore.anal
 # export/__init__.py makes the package callable as the function ``wfcore.export`` that it
 # shadows as an attribute of ``wfcore``; it calls that function where it is defined.
 PRIVATE_ALLOWED = {("wfcore.export", "from wfcore.api import export")}
+# The core finds the built-in plugins through their entry points, as any other, and imports
+# none, but for these: the Python API and the CLI run ``wfcore bench``; group OBS shares
+# WoodFisher's block algebra.
+CORE_USES = {("wfcore.api", "wfcore.export.bench"), ("wfcore.cli", "wfcore.export.bench"),
+             ("wfcore.group_obs", "wfcore.plugins.woodbury")}
 # What benchmarks/ take from the machinery to measure it directly (a pipeline's stages, the
 # gradient store, group OBS): may only shrink. Anything else a benchmark needs goes through
 # the public API.
@@ -81,6 +87,14 @@ BENCHMARK_PRIVATE = {
 }
 
 
+def core_imports_of_components(graph: dict[str, set[str]]) -> list[str]:
+    """'core -> component' for every module of wfcore/ that imports one of plugins/ or
+    export/, but for the allowed ones."""
+    components = ("wfcore.plugins", "wfcore.export")
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() if not m.startswith(components)
+                  for d in deps if d.startswith(components) and (m, d) not in CORE_USES)
+
+
 def reverse_imports(graph: dict[str, set[str]], tools: frozenset[str]) -> list[str]:
     """'core -> tool' for every module outside ``tools`` that imports one of them."""
     return sorted(f"{m} -> {d}" for m, deps in graph.items() if m not in tools
@@ -116,7 +130,11 @@ def test_tools_import_the_run_machinery_never_the_reverse():
     assert TOOLS <= set(MODULES)
     assert not reverse_imports(GRAPH, TOOLS), \
         f"a core module imports a CLI tool: {reverse_imports(GRAPH, TOOLS)}"
-    assert {"wfcore.runner", "wfcore.pipeline"} & GRAPH["wfcore.sweep"]  # the tools drive runs
+
+
+def test_the_core_imports_no_plugin():
+    assert not core_imports_of_components(GRAPH), \
+        f"a core module imports a plugin: {core_imports_of_components(GRAPH)}"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)
@@ -169,3 +187,8 @@ def test_the_public_api_check_catches_a_private_import(tmp_path):
 def test_the_tool_check_catches_a_core_module_importing_a_tool():
     graph = dict(GRAPH, **{"wfcore.runner": GRAPH["wfcore.runner"] | {"wfcore.sweep"}})
     assert reverse_imports(graph, TOOLS) == ["wfcore.runner -> wfcore.sweep"]
+
+
+def test_the_component_check_catches_a_core_module_importing_a_plugin():
+    graph = dict(GRAPH, **{"wfcore.pipeline": GRAPH["wfcore.pipeline"] | {"wfcore.plugins.kfac"}})
+    assert core_imports_of_components(graph) == ["wfcore.pipeline -> wfcore.plugins.kfac"]
