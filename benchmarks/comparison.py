@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from wfcore import config as config_mod
-from wfcore import manager, pipeline
-from wfcore.errors import first_line
+from wfcore import first_line, manager, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # model: its config under configs/

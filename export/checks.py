@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wfcore.errors import WfcoreError
+from wfcore import WfcoreError
 
 log = logging.getLogger(__name__)
 

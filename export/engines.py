@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wfcore.errors import WfcoreError, first_line
+from wfcore import WfcoreError, first_line
 
 log = logging.getLogger(__name__)
 

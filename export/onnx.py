@@ -22,9 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from wfcore import hookimpl
-from wfcore.errors import ConfigError, WfcoreError
-from wfcore.interfaces import DataBundle, Exporter
+from wfcore import ConfigError, DataBundle, Exporter, WfcoreError, hookimpl
 from wfcore.masks import select_params
 
 from . import checks, opsets

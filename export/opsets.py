@@ -27,7 +27,7 @@ from typing import IO
 import torch
 from torch import nn
 
-from wfcore.errors import WfcoreError, first_line
+from wfcore import WfcoreError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,9 @@ from typing import Any
 
 from torch import nn
 
-from wfcore.errors import WfcoreError
+from wfcore import WfcoreError
+
+from .graph import input_shape, read_onnx, signature
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +78,7 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
     is imported on the file's word: a run whose config names ``plugins:`` gets no torch
     timing.
     """
-    from wfcore import config as config_mod
-    from wfcore import manager, runs, states
-
-    from .bench import input_shape, read_onnx
+    from wfcore import load_model
 
     path = Path(path)
     proto = read_onnx(path)
@@ -90,27 +89,19 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
     if not state.is_file() or not (run_dir / "config.yaml").is_file():
         return None
     try:
-        plugins = config_mod.load(run_dir / "config.yaml").plugins
-        if plugins:
-            log.warning("torch: skipped for %s: its run imports plugins (%s), and bench "
-                        "imports nothing that a model file names", path.name, ", ".join(plugins))
-            return None
         shape = input_shape(proto, 1)[1:]
         num_classes = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-        model = runs.rebuild(run_dir, (shape, num_classes), plugins=manager.build()).model
-        states.load_state(model, state, "torch engine")
+        return load_model(run_dir, state, shapes=(shape, num_classes), run_plugins=False,
+                          what="torch engine")
     except WfcoreError as exc:
         log.warning("torch: skipped for %s: %s", path.name, exc)
         return None
-    return model.eval()
 
 
 def describe(path: str | Path) -> str:
     """What an ONNX file holds, for a summary line: the run's model and data set when the
     file comes from a run (see ``run_of``), else its name."""
     from omegaconf import OmegaConf
-
-    from .bench import read_onnx
 
     found = run_of(path, read_onnx(path))
     if found is None:
@@ -137,8 +128,6 @@ def check_same_model(proto: Any, dense_proto: Any, path: Path, dense: Path,
     """A speed-up against ``dense`` means something only for one model, dense and sparse:
     the same weights by name and shape. A quantized file may store a weight transposed
     (DeepSparse's MatMul layout), so its shapes are compared as sorted dimensions."""
-    from .bench import signature
-
     if signature(proto) != signature(dense_proto):
         raise WfcoreError(f"--dense {dense}: its inputs or outputs differ from those of "
                           f"{path} ({signature(dense_proto)} vs {signature(proto)}); a speed-up "

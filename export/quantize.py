@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from wfcore.errors import WfcoreError
+from wfcore import WfcoreError
 
 from . import checks
 

@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wfcore import hookimpl
-from wfcore.errors import WfcoreError
-from wfcore.interfaces import Allocator, Tensors
+from wfcore import Allocator, Tensors, WfcoreError, hookimpl
 
 log = logging.getLogger(__name__)
 

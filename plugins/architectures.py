@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from wfcore.plugins.models import BasicBlock
 
-from wfcore import hookimpl
-from wfcore.errors import ConfigError
+from wfcore import ConfigError, hookimpl
 
 
 class ResidualBNCNN(nn.Module):

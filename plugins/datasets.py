@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from wfcore import hookimpl
-from wfcore.errors import ConfigError, WfcoreError, first_line
-from wfcore.interfaces import DataBundle
+from wfcore import ConfigError, DataBundle, WfcoreError, first_line, hookimpl
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

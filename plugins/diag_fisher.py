@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from wfcore import hookimpl
-from wfcore.interfaces import (
+from wfcore import (
     DAMP_MODES,
     UPDATE_MODES,
     Curvature,
     HessianEstimator,
     PruningProblem,
     Tensors,
+    hookimpl,
 )
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from wfcore import hookimpl
-from wfcore.interfaces import PruneStep, Scheduler
+from wfcore import PruneStep, Scheduler, hookimpl
 
 LR_SCHEDULES = ("cosine", "step", "exponential", "constant")
 

@@ -37,17 +37,17 @@ from torch import nn
 from tqdm.auto import tqdm
 from wfcore.plugins.diag_fisher import DiagonalCurvature
 
-from wfcore import hookimpl
-from wfcore import progress as progress_bars
-from wfcore.errors import WfcoreError
-from wfcore.interfaces import (
+from wfcore import (
     DAMP_MODES,
     Curvature,
     EstimatorCost,
     HessianEstimator,
     PruningProblem,
     Tensors,
+    WfcoreError,
+    hookimpl,
 )
+from wfcore import progress as progress_bars
 
 log = logging.getLogger(__name__)
 

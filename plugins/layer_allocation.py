@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from wfcore.plugins.magnitude import IdentityCurvature
 
-from wfcore.errors import WfcoreError
-from wfcore.interfaces import Curvature, Scorer, Tensors
+from wfcore import Curvature, Scorer, Tensors, WfcoreError
 
 
 class ReconstructionCurvature(IdentityCurvature):

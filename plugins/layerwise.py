@@ -49,8 +49,7 @@ from wfcore.plugins.layer_hessian import (
 )
 from wfcore.plugins.magnitude import IdentityCurvature
 
-from wfcore import hookimpl
-from wfcore.interfaces import (
+from wfcore import (
     Curvature,
     EstimatorCost,
     HessianEstimator,
@@ -58,6 +57,7 @@ from wfcore.interfaces import (
     PruningProblem,
     Scorer,
     Tensors,
+    hookimpl,
 )
 from wfcore.progress import disabled
 

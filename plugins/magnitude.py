@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from wfcore import hookimpl
-from wfcore.interfaces import UPDATE_MODES, Curvature, HessianEstimator, PruningProblem, Tensors
+from wfcore import UPDATE_MODES, Curvature, HessianEstimator, PruningProblem, Tensors, hookimpl
 
 
 class IdentityCurvature(Curvature):

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wfcore import hookimpl
-from wfcore.errors import ConfigError, first_line
+from wfcore import ConfigError, first_line, hookimpl
 
 log = logging.getLogger(__name__)
 

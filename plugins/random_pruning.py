@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import torch
 from wfcore.plugins.magnitude import IdentityCurvature
 
-from wfcore import hookimpl
-from wfcore.interfaces import (
+from wfcore import (
     Curvature,
     HessianEstimator,
     PruningProblem,
     Scorer,
     Stateful,
     Tensors,
+    hookimpl,
 )
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from wfcore import hookimpl
-from wfcore.interfaces import PruneStep, Scheduler
+from wfcore import PruneStep, Scheduler, hookimpl
 
 SPACINGS = ("linear", "polynomial")
 

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wfcore import hookimpl
-from wfcore.interfaces import Curvature, Scorer, Tensors
+from wfcore import Curvature, Scorer, Tensors, hookimpl
 from wfcore.masks import from_groups, to_groups
 
 log = logging.getLogger(__name__)

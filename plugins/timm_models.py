@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wfcore import hookimpl
-from wfcore.errors import ConfigError, first_line
+from wfcore import ConfigError, first_line, hookimpl
 
 log = logging.getLogger(__name__)
 

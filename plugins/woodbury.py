@@ -33,7 +33,7 @@ import logging
 
 import torch
 
-from wfcore.errors import WfcoreError
+from wfcore import WfcoreError
 
 log = logging.getLogger("wfcore.plugins.woodfisher")  # one logger for the estimator
 

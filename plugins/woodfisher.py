@@ -56,21 +56,23 @@ from wfcore.plugins.woodbury import (
     pair_entries,
 )
 
-from wfcore import distributed, hookimpl, progress
-from wfcore.errors import WfcoreError
-from wfcore.gradients import ParamLayout
-from wfcore.interfaces import (
+from wfcore import (
     DAMP_MODES,
     UPDATE_MODES,
     Curvature,
     EstimatorCost,
     GradientRows,
     HessianEstimator,
+    ParamLayout,
     PruningProblem,
     Tensors,
+    WfcoreError,
+    available_memory,
+    distributed,
+    hookimpl,
+    progress,
 )
 from wfcore.masks import to_groups
-from wfcore.plan import available_memory
 
 log = logging.getLogger(__name__)
 

@@ -87,8 +87,12 @@ def test_the_cli_with_a_file_spec_and_no_plugin_prunes_to_the_same_masks(tmp_pat
     settings.write_text("estimator: {name: woodfisher}\nscheduler: {name: oneshot, "
                         "sparsities: [0.5, 0.9]}\nfisher: {num_grads: 16}\n"
                         "safeguard: {calibration_samples: 64}\ndevice: cpu\n")
-    _, result = wfcore.prune(model, TRAIN.tensors, test=TEST, config=settings,
-                             output=tmp_path / "api", quiet=True)
+    pruned, result = wfcore.prune(model, TRAIN.tensors, test=TEST, config=settings,
+                                  output=tmp_path / "api", quiet=True)
+    loaded = wfcore.load_model(tmp_path / "api")  # the run's last step, read back
+    assert not loaded.training
+    inputs = TEST.tensors[0]
+    torch.testing.assert_close(loaded(inputs), pruned(inputs), rtol=0, atol=0)
     assert cli.main(["-q", "prune", str(settings), "model.name=tests/user_models.py:build",
                      f"model.checkpoint={tmp_path / 'dense.pt'}",
                      "data.name=tests/user_models.py:digits", f"output={tmp_path / 'cli'}"]) == 0
@@ -111,6 +115,8 @@ def test_an_api_run_directory_is_exported_and_resumed_by_the_command_line(tmp_pa
     config = {"plugins": [str(plugin)], "scheduler": {"sparsities": [0.5, 0.9]}, **FAST}
     wfcore.prune(model, TRAIN.tensors, test=TEST, config=config, output=tmp_path / "whole",
                  quiet=True)
+    with pytest.raises(wfcore.WfcoreError, match=r"imports plugins \(.*interrupt.py\)"):
+        wfcore.load_model(tmp_path / "whole", run_plugins=False)  # as bench reads a run
     monkeypatch.setenv("STOP_AFTER", "0")
     with pytest.raises(KeyboardInterrupt):
         wfcore.prune(model, TRAIN.tensors, test=TEST, config=config,

@@ -1,10 +1,8 @@
 """wfcore.testing's contract checks over every registered component (timm-style), and the
-checks themselves failing on a broken component."""
+checks themselves failing on a broken component. The layering of the imports is
+tests/test_architecture.py's."""
 
 from __future__ import annotations
-
-import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -90,62 +88,3 @@ class SwappedBlocks(HessianEstimator):
 def test_check_curvature_catches_wrong_inverse_blocks():
     with pytest.raises(AssertionError, match=r"inverse_blocks\(4\)"):
         testing.check_curvature(SwappedBlocks())
-
-
-ROOT = Path(__file__).parents[1]
-
-
-def wfcore_imports(path: Path) -> set[str]:
-    """The wfcore modules a file imports, TYPE_CHECKING and function-level ones included:
-    ``from wfcore.a import b`` gives wfcore.a and wfcore.a.b, ``import wfcore.a`` wfcore.a."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and \
-                node.module.startswith("wfcore"):
-            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("wfcore")}
-    return found
-
-
-def test_no_import_cycle_among_the_core_modules():
-    """Every import of wfcore/*.py by another, TYPE_CHECKING ones included."""
-    core = ROOT / "wfcore"
-    names = {f"wfcore.{f.stem}" for f in core.glob("*.py") if f.stem != "__init__"}
-    graph = {f"wfcore.{f.stem}": (wfcore_imports(f) & names) - {f"wfcore.{f.stem}"}
-             for f in core.glob("*.py") if f.stem != "__init__"}
-    state: dict[str, int] = {}
-
-    def visit(module: str, path: list[str]) -> None:
-        state[module] = 1
-        for dep in graph[module]:
-            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, dep])}"
-            if dep not in state:
-                visit(dep, [*path, dep])
-        state[module] = 2
-
-    for module in sorted(graph):
-        if module not in state:
-            visit(module, [module])
-
-
-ORCHESTRATION = ("wfcore.pipeline", "wfcore.runner", "wfcore.prepare")
-
-
-@pytest.mark.parametrize("path", sorted([*(ROOT / "plugins").glob("*.py"),
-                                         *(ROOT / "export").glob("*.py")]),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_plugins_and_exporters_do_not_import_the_orchestration(path):
-    """A plugin gets what it needs through its arguments and the core's helpers
-    (wfcore.runs for a run directory), never from the pipeline that drives it."""
-    found = sorted(m for m in wfcore_imports(path) if m in ORCHESTRATION
-                   or m.startswith(tuple(f"{o}." for o in ORCHESTRATION)))
-    assert not found, f"{path.parent.name}/{path.name} imports {', '.join(found)}"
-
-
-def test_the_import_walk_sees_every_form_of_import(tmp_path):
-    module = tmp_path / "m.py"
-    module.write_text("from typing import TYPE_CHECKING\nimport wfcore.runner\n"
-                      "if TYPE_CHECKING:\n    from wfcore import pipeline\n"
-                      "def f():\n    from wfcore.prepare import build_model\n")
-    assert {"wfcore.runner", "wfcore.pipeline", "wfcore.prepare"} <= wfcore_imports(module)

@@ -2,16 +2,27 @@
 
 The public surface, for users and plugin authors alike, is what ``__all__`` names:
 
-- the Python API: ``prune``, ``export``, ``bench`` and the ``Result`` of a run;
-- the contracts a plugin implements (``HessianEstimator``, ``Curvature``, ``Scorer``,
-  ``Allocator``, ``Scheduler``, ``Exporter``, ...) and what they are given
-  (``PruningProblem``, ``DataBundle``, ``ParamLayout``, ``PruneStep``, ...);
-- ``hookimpl``, the marker of plugin hooks; ``testing``, the contract checks;
-- the errors a user sees as one line (``WfcoreError``, ``ConfigError``, ``PluginError``).
+- the Python API: ``prune``, ``export``, ``bench``, the ``Result`` of a run and
+  ``load_model``, the model of a run directory;
+- the contracts a plugin implements (``HessianEstimator``, ``LayerwiseEstimator``,
+  ``Curvature``, ``Scorer``, ``Allocator``, ``Scheduler``, ``Exporter``, ...) and what they
+  are given (``PruningProblem``, ``GradientRows``, ``DataBundle``, ``ParamLayout``,
+  ``PruneStep``, ...);
+- ``hookimpl``, the marker of plugin hooks;
+- the errors a user sees as one line (``WfcoreError``, ``ConfigError``, ``PluginError``)
+  and ``first_line``, the one line of any other exception, to quote in one of them;
+- ``available_memory``, the free bytes a component may plan its own memory by;
+- the public submodules: ``testing`` (the contract checks),
+  ``masks`` (``select_params``, ``to_groups``, ...), ``progress`` (the ``wfcore -q``
+  switch of progress bars), ``distributed`` (the collectives a component shares its work
+  across ranks with) and ``rounds`` (timing in interleaved rounds).
 
-Everything else (``wfcore.pipeline``, ``wfcore.manager``, ...) is machinery that may
-change. Names are imported on first use, so ``import wfcore`` (and the ``wfcore``
-command's start) does not load torch.
+Plugins (plugins/), the exporters and ``wfcore bench`` (export/) and the docs import
+only these (benchmarks/ too, but for the machinery some measure directly);
+tests/test_architecture.py keeps it so. Everything else
+(``wfcore.pipeline``, ``wfcore.manager``, ...) is machinery that may change. Names are
+imported on first use, so ``import wfcore`` (and the ``wfcore`` command's start) does not
+load torch.
 """
 
 from __future__ import annotations
@@ -29,35 +40,39 @@ hookimpl = pluggy.HookimplMarker("wfcore")
 # public name -> the module that defines it
 _LAZY = {
     "prune": "wfcore.api", "export": "wfcore.api", "bench": "wfcore.api",
-    "Result": "wfcore.api",
+    "Result": "wfcore.api", "load_model": "wfcore.runs",
     "DataBundle": "wfcore.interfaces", "Loss": "wfcore.interfaces",
     "Tensors": "wfcore.interfaces", "UPDATE_MODES": "wfcore.interfaces",
     "DAMP_MODES": "wfcore.interfaces", "GradientRows": "wfcore.interfaces",
     "GradientSource": "wfcore.interfaces", "EstimatorCost": "wfcore.interfaces",
     "PruningProblem": "wfcore.interfaces", "Curvature": "wfcore.interfaces",
     "Stateful": "wfcore.interfaces", "HessianEstimator": "wfcore.interfaces",
+    "LayerwiseEstimator": "wfcore.interfaces",
     "Scorer": "wfcore.interfaces", "Allocator": "wfcore.interfaces",
     "PruneStep": "wfcore.interfaces", "Scheduler": "wfcore.interfaces",
     "Exporter": "wfcore.interfaces",
     "ParamLayout": "wfcore.gradients", "Masks": "wfcore.masks",
     "WfcoreError": "wfcore.errors", "ConfigError": "wfcore.errors",
-    "PluginError": "wfcore.errors",
+    "PluginError": "wfcore.errors", "first_line": "wfcore.errors",
+    "available_memory": "wfcore.plan",
 }
-_MODULES = ("testing",)  # public submodules: ``from wfcore.testing import check_curvature``
+# public submodules (their functions and classes): ``from wfcore.testing import check_curvature``
+_MODULES = ("testing", "masks", "progress", "distributed", "rounds")
 
 __all__ = [  # _LAZY and _MODULES, spelled out for linters and readers
-    "__version__", "hookimpl", "testing",
-    "prune", "export", "bench", "Result",
+    "__version__", "hookimpl", "testing", "masks", "progress", "distributed", "rounds",
+    "prune", "export", "bench", "Result", "load_model",
     "DataBundle", "Loss", "Tensors", "UPDATE_MODES", "DAMP_MODES", "GradientRows",
     "GradientSource", "EstimatorCost", "PruningProblem", "Curvature", "Stateful",
-    "HessianEstimator", "Scorer", "Allocator", "PruneStep", "Scheduler", "Exporter",
-    "ParamLayout", "Masks", "WfcoreError", "ConfigError", "PluginError",
+    "HessianEstimator", "LayerwiseEstimator", "Scorer", "Allocator", "PruneStep",
+    "Scheduler", "Exporter", "ParamLayout", "Masks", "available_memory",
+    "WfcoreError", "ConfigError", "PluginError", "first_line",
 ]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them
-    from wfcore import testing
+    from wfcore import distributed, masks, progress, rounds, testing
     from wfcore.api import Result, bench, export, prune
-    from wfcore.errors import ConfigError, PluginError, WfcoreError
+    from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
     from wfcore.gradients import ParamLayout
     from wfcore.interfaces import (
         DAMP_MODES,
@@ -70,6 +85,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
         GradientRows,
         GradientSource,
         HessianEstimator,
+        LayerwiseEstimator,
         Loss,
         PruneStep,
         PruningProblem,
@@ -79,6 +95,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
         Tensors,
     )
     from wfcore.masks import Masks
+    from wfcore.plan import available_memory
+    from wfcore.runs import load_model
 
 
 def __getattr__(name: str) -> Any:

@@ -73,6 +73,37 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
     return Rebuilt(cfg, plugins, model, dict(params), data)
 
 
+def load_model(run_dir: str | os.PathLike, state: str | os.PathLike | None = None, *,
+               shapes: tuple[tuple[int, ...], int] | None = None,
+               run_plugins: bool = True, what: str = "wfcore.load_model") -> nn.Module:
+    """The model of a run directory, rebuilt from its config.yaml, with the weights of
+    ``state`` (default: the run's last step), in eval mode (``wfcore.load_model``).
+
+    ``shapes``: (input shape, number of classes) when known, so that the data set is not
+    loaded. ``run_plugins=False`` refuses (WfcoreError) a run whose config names
+    ``plugins:`` modules instead of importing them: a caller that found the run through a
+    file it did not write imports nothing that file names. ``what`` names the caller in
+    the one-line error of a state that does not fit.
+    """
+    run_dir = Path(run_dir)
+    plugins = None
+    if not run_plugins:
+        named = config_mod.load(run_dir / "config.yaml").plugins
+        if named:
+            raise WfcoreError(f"its run imports plugins ({', '.join(named)}), and nothing "
+                              "that a model file names is imported")
+        plugins = manager.build()
+    rebuilt = rebuild(run_dir, shapes, plugins=plugins)
+    if state is None:
+        steps = steps_in(run_dir)
+        if not steps:
+            raise WfcoreError(f"{run_dir}: no pruned model (model_step*.pt) to load")
+        load_step(rebuilt.model, run_dir, steps[-1], what)
+    else:
+        states.load_state(rebuilt.model, state, what)
+    return rebuilt.model.eval()
+
+
 def step_state(run_dir: Path, step: int) -> Path:
     """The state_dict file of step ``step`` of a run."""
     return run_dir / f"model_step{step}.pt"
