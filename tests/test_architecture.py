@@ -50,6 +50,8 @@ CORE_USES = {("wfcore.api", "wfcore.export.bench"), ("wfcore.cli", "wfcore.expor
 BENCHMARK_PRIVATE = {
     "comparison.py": {"from wfcore import config", "from wfcore import manager",
                       "from wfcore import pipeline"},
+    # the configuration page is generated from the schema and every component's Options
+    "config_doc.py": {"from wfcore import config", "from wfcore import manager"},
     "cpu_speedup.py": {"from wfcore.export import bench",
                        "from wfcore.export.onnx import OnnxOptions",
                        "from wfcore.export.onnx import conv_linear_weights",
