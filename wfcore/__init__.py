@@ -38,7 +38,8 @@ _LAZY = {
     "Stateful": "wfcore.interfaces", "HessianEstimator": "wfcore.interfaces",
     "Scorer": "wfcore.interfaces", "Allocator": "wfcore.interfaces",
     "PruneStep": "wfcore.interfaces", "Scheduler": "wfcore.interfaces",
-    "Exporter": "wfcore.interfaces",
+    "Exporter": "wfcore.interfaces", "dataset_size": "wfcore.interfaces",
+    "declare_options": "wfcore.interfaces",
     "ParamLayout": "wfcore.gradients", "Masks": "wfcore.masks",
     "WfcoreError": "wfcore.errors", "ConfigError": "wfcore.errors",
     "PluginError": "wfcore.errors",
@@ -51,7 +52,8 @@ __all__ = [  # _LAZY and _MODULES, spelled out for linters and readers
     "DataBundle", "Loss", "Tensors", "UPDATE_MODES", "DAMP_MODES", "GradientRows",
     "GradientSource", "EstimatorCost", "PruningProblem", "Curvature", "Stateful",
     "HessianEstimator", "Scorer", "Allocator", "PruneStep", "Scheduler", "Exporter",
-    "ParamLayout", "Masks", "WfcoreError", "ConfigError", "PluginError",
+    "ParamLayout", "Masks", "WfcoreError", "ConfigError", "PluginError", "dataset_size",
+    "declare_options",
 ]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them
@@ -77,6 +79,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
         Scorer,
         Stateful,
         Tensors,
+        dataset_size,
+        declare_options,
     )
     from wfcore.masks import Masks
 

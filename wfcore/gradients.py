@@ -18,7 +18,7 @@ when the plan says the (m, d) matrix does not fit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from contextlib import nullcontext
 from typing import Any
 
@@ -79,7 +79,7 @@ class GradientSampler:
         params: dict[str, nn.Parameter],
         masks: dict[str, torch.Tensor],
         dataset: Dataset,
-        loss_fn: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],  # a Loss (interfaces.py)
         *,
         num_grads: int,
         grad_batch: int = 1,
@@ -105,7 +105,10 @@ class GradientSampler:
         self.model = model
         self.params = params
         self.masks = masks
+        if not isinstance(dataset, Sized):  # (wfcore.interfaces imports this module)
+            raise TypeError(f"{type(dataset).__name__} has no length: a data set must be map-style")
         self.dataset = dataset
+        self.size = len(dataset)
         self.loss_fn = loss_fn
         self.num_grads = num_grads
         self.grad_batch = grad_batch
@@ -150,7 +153,7 @@ class GradientSampler:
         out = []
         while count > 0:
             if self._order is None or self._pos >= len(self._order):
-                self._order = torch.randperm(len(self.dataset), generator=self.generator)
+                self._order = torch.randperm(self.size, generator=self.generator)
                 self._pos = 0
             take = self._order[self._pos:self._pos + count]
             self._pos += len(take)
@@ -184,7 +187,7 @@ class GradientSampler:
         the order of a loader shuffled by the sampler's generator (reshuffled for each pass
         over the data). ``sampled`` labels are drawn from the model's softmax (eval mode, no
         gradients) with the same generator."""
-        if len(self.dataset) == 0:
+        if self.size == 0:
             raise WfcoreError("fisher: the training samples pruning may see are empty")
         loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True,
                             generator=self.generator)

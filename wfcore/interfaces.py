@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -45,6 +45,24 @@ class DataBundle:
     # takes a loss (training, gradients, calibration, evaluation, K-FAC). None = cross-
     # entropy of logits over num_classes against class indices.
     loss: Loss | None = None
+
+
+def dataset_size(dataset: Dataset) -> int:
+    """The number of samples of a data set.
+
+    torch's ``Dataset`` declares no ``__len__`` (an iterable-style one has none); the data
+    sets here are map-style, indexed from 0 to their length.
+    """
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no length: a data set must be map-style")
+    return len(dataset)
+
+
+def declare_options(factory: Callable[..., Any], options: type) -> None:
+    """Give a factory function its ``Options`` dataclass (the keys of its config section):
+    ``declare_options(mlp, MLPOptions)`` below ``def mlp(options, ...)``."""
+    # a function takes any attribute, but its type (a Callable) declares none
+    factory.Options = options  # type: ignore[attr-defined]
 
 
 @runtime_checkable

@@ -43,6 +43,7 @@ from wfcore.interfaces import (
     PruningProblem,
     Scheduler,
     Scorer,
+    dataset_size,
 )
 from wfcore.masks import Masks, block_scores, select_params, whole_blocks
 from wfcore.nm import nm_keep, parse_pattern
@@ -231,9 +232,9 @@ class Pruning:
         targets.check(components.scheduler.plan(), self.params, cfg.allocator.name)
         if components.exporter is not None:  # the export's limits, before anything is pruned
             components.exporter.check_data(self.data)
-        if cfg.fisher.grad_batch > len(self.data.train):
+        if cfg.fisher.grad_batch > dataset_size(self.data.train):
             raise ConfigError(f"config key 'fisher.grad_batch': {cfg.fisher.grad_batch} is more "
-                              f"than the {len(self.data.train)} training samples")
+                              f"than the {dataset_size(self.data.train)} training samples")
         self.store_dir = store_dir(cfg, run_dir)
         self.plan = plan_run(cfg, components, self.model, self.params, self.data, self.loss_fn,
                              self.device, self.store_dir, nproc=distributed.world())

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Subset
 from wfcore import __version__, files, inmemory, manager, specs, states
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
-from wfcore.interfaces import DataBundle, Loss
+from wfcore.interfaces import DataBundle, Loss, dataset_size
 from wfcore.training import train
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def data_fingerprint(data: DataBundle, samples: int = 8) -> str:
     """A short hash of a data set: its sizes, classes, input shape and a few evenly spaced
     training samples (the labels only, when the inputs come out differently each time they
     are read, as with random augmentation). The test split is never read."""
-    h = hashlib.sha256(repr((len(data.train), len(data.test), data.num_classes,
+    h = hashlib.sha256(repr((dataset_size(data.train), dataset_size(data.test), data.num_classes,
                              tuple(data.input_shape))).encode())
 
     def parts(i: int) -> list[torch.Tensor]:
@@ -121,7 +121,7 @@ def data_fingerprint(data: DataBundle, samples: int = 8) -> str:
         return [torch.as_tensor(p).detach().cpu().contiguous()
                 for p in (item if isinstance(item, (tuple, list)) else (item,))]
 
-    count = len(data.train)
+    count = dataset_size(data.train)
     if not count:
         return h.hexdigest()[:16]
     first, again = parts(0), parts(0)
@@ -203,7 +203,7 @@ def versions(plugins: manager.Plugins) -> dict[str, Any]:
 
 def pruning_subset(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, dict[str, Any]]:
     """The part of the training split that pruning may see, and its record for the report."""
-    total = len(train)
+    total = dataset_size(train)
     if fraction >= 1.0:
         return train, {"train_fraction": 1.0, "samples": total, "of": total, "seed": None}
     count = max(1, round(fraction * total))
