@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from wfcore import checkpoint, distributed, files, structured_run
 from wfcore import config as config_mod
 from wfcore.degenerate import collect_warnings
-from wfcore.interfaces import PruneStep, Stateful
+from wfcore.interfaces import Loss, PruneStep, Stateful
 from wfcore.report import number
 from wfcore.training import Trainer, TrainingDiverged
 
@@ -48,7 +48,7 @@ class PrunedRun(Protocol):
     masks: Masks
     sampler: GradientSampler
     device: torch.device
-    loss_fn: nn.Module
+    loss_fn: Loss
     finetune_data: Dataset
 
     def evaluate(self) -> dict[str, float]: ...
