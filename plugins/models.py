@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wfcore import hookimpl
+from wfcore import declare_options, hookimpl
 from wfcore.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def mlp(options: MLPOptions, num_classes: int, input_shape: tuple[int, ...]) -> 
     return MLP(math.prod(input_shape), list(options.hidden), num_classes)
 
 
-mlp.Options = MLPOptions
+declare_options(mlp, MLPOptions)
 
 
 class MnistCNN(nn.Module):
@@ -144,7 +144,7 @@ def resnet20(options: ResNet20Options, num_classes: int, input_shape: tuple[int,
     return ResNet20(input_shape[0], num_classes, options.depth)
 
 
-resnet20.Options = ResNet20Options
+declare_options(resnet20, ResNet20Options)
 
 
 @dataclass
@@ -252,7 +252,7 @@ def torchvision_model(options: TorchvisionOptions, num_classes: int,
     return model.train()
 
 
-torchvision_model.Options = TorchvisionOptions
+declare_options(torchvision_model, TorchvisionOptions)
 
 
 @hookimpl

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wfcore import hookimpl
+from wfcore import declare_options, hookimpl
 from wfcore.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def timm_model(options: TimmOptions, num_classes: int, input_shape: tuple[int, .
     return model.train()
 
 
-timm_model.Options = TimmOptions
+declare_options(timm_model, TimmOptions)
 
 
 @hookimpl

@@ -39,6 +39,7 @@ from torch import nn
 
 from wfcore import states
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
+from wfcore.interfaces import declare_options
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def model_factory(fn: Callable[..., Any], spec: str) -> Callable[..., nn.Module]
                               "nn.Module")
         return model
 
-    factory.Options = options_class(fn, RESERVED["models"], spec)
+    declare_options(factory, options_class(fn, RESERVED["models"], spec))
     return factory
 
 
@@ -251,7 +252,7 @@ def data_factory(fn: Callable[..., Any], spec: str) -> Callable[..., Any]:
         made = call(fn, {"root": root, "seed": seed}, options)
         return as_bundle(made, key=f"data.name={spec}")
 
-    factory.Options = options_class(fn, RESERVED["datasets"], spec)
+    declare_options(factory, options_class(fn, RESERVED["datasets"], spec))
     return factory
 
 
