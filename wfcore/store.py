@@ -62,7 +62,7 @@ def free_disk(directory: str | Path) -> int:
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor (any dtype, bfloat16 included)."""
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return t.view(torch.uint8).numpy().data.cast("B")
 
 
 class GradientStore:
@@ -124,17 +124,17 @@ class GradientStore:
 
         def create() -> str | tuple[int, int]:
             store._open_file(where, keep_name=not nameless)
-            return shared_store.handle(store._fd) if nameless else str(store.path)
+            return shared_store.handle(store._require_fd()) if nameless else str(store.path)
 
         try:
             name = distributed.on_main(create)
             if not distributed.is_main():
-                store._fd = shared_store.open_handle(name) if nameless \
+                store._fd = shared_store.open_handle(name) if isinstance(name, tuple) \
                     else os.open(name, os.O_RDWR)
             if place == "memory":  # every rank maps the same pages
-                store._rows = torch.from_file(f"/proc/self/fd/{store._fd}" if nameless
-                                              else name, shared=True, size=m * d,
-                                              dtype=dtype).view(m, d)
+                store._rows = torch.from_file(f"/proc/self/fd/{store._fd}"
+                                              if isinstance(name, tuple) else name, shared=True,
+                                              size=m * d, dtype=dtype).view(m, d)
             distributed.barrier()  # every rank has it open: the name (or rank 0's fd) can go
         finally:  # on rank 0, which made it, also when another rank failed
             if store.path is not None:
@@ -197,16 +197,16 @@ class GradientStore:
         while done < len(data):
             done += os.pwrite(self._require_fd(), data[done:], offset + done)
         if self._square_sum is not None:
-            self._add_squares(stored)
+            self._add_squares(self._square_sum, stored)
 
-    def _add_squares(self, stored: torch.Tensor) -> None:
+    def _add_squares(self, sums: torch.Tensor, stored: torch.Tensor) -> None:
         """Add the squares of ``stored`` (c, d), as stored, to the column sums, a slice of
         columns at a time (a float64 copy of a whole chunk of rows would double its memory)."""
         step = max(1, SUM_SLICE_BYTES // max(1, 8 * stored.shape[0]))
         for a in range(0, self.d, step):
             b = min(self.d, a + step)
-            self._square_sum[a:b] += stored[:, a:b].double().square_().sum(0)
-        self._square_sum[-1] += stored.shape[0]
+            sums[a:b] += stored[:, a:b].double().square_().sum(0)
+        sums[-1] += stored.shape[0]
 
     def finish_rows(self) -> None:
         """Every row is written: under torchrun, each rank's column sums of a shared store
