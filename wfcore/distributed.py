@@ -222,7 +222,7 @@ def broadcast_module(model: nn.Module) -> None:
         broadcast_(t.data)
 
 
-def gather_objects(obj: T) -> list[T]:
+def gather_objects(obj: T | None) -> list[T]:
     """Every rank's picklable ``obj`` (None ones left out), in rank order."""
     if _group.world == 1:
         return [obj] if obj is not None else []

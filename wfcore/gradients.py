@@ -18,7 +18,7 @@ when the plan says the (m, d) matrix does not fit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import nullcontext
 from typing import Any
 
@@ -45,7 +45,7 @@ Write = Callable[[int, torch.Tensor], None]  # (first row, rows (c, d)) into the
 class ParamLayout:
     """Where each prunable parameter lies in the flat vector of length d."""
 
-    def __init__(self, params: dict[str, torch.Tensor]):
+    def __init__(self, params: Mapping[str, torch.Tensor]):
         self.names = list(params)
         self.shapes = {n: tuple(p.shape) for n, p in params.items()}
         self.numels = {n: p.numel() for n, p in params.items()}
@@ -358,7 +358,7 @@ class GradientSampler:
                 y = self._draw(probs)[lo * b:hi * b].to(self.device)
             elif x is not None:
                 y = self._targets(x, y)
-            if hi > lo:
+            if x is not None and y is not None:  # (this rank has rows: hi > lo)
                 grads = row_grad(prunable, x.reshape(hi - lo, b, *x.shape[1:]),
                                  y.reshape(hi - lo, b, *y.shape[1:]))
                 mine = self._flat_rows(grads)

@@ -84,11 +84,13 @@ def group_scorer(pruning: Pruning, G: torch.Tensor | None, curvature: Any) -> Gr
     if scores == "random":
         return Random(cfg.seed)
     if scores == "taylor":
+        assert G is not None  # taylor scores make the run sample gradients
         return Taylor(G.mean(0))
     if scores == "magnitude" or cfg.estimator.name == "magnitude":
         return Diagonal()
     if cfg.estimator.name == "woodfisher":
         est = pruning.c.estimator.options
+        assert G is not None  # WoodFisher needs gradients: the run sampled them
         square_mean = G.double().square().mean(0)
         live = square_mean > 0
         scale = float(square_mean[live].mean()) if bool(live.any()) else 1.0
