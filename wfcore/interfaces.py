@@ -58,9 +58,9 @@ def dataset_size(dataset: Dataset) -> int:
     return len(dataset)
 
 
-def declare_options(factory: Callable[..., Any], options: type) -> None:
-    """Give a factory function its ``Options`` dataclass (the keys of its config section):
-    ``declare_options(mlp, MLPOptions)`` below ``def mlp(options, ...)``."""
+def declare_options(factory: Callable[..., Any], options: type | None) -> None:
+    """Give a factory function its ``Options`` dataclass (the keys of its config section;
+    None: it takes no options): ``declare_options(mlp, MLPOptions)`` below ``def mlp``."""
     # a function takes any attribute, but its type (a Callable) declares none
     factory.Options = options  # type: ignore[attr-defined]
 
