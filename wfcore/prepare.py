@@ -165,8 +165,8 @@ def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: tor
                 loss_fn: Loss, provenance: dict[str, str] | None = None) -> str:
     """Load or train the dense model in place; returns where it came from."""
     if cfg.model.checkpoint:
-        path = specs.checkpoint_path(cfg.model.checkpoint, cfg.base_dir)
-        specs.load_checkpoint(model, path, cfg.model.trust_checkpoint)
+        checkpoint = specs.checkpoint_path(cfg.model.checkpoint, cfg.base_dir)
+        specs.load_checkpoint(model, checkpoint, cfg.model.trust_checkpoint)
         return str(cfg.model.checkpoint)
     given = cfg.model.name == inmemory.NAME  # a model object given to wfcore.prune
     trained = given if cfg.model.trained is None else cfg.model.trained
