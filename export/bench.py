@@ -269,7 +269,7 @@ def is_quantized(proto: Any) -> bool:
     return any(node.op_type in ops for node in proto.graph.node)
 
 
-def bench(path: str | Path | list[str | Path], *, dense: str | Path | None = None,
+def bench(path: str | Path | list[str | Path], *, dense: str | os.PathLike[str] | None = None,
           batch_size: int = 1, engines: tuple[str, ...] | list[str] = ENGINES,
           torch_models: dict[str, nn.Module] | None = None, **kwargs: Any) -> list[Timing]:
     """Time ``path`` (one ONNX file or several, e.g. a float and an INT8 export) and

@@ -314,7 +314,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
 
 
 def bench(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
-          dense: str | os.PathLike | None = None, batch_size: int = 1,
+          dense: str | os.PathLike[str] | None = None, batch_size: int = 1,
           engines: Sequence[str] = ("deepsparse", "onnxruntime", "torch"),
           torch_models: Mapping[str, nn.Module] | None = None, quiet: bool = False,
           **kwargs: Any) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,17 @@ def loss_function(cfg: DictConfig, data: DataBundle) -> Loss:
     return data.loss
 
 
-def build_model(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) -> nn.Module:
+@dataclass
+class DataShapes:
+    """What a model is built for (a DataBundle gives both): one sample's shape and the
+    number of classes."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def build_model(cfg: DictConfig, plugins: manager.Plugins,
+                data: DataBundle | DataShapes) -> nn.Module:
     entry, extra = plugins.registry("models").lookup(cfg.model.name, "model.name")
     options = config_mod.validate_options("model.options", config_mod.to_dict(cfg.model.options),
                                           entry.options_class)
