@@ -44,10 +44,12 @@ _LAZY = {
     "WfcoreError": "wfcore.errors", "ConfigError": "wfcore.errors",
     "PluginError": "wfcore.errors",
 }
-_MODULES = ("testing",)  # public submodules: ``from wfcore.testing import check_curvature``
+# public submodules: ``from wfcore.testing import check_curvature``; ``wfcore.choices``:
+# the names each choice setting takes
+_MODULES = ("testing", "choices")
 
 __all__ = [  # _LAZY and _MODULES, spelled out for linters and readers
-    "__version__", "hookimpl", "testing",
+    "__version__", "hookimpl", "testing", "choices",
     "prune", "export", "bench", "Result",
     "DataBundle", "Loss", "Tensors", "UPDATE_MODES", "DAMP_MODES", "GradientRows",
     "GradientSource", "EstimatorCost", "PruningProblem", "Curvature", "Stateful",
@@ -57,7 +59,7 @@ __all__ = [  # _LAZY and _MODULES, spelled out for linters and readers
 ]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them
-    from wfcore import testing
+    from wfcore import choices, testing
     from wfcore.api import Result, bench, export, prune
     from wfcore.errors import ConfigError, PluginError, WfcoreError
     from wfcore.gradients import ParamLayout
