@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wfcore import progress, rounds
+from wfcore.choices import ENGINES
 from wfcore.errors import WfcoreError, first_line
 
 from .engines import Runner, Worker
@@ -43,7 +44,6 @@ __all__ = ["ENGINES", "Timing", "bench", "check_same_model", "describe", "format
 
 SLOT_SECONDS = 0.01  # a slot runs enough batches to last this long (one batch at least)
 
-ENGINES = ("deepsparse", "onnxruntime", "torch")
 INSTALL = {
     "deepsparse": "pip install 'wfcore[deepsparse]' (deepsparse 1.8.0: Python < 3.12, "
                   "x86-64 Linux or macOS)",

@@ -42,13 +42,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from wfcore import dataset_size
+from wfcore.choices import QUANTIZE_MODES
 from wfcore.errors import WfcoreError
 
 from . import checks
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "int8")
+MODES = QUANTIZE_MODES
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from wfcore import hookimpl
+from wfcore.choices import LR_SCHEDULES
 from wfcore.interfaces import PruneStep, Scheduler
-
-LR_SCHEDULES = ("cosine", "step", "exponential", "constant")
 
 
 def polynomial_sparsity(t: float, t0: float, t1: float, s_i: float, s_f: float,

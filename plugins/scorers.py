@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import torch
 
 from wfcore import hookimpl
+from wfcore.choices import UPDATES
 from wfcore.interfaces import Curvature, Scorer, Tensors
 from wfcore.masks import from_groups, to_groups
 
 log = logging.getLogger(__name__)
 
-UPDATES = ("none", "independent", "joint")
 
 
 @dataclass

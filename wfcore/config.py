@@ -24,6 +24,7 @@ from typing import Any, Optional, cast
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wfcore import choices
 from wfcore.errors import ConfigError, first_line
 
 COMPONENT_KINDS = {
@@ -233,19 +234,19 @@ class Config:
     analyze: AnalyzeSection = field(default_factory=AnalyzeSection)  # `wfcore analyze` only
 
 
-CHOICES = {
-    "train.optimizer": ("sgd", "adam", "adamw"),
-    "train.lr_schedule": ("cosine", "step", "exponential", "constant"),
-    "fisher.labels": ("empirical", "sampled"),
-    "fisher.storage_dtype": ("float32", "float16", "bfloat16"),
-    "fisher.store": ("auto", "memory", "disk"),
-    "fisher.grad_method": ("auto", "vmap", "loop"),
-    "safeguard.fallback": ("magnitude", "none"),
-    "distributed.backend": ("auto", "gloo", "nccl"),
-    "structure.unit": ("weight", "channel"),
-    "structure.target": ("flops", "params"),
-    "structure.rank": ("saliency", "per_cost"),
-    "structure.scores": ("auto", "magnitude", "taylor", "random"),
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.optimizer": choices.OPTIMIZERS,
+    "train.lr_schedule": choices.LR_SCHEDULES,
+    "fisher.labels": choices.LABELS,
+    "fisher.storage_dtype": choices.STORAGE_DTYPE_NAMES,
+    "fisher.store": choices.STORE_CHOICES,
+    "fisher.grad_method": choices.GRAD_METHODS,
+    "safeguard.fallback": choices.FALLBACKS,
+    "distributed.backend": choices.BACKENDS,
+    "structure.unit": choices.UNITS,
+    "structure.target": choices.METRICS,
+    "structure.rank": choices.RANKS,
+    "structure.scores": choices.GROUP_SCORES,
 }
 
 

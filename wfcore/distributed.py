@@ -37,11 +37,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from wfcore.choices import BACKENDS
 from wfcore.errors import ConfigError, WfcoreError, first_line
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "gloo", "nccl")
 T = TypeVar("T")
 
 

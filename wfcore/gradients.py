@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from wfcore import distributed, progress
+from wfcore.choices import GRAD_METHODS, LABELS
 from wfcore.errors import WfcoreError, first_line
 from wfcore.grad_calibration import MethodChoice, calibrate
 from wfcore.precision import full_float32, math_attention
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 2**20  # per-sample gradients held at once by one vmap call
 MAX_CHUNK = 256  # rows per vmap call
-LABELS = ("empirical", "sampled")  # fisher.labels: the data's, or drawn from the model
 Write = Callable[[int, torch.Tensor], None]  # (first row, rows (c, d)) into the store
 
 
@@ -100,8 +100,9 @@ class GradientSampler:
                 raise WfcoreError(f"fisher.storage_dtype: '{dtype}' is not one of "
                                   f"{', '.join(STORAGE_DTYPES)}")
             dtype = STORAGE_DTYPES[dtype]
-        if method not in ("auto", "vmap", "loop"):
-            raise WfcoreError(f"gradient method '{method}' is not one of auto, vmap, loop")
+        if method not in GRAD_METHODS:
+            raise WfcoreError(f"gradient method '{method}' is not one of "
+                              f"{', '.join(GRAD_METHODS)}")
         self.model = model
         self.params = params
         self.masks = masks
@@ -112,11 +113,11 @@ class GradientSampler:
         self.loss_fn = loss_fn
         self.num_grads = num_grads
         self.grad_batch = grad_batch
-        self.labels = labels
+        self.labels: str = labels
         self.device = torch.device(device)
         self.dtype = dtype  # storage dtype of the buffer
         self.offload = offload
-        self.method = method
+        self.method: str = method
         self.choice: MethodChoice | None = None  # what ``auto`` chose (calibrated once)
         self.progress = progress
         self.layout = ParamLayout(params)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+# prune_update's modes; how an estimator's ``damp`` is read (public here too)
+from wfcore.choices import DAMP_MODES, UPDATE_MODES  # noqa: F401
 from wfcore.errors import WfcoreDeprecationWarning
 from wfcore.masks import Masks, block_scores
 
@@ -27,10 +29,6 @@ Tensors = dict[str, torch.Tensor]
 # A data set's loss: (outputs, targets) -> the scalar mean over the batch.
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-UPDATE_MODES = ("independent", "joint")
-# How an estimator's ``damp`` is read: ``relative`` = a fraction of the Fisher's own
-# scale (the mean of its diagonal; unit-free), ``absolute`` = added to F as it is.
-DAMP_MODES = ("relative", "absolute")
 
 
 @dataclass

@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 
 from wfcore import distributed, shared_store
+from wfcore.choices import PLACES, STORAGE_DTYPE_NAMES
 from wfcore.errors import WfcoreError
 
 log = logging.getLogger(__name__)
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PLACES = ("memory", "disk")
+STORAGE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name)
+                                           for name in STORAGE_DTYPE_NAMES}
 DISK_MARGIN = 1 * 2**30  # free space left on the file system beside a store
 SUM_SLICE_BYTES = 64 * 2**20  # float64 temporaries of the column sums, per slice of columns
 SHARED_MEMORY = Path("/dev/shm")  # where the ranks of one machine share an in-memory store
@@ -73,7 +74,8 @@ class GradientStore:
                  device: torch.device | str = "cpu", pin: bool = False):
         if place not in PLACES:
             raise WfcoreError(f"fisher.store: '{place}' is not one of auto, memory, disk")
-        self.m, self.d, self.dtype, self.place = m, d, dtype, place
+        self.m, self.d, self.dtype = m, d, dtype
+        self.place: str = place
         self.device = torch.device(device)
         self.nbytes = store_bytes(m, d, dtype)
         self.path: Path | None = None
