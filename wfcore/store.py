@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from wfcore import distributed, shared_store
-from wfcore.choices import PLACES, STORAGE_DTYPE_NAMES
+from wfcore.choices import PLACES, STORAGE_DTYPE_NAMES, STORE_CHOICES
 from wfcore.errors import WfcoreError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class GradientStore:
                  place: str = "memory", directory: str | Path | None = None,
                  device: torch.device | str = "cpu", pin: bool = False):
         if place not in PLACES:
-            raise WfcoreError(f"fisher.store: '{place}' is not one of auto, memory, disk")
+            raise WfcoreError(f"fisher.store: '{place}' is not one of {', '.join(STORE_CHOICES)}")
         self.m, self.d, self.dtype = m, d, dtype
         self.place: str = place
         self.device = torch.device(device)
