@@ -41,7 +41,7 @@ demo: $(STAMP)
 test: lint typecheck
 	NM_DISABLE_ANALYTICS=1 $(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: lint typecheck
 	NM_DISABLE_ANALYTICS=1 $(BIN)/python -m pytest -q -m ""
 
 lint: $(STAMP)
