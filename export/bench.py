@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wfcore import WfcoreError, progress, rounds
+from wfcore.choices import ENGINES
 
 from .engines import Runner, Worker
 from .graph import check_benchable, input_shape, read_onnx
@@ -43,7 +44,6 @@ __all__ = ["ENGINES", "Timing", "bench", "check_same_model", "describe", "format
 
 SLOT_SECONDS = 0.01  # a slot runs enough batches to last this long (one batch at least)
 
-ENGINES = ("deepsparse", "onnxruntime", "torch")
 INSTALL = {
     "deepsparse": "pip install 'wfcore[deepsparse]' (deepsparse 1.8.0: Python < 3.12, "
                   "x86-64 Linux or macOS)",
@@ -207,7 +207,7 @@ def is_quantized(proto: Any) -> bool:
     return any(node.op_type in ops for node in proto.graph.node)
 
 
-def bench(path: str | Path | list[str | Path], *, dense: str | Path | None = None,
+def bench(path: str | Path | list[str | Path], *, dense: str | os.PathLike[str] | None = None,
           batch_size: int = 1, engines: tuple[str, ...] | list[str] = ENGINES,
           torch_models: dict[str, nn.Module] | None = None, **kwargs: Any) -> list[Timing]:
     """Time ``path`` (one ONNX file or several, e.g. a float and an INT8 export) and

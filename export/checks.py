@@ -209,7 +209,7 @@ def map_weights(model_proto: Any, params: dict[str, torch.Tensor],
     if missing and untraced is None:
         raise WfcoreError(f"ONNX zero check: cannot find the initializer of weight "
                           f"'{missing[0]}' {list(params[missing[0]].shape)} in the exported graph")
-    if missing:
+    if missing and untraced is not None:
         untraced.extend(missing)
         log.warning("ONNX zero check: %d prunable parameter(s) cannot be traced to an "
                     "initializer, their zeros are not verified: %s", len(missing),
@@ -245,7 +245,8 @@ def sparsity_table(model_proto: Any, params: dict[str, torch.Tensor]) -> dict[st
     untraced: list[str] = []
     mapped = map_weights(model_proto, params, untraced)
     arrays = {i.name: i for i in model_proto.graph.initializer}
-    rows, cache = [], {}
+    rows: list[dict[str, Any]] = []
+    cache: dict[str, np.ndarray] = {}
     for name in (n for n in params if n in mapped):
         m = mapped[name]
         w = params[name].detach().cpu().numpy()

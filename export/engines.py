@@ -109,10 +109,12 @@ class Worker:
         return self._ask(("time", repeats))
 
     def _ask(self, message: Any) -> Any:
+        stdin, stdout = self._proc.stdin, self._proc.stdout
+        assert stdin is not None and stdout is not None  # opened as pipes
         try:
-            pickle.dump(message, self._proc.stdin)
-            self._proc.stdin.flush()
-            ok, value = pickle.load(self._proc.stdout)
+            pickle.dump(message, stdin)
+            stdin.flush()
+            ok, value = pickle.load(stdout)
         except (EOFError, BrokenPipeError, pickle.UnpicklingError):
             code = self._proc.wait()
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
@@ -130,8 +132,10 @@ class Worker:
         """Ask the process to end (kill it if it does not), and replay what it printed."""
         if self._proc.poll() is None:
             try:
-                pickle.dump(("close", 0), self._proc.stdin)
-                self._proc.stdin.close()
+                stdin = self._proc.stdin
+                assert stdin is not None  # opened as a pipe
+                pickle.dump(("close", 0), stdin)
+                stdin.close()
                 self._proc.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 self._proc.kill()

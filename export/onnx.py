@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from wfcore import ConfigError, DataBundle, Exporter, WfcoreError, hookimpl
+from wfcore import ConfigError, DataBundle, Exporter, WfcoreError, dataset_size, hookimpl
 from wfcore.masks import select_params
 
 from . import checks, opsets
@@ -78,8 +78,8 @@ def parity_inputs(example: torch.Tensor, batch: int, seed: int = 0,
     """A batch for the parity check: distinct samples of the test set when ``data`` is
     given (inputs on which a trained model's outputs differ from each other), else the
     example's first item, then noise of its scale."""
-    if data is not None and len(data.test) >= 2:
-        items = [data.test[i] for i in range(min(batch, len(data.test)))]
+    if data is not None and dataset_size(data.test) >= 2:
+        items = [data.test[i] for i in range(min(batch, dataset_size(data.test)))]
         return torch.stack([(it[0] if isinstance(it, (tuple, list)) else it).detach().float()
                             for it in items]).cpu()
     g = torch.Generator().manual_seed(seed)
@@ -185,6 +185,8 @@ def export_int8(result: dict[str, Any], params: dict[str, torch.Tensor],
 class OnnxExporter(Exporter):
     """The registered exporter: ``export: {name: onnx, opset: 13, ...}``."""
 
+    Options = OnnxOptions
+
     def __init__(self, options: OnnxOptions | dict | None = None):
         self.options = options if isinstance(options, OnnxOptions) else OnnxOptions()
         self.step = self.options.step  # read by the pipeline's export stage
@@ -211,13 +213,10 @@ class OnnxExporter(Exporter):
 
     def check_data(self, data: DataBundle) -> None:
         """INT8 calibrates on ``calibration_samples`` training samples: they must exist."""
-        count, available = self.options.calibration_samples, len(data.train)
+        count, available = self.options.calibration_samples, dataset_size(data.train)
         if self.options.quantize == "int8" and count > available:
             raise ConfigError(f"config key 'export.calibration_samples': {count} is more than "
                               f"the {available} training samples")
-
-
-OnnxExporter.Options = OnnxOptions
 
 
 @hookimpl

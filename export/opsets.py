@@ -83,7 +83,9 @@ def to_onnx(model: nn.Module, example: torch.Tensor, target: str | Path | io.Byt
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         try:
             torch.onnx.export(
-                model, (example,), target if isinstance(target, io.BytesIO) else str(target),
+                # a file object works too; the annotation names paths only
+                model, (example,),
+                target if isinstance(target, io.BytesIO) else str(target),  # type: ignore[arg-type]
                 dynamo=False, opset_version=opset, input_names=["input"],
                 output_names=["output"], do_constant_folding=True,
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
@@ -93,15 +95,14 @@ def to_onnx(model: nn.Module, example: torch.Tensor, target: str | Path | io.Byt
             dump.seek(0)
             output = dump.read()[-20000:]
     if error is not None:
-        exc = error
         log.debug("the exporter's output at opset %d:\n%s", opset, output)
-        match = UNSUPPORTED.search(str(exc))
+        match = UNSUPPORTED.search(str(error))
         if match:
             operator, needs = match.group(1), match.group(3)
             raise ExportFailed(f"operator {operator} does not export at opset {opset}",
                                operator, int(needs) if needs else None) from None
         raise ExportFailed(f"the model does not export at opset {opset}: "
-                           f"{first_line(exc)}") from None
+                           f"{first_line(error)}") from None
 
 
 def export_lowest(model: nn.Module, example: torch.Tensor, target: str | Path | io.BytesIO,

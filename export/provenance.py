@@ -83,10 +83,10 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
     path = Path(path)
     proto = read_onnx(path)
     found = run_of(path, proto)
-    if found is None or found[1] is None:
+    if found is None:
         return None
     run_dir, state = found
-    if not state.is_file() or not (run_dir / "config.yaml").is_file():
+    if state is None or not state.is_file() or not (run_dir / "config.yaml").is_file():
         return None
     try:
         shape = input_shape(proto, 1)[1:]

@@ -41,13 +41,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from wfcore import WfcoreError
+from wfcore import WfcoreError, dataset_size
+from wfcore.choices import QUANTIZE_MODES
 
 from . import checks
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "int8")
+MODES = QUANTIZE_MODES
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,10 @@ def calibration_inputs(dataset: Dataset, count: int, seed: int = 0) -> np.ndarra
     """``count`` inputs drawn (seeded, without replacement) from ``dataset``: (count, ...)."""
     if count < 1:
         raise WfcoreError(f"calibration needs at least 1 sample, got {count}")
-    if count > len(dataset):
+    if count > dataset_size(dataset):
         raise WfcoreError(f"calibration asks for {count} samples, but the training set holds "
-                          f"{len(dataset)}")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+                          f"{dataset_size(dataset)}")
+    order = torch.randperm(dataset_size(dataset), generator=torch.Generator().manual_seed(seed))
     picked = Subset(dataset, order[:count].tolist())
     batches = [x for x, _ in DataLoader(picked, batch_size=64)]
     return torch.cat(batches).float().numpy()

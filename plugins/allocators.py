@@ -74,11 +74,11 @@ def global_with_caps(scores: Tensors, masks: Tensors, num_zeros: int,
         rank = torch.empty_like(keep, dtype=torch.long)
         rank[torch.argsort(s, stable=True)] = torch.arange(s.numel())
         eligible.append(keep & (rank < room))
-    flat_s, eligible = torch.cat(flat_s), torch.cat(eligible)
+    all_s, all_eligible = torch.cat(flat_s), torch.cat(eligible)
     flat_k = torch.cat([masks[n].reshape(-1).cpu() for n in names])
     new_zeros = max(num_zeros - int((~flat_k).sum()), 0)
     new_keep = flat_k.clone()
-    order = torch.argsort(flat_s.masked_fill(~eligible, float("inf")), stable=True)
+    order = torch.argsort(all_s.masked_fill(~all_eligible, float("inf")), stable=True)
     new_keep[order[:new_zeros]] = False
     out, offset = {}, 0
     for n in names:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from wfcore.plugins.models import BasicBlock
 
-from wfcore import ConfigError, hookimpl
+from wfcore import ConfigError, declare_options, hookimpl
 
 
 class ResidualBNCNN(nn.Module):
@@ -52,7 +52,7 @@ def bn_cnn(options: BNCNNOptions, num_classes: int, input_shape: tuple[int, ...]
     return ResidualBNCNN(input_shape[0], num_classes, options.width)
 
 
-bn_cnn.Options = BNCNNOptions
+declare_options(bn_cnn, BNCNNOptions)
 
 
 class TinyViT(nn.Module):
@@ -105,7 +105,7 @@ def vit_tiny(options: ViTOptions, num_classes: int, input_shape: tuple[int, ...]
                    options.heads, options.mlp_ratio)
 
 
-vit_tiny.Options = ViTOptions
+declare_options(vit_tiny, ViTOptions)
 
 
 def separable(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
@@ -143,7 +143,7 @@ def mobilenet_tiny(options: BNCNNOptions, num_classes: int,
     return TinyMobileNet(input_shape[0], num_classes, options.width)
 
 
-mobilenet_tiny.Options = BNCNNOptions
+declare_options(mobilenet_tiny, BNCNNOptions)
 
 
 @hookimpl

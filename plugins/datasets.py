@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from wfcore import ConfigError, DataBundle, WfcoreError, first_line, hookimpl
+from wfcore import ConfigError, DataBundle, WfcoreError, declare_options, first_line, hookimpl
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -47,7 +47,7 @@ def mnist5k(options: Mnist5kOptions, data) -> DataBundle:
                       num_classes=10, input_shape=(1, 28, 28))
 
 
-mnist5k.Options = Mnist5kOptions
+declare_options(mnist5k, Mnist5kOptions)
 
 
 @dataclass
@@ -76,7 +76,7 @@ def digits(options: DigitsOptions, data) -> DataBundle:
                       num_classes=10, input_shape=(1, 8, 8))
 
 
-digits.Options = DigitsOptions
+declare_options(digits, DigitsOptions)
 
 
 @dataclass
@@ -98,7 +98,7 @@ def fake(options: FakeOptions, data) -> DataBundle:
         num_classes=options.num_classes, input_shape=shape)
 
 
-fake.Options = FakeOptions
+declare_options(fake, FakeOptions)
 
 
 @dataclass
@@ -163,7 +163,7 @@ def torchvision_dataset(options: ImageOptions, data, target: str) -> DataBundle:
     return _bundle(train, test)
 
 
-torchvision_dataset.Options = ImageOptions
+declare_options(torchvision_dataset, ImageOptions)
 
 
 def _normalize_any(x: torch.Tensor) -> torch.Tensor:
@@ -242,7 +242,7 @@ def _image_folder(path: Path, tf):
         raise WfcoreError(f"data.root: {path}: {first_line(exc)}") from None
 
 
-imagefolder.Options = ImageOptions
+declare_options(imagefolder, ImageOptions)
 
 
 @hookimpl

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from wfcore import PruneStep, Scheduler, hookimpl
-
-LR_SCHEDULES = ("cosine", "step", "exponential", "constant")
+from wfcore.choices import LR_SCHEDULES
 
 
 def polynomial_sparsity(t: float, t0: float, t1: float, s_i: float, s_f: float,

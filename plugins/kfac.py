@@ -270,14 +270,15 @@ def modelled(module: nn.Module, name: str, p: nn.Parameter) -> bool:
 
 
 def layer_modules(model: nn.Module,
-                  params: dict[str, nn.Parameter]) -> dict[str, nn.Module | None]:
+                  params: dict[str, nn.Parameter]) -> dict[str, nn.Linear | nn.Conv2d | None]:
     """The Linear / Conv2d module that owns each prunable weight K-FAC factors
     (``modelled``); None for the other prunable parameters."""
-    modules: dict[str, nn.Module | None] = {}
+    modules: dict[str, nn.Linear | nn.Conv2d | None] = {}
     for name, p in params.items():
         owner = name.rpartition(".")[0]
         module = model.get_submodule(owner) if owner else model
-        modules[name] = module if modelled(module, name, p) else None
+        modules[name] = module if isinstance(module, (nn.Linear, nn.Conv2d)) \
+            and modelled(module, name, p) else None
     return modules
 
 
@@ -304,6 +305,8 @@ def diagonal_fisher(problem: PruningProblem, names: list[str], damp: float,
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(rows, in) inputs of the layer: features, or unfolded patches of a Conv2d."""
     if isinstance(module, nn.Conv2d):
+        if isinstance(module.padding, str):  # (``modelled`` leaves these layers out)
+            raise NotImplementedError(f"Conv2d with padding {module.padding!r}")
         patches = F.unfold(x, module.kernel_size, dilation=module.dilation,
                            padding=module.padding, stride=module.stride)  # (B, C*kh*kw, L)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])

@@ -32,11 +32,12 @@ class ReconstructionCurvature(IdentityCurvature):
         of per-layer counts that minimises the sum of the relative errors."""
         out = {}
         for n, w in weights.items():
-            zeros, errors = self.curves.get(n, (None, None))
+            curve = self.curves.get(n)
             flat = w.reshape(-1).double().abs()
-            if zeros is None:  # a layer without a curve: its magnitudes, scaled away
+            if curve is None:  # a layer without a curve: its magnitudes, scaled away
                 out[n] = w.double() ** 2 * 1e12
                 continue
+            zeros, errors = curve
             hull = lower_hull(zeros.tolist(), errors.tolist())
             now = int((flat == 0).sum())
             rank = torch.empty_like(flat)

@@ -41,16 +41,16 @@ def columns_of(module: nn.Module, x: torch.Tensor, part: int) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            raise NotImplementedError(f"{type(module).__name__} with padding "
+                                      f"{module.padding!r} / {module.padding_mode!r}")
         if isinstance(module, nn.Conv1d):  # as a conv2d of height 1
             x, kernel = x.unsqueeze(-2), (1, *module.kernel_size)
             stride, padding, dilation = (1, *module.stride), (0, *module.padding), \
-                (1, *module.dilation)
+                (1, *module.dilation)  # (padding: not a string, checked above)
         else:
             kernel, stride, padding, dilation = (module.kernel_size, module.stride,
                                                  module.padding, module.dilation)
-        if isinstance(padding, str) or module.padding_mode != "zeros":
-            raise NotImplementedError(f"{type(module).__name__} with padding "
-                                      f"{module.padding!r} / {module.padding_mode!r}")
         per_group = x.shape[1] // module.groups
         x = x[:, part * per_group:(part + 1) * per_group]
         patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)

@@ -166,8 +166,8 @@ class Calibration:
                 if not sums[name]:
                     pass
                 elif isinstance(mod, nn.MultiheadAttention):
-                    qkv = [kwargs.get(k, args[i] if len(args) > i else None)
-                           for i, k in enumerate(("query", "key", "value"))]
+                    qkv: list[torch.Tensor] = [kwargs[k] if k in kwargs else args[i]
+                                               for i, k in enumerate(("query", "key", "value"))]
                     for k, x in enumerate(qkv):
                         x = x.transpose(0, 1) if not mod.batch_first else x
                         sums[name][k].add(x.reshape(-1, x.shape[-1]))
@@ -237,8 +237,10 @@ class Layerwise(LayerwiseEstimator):
     def set_guide(self, estimator: HessianEstimator) -> None:
         self._guide = estimator
 
+    # the guide's gradients (WoodFisher's m rows); a read-only property where the contract
+    # declares a class attribute, which nothing assigns to
     @property
-    def needs_gradients(self) -> bool:  # the guide's gradients (WoodFisher's m rows)
+    def needs_gradients(self) -> bool:  # type: ignore[override]
         return self._guide is not None and self._guide.needs_gradients
 
     def paired_scorer(self) -> Scorer | None:
@@ -275,7 +277,7 @@ class Layerwise(LayerwiseEstimator):
                 for mod, (module, parts_) in layers.items()}
         Calibration(problem, self.options.samples, self.options.batch_size).run(
             {mod: module for mod, (module, _) in layers.items()}, sums, None)
-        curves = {}
+        curves: dict[str, list[list[tuple[int, float]]]] = {}  # param -> its parts' curves
         for mod, (module, parts_) in tqdm(layers.items(), desc="layer error curves",
                                           leave=False, disable=disabled(False)):
             for part in parts_:
@@ -381,6 +383,7 @@ class Layerwise(LayerwiseEstimator):
 
 class ExactOBS(Layerwise):
     Options = ExactOBSOptions
+    options: ExactOBSOptions
 
     def prune_matrix(self, W, H, keep, zeros, pattern):
         return exact_obs.prune(W, H, keep, zeros, self.options.damp, pattern,

@@ -6,12 +6,13 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wfcore import ConfigError, first_line, hookimpl
+from wfcore import ConfigError, declare_options, first_line, hookimpl
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def mlp(options: MLPOptions, num_classes: int, input_shape: tuple[int, ...]) -> 
     return MLP(math.prod(input_shape), list(options.hidden), num_classes)
 
 
-mlp.Options = MLPOptions
+declare_options(mlp, MLPOptions)
 
 
 class MnistCNN(nn.Module):
@@ -143,7 +144,7 @@ def resnet20(options: ResNet20Options, num_classes: int, input_shape: tuple[int,
     return ResNet20(input_shape[0], num_classes, options.depth)
 
 
-resnet20.Options = ResNet20Options
+declare_options(resnet20, ResNet20Options)
 
 
 @dataclass
@@ -185,13 +186,18 @@ def adapt_first_conv(model: nn.Module, name: str, in_channels: int,
     its pretrained weights averaged over the input channels and repeated, else freshly
     initialised. Returns the new layer."""
     old = model.get_submodule(name)
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                    old.dilation, old.groups, old.bias is not None, old.padding_mode)
+    if not isinstance(old, nn.Conv2d):
+        raise TypeError(f"'{name}' is a {type(old).__name__}, not a Conv2d")
+    # a Conv2d's sizes are typed as its base class's tuple[int, ...]; they are pairs
+    sizes: dict[str, Any] = {"kernel_size": old.kernel_size, "stride": old.stride,
+                             "padding": old.padding, "dilation": old.dilation}
+    new = nn.Conv2d(in_channels, old.out_channels, groups=old.groups,
+                    bias=old.bias is not None, padding_mode=old.padding_mode, **sizes)
     if pretrained:
         with torch.no_grad():
             mean = old.weight.mean(dim=1, keepdim=True)  # (out, 1, kh, kw)
             new.weight.copy_(mean.repeat(1, in_channels, 1, 1))  # (out, in_channels, kh, kw)
-            if old.bias is not None:
+            if old.bias is not None and new.bias is not None:
                 new.bias.copy_(old.bias)
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, new)
@@ -251,7 +257,7 @@ def torchvision_model(options: TorchvisionOptions, num_classes: int,
     return model.train()
 
 
-torchvision_model.Options = TorchvisionOptions
+declare_options(torchvision_model, TorchvisionOptions)
 
 
 @hookimpl

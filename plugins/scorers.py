@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from wfcore import Curvature, Scorer, Tensors, hookimpl
+from wfcore.choices import UPDATES
 from wfcore.masks import from_groups, to_groups
 
 log = logging.getLogger(__name__)
 
-UPDATES = ("none", "independent", "joint")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wfcore import ConfigError, first_line, hookimpl
+from wfcore import ConfigError, declare_options, first_line, hookimpl
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def timm_model(options: TimmOptions, num_classes: int, input_shape: tuple[int, .
     return model.train()
 
 
-timm_model.Options = TimmOptions
+declare_options(timm_model, TimmOptions)
 
 
 @hookimpl

@@ -156,7 +156,8 @@ class BlockGroup:
 
     def drop_factors(self) -> None:
         """Free everything but diag(F^-1) and the settled damping."""
-        self.G = self._L = self._F_inv = None
+        del self.G
+        self._L = self._F_inv = None
 
     def diag(self) -> torch.Tensor:
         """(n, B): diag(F^-1)."""

@@ -84,3 +84,20 @@ def test_switching_a_component_drops_the_old_components_options():
     assert dict(cfg.estimator) == {"name": "kfac", "damp": 1e-3}
     cfg = load("estimator.damp=1e-3")
     assert cfg.estimator.name == "woodfisher" and cfg.estimator.block_size == 500
+
+
+@pytest.mark.parametrize("key", list(config.CHOICES))
+def test_each_choice_is_checked_and_described(key):
+    """Every name a choice setting takes is in the schema's comment beside it (the docs
+    are made from those) and loads; a name outside the list is refused naming the key."""
+    import dataclasses
+
+    section, name = key.split(".")
+    schema = {f.name: f.type for f in dataclasses.fields(config.Config)}[section]
+    schema = getattr(config, schema) if isinstance(schema, str) else schema
+    comment = {row[0]: row[3] for row in config.describe_options(schema)}[name]
+    for value in config.CHOICES[key]:
+        assert value in comment, f"{key}: '{value}' is not described"
+        assert config.load(None, [f"{key}={value}"])[section][name] == value
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        config.load(None, [f"{key}=not_a_choice"])

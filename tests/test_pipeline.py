@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from plugin_packages import wfcore_subprocess
 
-from wfcore import cli
+from wfcore import cli, prepare
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "mnist_mlpnet.yaml"
@@ -45,10 +46,22 @@ def test_magnitude_oneshot_reaches_targets(tmp_path, allocator):
     assert zeros == round(sum(v["sparsity"] * v["numel"] for v in layers.values()))
 
 
-def test_dense_model_is_cached(tmp_path):
-    first = prune(tmp_path / "a")
+def test_dense_model_is_cached(tmp_path, monkeypatch):
+    trained: list[str] = []
+    train = prepare.train
+
+    def spy(*args, **kwargs):
+        trained.append(kwargs.get("desc", ""))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "train", spy)
+    first = prune(tmp_path / "a")  # trains the dense model, unless a test before did
+    cached = Path(first["dense"]["source"])
+    assert cached.is_file() and cached.is_relative_to(os.environ["WFCORE_CACHE"])
+    trained.clear()
     second = prune(tmp_path / "b")
-    assert second["dense"]["source"] == first["dense"]["source"]
+    assert trained == []  # the second run loads it: no training
+    assert second["dense"]["source"] == str(cached)
     assert second["dense"]["accuracy"] == first["dense"]["accuracy"]
 
 

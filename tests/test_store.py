@@ -152,10 +152,24 @@ def test_a_block_larger_than_the_budget_is_refused_with_numbers():
             max_memory_gb=1e-6)
 
 
-def test_float32_solves_read_float64_chunks():
-    params, G = gradients(MLPNet(), ["fc3.weight"], m=16)
-    cur = fit(params, G, GradientStore.from_tensor(G), dtype="float32", block_size=50)
+def test_float32_solves_read_float64_chunks(monkeypatch):
+    params, G = gradients(MLPNet(), ["fc3.weight"], m=16)  # float64 rows
+    store = GradientStore.from_tensor(G)
+    read: list[torch.dtype] = []
+    columns = store.columns
+
+    def spy(*args, **kwargs):
+        out = columns(*args, **kwargs)
+        read.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(store, "columns", spy)
+    cur = fit(params, G, store, dtype="float32", block_size=50)
+    assert read and set(read) == {torch.float64}  # the chunks come as stored
     assert cur.diag.dtype == DTYPES["float32"]
+    # the float32 solves agree with float64 ones to float32's precision
+    reference = fit(params, G, GradientStore.from_tensor(G), dtype="float64", block_size=50)
+    torch.testing.assert_close(cur.diag.double(), reference.diag, rtol=1e-5, atol=0)
 
 
 # -- the pipeline: the store lives for one step; the plan comes first ----------------------

@@ -50,27 +50,30 @@ _LAZY = {
     "LayerwiseEstimator": "wfcore.interfaces",
     "Scorer": "wfcore.interfaces", "Allocator": "wfcore.interfaces",
     "PruneStep": "wfcore.interfaces", "Scheduler": "wfcore.interfaces",
-    "Exporter": "wfcore.interfaces",
+    "Exporter": "wfcore.interfaces", "dataset_size": "wfcore.interfaces",
+    "declare_options": "wfcore.interfaces",
     "ParamLayout": "wfcore.gradients", "Masks": "wfcore.masks",
     "WfcoreError": "wfcore.errors", "ConfigError": "wfcore.errors",
     "PluginError": "wfcore.errors", "first_line": "wfcore.errors",
     "available_memory": "wfcore.plan",
 }
-# public submodules (their functions and classes): ``from wfcore.testing import check_curvature``
-_MODULES = ("testing", "masks", "progress", "distributed", "rounds")
+# public submodules (their functions and classes): ``from wfcore.testing import check_curvature``;
+# ``wfcore.choices``: the names each choice setting takes
+_MODULES = ("testing", "masks", "progress", "distributed", "rounds", "choices")
 
 __all__ = [  # _LAZY and _MODULES, spelled out for linters and readers
     "__version__", "hookimpl", "testing", "masks", "progress", "distributed", "rounds",
-    "prune", "export", "bench", "Result", "load_model",
+    "choices", "prune", "export", "bench", "Result", "load_model",
     "DataBundle", "Loss", "Tensors", "UPDATE_MODES", "DAMP_MODES", "GradientRows",
     "GradientSource", "EstimatorCost", "PruningProblem", "Curvature", "Stateful",
     "HessianEstimator", "LayerwiseEstimator", "Scorer", "Allocator", "PruneStep",
     "Scheduler", "Exporter", "ParamLayout", "Masks", "available_memory",
-    "WfcoreError", "ConfigError", "PluginError", "first_line",
+    "WfcoreError", "ConfigError", "PluginError", "first_line", "dataset_size",
+    "declare_options",
 ]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them
-    from wfcore import distributed, masks, progress, rounds, testing
+    from wfcore import choices, distributed, masks, progress, rounds, testing
     from wfcore.api import Result, bench, export, prune
     from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
     from wfcore.gradients import ParamLayout
@@ -93,6 +96,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
         Scorer,
         Stateful,
         Tensors,
+        dataset_size,
+        declare_options,
     )
     from wfcore.masks import Masks
     from wfcore.plan import available_memory

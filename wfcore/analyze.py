@@ -379,7 +379,7 @@ def compute(cfg: DictConfig, plugins: manager.Plugins | None
     results: list[dict[str, Any]] = []
     for ref in REFERENCES:
         log.info("analyze: exact %s (damp %g)", ref, a.damp)
-        curvature = DenseCurvature(inverses[ref], layout)
+        curvature: Curvature = DenseCurvature(inverses[ref], layout)
         results.append({"curvature": ref, "m": None,
                         **evaluate(refs, curvature, inverses[ref])})
     for name in a.estimators:

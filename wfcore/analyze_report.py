@@ -198,7 +198,8 @@ def plot_sets(result: dict[str, Any], path: Path) -> Path:
     """Predicted against actual loss increase of the pruned sets, one marker per sparsity."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    xs, ys = [], []
+    xs: list[float] = []
+    ys: list[float] = []
     for i, r in enumerate(largest_m(result)):
         sets = [s for s in r["sets"] if "error" not in s]
         x, y = [s["predicted"] for s in sets], [s["actual"] for s in sets]

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from wfcore import config as config_mod
 from wfcore import inmemory, manager, pipeline, rundir
+from wfcore.choices import ENGINES
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.interfaces import Loss
 from wfcore.report import table
@@ -314,8 +315,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
 
 
 def bench(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
-          dense: str | os.PathLike | None = None, batch_size: int = 1,
-          engines: Sequence[str] = ("deepsparse", "onnxruntime", "torch"),
+          dense: str | os.PathLike[str] | None = None, batch_size: int = 1,
+          engines: Sequence[str] = ENGINES,
           torch_models: Mapping[str, nn.Module] | None = None, quiet: bool = False,
           **kwargs: Any) -> list[dict[str, Any]]:
     """Time ONNX files on every installed engine, as ``wfcore bench``; one row per file and

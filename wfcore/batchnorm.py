@@ -88,13 +88,14 @@ class RunningStats:
         by chunk (exact, whatever the chunking), while the forward passes normalise with
         each chunk's own statistics as in training. The model's modes are left as they
         came."""
-        if not self.modules:
+        samples = self.x
+        if not self.modules or samples is None:  # (None exactly when there are no modules)
             return
         start = time.perf_counter()
         modes = {m: m.training for m in self.model.modules()}
-        sums: dict[nn.Module, list[Any]] = {m: [0, 0.0, 0.0] for m in self.modules}
+        sums: dict[_NormBase, list[Any]] = {m: [0, 0.0, 0.0] for m in self.modules}
 
-        def moments(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        def moments(module: _NormBase, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach().double()  # (N, C, *spatial): channels on dim 1
             x = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C, N * positions)
             acc = sums[module]
@@ -107,19 +108,23 @@ class RunningStats:
             self.model.eval()
             for m in self.modules:
                 m.train()  # normalise with each chunk's statistics, as in training
-            for x in self.x.split(self.chunk):
+            for x in samples.split(self.chunk):
                 self.model(x)
         finally:
             for h in hooks:
                 h.remove()
-            for m, training in modes.items():
-                m.train(training)
+            for module, training in modes.items():
+                module.train(training)
         for m, (n, total, squares) in sums.items():
             mean = total / n
             var = (squares - n * mean.square()) / max(n - 1, 1)  # unbiased, as BatchNorm's
-            m.running_mean.copy_(mean.to(m.running_mean.dtype))
-            m.running_var.copy_(var.clamp_min(0.0).to(m.running_var.dtype))
-            m.num_batches_tracked.add_(1)
+            running_mean, running_var, batches = \
+                m.running_mean, m.running_var, m.num_batches_tracked
+            # stat_modules keeps the modules that track running statistics: these are set
+            assert running_mean is not None and running_var is not None and batches is not None
+            running_mean.copy_(mean.to(running_mean.dtype))
+            running_var.copy_(var.clamp_min(0.0).to(running_var.dtype))
+            batches.add_(1)
         self.calls += 1
         self.seconds += time.perf_counter() - start
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from wfcore.interfaces import dataset_size
+
 
 @dataclass
 class CalibrationBatch:
@@ -21,7 +23,7 @@ class CalibrationBatch:
 def calibration_batch(train: Dataset, size: int, seed: int,
                       device: torch.device | str = "cpu") -> CalibrationBatch:
     """``size`` samples of ``train`` (all of it if smaller), in a seeded random order."""
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(dataset_size(train), generator=torch.Generator().manual_seed(seed))
     indices = order[:size]
     batch = default_collate([train[int(i)] for i in indices])
     if torch.is_tensor(batch):

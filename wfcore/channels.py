@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,7 @@ def item_kind(tp: Any, module: nn.Module, fn: Any) -> str:
     return "other"
 
 
-def channel_groups(model: nn.Module, graph: Any, ignored: list[nn.Module] = ()) -> \
+def channel_groups(model: nn.Module, graph: Any, ignored: Sequence[nn.Module] = ()) -> \
         list[ChannelGroup]:
     """Every prunable group of the graph, rooted at Conv/Linear layers not in ``ignored``
     (the classifier: its outputs are the classes)."""
@@ -237,7 +238,8 @@ class CostModel:
             for h in hooks:
                 h.remove()
 
-    def _record(self, name: str, m: nn.Module, out: torch.Tensor) -> None:
+    def _record(self, name: str, m: nn.Linear | nn.modules.conv._ConvNd,
+                out: torch.Tensor) -> None:
         if isinstance(m, nn.Linear):
             out_ch, in_ch, kernel, groups = m.out_features, m.in_features, 1, 1
         else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -78,7 +78,9 @@ def config_differences(saved: dict[str, Any], cfg: DictConfig | dict[str, Any]) 
 # -- RNG states ------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """torch (CPU and CUDA), numpy and python RNG states as tensors and plain values."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # the legacy tuple (get_state's default form)
+    kind, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float],
+                                             np.random.get_state(legacy=True))
     version, internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from wfcore import __version__
+from wfcore.choices import ENGINES, QUANTIZE_MODES
 from wfcore.errors import ConfigError, WfcoreError, first_line
 
 log = logging.getLogger("wfcore")
@@ -280,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
                         help="or the last step with this target sparsity (e.g. 0.9)")
     export.add_argument("-o", "--output", help="the ONNX file (default: RUN_DIR/"
                         "model_step<N>.onnx); dense.onnx is written beside it")
-    export.add_argument("--quantize", choices=("none", "int8"),
+    export.add_argument("--quantize", choices=QUANTIZE_MODES,
                         help="int8: also write <name>.int8.onnx beside each model, statically "
                         "quantized on training samples with the zeros kept (default: the "
                         "run's export.quantize)")
@@ -302,8 +303,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--dense", help="the dense ONNX model: speed-ups are against it on "
                        "ONNX Runtime")
     bench.add_argument("--batch-size", type=int, default=1, help="items per batch (default: 1)")
-    bench.add_argument("--engines", default="deepsparse,onnxruntime,torch",
-                       help="comma-separated: deepsparse, onnxruntime, torch (default: all three)")
+    bench.add_argument("--engines", default=",".join(ENGINES),
+                       help=f"comma-separated: {', '.join(ENGINES)} (default: all three)")
     bench.add_argument("--warmup", type=int, default=5, help="untimed batches first (default: 5)")
     bench.add_argument("--runs", type=int, default=20, help="timed rounds, at least; each round "
                        "runs every model on every engine once (default: 20)")

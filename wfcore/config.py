@@ -16,14 +16,15 @@ import hashlib
 import inspect
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wfcore import choices
 from wfcore.errors import ConfigError, first_line
 
 COMPONENT_KINDS = {
@@ -233,19 +234,19 @@ class Config:
     analyze: AnalyzeSection = field(default_factory=AnalyzeSection)  # `wfcore analyze` only
 
 
-CHOICES = {
-    "train.optimizer": ("sgd", "adam", "adamw"),
-    "train.lr_schedule": ("cosine", "step", "exponential", "constant"),
-    "fisher.labels": ("empirical", "sampled"),
-    "fisher.storage_dtype": ("float32", "float16", "bfloat16"),
-    "fisher.store": ("auto", "memory", "disk"),
-    "fisher.grad_method": ("auto", "vmap", "loop"),
-    "safeguard.fallback": ("magnitude", "none"),
-    "distributed.backend": ("auto", "gloo", "nccl"),
-    "structure.unit": ("weight", "channel"),
-    "structure.target": ("flops", "params"),
-    "structure.rank": ("saliency", "per_cost"),
-    "structure.scores": ("auto", "magnitude", "taylor", "random"),
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.optimizer": choices.OPTIMIZERS,
+    "train.lr_schedule": choices.LR_SCHEDULES,
+    "fisher.labels": choices.LABELS,
+    "fisher.storage_dtype": choices.STORAGE_DTYPE_NAMES,
+    "fisher.store": choices.STORE_CHOICES,
+    "fisher.grad_method": choices.GRAD_METHODS,
+    "safeguard.fallback": choices.FALLBACKS,
+    "distributed.backend": choices.BACKENDS,
+    "structure.unit": choices.UNITS,
+    "structure.target": choices.METRICS,
+    "structure.rank": choices.RANKS,
+    "structure.scores": choices.GROUP_SCORES,
 }
 
 
@@ -271,7 +272,7 @@ def unknown_key(key: str, known: Iterable[str] = ()) -> ConfigError:
     if not known:
         node = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else \
             OmegaConf.structured(Config)
-        known = list(node.keys()) if isinstance(node, DictConfig) else []
+        known = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
     close = difflib.get_close_matches(last, list(known), n=1, cutoff=0.6)
     hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
@@ -292,13 +293,13 @@ def _wrap(exc: OmegaConfBaseException, where: str = "", known: Iterable[str] = (
     return ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}")
 
 
-def load(path: str | Path | None, overrides: list[str] = (),
-         layers: list[DictConfig] = ()) -> DictConfig:
+def load(path: str | Path | None, overrides: Sequence[str] = (),
+         layers: Sequence[DictConfig] = ()) -> DictConfig:
     """Schema <- YAML file <- dot-list overrides <- ``layers`` (mappings, e.g. the keyword
     settings of ``wfcore.prune``). Errors name the offending key. A config read from a file
     gets that file's folder as ``base_dir`` unless it sets one."""
     schema = OmegaConf.structured(Config)
-    extra, layers = list(layers), []
+    extra, merged = list(layers), list[DictConfig]()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -311,7 +312,7 @@ def load(path: str | Path | None, overrides: list[str] = (),
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"config file {path}: the top level must be a mapping of "
                               "config keys, not a list")
-        layers.append(layer)
+        merged.append(layer)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -324,11 +325,11 @@ def load(path: str | Path | None, overrides: list[str] = (),
         except Exception as exc:  # YAML syntax of the value
             raise ConfigError(f"override '{item}' is not valid: {first_line(exc)}") from None
     if items:
-        layers.append(OmegaConf.merge(*items))
-    layers += extra
-    _switch_components(layers)
+        merged.append(cast(DictConfig, OmegaConf.merge(*items)))  # of mappings: a mapping
+    merged += extra
+    _switch_components(merged)
     try:
-        cfg = OmegaConf.merge(schema, *layers)
+        cfg = cast(DictConfig, OmegaConf.merge(schema, *merged))  # onto the schema's mapping
     except OmegaConfBaseException as exc:
         raise _wrap(exc) from None
     for key, allowed in CHOICES.items():
@@ -441,7 +442,8 @@ def component_options(section: str, cfg: DictConfig, options_class: type | None)
 
     Returns an instance of the dataclass, or {} when the component takes no options.
     """
-    values = OmegaConf.to_container(cfg[section], resolve=True)
+    # a section is a mapping (``load`` checks it)
+    values = cast(dict[str, Any], OmegaConf.to_container(cfg[section], resolve=True))
     values.pop("name", None)
     return validate_options(section, values, options_class)
 

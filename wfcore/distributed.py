@@ -31,17 +31,17 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from wfcore.choices import BACKENDS
 from wfcore.errors import ConfigError, WfcoreError, first_line
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "gloo", "nccl")
 T = TypeVar("T")
 
 
@@ -222,7 +222,7 @@ def broadcast_module(model: nn.Module) -> None:
         broadcast_(t.data)
 
 
-def gather_objects(obj: T) -> list[T]:
+def gather_objects(obj: T | None) -> list[T]:
     """Every rank's picklable ``obj`` (None ones left out), in rank order."""
     if _group.world == 1:
         return [obj] if obj is not None else []
@@ -247,12 +247,12 @@ def agree(fn: Callable[[], T]) -> T:
         result = fn()
     except (WfcoreError, OSError) as exc:
         error = first_line(exc)
-    errors = [None] * _group.world
+    errors: list[str | None] = [None] * _group.world
     dist.all_gather_object(errors, error)
     failed = [e for e in errors if e is not None]
     if failed:
         raise AgreedError(failed[0])
-    return result
+    return cast(T, result)  # fn() returned it: no rank failed
 
 
 def on_main(fn: Callable[[], T]) -> T:
@@ -268,7 +268,7 @@ def on_main(fn: Callable[[], T]) -> T:
     result, error = broadcast_object((result, error))
     if error is not None:
         raise AgreedError(error)
-    return result
+    return cast(T, result)  # rank 0's fn() returned it
 
 
 def same_on_every_rank(state: dict[str, torch.Tensor]) -> bool:
@@ -279,7 +279,7 @@ def same_on_every_rank(state: dict[str, torch.Tensor]) -> bool:
     for name in sorted(state):
         digest.update(name.encode())
         flat = state[name].detach().cpu().reshape(-1).contiguous()
-        digest.update(flat.view(torch.uint8).numpy())
+        digest.update(flat.view(torch.uint8).numpy().data)
     return len(set(gather_objects(digest.hexdigest()))) == 1
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from wfcore import progress as progress_bars
 from wfcore.gradients import ParamLayout
-from wfcore.interfaces import Curvature, Tensors
+from wfcore.interfaces import Curvature, Loss, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ExactLoss:
     """The mean loss over fixed samples as a function of the flat analysed weights."""
 
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor,
-                 y: torch.Tensor, loss_fn: nn.Module, *, batch_size: int = 256,
+                 y: torch.Tensor, loss_fn: Loss, *, batch_size: int = 256,
                  progress: bool = True):
         self.model = model
         self.layout = ParamLayout(params)

@@ -40,6 +40,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -69,11 +70,11 @@ class GradientSampler(Protocol):
 
     def row_grads(self) -> Any: ...
 
-    def _load(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def _load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def _next_indices(self, n: int) -> Any: ...
 
-    def _targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def _targets(self, logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor: ...
 
 MIN_GRADS = 16  # fewer gradients than this: no calibration (it would cost a sizable share)
 SHARE = 8  # the calibration computes at most m / SHARE rows in all
@@ -121,7 +122,7 @@ def calibrate(sampler: GradientSampler, m: int) -> MethodChoice:
             try:
                 row_grad, prunable = sampler.row_grads()
                 for c in chunk_sizes(n):
-                    slots[f"vmap/{c}"] = _slot(lambda c=c: row_grad(prunable, x[:c], y[:c]), c)
+                    slots[f"vmap/{c}"] = _slot(partial(row_grad, prunable, x[:c], y[:c]), c)
             except WfcoreError:
                 raise
             except Exception as exc:  # a model torch.func cannot trace: the loop it is

@@ -18,7 +18,7 @@ when the plan says the (m, d) matrix does not fit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import nullcontext
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from wfcore import distributed, progress
+from wfcore.choices import GRAD_METHODS, LABELS
 from wfcore.errors import WfcoreError, first_line
 from wfcore.grad_calibration import MethodChoice, calibrate
 from wfcore.precision import full_float32, math_attention
@@ -38,14 +39,13 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 2**20  # per-sample gradients held at once by one vmap call
 MAX_CHUNK = 256  # rows per vmap call
-LABELS = ("empirical", "sampled")  # fisher.labels: the data's, or drawn from the model
 Write = Callable[[int, torch.Tensor], None]  # (first row, rows (c, d)) into the store
 
 
 class ParamLayout:
     """Where each prunable parameter lies in the flat vector of length d."""
 
-    def __init__(self, params: dict[str, torch.Tensor]):
+    def __init__(self, params: Mapping[str, torch.Tensor]):
         self.names = list(params)
         self.shapes = {n: tuple(p.shape) for n, p in params.items()}
         self.numels = {n: p.numel() for n, p in params.items()}
@@ -79,7 +79,7 @@ class GradientSampler:
         params: dict[str, nn.Parameter],
         masks: dict[str, torch.Tensor],
         dataset: Dataset,
-        loss_fn: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],  # a Loss (interfaces.py)
         *,
         num_grads: int,
         grad_batch: int = 1,
@@ -100,20 +100,24 @@ class GradientSampler:
                 raise WfcoreError(f"fisher.storage_dtype: '{dtype}' is not one of "
                                   f"{', '.join(STORAGE_DTYPES)}")
             dtype = STORAGE_DTYPES[dtype]
-        if method not in ("auto", "vmap", "loop"):
-            raise WfcoreError(f"gradient method '{method}' is not one of auto, vmap, loop")
+        if method not in GRAD_METHODS:
+            raise WfcoreError(f"gradient method '{method}' is not one of "
+                              f"{', '.join(GRAD_METHODS)}")
         self.model = model
         self.params = params
         self.masks = masks
+        if not isinstance(dataset, Sized):  # (wfcore.interfaces imports this module)
+            raise TypeError(f"{type(dataset).__name__} has no length: a data set must be map-style")
         self.dataset = dataset
+        self.size = len(dataset)
         self.loss_fn = loss_fn
         self.num_grads = num_grads
         self.grad_batch = grad_batch
-        self.labels = labels
+        self.labels: str = labels
         self.device = torch.device(device)
         self.dtype = dtype  # storage dtype of the buffer
         self.offload = offload
-        self.method = method
+        self.method: str = method
         self.choice: MethodChoice | None = None  # what ``auto`` chose (calibrated once)
         self.progress = progress
         self.layout = ParamLayout(params)
@@ -150,7 +154,7 @@ class GradientSampler:
         out = []
         while count > 0:
             if self._order is None or self._pos >= len(self._order):
-                self._order = torch.randperm(len(self.dataset), generator=self.generator)
+                self._order = torch.randperm(self.size, generator=self.generator)
                 self._pos = 0
             take = self._order[self._pos:self._pos + count]
             self._pos += len(take)
@@ -184,7 +188,7 @@ class GradientSampler:
         the order of a loader shuffled by the sampler's generator (reshuffled for each pass
         over the data). ``sampled`` labels are drawn from the model's softmax (eval mode, no
         gradients) with the same generator."""
-        if len(self.dataset) == 0:
+        if self.size == 0:
             raise WfcoreError("fisher: the training samples pruning may see are empty")
         loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True,
                             generator=self.generator)
@@ -355,7 +359,7 @@ class GradientSampler:
                 y = self._draw(probs)[lo * b:hi * b].to(self.device)
             elif x is not None:
                 y = self._targets(x, y)
-            if hi > lo:
+            if x is not None and y is not None:  # (this rank has rows: hi > lo)
                 grads = row_grad(prunable, x.reshape(hi - lo, b, *x.shape[1:]),
                                  y.reshape(hi - lo, b, *y.shape[1:]))
                 mine = self._flat_rows(grads)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from wfcore import hookimpl, states
 from wfcore.errors import ConfigError, WfcoreError
-from wfcore.interfaces import DataBundle, Loss
+from wfcore.interfaces import DataBundle, Loss, dataset_size
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def to_dataset(obj: Any, key: str) -> Dataset:
 
 
 def first_item(dataset: Dataset, key: str) -> tuple[torch.Tensor, Any]:
-    if len(dataset) == 0:
+    if dataset_size(dataset) == 0:
         raise WfcoreError(f"{key}: the data set is empty")
     item = dataset[0]
     if not isinstance(item, (tuple, list)) or len(item) < 2:
@@ -81,7 +81,7 @@ def count_classes(*datasets: Dataset) -> int:
         if isinstance(d, TensorDataset) and len(d.tensors) > 1:
             labels = d.tensors[1]
         else:
-            labels = torch.as_tensor([d[i][1] for i in range(min(len(d), SCANNED))])
+            labels = torch.as_tensor([d[i][1] for i in range(min(dataset_size(d), SCANNED))])
         if len(labels) and not labels.is_floating_point():
             largest = max(largest, int(labels.max()))
     return max(largest + 1, 1)

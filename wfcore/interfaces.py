@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+# prune_update's modes; how an estimator's ``damp`` is read (public here too)
+from wfcore.choices import DAMP_MODES, UPDATE_MODES  # noqa: F401
 from wfcore.errors import WfcoreDeprecationWarning
 from wfcore.masks import Masks, block_scores
 
@@ -27,10 +29,6 @@ Tensors = dict[str, torch.Tensor]
 # A data set's loss: (outputs, targets) -> the scalar mean over the batch.
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-UPDATE_MODES = ("independent", "joint")
-# How an estimator's ``damp`` is read: ``relative`` = a fraction of the Fisher's own
-# scale (the mean of its diagonal; unit-free), ``absolute`` = added to F as it is.
-DAMP_MODES = ("relative", "absolute")
 
 
 @dataclass
@@ -45,6 +43,24 @@ class DataBundle:
     # takes a loss (training, gradients, calibration, evaluation, K-FAC). None = cross-
     # entropy of logits over num_classes against class indices.
     loss: Loss | None = None
+
+
+def dataset_size(dataset: Dataset) -> int:
+    """The number of samples of a data set.
+
+    torch's ``Dataset`` declares no ``__len__`` (an iterable-style one has none); the data
+    sets here are map-style, indexed from 0 to their length.
+    """
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no length: a data set must be map-style")
+    return len(dataset)
+
+
+def declare_options(factory: Callable[..., Any], options: type | None) -> None:
+    """Give a factory function its ``Options`` dataclass (the keys of its config section;
+    None: it takes no options): ``declare_options(mlp, MLPOptions)`` below ``def mlp``."""
+    # a function takes any attribute, but its type (a Callable) declares none
+    factory.Options = options  # type: ignore[attr-defined]
 
 
 @runtime_checkable

@@ -6,10 +6,11 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -43,6 +44,8 @@ from wfcore.interfaces import (
     PruningProblem,
     Scheduler,
     Scorer,
+    Tensors,
+    dataset_size,
 )
 from wfcore.masks import Masks, block_scores, select_params, whole_blocks
 from wfcore.nm import nm_keep, parse_pattern
@@ -97,14 +100,15 @@ def resolved_config(cfg: DictConfig, plugins: manager.Plugins) -> DictConfig:
             continue
         entry, _ = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
         options = config_mod.component_options(section, cfg, entry.options_class)
-        values = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
+        values = dataclasses.asdict(options) if dataclasses.is_dataclass(options) \
+            and not isinstance(options, type) else {}
         out[section] = {"name": cfg[section].name, **values}
     for section, kind in (("model", "models"), ("data", "datasets")):
         entry, _ = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
         options = config_mod.validate_options(f"{section}.options",
                                               config_mod.to_dict(cfg[section].options),
                                               entry.options_class)
-        if dataclasses.is_dataclass(options):
+        if dataclasses.is_dataclass(options) and not isinstance(options, type):
             out[section].options = dataclasses.asdict(options)
     out.hooks = {name: dataclasses.asdict(options)
                  for name, options in hook_options(cfg, plugins).items()}
@@ -195,7 +199,8 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
     try:
         data = load_data(cfg, plugins)
     except WfcoreError as exc:
-        stand_in = OmegaConf.merge(cfg, {"data": {"name": "fake", "options": {}}})
+        stand_in = cast(DictConfig, OmegaConf.merge(cfg, {"data": {"name": "fake",
+                                                                    "options": {}}}))
         data = load_data(stand_in, plugins)
         notes.append(f"data: {exc}; planned on stand-in data of shape "
                      f"{'x'.join(map(str, data.input_shape))} with {data.num_classes} classes")
@@ -231,9 +236,9 @@ class Pruning:
         targets.check(components.scheduler.plan(), self.params, cfg.allocator.name)
         if components.exporter is not None:  # the export's limits, before anything is pruned
             components.exporter.check_data(self.data)
-        if cfg.fisher.grad_batch > len(self.data.train):
+        if cfg.fisher.grad_batch > dataset_size(self.data.train):
             raise ConfigError(f"config key 'fisher.grad_batch': {cfg.fisher.grad_batch} is more "
-                              f"than the {len(self.data.train)} training samples")
+                              f"than the {dataset_size(self.data.train)} training samples")
         self.store_dir = store_dir(cfg, run_dir)
         self.plan = plan_run(cfg, components, self.model, self.params, self.data, self.loss_fn,
                              self.device, self.store_dir, nproc=distributed.world())
@@ -284,7 +289,7 @@ class Pruning:
             seed=cfg.seed, device=self.device, dtype=fisher.storage_dtype,
             offload=fisher.offload, method=fisher.grad_method)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float | None]:
         return evaluate(self.model, self.data.test, batch_size=self.cfg.data.batch_size,
                         loss_fn=self.loss_fn, device=self.device,
                         num_workers=self.cfg.data.num_workers)
@@ -340,8 +345,10 @@ class Pruning:
                 timings["estimate"] += time.perf_counter() - start
                 self.dense_fit.put(gradients, curvature)
             start = time.perf_counter()
-            gradient = (self.sampler.layout.unflatten(gradients.mean().to(self.device))
-                        if c.scorer.needs_gradient else None)
+            gradient = None
+            if c.scorer.needs_gradient:  # (then need_gradients(): they were sampled)
+                assert gradients is not None
+                gradient = self.sampler.layout.unflatten(gradients.mean().to(self.device))
             weights = problem.weights()
             scores = c.scorer.block_scores(weights, curvature, gradient, self.masks.keep, block)
             for n, s in scores.items():
@@ -353,6 +360,7 @@ class Pruning:
             new_keep = distributed.broadcast_masks(new_keep)  # rank 0's threshold everywhere
             prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
             del scores
+            update: Tensors | None
             if isinstance(c.estimator, LayerwiseEstimator):  # each layer's own mask and update
                 update, new_keep = c.estimator.prune_layers(problem, new_keep, pattern)
             else:
@@ -423,7 +431,7 @@ def check_run_dir(run_dir: Path, force: bool = False, resume: bool = False) -> N
 
 
 def resume_config(run_dir: str | Path, config_path: str | None = None,
-                  overrides: list[str] = ()) -> DictConfig:
+                  overrides: Sequence[str] = ()) -> DictConfig:
     """The config to resume ``run_dir`` with: the run's own config.yaml unless a config
     file is given, with the overrides applied and ``output`` set to ``run_dir``.
     """
@@ -434,12 +442,11 @@ def resume_config(run_dir: str | Path, config_path: str | None = None,
         config_path = None
     refuse_finished_resume(run_dir)
     checkpoint.require(run_dir)
-    if config_path is None:
-        config_path = run_dir / "config.yaml"
-        if not config_path.is_file():
-            raise WfcoreError(f"--resume {run_dir}: config.yaml is missing; give the run's "
-                              "config file as well")
-    cfg = config_mod.load(config_path, overrides)
+    config = Path(config_path) if config_path is not None else run_dir / "config.yaml"
+    if config_path is None and not config.is_file():
+        raise WfcoreError(f"--resume {run_dir}: config.yaml is missing; give the run's "
+                          "config file as well")
+    cfg = config_mod.load(config, overrides)
     cfg.output = str(run_dir)
     return cfg
 

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset, Subset
 from wfcore import __version__, files, inmemory, manager, specs, states
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
-from wfcore.interfaces import DataBundle, Loss
+from wfcore.interfaces import DataBundle, Loss, dataset_size
 from wfcore.training import train
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,17 @@ def loss_function(cfg: DictConfig, data: DataBundle) -> Loss:
     return data.loss
 
 
-def build_model(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) -> nn.Module:
+@dataclass
+class DataShapes:
+    """What a model is built for (a DataBundle gives both): one sample's shape and the
+    number of classes."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def build_model(cfg: DictConfig, plugins: manager.Plugins,
+                data: DataBundle | DataShapes) -> nn.Module:
     entry, extra = plugins.registry("models").lookup(cfg.model.name, "model.name")
     options = config_mod.validate_options("model.options", config_mod.to_dict(cfg.model.options),
                                           entry.options_class)
@@ -113,7 +124,7 @@ def data_fingerprint(data: DataBundle, samples: int = 8) -> str:
     """A short hash of a data set: its sizes, classes, input shape and a few evenly spaced
     training samples (the labels only, when the inputs come out differently each time they
     are read, as with random augmentation). The test split is never read."""
-    h = hashlib.sha256(repr((len(data.train), len(data.test), data.num_classes,
+    h = hashlib.sha256(repr((dataset_size(data.train), dataset_size(data.test), data.num_classes,
                              tuple(data.input_shape))).encode())
 
     def parts(i: int) -> list[torch.Tensor]:
@@ -121,7 +132,7 @@ def data_fingerprint(data: DataBundle, samples: int = 8) -> str:
         return [torch.as_tensor(p).detach().cpu().contiguous()
                 for p in (item if isinstance(item, (tuple, list)) else (item,))]
 
-    count = len(data.train)
+    count = dataset_size(data.train)
     if not count:
         return h.hexdigest()[:16]
     first, again = parts(0), parts(0)
@@ -165,8 +176,8 @@ def dense_model(cfg: DictConfig, model: nn.Module, data: DataBundle, device: tor
                 loss_fn: Loss, provenance: dict[str, str] | None = None) -> str:
     """Load or train the dense model in place; returns where it came from."""
     if cfg.model.checkpoint:
-        path = specs.checkpoint_path(cfg.model.checkpoint, cfg.base_dir)
-        specs.load_checkpoint(model, path, cfg.model.trust_checkpoint)
+        checkpoint = specs.checkpoint_path(cfg.model.checkpoint, cfg.base_dir)
+        specs.load_checkpoint(model, checkpoint, cfg.model.trust_checkpoint)
         return str(cfg.model.checkpoint)
     given = cfg.model.name == inmemory.NAME  # a model object given to wfcore.prune
     trained = given if cfg.model.trained is None else cfg.model.trained
@@ -203,7 +214,7 @@ def versions(plugins: manager.Plugins) -> dict[str, Any]:
 
 def pruning_subset(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, dict[str, Any]]:
     """The part of the training split that pruning may see, and its record for the report."""
-    total = len(train)
+    total = dataset_size(train)
     if fraction >= 1.0:
         return train, {"train_fraction": 1.0, "samples": total, "of": total, "seed": None}
     count = max(1, round(fraction * total))

@@ -136,9 +136,9 @@ def summary(model: nn.Module, params: dict[str, Any], patterns: Iterable[str] | 
             continue
         reason = ("not matched by model.params" if patterns is not None
                   else reason_excluded(found[name], name.rsplit(".", 1)[-1]))
-        entry = excluded.setdefault(reason, Excluded(reason, [], 0))
-        entry.names.append(name)
-        entry.numel += p.numel()
+        group = excluded.setdefault(reason, Excluded(reason, [], 0))
+        group.names.append(name)
+        group.numel += p.numel()
     total = sum(p.numel() for p in all_params.values())
     chosen = sum(p.numel() for n, p in all_params.items() if n in params)
     return {

@@ -26,8 +26,10 @@ import statistics
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+K = TypeVar("K", bound=Hashable)  # what a candidate is called
 
 NOISE_BOUND = 0.10  # relative spread (interquartile range / median) of the baseline's rounds
 MIN_ROUNDS = 3  # a median needs a few values, whatever the time limit
@@ -45,10 +47,10 @@ def rotation(count: int, round_index: int) -> list[int]:
     return [(shift + i) % count for i in range(count)]
 
 
-def interleave(timers: dict[Hashable, Callable[[], float]], *, runs: int,
+def interleave(timers: dict[K, Callable[[], float]], *, runs: int,
                min_seconds: float = 0.0, max_seconds: float = float("inf"),
                clock: Callable[[], float] = time.perf_counter,
-               on_round: Callable[[int], None] | None = None) -> dict[Hashable, list[float]]:
+               on_round: Callable[[int], object] | None = None) -> dict[K, list[float]]:
     """Time every candidate once per round, in rotated order; ``{key: [value per round]}``.
 
     A timer returns what one slot measured (e.g. seconds per batch). Rounds go on until at
@@ -59,7 +61,7 @@ def interleave(timers: dict[Hashable, Callable[[], float]], *, runs: int,
     number of rounds done (a progress bar).
     """
     keys = list(timers)
-    values: dict[Hashable, list[float]] = {k: [] for k in keys}
+    values: dict[K, list[float]] = {k: [] for k in keys}
     least = max(runs, MIN_ROUNDS)
     start = clock()
     done = 0

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from wfcore import checkpoint, distributed, files, structured_run
 from wfcore import config as config_mod
 from wfcore.degenerate import collect_warnings
-from wfcore.interfaces import PruneStep, Stateful
+from wfcore.interfaces import Loss, PruneStep, Stateful
 from wfcore.report import number
 from wfcore.training import Trainer, TrainingDiverged
 
@@ -48,10 +48,10 @@ class PrunedRun(Protocol):
     masks: Masks
     sampler: GradientSampler
     device: torch.device
-    loss_fn: nn.Module
+    loss_fn: Loss
     finetune_data: Dataset
 
-    def evaluate(self) -> dict[str, float]: ...
+    def evaluate(self) -> dict[str, float | None]: ...
 
     def restore_dense(self) -> None: ...
 
@@ -81,11 +81,12 @@ class Runner:
         self.decay_start = int(overrides.pop("lr_decay_start", 0))
         self.lr_key = "scheduler.lr" if overrides.get("lr") is not None else "train.lr"
         self.train_cfg = OmegaConf.merge(self.cfg.train, overrides)
-        self.position = {"step": 0, "pruned": False, "step_epochs": 0, "epoch": 0}
+        self.position: dict[str, Any] = {"step": 0, "pruned": False, "step_epochs": 0,
+                                         "epoch": 0}
         self.timings = dict.fromkeys(TIMINGS, 0.0)
         self.trainer: Trainer | None = None
         self.segment = 0  # the step whose Trainer is live (it seeds the data order)
-        self.metrics: dict[str, float] | None = None  # the last epoch's evaluation
+        self.metrics: dict[str, float | None] | None = None  # the last epoch's evaluation
         self.saved = (0, 0)  # (epochs, finished steps) of the last checkpoint written
 
     def segment_epochs(self, first: int) -> int:
@@ -191,13 +192,13 @@ class Runner:
         train_loss = self.trainer.run_epoch()
         self.timings["finetune"] += time.perf_counter() - start
         start = time.perf_counter()
-        self.metrics = self.p.evaluate()
+        self.metrics = metrics = self.p.evaluate()
         self.timings["evaluate"] += time.perf_counter() - start
         pos = self.position
         pos["epoch"] += 1
         pos["step_epochs"] += int(in_step)
         record = {"epoch": pos["epoch"], "step": step.index, "lr": lr, "train_loss": train_loss,
-                  "accuracy": self.metrics["accuracy"], "loss": self.metrics["loss"],
+                  "accuracy": metrics["accuracy"], "loss": metrics["loss"],
                   "sparsity": self.p.masks.sparsity()}
         self.report.add_epoch(record)
         log.info("epoch %d: sparsity %.4f, lr %.3g, train loss %.4f, top-1 %s, loss %s",

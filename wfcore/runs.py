@@ -17,7 +17,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from wfcore import files, inmemory, manager, rundir, states, structured_run
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.interfaces import DataBundle, Exporter
 from wfcore.masks import select_params
-from wfcore.prepare import build_model, instantiate, load_data
+from wfcore.prepare import DataShapes, build_model, instantiate, load_data
 from wfcore.report import markdown
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
     else:
         data = None
         model = build_model(
-            cfg, plugins, SimpleNamespace(input_shape=tuple(shapes[0]), num_classes=shapes[1]))
+            cfg, plugins, DataShapes(input_shape=tuple(shapes[0]), num_classes=shapes[1]))
     params = select_params(model, cfg.model.params, cfg.model.prunable)
     return Rebuilt(cfg, plugins, model, dict(params), data)
 
@@ -100,7 +99,7 @@ def load_model(run_dir: str | os.PathLike, state: str | os.PathLike | None = Non
             raise WfcoreError(f"{run_dir}: no pruned model (model_step*.pt) to load")
         load_step(rebuilt.model, run_dir, steps[-1], what)
     else:
-        states.load_state(rebuilt.model, state, what)
+        states.load_state(rebuilt.model, Path(state), what)
     return rebuilt.model.eval()
 
 
@@ -241,6 +240,7 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
         for path in exporter.outputs(str(target)):
             refuse_foreign(Path(path), run_dir)
     model, data = run.model, run.data
+    assert data is not None  # rebuilt without given shapes: with its data
     example = data.test[0][0].unsqueeze(0)
     pristine = copy.deepcopy(model) if dense else None  # before a shrunk state rebuilds it
     state_path = load_step(model, run_dir, step)
@@ -251,7 +251,7 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
     params = {n: p.detach() for n, p in model.named_parameters() if n in run.params}
     result = {"step": step, "sparse": exporter.export(model, example, str(output), data=data,
                                                       params=params, metadata=meta)}
-    if dense:
+    if dense and pristine is not None:
         dense_path = run_dir / "dense.pt"
         dense_model = pristine
         states.load_state(dense_model, dense_path, "wfcore export (dense model)")

@@ -102,7 +102,7 @@ class Safeguard:
         for offset in range(0, len(logits), SCREEN_CHUNK):
             part = slice(offset, offset + SCREEN_CHUNK)
             at = slice(start + offset, start + offset + SCREEN_CHUNK)  # in the whole batch
-            if self.use_labels:
+            if self.use_labels and self.batch.y is not None:
                 y = self.batch.y[at]
                 out.append(float(self.loss_fn(logits[part],
                                               y.double() if y.is_floating_point() else y)))
@@ -158,7 +158,7 @@ class Safeguard:
                                              {"mask": "scores", "alpha": candidates[0][1],
                                               "increase": None}, None, [], "nothing to choose")
         masks = {"scores": keep}
-        if len(candidates) > len(self.alphas if update is not None else [0.0]):
+        if self.fallback and magnitude_keep is not None:  # a "magnitude" candidate
             masks["magnitude"] = magnitude_keep()
         k = len(self.batch.x)
         # the screening's samples: whole chunks, so that the rest continues them
@@ -193,9 +193,9 @@ class Safeguard:
                         losses[i], samples[i] = torch.cat([losses[i], judge(i, first)]), k
         finally:
             self._set(weights, None, None)
-            if kept_stats is not None:
+            if kept_stats is not None and self.stats is not None:
                 self.stats.restore(kept_stats)
-        tried = []
+        tried: list[dict[str, Any]] = []
         for i, (mask, alpha) in enumerate(candidates):
             n = samples[i]
             increase = (self.mean_loss(losses[i], n)

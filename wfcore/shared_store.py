@@ -79,7 +79,7 @@ def _alive(pid: int) -> bool:
 def sweep(directory: str | Path) -> list[Path]:
     """Remove the store files in ``directory`` whose owner (this host, that pid) is gone;
     returns them. Files of other hosts (a shared file system) are left alone."""
-    host, removed = _host(), []
+    host, removed = _host(), list[Path]()
     try:
         candidates = list(Path(directory).expanduser().glob(PREFIX + "*"))
     except OSError:

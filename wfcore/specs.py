@@ -39,6 +39,7 @@ from torch import nn
 
 from wfcore import states
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
+from wfcore.interfaces import declare_options
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ def file_module(path: Path, key: str) -> ModuleType:
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # (a .py file always has both)
+        raise PluginError(f"{key}: {path} cannot be imported as a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # before running it: its dataclasses and pickles need it
     try:
@@ -151,6 +154,9 @@ def load_function(spec: str, base_dir: str | None, key: str) -> tuple[Callable[.
     """The function a spec names, and a label for it: the file (or module) and a hash of
     its source, which the dense-model cache key includes."""
     match = _SPEC.match(spec)
+    if match is None:
+        raise ConfigError(f"{key}: '{spec}' is not of the form path/to/file.py:function or "
+                          "package.module:function")
     target, function = match.group("target"), match.group("function")
     if target.endswith(".py"):
         path = resolve_path(target, base_dir, key)
@@ -196,7 +202,7 @@ def options_class(fn: Callable[..., Any], reserved: tuple[str, ...], spec: str) 
         hints = typing.get_type_hints(fn)
     except Exception:  # annotations that do not resolve: validate by defaults only
         hints = {}
-    fields = []
+    fields: list[tuple[Any, ...]] = []  # (name, type[, field]), as make_dataclass takes
     for p in inspect.signature(fn).parameters.values():
         if p.name in reserved or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
@@ -208,7 +214,7 @@ def options_class(fn: Callable[..., Any], reserved: tuple[str, ...], spec: str) 
                            dataclasses.field(default=default)))
         elif isinstance(default, (list, tuple, dict)):
             value = list(default) if isinstance(default, tuple) else default
-            fields.append((p.name, Any, dataclasses.field(default_factory=lambda v=value: v)))
+            fields.append((p.name, Any, dataclasses.field(default_factory=_returns(value))))
     if not fields:
         return None
     # required fields first, as dataclasses need
@@ -217,11 +223,16 @@ def options_class(fn: Callable[..., Any], reserved: tuple[str, ...], spec: str) 
     return dataclasses.make_dataclass(name, fields)
 
 
+def _returns(value: Any) -> Callable[[], Any]:
+    """A default factory that gives ``value``."""
+    return lambda: value
+
+
 def call(fn: Callable[..., Any], available: dict[str, Any], options: Any) -> Any:
     """``fn`` called with the ``available`` arguments its signature takes and the options."""
     params = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in available.items() if k in params}
-    if dataclasses.is_dataclass(options):
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
         kwargs.update(dataclasses.asdict(options))
     return fn(**kwargs)
 
@@ -238,7 +249,7 @@ def model_factory(fn: Callable[..., Any], spec: str) -> Callable[..., nn.Module]
                               "nn.Module")
         return model
 
-    factory.Options = options_class(fn, RESERVED["models"], spec)
+    declare_options(factory, options_class(fn, RESERVED["models"], spec))
     return factory
 
 
@@ -251,7 +262,7 @@ def data_factory(fn: Callable[..., Any], spec: str) -> Callable[..., Any]:
         made = call(fn, {"root": root, "seed": seed}, options)
         return as_bundle(made, key=f"data.name={spec}")
 
-    factory.Options = options_class(fn, RESERVED["datasets"], spec)
+    declare_options(factory, options_class(fn, RESERVED["datasets"], spec))
     return factory
 
 

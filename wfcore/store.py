@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 
 from wfcore import distributed, shared_store
+from wfcore.choices import PLACES, STORAGE_DTYPE_NAMES, STORE_CHOICES
 from wfcore.errors import WfcoreError
 
 log = logging.getLogger(__name__)
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PLACES = ("memory", "disk")
+STORAGE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name)
+                                           for name in STORAGE_DTYPE_NAMES}
 DISK_MARGIN = 1 * 2**30  # free space left on the file system beside a store
 SUM_SLICE_BYTES = 64 * 2**20  # float64 temporaries of the column sums, per slice of columns
 SHARED_MEMORY = Path("/dev/shm")  # where the ranks of one machine share an in-memory store
@@ -62,7 +63,7 @@ def free_disk(directory: str | Path) -> int:
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor (any dtype, bfloat16 included)."""
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return t.view(torch.uint8).numpy().data.cast("B")
 
 
 class GradientStore:
@@ -72,8 +73,9 @@ class GradientStore:
                  place: str = "memory", directory: str | Path | None = None,
                  device: torch.device | str = "cpu", pin: bool = False):
         if place not in PLACES:
-            raise WfcoreError(f"fisher.store: '{place}' is not one of auto, memory, disk")
-        self.m, self.d, self.dtype, self.place = m, d, dtype, place
+            raise WfcoreError(f"fisher.store: '{place}' is not one of {', '.join(STORE_CHOICES)}")
+        self.m, self.d, self.dtype = m, d, dtype
+        self.place: str = place
         self.device = torch.device(device)
         self.nbytes = store_bytes(m, d, dtype)
         self.path: Path | None = None
@@ -124,17 +126,17 @@ class GradientStore:
 
         def create() -> str | tuple[int, int]:
             store._open_file(where, keep_name=not nameless)
-            return shared_store.handle(store._fd) if nameless else str(store.path)
+            return shared_store.handle(store._require_fd()) if nameless else str(store.path)
 
         try:
             name = distributed.on_main(create)
             if not distributed.is_main():
-                store._fd = shared_store.open_handle(name) if nameless \
+                store._fd = shared_store.open_handle(name) if isinstance(name, tuple) \
                     else os.open(name, os.O_RDWR)
             if place == "memory":  # every rank maps the same pages
-                store._rows = torch.from_file(f"/proc/self/fd/{store._fd}" if nameless
-                                              else name, shared=True, size=m * d,
-                                              dtype=dtype).view(m, d)
+                store._rows = torch.from_file(f"/proc/self/fd/{store._fd}"
+                                              if isinstance(name, tuple) else name, shared=True,
+                                              size=m * d, dtype=dtype).view(m, d)
             distributed.barrier()  # every rank has it open: the name (or rank 0's fd) can go
         finally:  # on rank 0, which made it, also when another rank failed
             if store.path is not None:
@@ -197,16 +199,16 @@ class GradientStore:
         while done < len(data):
             done += os.pwrite(self._require_fd(), data[done:], offset + done)
         if self._square_sum is not None:
-            self._add_squares(stored)
+            self._add_squares(self._square_sum, stored)
 
-    def _add_squares(self, stored: torch.Tensor) -> None:
+    def _add_squares(self, sums: torch.Tensor, stored: torch.Tensor) -> None:
         """Add the squares of ``stored`` (c, d), as stored, to the column sums, a slice of
         columns at a time (a float64 copy of a whole chunk of rows would double its memory)."""
         step = max(1, SUM_SLICE_BYTES // max(1, 8 * stored.shape[0]))
         for a in range(0, self.d, step):
             b = min(self.d, a + step)
-            self._square_sum[a:b] += stored[:, a:b].double().square_().sum(0)
-        self._square_sum[-1] += stored.shape[0]
+            sums[a:b] += stored[:, a:b].double().square_().sum(0)
+        sums[-1] += stored.shape[0]
 
     def finish_rows(self) -> None:
         """Every row is written: under torchrun, each rank's column sums of a shared store

@@ -30,14 +30,13 @@ from wfcore.channels import (
     shrink,
     zero_channels,
 )
+from wfcore.choices import METRICS, RANKS
 from wfcore.errors import ConfigError
 from wfcore.gradients import ParamLayout
 from wfcore.group_obs import GroupScorer, score_groups
 
 log = logging.getLogger(__name__)
 
-METRICS = ("flops", "params")
-RANKS = ("saliency", "per_cost")
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from wfcore.channels import CostModel, replay
+from wfcore.choices import GROUP_SCORES
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import ParamLayout
 from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Random, Taylor
@@ -42,7 +43,6 @@ Pruning = Any
 log = logging.getLogger(__name__)
 
 STATE_KEY = "wfcore_structure"
-SCORES = ("auto", "magnitude", "taylor", "random")
 
 
 def read_structure(state: dict[str, Any]) -> dict[str, Any] | None:
@@ -84,11 +84,13 @@ def group_scorer(pruning: Pruning, G: torch.Tensor | None, curvature: Any) -> Gr
     if scores == "random":
         return Random(cfg.seed)
     if scores == "taylor":
+        assert G is not None  # taylor scores make the run sample gradients
         return Taylor(G.mean(0))
     if scores == "magnitude" or cfg.estimator.name == "magnitude":
         return Diagonal()
     if cfg.estimator.name == "woodfisher":
         est = pruning.c.estimator.options
+        assert G is not None  # WoodFisher needs gradients: the run sampled them
         square_mean = G.double().square().mean(0)
         live = square_mean > 0
         scale = float(square_mean[live].mean()) if bool(live.any()) else 1.0
@@ -116,9 +118,9 @@ def prune_to(pruning: Pruning, target: float, timings: dict[str, float]) -> dict
     """``Pruning.prune_to`` under ``structure.unit: channel``: ``target`` is the share of
     FLOPs (or parameters, ``structure.target``) removed from the dense model."""
     cfg, c = pruning.cfg, pruning.c
-    if cfg.structure.scores not in SCORES:
+    if cfg.structure.scores not in GROUP_SCORES:
         raise ConfigError(f"config key 'structure.scores': '{cfg.structure.scores}' is not "
-                          f"one of {', '.join(SCORES)}")
+                          f"one of {', '.join(GROUP_SCORES)}")
     structure = read_structure(pruning.model.state_dict())
     example = pruning.data.test[0][0][None].to(pruning.device)
     if structure is None:

@@ -189,7 +189,7 @@ def plan(config_path: str, overrides: list[str]) -> tuple[Path, list[str], list[
     fixed, swept = parse_overrides(overrides)
     base = config_mod.load(config_path, fixed)
     root = Path(base.output or Path("runs") / f"sweep-{base.name}").expanduser()
-    runs, names = [], set()
+    runs, names = list[SweepRun](), set[str]()
     for values in itertools.product(*swept.values()):
         combo = dict(zip(swept, values, strict=True))
         cfg = config_mod.load(config_path, fixed + [f"{k}={v}" for k, v in combo.items()])
@@ -282,12 +282,12 @@ def csv_text(result: SweepResult) -> str:
     return buf.getvalue()
 
 
-def lines(result: SweepResult) -> dict[str, list[SweepRun]]:
-    """The finished runs grouped by method label, in sweep order."""
-    out: dict[str, list[SweepRun]] = {}
+def lines(result: SweepResult) -> dict[str, list[dict[str, Any]]]:
+    """The reports of the finished runs grouped by method label, in sweep order."""
+    out: dict[str, list[dict[str, Any]]] = {}
     for run in result.runs:
         if run.report is not None:
-            out.setdefault(method_label(run.combo), []).append(run)
+            out.setdefault(method_label(run.combo), []).append(run.report)
     return out
 
 
@@ -306,12 +306,12 @@ def table(result: SweepResult) -> str:
     key = shown(result)
     fmt = ".2%" if key == "accuracy" else ".4f"
     groups = lines(result)
-    cells: dict[float, dict[str, float]] = {}
+    cells: dict[float, dict[str, str]] = {}
     dense: dict[str, float] = {}
-    for label, runs in groups.items():
-        for run in runs:
-            dense.setdefault(label, run.report["dense"][key])
-            for step in run.report["steps"]:
+    for label, reports in groups.items():
+        for report in reports:
+            dense.setdefault(label, report["dense"][key])
+            for step in report["steps"]:
                 cells.setdefault(step["target_sparsity"], {})[label] = (
                     format(step[key], fmt) + (FALLBACK_MARK if fell_back(step) else ""))
     header = "| sparsity | " + " | ".join(groups) + " |"
@@ -345,7 +345,7 @@ def write_outputs(result: SweepResult) -> None:
         plot_layers(groups, result.root / "layer_sparsity.png")
 
 
-def plot_accuracy(groups: dict[str, list[SweepRun]], path: Path, title: str,
+def plot_accuracy(groups: dict[str, list[dict[str, Any]]], path: Path, title: str,
                   key: str = "accuracy") -> None:
     """Top-1 (``key`` accuracy, in %) or the test loss (``key`` loss) against sparsity, a
     line per method, each distinct dense value dashed."""
@@ -353,14 +353,14 @@ def plot_accuracy(groups: dict[str, list[SweepRun]], path: Path, title: str,
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = []
-    for label, runs in groups.items():
-        steps = sorted((s for r in runs for s in r.report["steps"]),
+    for label, reports in groups.items():
+        steps = sorted((s for r in reports for s in r["steps"]),
                        key=lambda s: s["target_sparsity"])
         ax.plot([100 * s["sparsity"] for s in steps], [scale * s[key] for s in steps],
                 marker="o", label=label)
-        for r in runs:
-            if r.report["dense"][key] not in dense:
-                dense.append(r.report["dense"][key])
+        for r in reports:
+            if r["dense"][key] not in dense:
+                dense.append(r["dense"][key])
     for i, value in enumerate(dense):
         ax.axhline(scale * value, ls="--", color="gray", label="dense" if i == 0 else None)
     ax.set_xlabel("sparsity (%)")
@@ -372,13 +372,13 @@ def plot_accuracy(groups: dict[str, list[SweepRun]], path: Path, title: str,
     save_figure(fig, path)
 
 
-def plot_layers(groups: dict[str, list[SweepRun]], path: Path) -> None:
+def plot_layers(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Per-layer sparsity of every method at the highest target sparsity, grouped bars."""
-    top = max(s["target_sparsity"] for runs in groups.values() for r in runs
-              for s in r.report["steps"])
+    top = max(s["target_sparsity"] for reports in groups.values() for r in reports
+              for s in r["steps"])
     layers: dict[str, dict[str, float]] = {}
-    for label, runs in groups.items():
-        step = next((s for r in runs for s in r.report["steps"] if s["target_sparsity"] == top),
+    for label, reports in groups.items():
+        step = next((s for r in reports for s in r["steps"] if s["target_sparsity"] == top),
                     None)
         if step is not None:
             layers[label] = {n: v["sparsity"] for n, v in step["layers"].items()}

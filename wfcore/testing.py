@@ -63,7 +63,8 @@ def group_blocks(F_inv: torch.Tensor, layout: ParamLayout, block: int) -> dict[s
             g, i = divmod(index[1], block)
             for j in range(min(block, shape[1] - g * block)):
                 other = (index[0], g * block + j, *index[2:])
-                S[(index[0], *index[2:], g, i, j)] = F_inv[flat[index], flat[other]]
+                at = (index[0], *index[2:], g, i, j)
+                S[at] = F_inv[flat[index], flat[other]]
         out[n] = S
     return out
 
@@ -122,10 +123,10 @@ def check_curvature(estimator: HessianEstimator, problem: PruningProblem | None 
     _close(independent, -F_inv @ u, "prune_update(independent) is not the sum of "
            "single-weight OBS updates", rtol)
     try:
-        joint = curvature.prune_update(prune, weights, "joint")
+        joint_update = curvature.prune_update(prune, weights, "joint")
     except NotImplementedError:
         return
-    joint = layout.flatten({k: t.double() for k, t in joint.items()})
+    joint = layout.flatten({k: t.double() for k, t in joint_update.items()})
     idx = Q.nonzero().flatten()
     x = torch.zeros(d, dtype=torch.float64)
     x[idx] = torch.linalg.solve(F_inv[idx][:, idx], w[idx])

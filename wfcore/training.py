@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from wfcore import distributed
 from wfcore.errors import WfcoreError
+from wfcore.interfaces import Loss
 from wfcore.masks import Masks
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def train_epoch(
     model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
+    loss_fn: Loss,
     device: torch.device,
     desc: str = "train",
     lr_key: str = "train.lr",
@@ -98,7 +99,7 @@ class Trainer:
         *,
         epochs: int,
         batch_size: int,
-        loss_fn: nn.Module,
+        loss_fn: Loss,
         device: torch.device,
         seed: int,
         masks: Masks | None = None,
@@ -178,7 +179,7 @@ def train(
     *,
     epochs: int,
     batch_size: int,
-    loss_fn: nn.Module,
+    loss_fn: Loss,
     device: torch.device,
     seed: int,
     masks: Masks | None = None,
@@ -208,7 +209,7 @@ def evaluate(
     dataset: Dataset,
     *,
     batch_size: int,
-    loss_fn: nn.Module,
+    loss_fn: Loss,
     device: torch.device,
     num_workers: int = 0,
 ) -> dict[str, float | None]:
