@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from wfcore import (
+    admission,
     checkpoint,
     distributed,
     files,
@@ -25,7 +26,6 @@ from wfcore import (
     rundir,
     runs,
     structured_run,
-    targets,
 )
 from wfcore import config as config_mod
 from wfcore.batchnorm import RunningStats
@@ -160,7 +160,8 @@ def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
                      target=torch.as_tensor(target).unsqueeze(0), loss_fn=loss_fn,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
-                     device=device, calibrate=calibrate, nproc=nproc)
+                     device=device, calibrate=calibrate, nproc=nproc,
+                     block=cfg.structure.block)
     guard = safeguard_cost(cfg, model, example.unsqueeze(0).to(device),
                            components.estimator.baseline or components.scorer.baseline,
                            calibrate)
@@ -203,7 +204,8 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
     params = select_params(model, cfg.model.params, cfg.model.prunable)
     if not params:
         raise ConfigError("config key 'model.params': no prunable parameters selected")
-    targets.check(components.scheduler.plan(), params, cfg.allocator.name)
+    admission.admit(cfg, components.scheduler.plan(), params, data, components.allocator,
+                    components.exporter, components.need_gradients())
     run_dir = Path(cfg.output or Path("runs") / cfg.name)
     plan = plan_run(cfg, components, model, params, data, loss_function(cfg, data), device,
                     store_dir(cfg, run_dir), nproc=nproc)
@@ -228,12 +230,10 @@ class Pruning:
         self.params = select_params(self.model, cfg.model.params, cfg.model.prunable)
         if not self.params:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
-        targets.check(components.scheduler.plan(), self.params, cfg.allocator.name)
-        if components.exporter is not None:  # the export's limits, before anything is pruned
-            components.exporter.check_data(self.data)
-        if cfg.fisher.grad_batch > len(self.data.train):
-            raise ConfigError(f"config key 'fisher.grad_batch': {cfg.fisher.grad_batch} is more "
-                              f"than the {len(self.data.train)} training samples")
+        # every check that can fail the run, before --force removes anything or the dense
+        # model is trained (wfcore/admission.py)
+        admission.admit(cfg, components.scheduler.plan(), self.params, self.data,
+                        components.allocator, components.exporter, components.need_gradients())
         self.store_dir = store_dir(cfg, run_dir)
         self.plan = plan_run(cfg, components, self.model, self.params, self.data, self.loss_fn,
                              self.device, self.store_dir, nproc=distributed.world())
