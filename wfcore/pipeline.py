@@ -409,6 +409,7 @@ def check_run_dir(run_dir: Path, force: bool = False, resume: bool = False) -> N
     Reads only: nothing is written.
     """
     rundir.check_usable(run_dir)
+    rundir.refuse_in_use(run_dir)  # a run in progress, not an interrupted one
     if resume:
         refuse_finished_resume(run_dir)
         return
@@ -432,6 +433,7 @@ def resume_config(run_dir: str | Path, config_path: str | None = None,
     if config_path is not None and "=" in config_path and not Path(config_path).is_file():
         overrides.insert(0, config_path)  # `prune --resume DIR key=value`: no config given
         config_path = None
+    rundir.refuse_in_use(run_dir)  # running still: nothing to resume yet
     refuse_finished_resume(run_dir)
     checkpoint.require(run_dir)
     if config_path is None:
@@ -489,7 +491,9 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
             files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
 
         distributed.on_main(start)
-        return run_plan(pruning, plan, saved)
+        with distributed.lost_rank(f"continue it with torchrun --nproc-per-node "
+                                   f"{distributed.world()} -m wfcore prune --resume {run_dir}"):
+            return run_plan(pruning, plan, saved)
 
 
 def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) -> dict[str, Any]:

@@ -183,10 +183,10 @@ def pyplot():
 
 def save_figure(fig, path: Path) -> Path:
     """Write ``fig`` as a PNG atomically (temporary file, then rename) and close it."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    pyplot().close(fig)
-    tmp.replace(path)
+    with files.temporary(path, ".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=120)
+        pyplot().close(fig)
+        tmp.replace(path)
     return path
 
 

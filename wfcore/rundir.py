@@ -98,18 +98,59 @@ def clear(run_dir: Path, owned: tuple[str, ...] = OWNED) -> None:
         log.info("--force: removed %d file(s) of the earlier run in %s", len(removed), run_dir)
 
 
+def holder(run_dir: Path) -> int | None:
+    """The pid of another process that holds ``run_dir``'s lock (a run in progress, or an
+    export), 0 when its pid is unknown; None when no other process holds it. A marker or
+    checkpoint without a held lock is a run that was interrupted."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 32).decode(errors="replace").strip()
+        pid = int(text) if text.isdigit() else 0
+        if pid == os.getpid():  # this process's own lock
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return pid
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def in_use(run_dir: Path, pid: int | None) -> WfcoreError:
+    """The refusal of a directory whose lock process ``pid`` holds."""
+    return WfcoreError(f"output={run_dir} is in use by another wfcore run"
+                       f"{f' (pid {pid})' if pid else ''}, in progress; wait for it to end "
+                       "or choose another output=")
+
+
+def refuse_in_use(run_dir: Path) -> None:
+    """Refuse a run directory that another process holds (a run in progress)."""
+    pid = holder(run_dir)
+    if pid is not None:
+        raise in_use(run_dir, pid)
+
+
 class RunLock:
     """An exclusive lock on ``run_dir`` while the context is open. A directory it created
-    is removed again when the run fails before writing anything into it."""
+    is removed again when the run fails before writing anything into it. ``check``: refuse
+    a directory that is not a run's (``check_usable``); a sweep's root, which holds no run
+    of its own, is locked without it."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, check: bool = True):
         self.run_dir = run_dir
+        self.check = check
         self.fd: int | None = None
         self.created = False
 
     def __enter__(self) -> RunLock:
         run_dir = self.run_dir
-        check_usable(run_dir)
+        if self.check:
+            check_usable(run_dir)
         self.created = not run_dir.exists()
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,11 +165,9 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
+            text = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise WfcoreError(f"output={run_dir} is in use by another wfcore run"
-                              f"{f' (pid {holder})' if holder else ''}; wait for it to end "
-                              "or choose another output=") from None
+            raise in_use(run_dir, int(text) if text.isdigit() else 0) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd

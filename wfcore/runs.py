@@ -169,13 +169,35 @@ def refuse_foreign(path: Path, run_dir: Path) -> None:
                           "replaces only its own files: remove it or choose another -o")
 
 
+def export_overrides(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """``export.KEY=VALUE`` dot-list arguments of ``wfcore export`` as {KEY: value}: only
+    the export section may change (the rest of the config made the run's weights)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.startswith("export.") or key == "export.":
+            raise ConfigError(f"wfcore export: '{item}' is not an export.KEY=VALUE override "
+                              "(only the export section may change after a run)")
+        try:
+            parsed = OmegaConf.from_dotlist([item])
+        except Exception as exc:  # OmegaConf's grammar errors
+            raise ConfigError(f"wfcore export: '{item}': {first_line(exc)}") from None
+        out.update(config_mod.to_dict(parsed.export))
+    return out
+
+
 def run_exporter(cfg: DictConfig, plugins: manager.Plugins,
-                 quantize: str | None = None, opset: int | None = None) -> Exporter:
+                 quantize: str | None = None, opset: int | None = None,
+                 overrides: dict[str, Any] | None = None) -> Exporter:
     """The exporter the run's ``export`` section names (``onnx`` with its defaults when it
-    names none), with ``quantize`` and ``opset`` in place of its options when given."""
+    names none), with ``overrides`` (``export_overrides``), then ``quantize`` and ``opset``,
+    in place of its options when given."""
     section = config_mod.to_dict(cfg.export) if cfg.export is not None \
         else {"name": DEFAULT_EXPORTER}
-    given = {k: v for k, v in (("quantize", quantize), ("opset", opset)) if v is not None}
+    if overrides and "name" in overrides and overrides["name"] != section.get("name"):
+        section = {}  # another exporter: the run's options are not its options
+    given = {**(overrides or {}),
+             **{k: v for k, v in (("quantize", quantize), ("opset", opset)) if v is not None}}
     section.update(given)
     try:
         return instantiate(OmegaConf.create({"export": section, "seed": cfg.seed}), "export",
@@ -183,29 +205,47 @@ def run_exporter(cfg: DictConfig, plugins: manager.Plugins,
     except ConfigError as exc:
         if not given:
             raise
-        raise ConfigError(f"--{'/--'.join(given)}: {first_line(exc)}") from None
+        raise ConfigError(f"wfcore export {' '.join(f'export.{k}' for k in given)}: "
+                          f"{first_line(exc)}") from None
 
 
 def export_run(run_dir: str | Path, step: int | None = None, output: str | Path | None = None,
                dense: bool = True, sparsity: float | None = None,
-               quantize: str | None = None, opset: int | None = None) -> dict[str, Any]:
+               quantize: str | None = None, opset: int | None = None,
+               overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Export step ``step`` of a run (or the last step at target ``sparsity``; default: the
     last step), and its dense model beside it, with the run's exporter.
 
     The sparse model goes to ``output`` (default ``RUN_DIR/model_step<N>.onnx``), the
     dense one to ``dense.onnx`` in the same directory. ``quantize``: none | int8 (default:
     the run's ``export.quantize``). ``opset``: the ONNX opset (default: the run's
-    ``export.opset``, else the lowest that exports the model). Returns both exports'
+    ``export.opset``, else the lowest that exports the model). ``overrides``:
+    ``export.KEY=VALUE`` in place of the run's export options, checked (with the export's
+    data needs) before anything is written. The run directory is locked meanwhile: a run
+    in progress there, or another export of it, is refused. Returns both exports'
     checks, which also go into the run's report (``export``).
     """
     run_dir = Path(run_dir)
+    given = export_overrides(overrides)  # before anything is read
+    if run_dir.is_dir():
+        rundir.refuse_in_use(run_dir)  # a run in progress: its steps are not all there yet
+    choose_step(run_dir, step, sparsity)  # a run directory with the step (read again, locked)
+    with rundir.RunLock(run_dir, check=False):  # the files it replaces: refuse_foreign
+        return _export_locked(run_dir, step, output, dense, sparsity, quantize, opset, given)
+
+
+def _export_locked(run_dir: Path, step: int | None, output: str | Path | None, dense: bool,
+                   sparsity: float | None, quantize: str | None, opset: int | None,
+                   given: dict[str, Any]) -> dict[str, Any]:
     step = choose_step(run_dir, step, sparsity)
     output = Path(output) if output else run_dir / f"model_step{step}.onnx"
     targets = [output, output.with_name("dense.onnx")] if dense else [output]
     for target in targets:  # before anything is loaded
         refuse_foreign(target, run_dir)
     run = rebuild(run_dir)
-    exporter = run_exporter(run.cfg, run.plugins, quantize, opset)
+    exporter = run_exporter(run.cfg, run.plugins, quantize, opset, given)
+    if run.data is not None:  # its data needs (INT8 calibration samples), before writing
+        exporter.check_data(run.data)
     for target in targets:  # and the files each export writes beside it (INT8)
         for path in exporter.outputs(str(target)):
             refuse_foreign(Path(path), run_dir)

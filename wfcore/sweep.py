@@ -37,7 +37,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from wfcore import api, checkpoint, files, manager, pipeline
+from wfcore import api, checkpoint, files, manager, pipeline, rundir
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.report import TIMING_KEYS, pyplot, save_figure
@@ -233,6 +233,12 @@ def run_sweep(config_path: str, overrides: list[str], *, force: bool = False) ->
     """Run (or skip) every combination, then write results.csv, results.md and the plots."""
     start = time.perf_counter()
     root, swept, runs = plan(config_path, overrides)
+    with rundir.RunLock(root, check=False):  # one sweep at a time into a root
+        return _run_locked(root, swept, runs, start, force)
+
+
+def _run_locked(root: Path, swept: list[str], runs: list[SweepRun], start: float,
+                force: bool) -> SweepResult:
     if not force:
         refuse_replacing(runs)
     dense = {str(r.cfg.model.checkpoint or pipeline.dense_cache_path(r.cfg)) for r in runs}
