@@ -16,7 +16,7 @@ from torch import nn
 from wfcore.plugins.allocators import GlobalAllocator, GlobalOptions, ManualAllocator, ManualOptions
 from wfcore.plugins.kfac import Kfac, KfacOptions
 
-from wfcore import plan, prepare, rundir
+from wfcore import plan, prepare, rundir, shared_store
 from wfcore.errors import WfcoreError
 from wfcore.gradients import ParamLayout
 from wfcore.masks import block_scores, group_size, to_groups
@@ -54,6 +54,8 @@ def refused(capsys, tmp_path: Path, cache: str, *overrides: str) -> str:
     line = fails(capsys, "prune", CONFIG, *FAST, *overrides, cache, f"output={out}", "--force")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != rundir.LOCK} == before
     assert not (tmp_path / "cache").exists()
+    assert not list(tmp_path.rglob(shared_store.PREFIX + "*"))  # no gradient store left
+    assert not list(Path("/dev/shm").glob(shared_store.prefix() + "*"))
     return line
 
 
