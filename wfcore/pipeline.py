@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from contextlib import ExitStack
@@ -206,7 +205,7 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
         raise ConfigError("config key 'model.params': no prunable parameters selected")
     admission.admit(cfg, components.scheduler.plan(), params, data, components.allocator,
                     components.exporter, components.need_gradients())
-    run_dir = Path(cfg.output or Path("runs") / cfg.name)
+    run_dir = run_dir_of(cfg)
     plan = plan_run(cfg, components, model, params, data, loss_function(cfg, data), device,
                     store_dir(cfg, run_dir), nproc=nproc)
     plan.notes += notes
@@ -386,11 +385,8 @@ class Pruning:
 
 
 def is_finished(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds the report of a finished run."""
-    try:
-        return bool(json.loads((run_dir / "report.json").read_text()).get("finished", False))
-    except (OSError, ValueError, AttributeError):
-        return False
+    """Whether ``run_dir`` holds the report of a finished run (``RunDirectory``)."""
+    return rundir.RunDirectory(run_dir).is_finished()
 
 
 def refuse_finished_resume(run_dir: Path) -> None:
@@ -400,7 +396,8 @@ def refuse_finished_resume(run_dir: Path) -> None:
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
-    return Path(cfg.output or Path("runs") / cfg.name).expanduser()
+    """Where a run of ``cfg`` goes (``RunDirectory.of``)."""
+    return rundir.RunDirectory.of(cfg).path
 
 
 def check_run_dir(run_dir: Path, force: bool = False, resume: bool = False) -> None:
@@ -408,17 +405,20 @@ def check_run_dir(run_dir: Path, force: bool = False, resume: bool = False) -> N
     a finished or interrupted run unless ``force``, a finished run to ``resume``.
     Reads only: nothing is written.
     """
-    rundir.check_usable(run_dir)
-    rundir.refuse_in_use(run_dir)  # a run in progress, not an interrupted one
+    directory = rundir.RunDirectory(run_dir)
+    directory.check_usable()
+    state = directory.state()  # the lock tells a run in progress from an interrupted one
+    if state == "in progress":
+        raise rundir.in_use(run_dir, directory.holder())
     if resume:
         refuse_finished_resume(run_dir)
         return
     if force:
         return
-    if is_finished(run_dir):
+    if state == "finished":
         raise WfcoreError(f"{run_dir} holds a finished run; use --force to overwrite it "
                           "or choose another output=")
-    if checkpoint.path(run_dir).is_file():
+    if state == "interrupted":
         raise WfcoreError(f"{run_dir} holds an interrupted run; continue it with "
                           f"--resume {run_dir} or start over with --force")
 

@@ -11,10 +11,8 @@ report) is here.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,7 +54,7 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
     data set is not loaded. ``plugins``: the loaded plugins to build with (default: the
     installed ones and the run's ``plugins:`` modules).
     """
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = rundir.RunDirectory(run_dir).config
     if not cfg_path.is_file():
         raise WfcoreError(f"{run_dir} is not a run directory: no config.yaml")
     cfg = config_mod.load(cfg_path)
@@ -74,8 +72,8 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
 
 
 def step_state(run_dir: Path, step: int) -> Path:
-    """The state_dict file of step ``step`` of a run."""
-    return run_dir / f"model_step{step}.pt"
+    """The state_dict file of step ``step`` of a run (``RunDirectory.step_state``)."""
+    return rundir.RunDirectory(run_dir).step_state(step)
 
 
 def load_step(model: nn.Module, run_dir: Path, step: int, what: str = "wfcore export") -> Path:
@@ -87,24 +85,19 @@ def load_step(model: nn.Module, run_dir: Path, step: int, what: str = "wfcore ex
 
 def steps_in(run_dir: Path) -> list[int]:
     """The step indices with a saved model in ``run_dir``, ascending."""
-    found = (re.fullmatch(r"model_step(\d+)\.pt", p.name) for p in run_dir.glob("model_step*.pt"))
-    return sorted(int(m.group(1)) for m in found if m)
+    return rundir.RunDirectory(run_dir).steps()
 
 
 def report_steps(run_dir: Path) -> set[int] | None:
     """The step indices in the run's report.json; None when it has no readable one."""
-    try:
-        report = json.loads((run_dir / "report.json").read_text())
-        return {int(s["index"]) for s in report["steps"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return rundir.RunDirectory(run_dir).report_steps()
 
 
 def step_for_sparsity(run_dir: Path, target: float) -> int:
     """The last step of the run's report.json whose target sparsity is ``target``."""
     try:
-        steps = json.loads((run_dir / "report.json").read_text())["steps"]
-    except (OSError, ValueError, KeyError):
+        steps = (rundir.read_report(run_dir) or {})["steps"]
+    except KeyError:
         raise WfcoreError(f"{run_dir}: no readable report.json to find sparsity {target} in") \
             from None
     found = [s["index"] for s in steps if abs(s["target_sparsity"] - target) < 1e-9]
@@ -238,7 +231,7 @@ def _export_locked(run_dir: Path, step: int | None, output: str | Path | None, d
                    sparsity: float | None, quantize: str | None, opset: int | None,
                    given: dict[str, Any]) -> dict[str, Any]:
     step = choose_step(run_dir, step, sparsity)
-    output = Path(output) if output else run_dir / f"model_step{step}.onnx"
+    output = Path(output) if output else rundir.RunDirectory(run_dir).step_onnx(step)
     targets = [output, output.with_name("dense.onnx")] if dense else [output]
     for target in targets:  # before anything is loaded
         refuse_foreign(target, run_dir)
@@ -261,7 +254,7 @@ def _export_locked(run_dir: Path, step: int | None, output: str | Path | None, d
     result = {"step": step, "sparse": exporter.export(model, example, str(output), data=data,
                                                       params=params, metadata=meta)}
     if dense:
-        dense_path = run_dir / "dense.pt"
+        dense_path = rundir.RunDirectory(run_dir).dense
         dense_model = pristine
         states.load_state(dense_model, dense_path, "wfcore export (dense model)")
         meta = {**meta, "state": os.path.relpath(dense_path.resolve(), where), "step": "dense"}
@@ -274,10 +267,9 @@ def _export_locked(run_dir: Path, step: int | None, output: str | Path | None, d
 
 def record_in_report(run_dir: Path, result: dict[str, Any]) -> None:
     """Put ``wfcore export``'s checks into the run's report (``export``, as the pipeline's)."""
-    path = run_dir / "report.json"
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
+    path = rundir.RunDirectory(run_dir).report_path
+    report = rundir.read_report(run_dir)
+    if report is None:
         log.warning("%s: no readable report.json; the export is not recorded in it", run_dir)
         return
     report["export"] = {**result["sparse"], "step": result["step"]}
@@ -304,7 +296,7 @@ def export_stage(pruning: Any, report: Any) -> str | None:
         if step is not None:
             structured_run.restore_dense(pruning)  # the architecture the state rebuilds from
             model = pruning.model.cpu().eval()
-            states.load_state(model, run_dir / f"model_step{step}.pt",
+            states.load_state(model, rundir.RunDirectory(run_dir).step_state(step),
                               "config key 'export.step'")
         params = {n: p.detach() for n, p in pruning.params.items()}
         report.data["export"] = components.exporter.export(
@@ -312,7 +304,7 @@ def export_stage(pruning: Any, report: Any) -> str | None:
         if components.exporter.dense:  # export.dense: dense.onnx beside it
             structured_run.restore_dense(pruning)  # channels removed: the full architecture
             model = pruning.model.cpu().eval()
-            states.load_state(model, run_dir / "dense.pt", "dense model")
+            states.load_state(model, rundir.RunDirectory(run_dir).dense, "dense model")
             params = {n: p.detach() for n, p in pruning.params.items()}
             report.data["export"]["dense"] = components.exporter.export(
                 model, example, str(run_dir / "dense.onnx"), data=pruning.data, params=params)
