@@ -221,7 +221,8 @@ def execute(run: SweepRun, plugins_cache: dict[tuple[str, ...], manager.Plugins]
         run.error = f"{type(exc).__name__}: {first_line(exc)}"
         log.error("sweep: %s failed: %s", run.run_dir.name, run.error)
         log.debug("%s", traceback.format_exc())
-        files.write_text(run.run_dir / rundir.ERROR, traceback.format_exc())
+        if rundir.holder(run.run_dir) is None:  # not into another process's run
+            files.write_text(run.run_dir / rundir.ERROR, traceback.format_exc())
 
 
 def run_sweep(config_path: str, overrides: list[str], *, force: bool = False) -> SweepResult:
