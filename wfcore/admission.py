@@ -27,16 +27,17 @@ from wfcore.store import check_directory
 
 
 def admit(cfg: DictConfig, steps: list[PruneStep], params: dict[str, nn.Parameter],
-          data: DataBundle, allocator: Allocator, exporter: Exporter | None,
+          data: DataBundle | None, allocator: Allocator, exporter: Exporter | None,
           needs_gradients: bool) -> None:
     """Raise a one-line WfcoreError naming the config key of the first thing that would
-    fail the run (see the module doc)."""
+    fail the run (see the module doc). ``data``: None when only a stand-in of the data
+    set could be read (``wfcore plan`` on another machine): its size is not checked."""
     targets.check(steps, params, cfg.allocator.name)
     allocator.admit({n: p.numel() for n, p in params.items()},
                     [s for _, s in targets.targets(steps)])
-    if exporter is not None:
+    if exporter is not None and data is not None:
         exporter.check_data(data)
-    if cfg.fisher.grad_batch > len(data.train):
+    if data is not None and cfg.fisher.grad_batch > len(data.train):
         raise ConfigError(f"config key 'fisher.grad_batch': {cfg.fisher.grad_batch} is more "
                           f"than the {len(data.train)} training samples")
     if needs_gradients and cfg.fisher.store_dir:  # else the run directory, locked first

@@ -203,8 +203,8 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
     params = select_params(model, cfg.model.params, cfg.model.prunable)
     if not params:
         raise ConfigError("config key 'model.params': no prunable parameters selected")
-    admission.admit(cfg, components.scheduler.plan(), params, data, components.allocator,
-                    components.exporter, components.need_gradients())
+    admission.admit(cfg, components.scheduler.plan(), params, None if notes else data,
+                    components.allocator, components.exporter, components.need_gradients())
     run_dir = run_dir_of(cfg)
     plan = plan_run(cfg, components, model, params, data, loss_function(cfg, data), device,
                     store_dir(cfg, run_dir), nproc=nproc)
