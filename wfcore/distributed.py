@@ -29,6 +29,7 @@ import datetime
 import hashlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -285,11 +286,15 @@ def lost_rank(resume: str) -> Iterator[None]:
     except Exception as exc:
         if _group.world == 1 or isinstance(exc, WfcoreError) or not is_communication_error(exc):
             raise
-        time.sleep(0.5)  # a killed peer's process may take a moment to be reaped
         lost = lost_ranks()
+        if not lost:  # a peer's end may reach this rank before the kernel has it dead
+            time.sleep(0.2)
+            lost = lost_ranks()
         who = (f"rank {', '.join(map(str, lost))} of {_group.world} was lost" if lost else
                f"a process of the {_group.world} was lost (on another machine, or hung)")
-        raise LostRankError(f"{who} ({first_line(exc)[:120]}); the run directory keeps "
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc))  # gloo's source position
+        detail = detail if len(detail) <= 100 else detail[:97] + "..."
+        raise LostRankError(f"{who} ({detail}); the run directory keeps "
                             f"every finished step: {resume}") from None
 
 
