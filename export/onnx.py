@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from wfcore import ConfigError, DataBundle, Exporter, WfcoreError, dataset_size, hookimpl
+from wfcore import ConfigError, DataBundle, Exporter, WfcoreError, dataset_size, files, hookimpl
 from wfcore.masks import select_params
 
 from . import checks, opsets
@@ -117,24 +117,24 @@ def export_checked(model: nn.Module, example: torch.Tensor, path: str | Path,
     example = example.detach().float().cpu()[:1]
     path = Path(path)
     # Checked under a temporary name: ``path`` only ever holds a file that passed.
-    tmp = path.with_name(f".{path.stem}.unchecked.onnx")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    opset, why = opsets.export_lowest(model, example, tmp, options.opset)
-    proto = onnx.load(str(tmp))
-    if metadata:
-        for key, value in metadata.items():
-            proto.metadata_props.add(key=f"wfcore.{key}", value=str(value))
-        onnx.save(proto, str(tmp))
-    params = params if params is not None else conv_linear_weights(model)
-    try:
-        table = checks.check_zeros(proto, params)
-        parity = checks.check_parity(str(tmp), model,
-                                     parity_inputs(example, options.parity_batch, data=data),
-                                     options.atol)
-    except WfcoreError as exc:
-        failed = tmp.replace(path.with_name(f"{path.stem}.failed.onnx"))
-        raise WfcoreError(f"{path}: {exc} (the export is kept as {failed})") from None
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with files.temporary(path, ".unchecked.onnx") as tmp:
+        opset, why = opsets.export_lowest(model, example, tmp, options.opset)
+        proto = onnx.load(str(tmp))
+        if metadata:
+            for key, value in metadata.items():
+                proto.metadata_props.add(key=f"wfcore.{key}", value=str(value))
+            onnx.save(proto, str(tmp))
+        params = params if params is not None else conv_linear_weights(model)
+        try:
+            table = checks.check_zeros(proto, params)
+            parity = checks.check_parity(str(tmp), model,
+                                         parity_inputs(example, options.parity_batch, data=data),
+                                         options.atol)
+        except WfcoreError as exc:
+            failed = tmp.replace(path.with_name(f"{path.stem}.failed.onnx"))
+            raise WfcoreError(f"{path}: {exc} (the export is kept as {failed})") from None
+        tmp.replace(path)
     path.with_name(f"{path.stem}.failed.onnx").unlink(missing_ok=True)
     log.info("exported %s: %s, %d/%d weights zero (all kept), parity max diff %.2g",
              path, why, table["torch_zeros"], table["numel"], parity["max_abs_diff"])

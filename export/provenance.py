@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from wfcore import WfcoreError
+from wfcore import RunDirectory, WfcoreError
 
 from .graph import input_shape, read_onnx, signature
 
@@ -49,7 +49,7 @@ def run_of(path: str | Path, proto: Any) -> tuple[Path, Path | None] | None:
     home = path.resolve().parent
     meta = metadata(proto)
     run_dir, state = meta.get("wfcore.run_dir"), meta.get("wfcore.state")
-    own = home if (home / "config.yaml").is_file() else None
+    own = home if RunDirectory(home).config.is_file() else None
     if not run_dir:
         return (own, None) if own else None
     if os.path.isabs(run_dir) or (state and os.path.isabs(state)):
@@ -86,7 +86,7 @@ def torch_model_for(path: str | Path) -> nn.Module | None:
     if found is None:
         return None
     run_dir, state = found
-    if state is None or not state.is_file() or not (run_dir / "config.yaml").is_file():
+    if state is None or not state.is_file() or not RunDirectory(run_dir).config.is_file():
         return None
     try:
         shape = input_shape(proto, 1)[1:]
@@ -108,7 +108,7 @@ def describe(path: str | Path) -> str:
         return Path(path).name
     run_dir = found[0]
     try:
-        cfg = OmegaConf.load(run_dir / "config.yaml")
+        cfg = OmegaConf.load(RunDirectory(run_dir).config)
         untrained = not cfg.model.checkpoint and cfg.train.epochs == 0
         return (f"{cfg.model.name}{' with random weights' if untrained else ''} on "
                 f"{cfg.data.name} ({run_dir})")

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from wfcore import WfcoreError, dataset_size
+from wfcore import WfcoreError, dataset_size, files
 from wfcore.choices import QUANTIZE_MODES
 
 from . import checks
@@ -256,31 +256,31 @@ def quantize_int8(float_path: str | Path, path: str | Path, calibration: np.ndar
     if how.matmul:
         gemm_to_matmul(source)
     input_name = source.graph.input[0].name
-    tmp = path.with_name(f".{path.stem}.unchecked.onnx")
-    advice = _NoPreprocessingAdvice()
-    logging.getLogger().addFilter(advice)  # the quantizer logs on the root logger
-    try:
-        ortq.quantize_static(
-            source, str(tmp), _reader(ortq, calibration, input_name, batch_size),
-            quant_format=ortq.QuantFormat.QDQ if how.qdq else ortq.QuantFormat.QOperator,
-            op_types_to_quantize=list(how.ops) if how.ops else None,
-            per_channel=how.per_channel, reduce_range=False,
-            activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
-            calibrate_method=ortq.CalibrationMethod.MinMax,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
-    finally:
-        logging.getLogger().removeFilter(advice)
-    proto = onnx.load(str(tmp))
-    for key, value in {**(metadata or {}), "quantize": f"int8-{layout}"}.items():
-        proto.metadata_props.add(key=f"wfcore.{key}", value=str(value))
-    onnx.save(proto, str(tmp))
-    try:
-        table = check_quantized(proto, params)
-        _runs_on_onnxruntime(str(tmp), calibration[:1])
-    except WfcoreError as exc:
-        failed = tmp.replace(path.with_name(f"{path.stem}.failed.onnx"))
-        raise WfcoreError(f"{path}: {exc} (the quantized model is kept as {failed})") from None
-    tmp.replace(path)
+    with files.temporary(path, ".unchecked.onnx") as tmp:
+        advice = _NoPreprocessingAdvice()
+        logging.getLogger().addFilter(advice)  # the quantizer logs on the root logger
+        try:
+            ortq.quantize_static(
+                source, str(tmp), _reader(ortq, calibration, input_name, batch_size),
+                quant_format=ortq.QuantFormat.QDQ if how.qdq else ortq.QuantFormat.QOperator,
+                op_types_to_quantize=list(how.ops) if how.ops else None,
+                per_channel=how.per_channel, reduce_range=False,
+                activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
+                calibrate_method=ortq.CalibrationMethod.MinMax,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        finally:
+            logging.getLogger().removeFilter(advice)
+        proto = onnx.load(str(tmp))
+        for key, value in {**(metadata or {}), "quantize": f"int8-{layout}"}.items():
+            proto.metadata_props.add(key=f"wfcore.{key}", value=str(value))
+        onnx.save(proto, str(tmp))
+        try:
+            table = check_quantized(proto, params)
+            _runs_on_onnxruntime(str(tmp), calibration[:1])
+        except WfcoreError as exc:
+            failed = tmp.replace(path.with_name(f"{path.stem}.failed.onnx"))
+            raise WfcoreError(f"{path}: {exc} (the quantized model is kept as {failed})") from None
+        tmp.replace(path)
     path.with_name(f"{path.stem}.failed.onnx").unlink(missing_ok=True)
     log.info("quantized %s: INT8 for %s, %d calibration samples, %d/%d weights int8, "
              "all %d PyTorch zeros kept", path, layout, len(calibration),

@@ -113,32 +113,45 @@ class GlobalAllocator(Allocator):
 
     def caps(self, masks: Tensors) -> dict[str, int]:
         """The most zeros each layer may hold: its floor or exclusion, never fewer than now."""
+        return self._caps({n: (m.numel(), int((~m).sum())) for n, m in masks.items()})
+
+    def _caps(self, counts: dict[str, tuple[int, int]]) -> dict[str, int]:
+        """``caps`` from each layer's (weights, zeros)."""
         o = self.options
-        names = list(masks)
+        names = list(counts)
         check_globs("floors", o.floors, names)
         check_globs("exclude", o.exclude, names)
         caps = {}
-        for n, m in masks.items():
-            zeros = int((~m).sum())
+        for n, (numel, zeros) in counts.items():
             if first_match(n, o.exclude) is not None:
                 caps[n] = zeros
                 continue
             pat = first_match(n, o.floors)
             floor = o.floors[pat] if pat is not None else o.floor
-            caps[n] = max(m.numel() - math.ceil(floor * m.numel() - 1e-9), zeros)
+            caps[n] = max(numel - math.ceil(floor * numel - 1e-9), zeros)
         return caps
 
-    def allocate(self, scores: Tensors, masks: Tensors, target: float) -> Tensors:
-        total = sum(s.numel() for s in scores.values())
+    def admit(self, sizes: dict[str, int], targets: list[float]) -> None:
+        """The globs match, and the floors and exclusions leave every target reachable."""
+        caps = self._caps({n: (k, 0) for n, k in sizes.items()})
+        for target in targets:
+            self._reachable(target, sum(sizes.values()), sum(caps.values()))
+
+    @staticmethod
+    def _reachable(target: float, total: int, most: int) -> None:
         num_zeros = round(target * total)
-        caps = self.caps(masks)
-        most = sum(caps.values())
         if num_zeros > most:
             raise WfcoreError(
                 f"allocator 'global': sparsity {target:.4g} needs {num_zeros} of {total} "
                 f"weights pruned, but the floors and excluded layers allow at most {most} "
                 f"(sparsity {most / total:.4g}); lower allocator.floor / allocator.floors or "
                 "exclude fewer layers")
+
+    def allocate(self, scores: Tensors, masks: Tensors, target: float) -> Tensors:
+        total = sum(s.numel() for s in scores.values())
+        num_zeros = round(target * total)
+        caps = self.caps(masks)
+        self._reachable(target, total, sum(caps.values()))
         new = global_with_caps(scores, masks, num_zeros, caps)
         bound = [n for n in new if int((~new[n]).sum()) == caps[n] < masks[n].numel()
                  and caps[n] > int((~masks[n]).sum())]
@@ -202,6 +215,30 @@ class ManualAllocator(Allocator):
     def __init__(self, options: ManualOptions | None = None):
         self.options = options or ManualOptions()
 
+    def admit(self, sizes: dict[str, int], targets: list[float]) -> None:
+        """The globs match, and the layers they leave can take the rest of every target."""
+        table = self.options.sparsities
+        check_globs("sparsities", table, list(sizes))
+        fixed = {n: round(table[p] * k) for n, k in sizes.items()
+                 if (p := first_match(n, table)) is not None}
+        if len(fixed) == len(sizes):
+            return
+        total = sum(sizes.values())
+        rest_total = total - sum(sizes[n] for n in fixed)
+        for target in targets:
+            self._fits(target, total, sum(fixed.values()), rest_total)
+
+    @staticmethod
+    def _fits(target: float, total: int, fixed_zeros: int, rest_total: int) -> int:
+        """The zeros the layers that no glob sets must take at ``target``."""
+        need = round(target * total) - fixed_zeros
+        if not 0 <= need <= rest_total:
+            raise WfcoreError(
+                f"allocator 'manual': sparsity {target:.4g} needs {round(target * total)} "
+                f"zeros; the layers set by allocator.sparsities hold {fixed_zeros}, so the "
+                f"other {rest_total} weights would need {need}")
+        return need
+
     def allocate(self, scores: Tensors, masks: Tensors, target: float) -> Tensors:
         table = self.options.sparsities
         check_globs("sparsities", table, list(scores))
@@ -215,12 +252,7 @@ class ManualAllocator(Allocator):
         total = sum(s.numel() for s in scores.values())
         fixed_zeros = sum(int((~out[n]).sum()) for n in fixed)
         rest_total = sum(scores[n].numel() for n in rest)
-        need = round(target * total) - fixed_zeros
-        if not 0 <= need <= rest_total:
-            raise WfcoreError(
-                f"allocator 'manual': sparsity {target:.4g} needs {round(target * total)} "
-                f"zeros; the layers set by allocator.sparsities hold {fixed_zeros}, so the "
-                f"other {rest_total} weights would need {need}")
+        need = self._fits(target, total, fixed_zeros, rest_total)
         sub_scores = {n: scores[n] for n in rest}
         sub_masks = {n: masks[n] for n in rest}
         caps = {n: masks[n].numel() for n in rest}

@@ -400,6 +400,8 @@ class KfacOptions:
             raise ValueError(f"damping '{self.damping}' is not one of {', '.join(DAMPINGS)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.joint_max < 1:
+            raise ValueError(f"joint_max must be >= 1, got {self.joint_max}")
 
 
 class Kfac(HessianEstimator):
@@ -423,12 +425,14 @@ class Kfac(HessianEstimator):
             flops += 10 * (in_dim ** 3 + out_dim ** 3)  # eigendecompositions
         joint = self.options.joint_max
         large = [n for n in layout.names if layout.numels[n] > 2 * joint]
+        # the largest system solved: min(pruned, kept) <= half a layer, at most joint_max
+        system = min(joint, max((layout.numels[n] // 2 for n in layout.names), default=0))
         note = (f"{len(layout.names)} Kronecker blocks, {factors / 2**30:.3g} GiB of factors")
         if large:
             note += (f"; a joint update may be solved row by row in {len(large)} of "
                      f"{len(layout.names)} layers (more than 2 x joint_max={joint} weights, at "
                      "sparsities between joint_max/numel and 1 - joint_max/numel)")
-        return EstimatorCost(working_bytes=factors + 4 * joint * joint * 8 + 4 * layout.d * 8,
+        return EstimatorCost(working_bytes=factors + 4 * system * system * 8 + 4 * layout.d * 8,
                              flops=flops, note=note)
 
     def fit(self, problem: PruningProblem) -> Curvature:

@@ -250,9 +250,10 @@ class WoodFisherCurvature(Curvature):
 
     def inverse_blocks(self, block: int) -> Tensors:
         """[F^-1]_GG of every ``structure.block`` group (``Curvature.inverse_blocks``), in
-        the solve dtype: block^2 numbers a weight (128 bytes a weight for blocks of 4 in
-        float64). Entries across two curvature blocks are 0 (F^-1 is block-diagonal);
-        streamed, cached and dealt to the ranks as ``inverse_mul``."""
+        the solve dtype: b^2 numbers a group of b weights (b = ``structure.block`` capped at
+        the layer's input channels; 128 bytes a weight for blocks of 4 in float64). Entries
+        across two curvature blocks are 0 (F^-1 is block-diagonal); streamed, cached and
+        dealt to the ranks as ``inverse_mul``."""
         members = {n: to_groups(torch.arange(self.layout.numels[n], device=self.device)
                                 .view(shape) + self.layout.offsets[n], block, -1)
                    for n, shape in self.layout.shapes.items()}  # (*group index, b)
@@ -331,6 +332,7 @@ def memory_budget(options: WoodFisherOptions, device: torch.device) -> int:
 
 class WoodFisher(HessianEstimator):
     Options = WoodFisherOptions
+    group_blocks = True  # WoodFisherCurvature.inverse_blocks
 
     def __init__(self, options: WoodFisherOptions | None = None):
         self.options = options or WoodFisherOptions()

@@ -175,3 +175,45 @@ def test_a_two_process_run_resumes_in_one_process(tmp_path):
     assert report["finished"] and report["steps"][-1]["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert report["distributed"]["parts"] == [{"processes": 2, "backend": "gloo"},
                                               {"processes": 1, "backend": None}]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_rank_lost_while_fine_tuning_is_one_line_and_the_run_resumes(tmp_path):
+    """Rank 1 is SIGKILLed after step 0 (as the OOM killer would): rank 0's next collective
+    fails, and it says so in one line naming rank 1 and the resume command. Launched as
+    torchrun launches (RANK, WORLD_SIZE, MASTER_*), without its agent, which would end
+    rank 0 as well."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WFCORE_TEST_KILL": "1:0",
+           "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")])}
+    ranks = [subprocess.Popen([sys.executable, "-m", "wfcore", "-q", "prune", str(GRADUAL),
+                               *GRADUAL_RUN, f"output={run_dir}"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        err = ranks[0].communicate(timeout=600)[1]
+        assert ranks[1].wait(timeout=60) == -9
+    finally:
+        for r in ranks:
+            r.kill()
+            r.wait()
+    assert ranks[0].returncode == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("wfcore: error: rank 1 of 2 was lost"), lines[0]
+    assert lines[0].endswith(f"-m wfcore prune --resume {run_dir}")
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        report = pipeline.run(pipeline.resume_config(run_dir), resume=True)
+    finally:
+        sys.path.remove(str(FIXTURES))
+    assert report["finished"]

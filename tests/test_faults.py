@@ -109,9 +109,7 @@ def test_force_leaves_no_step_of_the_earlier_run(run_copy, capsys):
     assert cli.main(["-q", "export", str(run_copy)]) == 0
     assert (run_copy / "model_step0.onnx").is_file()
     assert not (run_copy / "model_step1.onnx").exists()
-    # A step file that the report does not list (planted by hand) is never exported.
-    shutil.copy(run_copy / "model_step0.pt", run_copy / "model_step7.pt")
-    assert "not a step of the run's report.json" in fails(capsys, "export", str(run_copy))
+    # (a step file the report does not list: tests/test_rundir.py)
 
 
 def test_sweep_replaces_no_finished_run_of_another_config(tmp_path, capsys):
@@ -195,6 +193,28 @@ def test_export_replaces_no_file_it_did_not_make(run_copy, tmp_path, capsys):
     assert "is not an export of" in fails(capsys, "export", str(other), "-o",
                                           str(out / "m.onnx"))
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(("overrides", "said"), [
+    (["export.opset=3"], "wfcore export export.opset: "),
+    (["export.no_such_option=1"], "export.no_such_option"),
+    (["model.name=mnistcnn"], "'model.name=mnistcnn' is not an export.KEY=VALUE override"),
+    (["export.quantize=int8", "export.calibration_samples=100000000"],
+     "config key 'export.calibration_samples': 100000000 is more than the 4000"),
+])
+def test_export_overrides_are_checked_before_anything_is_written(run_copy, capsys, overrides,
+                                                                   said):
+    before = snapshot(run_copy)
+    assert said in fails(capsys, "export", str(run_copy), *overrides)
+    assert snapshot(run_copy) == before
+
+
+def test_export_takes_the_export_overrides(run_copy):
+    assert cli.main(["-q", "export", str(run_copy), "export.opset=17",
+                     "export.parity_batch=4"]) == 0
+    report = json.loads((run_copy / "report.json").read_text())
+    assert report["export"]["opset"] == 17 and report["export"]["dense"]["opset"] == 17
+    assert report["config"].get("export") is None  # the run's config is its own
 
 
 # -- files -----------------------------------------------------------------------------

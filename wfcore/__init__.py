@@ -56,24 +56,25 @@ _LAZY = {
     "WfcoreError": "wfcore.errors", "ConfigError": "wfcore.errors",
     "PluginError": "wfcore.errors", "first_line": "wfcore.errors",
     "available_memory": "wfcore.plan",
+    "RunDirectory": "wfcore.rundir",
 }
 # public submodules (their functions and classes): ``from wfcore.testing import check_curvature``;
 # ``wfcore.choices``: the names each choice setting takes
-_MODULES = ("testing", "masks", "progress", "distributed", "rounds", "choices")
+_MODULES = ("testing", "masks", "progress", "distributed", "rounds", "choices", "files")
 
 __all__ = [  # _LAZY and _MODULES, spelled out for linters and readers
     "__version__", "hookimpl", "testing", "masks", "progress", "distributed", "rounds",
-    "choices", "prune", "export", "bench", "Result", "load_model",
+    "choices", "files", "prune", "export", "bench", "Result", "load_model",
     "DataBundle", "Loss", "Tensors", "UPDATE_MODES", "DAMP_MODES", "GradientRows",
     "GradientSource", "EstimatorCost", "PruningProblem", "Curvature", "Stateful",
     "HessianEstimator", "LayerwiseEstimator", "Scorer", "Allocator", "PruneStep",
     "Scheduler", "Exporter", "ParamLayout", "Masks", "available_memory",
-    "WfcoreError", "ConfigError", "PluginError", "first_line", "dataset_size",
+    "WfcoreError", "ConfigError", "PluginError", "first_line", "dataset_size", "RunDirectory",
     "declare_options",
 ]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them
-    from wfcore import choices, distributed, masks, progress, rounds, testing
+    from wfcore import choices, distributed, files, masks, progress, rounds, testing
     from wfcore.api import Result, bench, export, prune
     from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
     from wfcore.gradients import ParamLayout
@@ -101,6 +102,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
     )
     from wfcore.masks import Masks
     from wfcore.plan import available_memory
+    from wfcore.rundir import RunDirectory
     from wfcore.runs import load_model
 
 

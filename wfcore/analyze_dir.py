@@ -53,7 +53,8 @@ def check_heatmap_param(cfg: DictConfig, names: list[str]) -> None:
 
 
 def output_of(cfg: DictConfig) -> Path:
-    return Path(cfg.output or Path("runs") / cfg.name).expanduser()
+    """The analysis's directory: a run directory's (``RunDirectory.of``)."""
+    return rundir.RunDirectory.of(cfg).path
 
 
 def check_output(run_dir: Path, force: bool) -> None:

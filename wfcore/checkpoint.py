@@ -21,12 +21,12 @@ import torch
 from omegaconf import DictConfig
 
 from wfcore import config as config_mod
-from wfcore import files, states
+from wfcore import files, rundir, states
 from wfcore.errors import WfcoreError
 
 log = logging.getLogger(__name__)
 
-FILENAME = "checkpoint.pt"
+FILENAME = rundir.CHECKPOINT
 FORMAT = 1
 # Keys that may change between a run and its resumption without changing its results
 # (`analyze` is read by `wfcore analyze` only; `base_dir` moves with the config file).

@@ -108,7 +108,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from wfcore.runs import export_run
 
     result = export_run(args.run_dir, step=args.step, output=args.output,
-                        sparsity=args.sparsity, quantize=args.quantize, opset=args.opset)
+                        sparsity=args.sparsity, quantize=args.quantize, opset=args.opset,
+                        overrides=args.overrides)
     for kind in ("sparse", "dense"):
         if kind in result:
             r = result[kind]
@@ -276,6 +277,9 @@ def parser() -> argparse.ArgumentParser:
     export = command("export", "export a run's pruned model (and its dense one) to "
                      "ONNX, with the zero and parity checks")
     export.add_argument("run_dir", help="a run directory (holds config.yaml, model_step<N>.pt)")
+    export.add_argument("overrides", nargs="*", help="export.KEY=VALUE in place of the run's "
+                        "export options (OmegaConf dot-list), e.g. export.opset=17 "
+                        "export.quantize=int8 export.calibration_samples=256")
     export.add_argument("--step", type=int, help="the step to export (default: the last)")
     export.add_argument("--sparsity", type=float,
                         help="or the last step with this target sparsity (e.g. 0.9)")

@@ -29,7 +29,11 @@ import datetime
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -56,6 +60,11 @@ class Group:
 
 
 _group = Group()
+_processes: list[tuple[str, int] | None] = []  # (host, pid) of each rank, from ``init``
+
+
+class LostRankError(WfcoreError):
+    """A collective failed because a process of the run is gone (``lost_ranks``)."""
 
 
 class AgreedError(WfcoreError):
@@ -95,6 +104,9 @@ def init(backend: str = "auto", timeout_s: float = 1800.0) -> Group:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     _group = Group(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank,
                    backend=backend)
+    global _processes
+    _processes = [None] * _group.world  # (host, pid) of every rank: to name a lost one
+    dist.all_gather_object(_processes, (socket.gethostname(), os.getpid()))
     log.info("distributed: rank %d of %d (%s), local rank %d", _group.rank, _group.world,
              backend, local_rank)
     return _group
@@ -237,6 +249,55 @@ def barrier() -> None:
 
 
 # -- errors -------------------------------------------------------------------------------
+def lost_ranks() -> list[int]:
+    """The ranks of this machine whose process no longer exists (the others' are unknown)."""
+    host, lost = socket.gethostname(), []
+    for r, proc in enumerate(_processes):
+        if proc is None or proc[0] != host or r == _group.rank:
+            continue
+        try:
+            os.kill(proc[1], 0)
+            stat = open(f"/proc/{proc[1]}/stat").read()
+            if stat.rpartition(")")[2].split()[0] in ("Z", "X"):  # killed, not yet reaped
+                lost.append(r)
+        except ProcessLookupError:
+            lost.append(r)
+        except OSError:  # alive (another user's), or no /proc to tell a zombie by
+            pass
+    return lost
+
+
+def is_communication_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective (a peer gone, a timeout), not the code's."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed by peer",
+                            "Connection reset by peer", "Broken pipe"))
+
+
+@contextmanager
+def lost_rank(resume: str) -> Iterator[None]:
+    """A collective that fails because a rank is gone becomes one line (``LostRankError``):
+    which rank, and ``resume``, the command that continues the run."""
+    try:
+        yield
+    except Exception as exc:
+        if _group.world == 1 or isinstance(exc, WfcoreError) or not is_communication_error(exc):
+            raise
+        lost = lost_ranks()
+        if not lost:  # a peer's end may reach this rank before the kernel has it dead
+            time.sleep(0.2)
+            lost = lost_ranks()
+        who = (f"rank {', '.join(map(str, lost))} of {_group.world} was lost" if lost else
+               f"a process of the {_group.world} was lost (on another machine, or hung)")
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc))  # gloo's source position
+        detail = detail if len(detail) <= 100 else detail[:97] + "..."
+        raise LostRankError(f"{who} ({detail}); the run directory keeps "
+                            f"every finished step: {resume}") from None
+
+
 def agree(fn: Callable[[], T]) -> T:
     """``fn()`` on every rank; a WfcoreError (or OSError) on any rank is raised on every rank,
     with the message of the lowest failing rank (so it is printed once, by rank 0)."""

@@ -8,7 +8,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,23 @@ from wfcore.errors import WfcoreError, first_line
 
 class WriteError(WfcoreError):
     """A file could not be written (disk full, no permission); what it held is kept."""
+
+
+def temporary_name(path: str | Path, suffix: str) -> Path:
+    """A hidden name beside ``path`` that no other process uses: its pid and a random part
+    (``.NAME.<pid>-<random><suffix>``)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+@contextmanager
+def temporary(path: str | Path, suffix: str) -> Iterator[Path]:
+    """``temporary_name(path, suffix)``, removed on leaving unless renamed meanwhile."""
+    tmp = temporary_name(path, suffix)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic(path: str | Path, write) -> Path:

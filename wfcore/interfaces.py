@@ -260,6 +260,9 @@ class HessianEstimator(ABC):
     # a reference method (magnitude, random): its own mask is its result, which the update
     # safeguard never replaces by another method's (magnitude's fallback mask)
     baseline: bool = False
+    # whether its curvature gives ``Curvature.inverse_blocks``: the plan then counts the
+    # group blocks of ``structure.block`` (b^2 numbers a group of b weights) in the peak
+    group_blocks: bool = False
 
     @abstractmethod
     def fit(self, problem: PruningProblem) -> Curvature:
@@ -349,6 +352,13 @@ class Allocator(ABC):
     @abstractmethod
     def allocate(self, scores: Tensors, masks: Tensors, target: float) -> Tensors:
         """New keep-masks. Already pruned weights (False in ``masks``) stay pruned."""
+
+    def admit(self, sizes: dict[str, int], targets: list[float]) -> None:
+        """Refuse, before anything is trained or removed, a target this allocator cannot
+        reach whatever the scores: ``sizes`` are the prunable parameters' weights (name:
+        count, dense), ``targets`` every target and sub-target of the schedule. Raise a
+        WfcoreError naming the config key. Default: every target is admitted."""
+        return None
 
 
 @dataclass

@@ -8,7 +8,7 @@ are re-applied after every optimizer step, which also covers optimizers with oth
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -27,16 +27,28 @@ def select_params(model: nn.Module, patterns: Iterable[str] | None,
     return prunable.select(model, patterns, kinds)
 
 
-def to_groups(t: torch.Tensor, block: int, fill: float | bool = 0) -> torch.Tensor:
-    """(*group index, block): ``t`` (a parameter's shape) cut into ``structure.block`` groups.
+def group_size(shape: Sequence[int], block: int) -> int:
+    """The size of ``structure.block``'s groups in a parameter of ``shape``: ``block``,
+    capped at its input channels (a group never spans two rows); 1 below 2 dimensions."""
+    return min(block, shape[1]) if len(shape) >= 2 else 1
+
+
+def to_groups(t: torch.Tensor, block: int, fill: float | bool = 0,
+              cap: bool = True) -> torch.Tensor:
+    """(*group index, b): ``t`` (a parameter's shape) cut into ``structure.block`` groups.
 
     A group is ``block`` consecutive input channels (dim 1) at one output channel and one
     kernel position, so the group index is (out, *kernel, groups); a row whose channels are
-    not a multiple of ``block`` ends with a smaller group, padded with ``fill``. A parameter
-    of fewer than 2 dimensions is never grouped: (*shape, 1), one weight to a group.
+    not a multiple of ``block`` ends with a smaller group, padded with ``fill``. ``cap``:
+    a block larger than the input channels is one group of the whole row (``group_size``,
+    so b = min(block, channels): the same groups without the padding); without it the
+    row is padded to ``block``. A parameter of fewer than 2 dimensions is never grouped:
+    (*shape, 1), one weight to a group.
     """
     if t.dim() < 2:
         return t[..., None]
+    if cap:
+        block = group_size(t.shape, block)
     pad = -t.shape[1] % block
     moved = t.movedim(1, -1)
     if pad:

@@ -42,11 +42,13 @@ def nm_keep(scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
         if s.dim() < 2:
             out[name] = k.clone()
             continue
-        real = to_groups(torch.ones_like(k), m, False)  # (*, m): the padding is False
-        g = torch.where(to_groups(k, m, False) & real, to_groups(s.double(), m),
+        real = to_groups(torch.ones_like(k), m, False, cap=False)  # (*, m): padding False
+        g = torch.where(to_groups(k, m, False, cap=False) & real,
+                        to_groups(s.double(), m, cap=False),
                         float("-inf"))
         top = torch.topk(g, n, dim=-1).indices
-        chosen = torch.zeros_like(real).scatter_(-1, top, True) & real & to_groups(k, m, False)
+        chosen = (torch.zeros_like(real).scatter_(-1, top, True) & real
+                  & to_groups(k, m, False, cap=False))
         out[name] = from_groups(chosen, s.shape).to(keep[name].device)
     return out
 
@@ -54,5 +56,5 @@ def nm_keep(scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
 def pattern_holds(keep: dict[str, torch.Tensor], pattern: tuple[int, int]) -> bool:
     """Whether every group of m holds at most n kept weights."""
     n, m = pattern
-    return all(bool((to_groups(k, m, False).sum(-1) <= n).all())
+    return all(bool((to_groups(k, m, False, cap=False).sum(-1) <= n).all())
                for k in keep.values() if k.dim() >= 2)

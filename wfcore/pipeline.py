@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from wfcore import (
+    admission,
     checkpoint,
     distributed,
     files,
@@ -26,7 +26,6 @@ from wfcore import (
     rundir,
     runs,
     structured_run,
-    targets,
 )
 from wfcore import config as config_mod
 from wfcore.batchnorm import RunningStats
@@ -45,7 +44,6 @@ from wfcore.interfaces import (
     Scheduler,
     Scorer,
     Tensors,
-    dataset_size,
 )
 from wfcore.masks import Masks, block_scores, select_params, whole_blocks
 from wfcore.nm import nm_keep, parse_pattern
@@ -164,7 +162,8 @@ def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
                      target=torch.as_tensor(target).unsqueeze(0), loss_fn=loss_fn,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
-                     device=device, calibrate=calibrate, nproc=nproc)
+                     device=device, calibrate=calibrate, nproc=nproc,
+                     block=cfg.structure.block)
     guard = safeguard_cost(cfg, model, example.unsqueeze(0).to(device),
                            components.estimator.baseline or components.scorer.baseline,
                            calibrate)
@@ -208,8 +207,9 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
     params = select_params(model, cfg.model.params, cfg.model.prunable)
     if not params:
         raise ConfigError("config key 'model.params': no prunable parameters selected")
-    targets.check(components.scheduler.plan(), params, cfg.allocator.name)
-    run_dir = Path(cfg.output or Path("runs") / cfg.name)
+    admission.admit(cfg, components.scheduler.plan(), params, None if notes else data,
+                    components.allocator, components.exporter, components.need_gradients())
+    run_dir = run_dir_of(cfg)
     plan = plan_run(cfg, components, model, params, data, loss_function(cfg, data), device,
                     store_dir(cfg, run_dir), nproc=nproc)
     plan.notes += notes
@@ -233,12 +233,10 @@ class Pruning:
         self.params = select_params(self.model, cfg.model.params, cfg.model.prunable)
         if not self.params:
             raise ConfigError("config key 'model.params': no prunable parameters selected")
-        targets.check(components.scheduler.plan(), self.params, cfg.allocator.name)
-        if components.exporter is not None:  # the export's limits, before anything is pruned
-            components.exporter.check_data(self.data)
-        if cfg.fisher.grad_batch > dataset_size(self.data.train):
-            raise ConfigError(f"config key 'fisher.grad_batch': {cfg.fisher.grad_batch} is more "
-                              f"than the {dataset_size(self.data.train)} training samples")
+        # every check that can fail the run, before --force removes anything or the dense
+        # model is trained (wfcore/admission.py)
+        admission.admit(cfg, components.scheduler.plan(), self.params, self.data,
+                        components.allocator, components.exporter, components.need_gradients())
         self.store_dir = store_dir(cfg, run_dir)
         self.plan = plan_run(cfg, components, self.model, self.params, self.data, self.loss_fn,
                              self.device, self.store_dir, nproc=distributed.world())
@@ -394,11 +392,8 @@ class Pruning:
 
 
 def is_finished(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds the report of a finished run."""
-    try:
-        return bool(json.loads((run_dir / "report.json").read_text()).get("finished", False))
-    except (OSError, ValueError, AttributeError):
-        return False
+    """Whether ``run_dir`` holds the report of a finished run (``RunDirectory``)."""
+    return rundir.RunDirectory(run_dir).is_finished()
 
 
 def refuse_finished_resume(run_dir: Path) -> None:
@@ -408,7 +403,8 @@ def refuse_finished_resume(run_dir: Path) -> None:
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
-    return Path(cfg.output or Path("runs") / cfg.name).expanduser()
+    """Where a run of ``cfg`` goes (``RunDirectory.of``)."""
+    return rundir.RunDirectory.of(cfg).path
 
 
 def check_run_dir(run_dir: Path, force: bool = False, resume: bool = False) -> None:
@@ -416,16 +412,20 @@ def check_run_dir(run_dir: Path, force: bool = False, resume: bool = False) -> N
     a finished or interrupted run unless ``force``, a finished run to ``resume``.
     Reads only: nothing is written.
     """
-    rundir.check_usable(run_dir)
+    directory = rundir.RunDirectory(run_dir)
+    directory.check_usable()
+    state = directory.state()  # the lock tells a run in progress from an interrupted one
+    if state == "in progress":
+        raise rundir.in_use(run_dir, directory.holder())
     if resume:
         refuse_finished_resume(run_dir)
         return
     if force:
         return
-    if is_finished(run_dir):
+    if state == "finished":
         raise WfcoreError(f"{run_dir} holds a finished run; use --force to overwrite it "
                           "or choose another output=")
-    if checkpoint.path(run_dir).is_file():
+    if state == "interrupted":
         raise WfcoreError(f"{run_dir} holds an interrupted run; continue it with "
                           f"--resume {run_dir} or start over with --force")
 
@@ -440,6 +440,7 @@ def resume_config(run_dir: str | Path, config_path: str | None = None,
     if config_path is not None and "=" in config_path and not Path(config_path).is_file():
         overrides.insert(0, config_path)  # `prune --resume DIR key=value`: no config given
         config_path = None
+    rundir.refuse_in_use(run_dir)  # running still: nothing to resume yet
     refuse_finished_resume(run_dir)
     checkpoint.require(run_dir)
     config = Path(config_path) if config_path is not None else run_dir / "config.yaml"
@@ -496,7 +497,9 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
             files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
 
         distributed.on_main(start)
-        return run_plan(pruning, plan, saved)
+        with distributed.lost_rank(f"continue it with torchrun --nproc-per-node "
+                                   f"{distributed.world()} -m wfcore prune --resume {run_dir}"):
+            return run_plan(pruning, plan, saved)
 
 
 def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from wfcore import files
+from wfcore import files, rundir
 
 TIMING_KEYS = ("gradients", "estimate", "prune", "finetune", "evaluate")
 
@@ -47,7 +47,7 @@ class Report:
     def write(self) -> None:
         if not self.writes:
             return
-        files.write_json(self.run_dir / "report.json", self.data)
+        files.write_json(self.run_dir / rundir.REPORT, self.data)
         files.write_text(self.run_dir / "report.md", markdown(self.data))
 
 
@@ -183,10 +183,10 @@ def pyplot():
 
 def save_figure(fig, path: Path) -> Path:
     """Write ``fig`` as a PNG atomically (temporary file, then rename) and close it."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    pyplot().close(fig)
-    tmp.replace(path)
+    with files.temporary(path, ".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=120)
+        pyplot().close(fig)
+        tmp.replace(path)
     return path
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import OmegaConf
 
-from wfcore import checkpoint, distributed, files, structured_run
+from wfcore import checkpoint, distributed, files, rundir, structured_run
 from wfcore import config as config_mod
 from wfcore.degenerate import collect_warnings
 from wfcore.interfaces import Loss, PruneStep, Stateful
@@ -242,7 +242,8 @@ class Runner:
                   "timings": {k: round(v, 4) for k, v in self.timings.items()},
                   "layers": p.masks.layer_sparsity()}
         if distributed.is_main():
-            files.save_torch(self.run_dir / f"model_step{step.index}.pt", p.model_state())
+            files.save_torch(rundir.RunDirectory(self.run_dir).step_state(step.index),
+                             p.model_state())
         self.report.add_step(record)
         log.info("step %d: sparsity %.4f (target %.4f), top-1 %s, loss %s", step.index,
                  record["sparsity"], step.target_sparsity, number(record["accuracy"], ".4f"),

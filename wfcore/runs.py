@@ -11,10 +11,8 @@ report) is here.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +53,7 @@ def rebuild(run_dir: Path, shapes: tuple[tuple[int, ...], int] | None = None,
     data set is not loaded. ``plugins``: the loaded plugins to build with (default: the
     installed ones and the run's ``plugins:`` modules).
     """
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = rundir.RunDirectory(run_dir).config
     if not cfg_path.is_file():
         raise WfcoreError(f"{run_dir} is not a run directory: no config.yaml")
     cfg = config_mod.load(cfg_path)
@@ -104,8 +102,8 @@ def load_model(run_dir: str | os.PathLike, state: str | os.PathLike | None = Non
 
 
 def step_state(run_dir: Path, step: int) -> Path:
-    """The state_dict file of step ``step`` of a run."""
-    return run_dir / f"model_step{step}.pt"
+    """The state_dict file of step ``step`` of a run (``RunDirectory.step_state``)."""
+    return rundir.RunDirectory(run_dir).step_state(step)
 
 
 def load_step(model: nn.Module, run_dir: Path, step: int, what: str = "wfcore export") -> Path:
@@ -117,24 +115,19 @@ def load_step(model: nn.Module, run_dir: Path, step: int, what: str = "wfcore ex
 
 def steps_in(run_dir: Path) -> list[int]:
     """The step indices with a saved model in ``run_dir``, ascending."""
-    found = (re.fullmatch(r"model_step(\d+)\.pt", p.name) for p in run_dir.glob("model_step*.pt"))
-    return sorted(int(m.group(1)) for m in found if m)
+    return rundir.RunDirectory(run_dir).steps()
 
 
 def report_steps(run_dir: Path) -> set[int] | None:
     """The step indices in the run's report.json; None when it has no readable one."""
-    try:
-        report = json.loads((run_dir / "report.json").read_text())
-        return {int(s["index"]) for s in report["steps"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return rundir.RunDirectory(run_dir).report_steps()
 
 
 def step_for_sparsity(run_dir: Path, target: float) -> int:
     """The last step of the run's report.json whose target sparsity is ``target``."""
     try:
-        steps = json.loads((run_dir / "report.json").read_text())["steps"]
-    except (OSError, ValueError, KeyError):
+        steps = (rundir.read_report(run_dir) or {})["steps"]
+    except KeyError:
         raise WfcoreError(f"{run_dir}: no readable report.json to find sparsity {target} in") \
             from None
     found = [s["index"] for s in steps if abs(s["target_sparsity"] - target) < 1e-9]
@@ -199,13 +192,35 @@ def refuse_foreign(path: Path, run_dir: Path) -> None:
                           "replaces only its own files: remove it or choose another -o")
 
 
+def export_overrides(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """``export.KEY=VALUE`` dot-list arguments of ``wfcore export`` as {KEY: value}: only
+    the export section may change (the rest of the config made the run's weights)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.startswith("export.") or key == "export.":
+            raise ConfigError(f"wfcore export: '{item}' is not an export.KEY=VALUE override "
+                              "(only the export section may change after a run)")
+        try:
+            parsed = OmegaConf.from_dotlist([item])
+        except Exception as exc:  # OmegaConf's grammar errors
+            raise ConfigError(f"wfcore export: '{item}': {first_line(exc)}") from None
+        out.update(config_mod.to_dict(parsed.export))
+    return out
+
+
 def run_exporter(cfg: DictConfig, plugins: manager.Plugins,
-                 quantize: str | None = None, opset: int | None = None) -> Exporter:
+                 quantize: str | None = None, opset: int | None = None,
+                 overrides: dict[str, Any] | None = None) -> Exporter:
     """The exporter the run's ``export`` section names (``onnx`` with its defaults when it
-    names none), with ``quantize`` and ``opset`` in place of its options when given."""
+    names none), with ``overrides`` (``export_overrides``), then ``quantize`` and ``opset``,
+    in place of its options when given."""
     section = config_mod.to_dict(cfg.export) if cfg.export is not None \
         else {"name": DEFAULT_EXPORTER}
-    given = {k: v for k, v in (("quantize", quantize), ("opset", opset)) if v is not None}
+    if overrides and "name" in overrides and overrides["name"] != section.get("name"):
+        section = {}  # another exporter: the run's options are not its options
+    given = {**(overrides or {}),
+             **{k: v for k, v in (("quantize", quantize), ("opset", opset)) if v is not None}}
     section.update(given)
     try:
         return instantiate(OmegaConf.create({"export": section, "seed": cfg.seed}), "export",
@@ -213,29 +228,47 @@ def run_exporter(cfg: DictConfig, plugins: manager.Plugins,
     except ConfigError as exc:
         if not given:
             raise
-        raise ConfigError(f"--{'/--'.join(given)}: {first_line(exc)}") from None
+        raise ConfigError(f"wfcore export {' '.join(f'export.{k}' for k in given)}: "
+                          f"{first_line(exc)}") from None
 
 
 def export_run(run_dir: str | Path, step: int | None = None, output: str | Path | None = None,
                dense: bool = True, sparsity: float | None = None,
-               quantize: str | None = None, opset: int | None = None) -> dict[str, Any]:
+               quantize: str | None = None, opset: int | None = None,
+               overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Export step ``step`` of a run (or the last step at target ``sparsity``; default: the
     last step), and its dense model beside it, with the run's exporter.
 
     The sparse model goes to ``output`` (default ``RUN_DIR/model_step<N>.onnx``), the
     dense one to ``dense.onnx`` in the same directory. ``quantize``: none | int8 (default:
     the run's ``export.quantize``). ``opset``: the ONNX opset (default: the run's
-    ``export.opset``, else the lowest that exports the model). Returns both exports'
+    ``export.opset``, else the lowest that exports the model). ``overrides``:
+    ``export.KEY=VALUE`` in place of the run's export options, checked (with the export's
+    data needs) before anything is written. The run directory is locked meanwhile: a run
+    in progress there, or another export of it, is refused. Returns both exports'
     checks, which also go into the run's report (``export``).
     """
     run_dir = Path(run_dir)
+    given = export_overrides(overrides)  # before anything is read
+    if run_dir.is_dir():
+        rundir.refuse_in_use(run_dir)  # a run in progress: its steps are not all there yet
+    choose_step(run_dir, step, sparsity)  # a run directory with the step (read again, locked)
+    with rundir.RunLock(run_dir, check=False):  # the files it replaces: refuse_foreign
+        return _export_locked(run_dir, step, output, dense, sparsity, quantize, opset, given)
+
+
+def _export_locked(run_dir: Path, step: int | None, output: str | Path | None, dense: bool,
+                   sparsity: float | None, quantize: str | None, opset: int | None,
+                   given: dict[str, Any]) -> dict[str, Any]:
     step = choose_step(run_dir, step, sparsity)
-    output = Path(output) if output else run_dir / f"model_step{step}.onnx"
+    output = Path(output) if output else rundir.RunDirectory(run_dir).step_onnx(step)
     targets = [output, output.with_name("dense.onnx")] if dense else [output]
     for target in targets:  # before anything is loaded
         refuse_foreign(target, run_dir)
     run = rebuild(run_dir)
-    exporter = run_exporter(run.cfg, run.plugins, quantize, opset)
+    exporter = run_exporter(run.cfg, run.plugins, quantize, opset, given)
+    if run.data is not None:  # its data needs (INT8 calibration samples), before writing
+        exporter.check_data(run.data)
     for target in targets:  # and the files each export writes beside it (INT8)
         for path in exporter.outputs(str(target)):
             refuse_foreign(Path(path), run_dir)
@@ -252,7 +285,7 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
     result = {"step": step, "sparse": exporter.export(model, example, str(output), data=data,
                                                       params=params, metadata=meta)}
     if dense and pristine is not None:
-        dense_path = run_dir / "dense.pt"
+        dense_path = rundir.RunDirectory(run_dir).dense
         dense_model = pristine
         states.load_state(dense_model, dense_path, "wfcore export (dense model)")
         meta = {**meta, "state": os.path.relpath(dense_path.resolve(), where), "step": "dense"}
@@ -265,10 +298,9 @@ def export_run(run_dir: str | Path, step: int | None = None, output: str | Path 
 
 def record_in_report(run_dir: Path, result: dict[str, Any]) -> None:
     """Put ``wfcore export``'s checks into the run's report (``export``, as the pipeline's)."""
-    path = run_dir / "report.json"
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
+    path = rundir.RunDirectory(run_dir).report_path
+    report = rundir.read_report(run_dir)
+    if report is None:
         log.warning("%s: no readable report.json; the export is not recorded in it", run_dir)
         return
     report["export"] = {**result["sparse"], "step": result["step"]}
@@ -295,7 +327,7 @@ def export_stage(pruning: Any, report: Any) -> str | None:
         if step is not None:
             structured_run.restore_dense(pruning)  # the architecture the state rebuilds from
             model = pruning.model.cpu().eval()
-            states.load_state(model, run_dir / f"model_step{step}.pt",
+            states.load_state(model, rundir.RunDirectory(run_dir).step_state(step),
                               "config key 'export.step'")
         params = {n: p.detach() for n, p in pruning.params.items()}
         report.data["export"] = components.exporter.export(
@@ -303,7 +335,7 @@ def export_stage(pruning: Any, report: Any) -> str | None:
         if components.exporter.dense:  # export.dense: dense.onnx beside it
             structured_run.restore_dense(pruning)  # channels removed: the full architecture
             model = pruning.model.cpu().eval()
-            states.load_state(model, run_dir / "dense.pt", "dense model")
+            states.load_state(model, rundir.RunDirectory(run_dir).dense, "dense model")
             params = {n: p.detach() for n, p in pruning.params.items()}
             report.data["export"]["dense"] = components.exporter.export(
                 model, example, str(run_dir / "dense.onnx"), data=pruning.data, params=params)

@@ -61,6 +61,29 @@ def free_disk(directory: str | Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def check_directory(directory: str | Path, key: str = "fisher.store_dir") -> None:
+    """Refuse, before anything is trained, a store directory that cannot hold a file: a
+    path that is a file, or under one, or a directory that cannot be written. A missing
+    directory must be one that could be made; nothing is written (the probe file of an
+    existing directory has no name)."""
+    path = Path(directory).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WfcoreError(f"config key '{key}': {existing} is not a directory"
+                          + (f", so {path} cannot be one" if existing != path else ""))
+    try:
+        if existing == path:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise WfcoreError(f"config key '{key}': {path} cannot hold the gradient store: "
+                          f"{exc.strerror or exc}") from None
+
+
 def _bytes_view(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor (any dtype, bfloat16 included)."""
     return t.view(torch.uint8).numpy().data.cast("B")

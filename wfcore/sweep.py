@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import logging
 import re
 import time
@@ -37,7 +36,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from wfcore import api, checkpoint, files, manager, pipeline
+from wfcore import api, checkpoint, files, manager, pipeline, rundir
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.report import TIMING_KEYS, pyplot, save_figure
@@ -139,11 +138,7 @@ class SweepResult:
 
 def read_report(run_dir: Path) -> dict[str, Any] | None:
     """The report.json of ``run_dir``, or None when there is none or it is not a report."""
-    try:
-        report = json.loads((run_dir / "report.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return report if isinstance(report, dict) else None
+    return rundir.read_report(run_dir)
 
 
 def saved_report(run: SweepRun) -> dict[str, Any] | None:
@@ -188,7 +183,7 @@ def plan(config_path: str, overrides: list[str]) -> tuple[Path, list[str], list[
     """Load every combination's config first, so that a bad key fails before any run."""
     fixed, swept = parse_overrides(overrides)
     base = config_mod.load(config_path, fixed)
-    root = Path(base.output or Path("runs") / f"sweep-{base.name}").expanduser()
+    root = rundir.RunDirectory.of(base, prefix="sweep-").path
     runs, names = list[SweepRun](), set[str]()
     for values in itertools.product(*swept.values()):
         combo = dict(zip(swept, values, strict=True))
@@ -220,19 +215,26 @@ def execute(run: SweepRun, plugins_cache: dict[tuple[str, ...], manager.Plugins]
             run.report = api.run_config(run.cfg, force=True,
                                             plugins=plugins_cache[key]).report
         run.status = "done"
-        (run.run_dir / "error.txt").unlink(missing_ok=True)
+        (run.run_dir / rundir.ERROR).unlink(missing_ok=True)
     except Exception as exc:  # one failed run must not stop the sweep
         run.status = "failed"
         run.error = f"{type(exc).__name__}: {first_line(exc)}"
         log.error("sweep: %s failed: %s", run.run_dir.name, run.error)
         log.debug("%s", traceback.format_exc())
-        files.write_text(run.run_dir / "error.txt", traceback.format_exc())
+        if rundir.holder(run.run_dir) is None:  # not into another process's run
+            files.write_text(run.run_dir / rundir.ERROR, traceback.format_exc())
 
 
 def run_sweep(config_path: str, overrides: list[str], *, force: bool = False) -> SweepResult:
     """Run (or skip) every combination, then write results.csv, results.md and the plots."""
     start = time.perf_counter()
     root, swept, runs = plan(config_path, overrides)
+    with rundir.RunLock(root, check=False):  # one sweep at a time into a root
+        return _run_locked(root, swept, runs, start, force)
+
+
+def _run_locked(root: Path, swept: list[str], runs: list[SweepRun], start: float,
+                force: bool) -> SweepResult:
     if not force:
         refuse_replacing(runs)
     dense = {str(r.cfg.model.checkpoint or pipeline.dense_cache_path(r.cfg)) for r in runs}
