@@ -48,7 +48,6 @@ from wfcore.masks import Masks, block_scores, select_params, whole_blocks
 from wfcore.nm import nm_keep, parse_pattern
 from wfcore.plan import Plan, make_plan, store_place
 from wfcore.prepare import (  # noqa: F401  (the setup of a run, re-exported here)
-    build,
     build_model,
     cache_dir,
     data_fingerprint,
@@ -95,15 +94,11 @@ def resolved_config(cfg: DictConfig, plugins: manager.Plugins) -> DictConfig:
     for section, kind in config_mod.COMPONENT_KINDS.items():
         if cfg[section] is None:
             continue
-        entry, _ = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
-        options = config_mod.component_options(section, cfg, entry.options_class)
+        options = plugins.choose(kind, manager.Section.of(cfg[section], section)).options
         values = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
         out[section] = {"name": cfg[section].name, **values}
     for section, kind in (("model", "models"), ("data", "datasets")):
-        entry, _ = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
-        options = config_mod.validate_options(f"{section}.options",
-                                              config_mod.to_dict(cfg[section].options),
-                                              entry.options_class)
+        options = plugins.choose(kind, manager.Section.nested(cfg[section], section)).options
         if dataclasses.is_dataclass(options):
             out[section].options = dataclasses.asdict(options)
     out.hooks = {name: dataclasses.asdict(options)
@@ -133,12 +128,8 @@ def bind_guide(estimator: LayerwiseEstimator, seed: int, plugins: manager.Plugin
     spec = estimator.guide()
     if spec is None:
         return
-    values = dict(spec)
-    name = values.pop("name")
-    entry, extra = plugins.registry("estimators").lookup(name, "estimator.guide.name")
-    options = config_mod.validate_options("estimator.guide", values, entry.options_class)
-    estimator.set_guide(build(entry, "estimator.guide.name", name, options, seed=seed,
-                              **extra))
+    estimator.set_guide(plugins.create("estimators",
+                                       manager.Section.of(spec, "estimator.guide"), seed=seed))
 
 
 def store_dir(cfg: DictConfig, run_dir: Path) -> Path:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 
 from wfcore import __version__, files, inmemory, manager, specs, states
 from wfcore import config as config_mod
-from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
+from wfcore.errors import ConfigError, WfcoreError
 from wfcore.interfaces import DataBundle, Loss
 from wfcore.training import train
 
@@ -40,10 +40,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: DictConfig, plugins: manager.Plugins) -> DataBundle:
-    entry, extra = plugins.registry("datasets").lookup(cfg.data.name, "data.name")
-    options = config_mod.validate_options("data.options", config_mod.to_dict(cfg.data.options),
-                                          entry.options_class)
-    return build(entry, "data.name", cfg.data.name, options, cfg.data, seed=cfg.seed, **extra)
+    return plugins.create("datasets", manager.Section.nested(cfg.data, "data"), data=cfg.data,
+                          seed=cfg.seed)
 
 
 def loss_function(cfg: DictConfig, data: DataBundle) -> Loss:
@@ -62,33 +60,17 @@ def loss_function(cfg: DictConfig, data: DataBundle) -> Loss:
 
 
 def build_model(cfg: DictConfig, plugins: manager.Plugins, data: DataBundle) -> nn.Module:
-    entry, extra = plugins.registry("models").lookup(cfg.model.name, "model.name")
-    options = config_mod.validate_options("model.options", config_mod.to_dict(cfg.model.options),
-                                          entry.options_class)
+    section = manager.Section.nested(cfg.model, "model")
+    chosen = plugins.choose("models", section)  # options checked before the seed is set
     torch.manual_seed(cfg.seed)
-    return build(entry, "model.name", cfg.model.name, options, num_classes=data.num_classes,
-                 input_shape=data.input_shape, seed=cfg.seed, **extra)
+    return chosen.build(num_classes=data.num_classes, input_shape=data.input_shape,
+                        seed=cfg.seed)
 
 
 def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
     """The component that ``cfg[section]`` names, built from its validated options."""
-    kind = config_mod.COMPONENT_KINDS[section]
-    entry, extra = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
-    options = config_mod.component_options(section, cfg, entry.options_class)
-    return build(entry, f"{section}.name", cfg[section].name, options, seed=cfg.seed, **extra)
-
-
-def build(entry: manager.Registered, key: str, name: str, *args: Any, seed: int,
-          **kwargs: Any) -> Any:
-    """``entry``'s factory called (``manager.call_factory``); an exception other than a
-    WfcoreError is the plugin's failure, one line that names the key and the plugin."""
-    try:
-        return manager.call_factory(entry.factory, *args, seed=seed, **kwargs)
-    except WfcoreError:
-        raise
-    except Exception as exc:
-        raise PluginError(f"{key}: plugin '{entry.plugin}' failed to build '{name}': "
-                          f"{type(exc).__name__}: {first_line(exc)}") from None
+    return plugins.create(config_mod.COMPONENT_KINDS[section],
+                          manager.Section.of(cfg[section], section), seed=cfg.seed)
 
 
 def hook_options(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, Any]:
@@ -99,8 +81,9 @@ def hook_options(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, Any]:
     for name in cfg.hooks:
         registry.lookup(name, f"hooks.{name}")
     values = config_mod.to_dict(cfg.hooks)
-    return {name: config_mod.validate_options(f"hooks.{name}", values.get(name) or {},
-                                              registry.entries[name].options_class)
+    return {name: plugins.choose("hooks", manager.Section(name, values.get(name) or {},
+                                                          f"hooks.{name}",
+                                                          f"hooks.{name}")).options
             for name in registry.names()}
 
 

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from wfcore import config as config_mod
@@ -29,7 +29,7 @@ from wfcore import files, inmemory, manager, rundir, states, structured_run
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.interfaces import DataBundle, Exporter
 from wfcore.masks import select_params
-from wfcore.prepare import build_model, instantiate, load_data
+from wfcore.prepare import build_model, load_data
 from wfcore.report import markdown
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,7 @@ def run_exporter(cfg: DictConfig, plugins: manager.Plugins,
     given = {k: v for k, v in (("quantize", quantize), ("opset", opset)) if v is not None}
     section.update(given)
     try:
-        return instantiate(OmegaConf.create({"export": section, "seed": cfg.seed}), "export",
-                           plugins)
+        return plugins.create("exporters", manager.Section.of(section, "export"), seed=cfg.seed)
     except ConfigError as exc:
         if not given:
             raise
