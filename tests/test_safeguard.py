@@ -175,17 +175,20 @@ def test_calibration_batch_and_gradients_never_touch_the_test_set(tmp_path, frac
         "estimator.name=woodfisher", "scorer.update=joint", f"data.train_fraction={fraction}",
         "safeguard.calibration_samples=500", f"output={tmp_path}", "device=cpu",
         f"cache_dir={tmp_path / 'cache'}"])
-    pruning = pipeline.Pruning(cfg, plugins, pipeline.build_components(cfg, plugins), tmp_path)
+    setup = pipeline.set_up(cfg, plugins, pipeline.build_components(cfg, plugins), tmp_path)
+    pruning = pipeline.Pruning(setup)
     test = bundles[-1].test
     batch = pruning.safeguard.batch
     assert bool((batch.x >= 0).all())  # every calibration sample is a training sample
     expected = 200 if fraction == 1.0 else 20
-    assert len(batch.x) == expected == pruning.pool_record["samples"]
+    assert len(batch.x) == expected == setup.pool_record["samples"]
     train_x, pool = bundles[-1].train.tensors[0], pruning.sampler.dataset
     for i, x in zip(batch.indices.tolist(), batch.x, strict=True):  # drawn from the pool
         original = pool.indices[i] if fraction < 1.0 else i
         assert torch.equal(train_x[original], x)
-    record = pruning.prune_to(0.5, dict.fromkeys(("gradients", "estimate", "prune"), 0.0))
+    result = pruning.prune_to(0.5)
+    record = result.record
+    assert set(result.timings) == {"gradients", "estimate", "prune"}
     assert record["mask"] in ("scores", "magnitude")
     assert test.reads == 0  # pruning (gradients, calibration, safeguard) never read it
     assert {"damp", "alpha", "predicted_increase", "actual_increase"} <= set(record)

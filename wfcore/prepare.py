@@ -10,8 +10,9 @@ import hashlib
 import logging
 import os
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -21,10 +22,61 @@ from torch.utils.data import Dataset, Subset
 from wfcore import __version__, files, inmemory, manager, specs, states
 from wfcore import config as config_mod
 from wfcore.errors import ConfigError, WfcoreError
-from wfcore.interfaces import DataBundle, Loss
+from wfcore.interfaces import (
+    Allocator,
+    DataBundle,
+    Exporter,
+    HessianEstimator,
+    Loss,
+    Scheduler,
+    Scorer,
+)
 from wfcore.training import train
 
+if TYPE_CHECKING:
+    from wfcore.plan import Plan
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """The components a config names, built (``wfcore.pipeline.build_components``)."""
+
+    estimator: HessianEstimator
+    scorer: Scorer
+    allocator: Allocator
+    scheduler: Scheduler
+    exporter: Exporter | None
+    hooks: dict[str, Any] = field(default_factory=dict)  # {name: options} of the event hooks
+
+    def need_gradients(self) -> bool:
+        """Whether a pruning step samples the m gradients (for the estimator or the scorer)."""
+        return self.estimator.needs_gradients or self.scorer.needs_gradient
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What a run is built from, once (``wfcore.pipeline.set_up``), before any step: handed
+    to the steps (``wfcore.pruning.Pruning``) and to the report, never changed after."""
+
+    cfg: DictConfig
+    plugins: manager.Plugins
+    components: Components
+    run_dir: Path
+    device: torch.device
+    data: DataBundle
+    loss_fn: Loss
+    model: nn.Module  # the run's model object, holding the dense weights when set up
+    params: dict[str, nn.Parameter]  # its prunable parameters
+    plan: Plan
+    store_dir: Path  # where an on-disk gradient store goes
+    dense_source: str  # where the dense weights came from (checkpoint, cache, trained)
+    provenance: dict[str, str]  # what made them besides the config (``dense_provenance``)
+    dense_state: dict[str, torch.Tensor]  # the dense weights, for steps from the dense model
+    pool: Dataset  # the part of the training split that pruning sees
+    pool_record: dict[str, Any]  # its record for the report (``pruning_subset``)
+    finetune_data: Dataset  # what fine-tuning trains on (the pool, or the whole split)
 
 
 def resolve_device(name: str) -> torch.device:
