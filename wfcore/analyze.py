@@ -296,7 +296,10 @@ def fit(cfg: DictConfig, setup: Fitting, name: str, m: int) -> Curvature:
                               dtype=f.storage_dtype, offload=f.offload)
     problem = PruningProblem(setup.model, setup.params, masks, sampler, setup.loss_fn,
                              setup.device)
-    return setup.estimators[name].build(seed=cfg.seed).fit(problem)
+    estimator = setup.estimators[name].build(seed=cfg.seed)
+    if estimator.needs_gradients:  # its m rows, in memory: the analysis is small by plan
+        problem = problem.with_gradients()
+    return estimator.fit(problem)
 
 
 def exact_loss(cfg: DictConfig, setup: Fitting) -> ExactLoss:

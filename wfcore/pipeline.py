@@ -125,7 +125,8 @@ def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
                      target=torch.as_tensor(target).unsqueeze(0), loss_fn=loss_fn,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
-                     device=device, calibrate=calibrate, nproc=nproc)
+                     device=device, calibrate=calibrate, nproc=nproc,
+                     shared_host=nproc > 1 and distributed.one_machine())
     guard = safeguard_cost(cfg, model, example.unsqueeze(0).to(device),
                            components.estimator.baseline or components.scorer.baseline,
                            calibrate)

@@ -32,11 +32,9 @@ from wfcore.gradients import GradientSampler
 from wfcore.interfaces import LayerwiseEstimator, PruneStep, PruningProblem, Stateful
 from wfcore.masks import Masks, block_scores, whole_blocks
 from wfcore.nm import nm_keep, parse_pattern
-from wfcore.plan import store_place
 from wfcore.prepare import RunSetup
 from wfcore.runner import StepResult
 from wfcore.safeguard import Safeguard, calibration_batch, magnitude_scores
-from wfcore.store import STORAGE_DTYPES, GradientStore, store_bytes
 from wfcore.training import Trainer, evaluate
 
 STAGES = ("gradients", "estimate", "prune")  # the timed stages of a pruning step
@@ -168,20 +166,6 @@ class Pruning:
         self.dense_fit.close()
 
     # -- the step ------------------------------------------------------------------------
-    def gradient_store(self) -> GradientStore:
-        """An empty store for this step's m gradient rows, where the plan puts it."""
-        s = self.setup
-        fisher, layout = s.cfg.fisher, self.sampler.layout
-        dtype = STORAGE_DTYPES[fisher.storage_dtype]
-        place = store_place(fisher.store, store_bytes(fisher.num_grads, layout.d, dtype))
-        host = torch.device("cpu") if fisher.offload else s.device
-        if distributed.world() > 1 and distributed.one_machine() and host.type == "cpu":
-            return GradientStore.shared_by_ranks(fisher.num_grads, layout.d, dtype=dtype,
-                                                 place=place, directory=s.store_dir)
-        return GradientStore(fisher.num_grads, layout.d, dtype=dtype, place=place,
-                             directory=s.store_dir, device=host,
-                             pin=fisher.offload and s.device.type == "cuda")
-
     def prune_to(self, target: float) -> StepResult:
         """gradients -> estimate -> score -> allocate -> update (safeguarded): the model ends
         at ``target`` sparsity. The gradient store lives for this step only (it is closed,
@@ -202,7 +186,8 @@ class Pruning:
             if needs and curvature is None:
                 start = time.perf_counter()
                 owner = self.dense_fit.stack if self.dense_fit.keeps() else stack
-                gradients = owner.enter_context(self.gradient_store())
+                assert s.plan.store is not None  # planned whenever a step needs gradients
+                gradients = owner.enter_context(s.plan.store.open())  # as the plan decided
                 self.sampler.sample_into(gradients)
                 timings["gradients"] += time.perf_counter() - start
             problem = PruningProblem(self.model, self.params, self.masks, self.sampler,

@@ -146,9 +146,11 @@ def prune_to(pruning: Pruning, target: float, timings: dict[str, float]) -> dict
     curvature = None
     if cfg.estimator.name not in ("woodfisher", "magnitude") and cfg.structure.scores == "auto":
         with torch.no_grad():
-            curvature = c.estimator.fit(PruningProblem(
-                pruning.model, pruning.params, pruning.masks, pruning.sampler,
-                pruning.setup.loss_fn, device, None))
+            problem = PruningProblem(pruning.model, pruning.params, pruning.masks,
+                                     pruning.sampler, pruning.setup.loss_fn, device, None)
+            if c.estimator.needs_gradients:  # its own m rows, in memory (G is not stored)
+                problem = problem.with_gradients()
+            curvature = c.estimator.fit(problem)
     scorer = group_scorer(pruning, G, curvature)
     timings["estimate"] += time.perf_counter() - start
     start = time.perf_counter()
