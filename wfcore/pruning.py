@@ -108,7 +108,7 @@ class Pruning:
     def sparsity(self) -> float:
         return self.masks.sparsity()
 
-    def layer_sparsity(self) -> dict[str, float]:
+    def layer_sparsity(self) -> dict[str, dict[str, float]]:
         return self.masks.layer_sparsity()
 
     def zero_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
