@@ -224,8 +224,10 @@ def test_create_looks_up_validates_and_calls_with_the_declared_arguments():
 
 @pytest.mark.parametrize("section, message", [
     ({"name": "plian"}, "scorer.name: unknown scorer 'plian' (did you mean 'plain'?)"),
-    ({"name": "plain", "widht": 3}, "scorer.widht"),
-    ({"name": "plain", "width": 0}, "scorer: width must be >= 1"),
+    ({"name": "plain", "widht": 3}, "scorer.widht' (did you mean 'scorer.width'?) "
+                                    "(scorer 'plain' of plugin 'options')"),
+    ({"name": "plain", "width": 0}, "scorer: width must be >= 1 (scorer 'plain' of plugin "
+                                    "'options')"),
     ({"name": "broken"}, "scorer.name: plugin 'options' failed to build 'broken': "
                          "RuntimeError: no such layer"),
 ])

@@ -253,7 +253,11 @@ class Plugins:
         """The component ``section`` names (looked up by name), its options validated
         against the factory's ``Options`` (and ``validate()``); errors name the keys."""
         entry, extra = self.registry(kind).lookup(section.name, section.name_key)
-        options = config.validate_options(section.key, section.values, entry.options_class)
+        try:
+            options = config.validate_options(section.key, section.values, entry.options_class)
+        except ConfigError as exc:  # the key is named; say whose options they are
+            raise ConfigError(f"{exc} ({SINGULAR[kind]} '{section.name}' of plugin "
+                              f"'{entry.plugin}')") from None
         return Chosen(kind, entry, options, section, extra)
 
     @overload
