@@ -61,8 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     with GradientStore(min(args.m, 64), d) as store:  # warm-up: the first vmap traces
         sampler.sample_into(store)
     # as the pipeline does on one machine: one store in shared memory, each rank its rows
-    with (GradientStore.shared_by_ranks(args.m, d) if distributed.world() > 1
-          else GradientStore(args.m, d)) as store:
+    with GradientStore(args.m, d, shared=distributed.world() > 1) as store:
         distributed.barrier()
         start = time.perf_counter()
         sampler.sample_into(store)

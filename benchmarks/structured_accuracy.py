@@ -86,15 +86,16 @@ def run_one(model_name: str, name: str, seed: int, target: float, m: int,
     cfg = config_mod.load(BASE, MODELS[model_name] + [f"seed={seed}", f"fisher.num_grads={m}",
                                                       *extra])
     plugins = manager.build(cfg.plugins)
-    p = pipeline.Pruning(cfg, plugins, pipeline.build_components(cfg, plugins),
-                         Path("runs/structured_accuracy"))
+    setup = pipeline.set_up(cfg, plugins, pipeline.build_components(cfg, plugins),
+                            Path("runs/structured_accuracy"))
+    p = pipeline.Pruning(setup)
     model = p.model.eval()
     dense = p.evaluate()["accuracy"]
-    example = p.data.test[0][0][None]
+    example = setup.data.test[0][0][None]
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(p.data.train), generator=gen)[:1024].tolist()
-    xs = torch.stack([p.data.train[i][0] for i in order])
-    ys = torch.as_tensor([int(p.data.train[i][1]) for i in order])
+    order = torch.randperm(len(setup.data.train), generator=gen)[:1024].tolist()
+    xs = torch.stack([setup.data.train[i][0] for i in order])
+    ys = torch.as_tensor([int(setup.data.train[i][1]) for i in order])
     batches = [(xs[i:i + 128], ys[i:i + 128]) for i in range(0, len(xs), 128)]
     params = p.params
     update = True
@@ -114,11 +115,11 @@ def run_one(model_name: str, name: str, seed: int, target: float, m: int,
     # its accuracy before the statistics are re-estimated is the masked model's
     step = prune_channels(model, example, params, scorer, target, rank=rank or "saliency",
                           update=update)
-    before = evaluate(model, p.data.test, batch_size=256, loss_fn=p.loss_fn,
-                      device=p.device)["accuracy"]
+    before = evaluate(model, setup.data.test, batch_size=256, loss_fn=setup.loss_fn,
+                      device=setup.device)["accuracy"]
     recalibrate_batchnorm(model, [x for x, _ in batches])
-    acc = evaluate(model, p.data.test, batch_size=256, loss_fn=p.loss_fn,
-                   device=p.device)["accuracy"]
+    acc = evaluate(model, setup.data.test, batch_size=256, loss_fn=setup.loss_fn,
+                   device=setup.device)["accuracy"]
     counted = step.record()["counted"]
     return {"model": model_name, "method": name, "seed": seed, "target": target,
             "dense": dense, "top1": acc, "top1_no_bn_recalibration": before,

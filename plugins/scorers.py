@@ -134,21 +134,39 @@ def newton_step(curvature: Curvature, gradient: Tensors, damp: float,
     return {n: -alpha * t for n, t in F_inv_g.items()}, alpha
 
 
+@dataclass
+class NewtonStep:
+    """The safeguarded Newton step alpha * s of one pruning step's curvature: what
+    ``WoodTaylor.scores`` and ``WoodTaylor.update`` of that step share."""
+
+    curvature: Curvature  # the curvature it was computed with (the step's own)
+    shift: Tensors  # alpha * s, per parameter
+    alpha: float
+
+
 class WoodTaylor(Scorer):
+    """``woodtaylor`` (see the module doc). State between the calls of one pruning step:
+    ``newton``, the step's Newton step, computed by the first call that needs it (scores
+    come first) for that step's curvature, and dropped by ``update``, the step's last call.
+    """
+
     Options = WoodTaylorOptions
     needs_gradient = True
 
     def __init__(self, options: WoodTaylorOptions | None = None):
         self.options = options or WoodTaylorOptions()
-        self._step: tuple[Curvature, Tensors] | None = None  # the step of the last curvature
+        self.newton: NewtonStep | None = None
 
     def step(self, curvature: Curvature, gradient: Tensors | None) -> Tensors:
+        """alpha * s for ``curvature``: the step's ``newton``, computed when it belongs to
+        another curvature (a new pruning step) or there is none."""
         if gradient is None:
             raise ValueError("woodtaylor needs the mean gradient")
-        if self._step is None or self._step[0] is not curvature:
-            s, _ = newton_step(curvature, gradient, self.options.damp, self.options.max_step)
-            self._step = (curvature, s)
-        return self._step[1]
+        if self.newton is None or self.newton.curvature is not curvature:
+            shift, alpha = newton_step(curvature, gradient, self.options.damp,
+                                       self.options.max_step)
+            self.newton = NewtonStep(curvature, shift, alpha)
+        return self.newton.shift
 
     def scores(self, weights: Tensors, curvature: Curvature, gradient: Tensors | None) -> Tensors:
         s = self.step(curvature, gradient)
@@ -159,7 +177,7 @@ class WoodTaylor(Scorer):
     def update(self, weights: Tensors, curvature: Curvature, prune_mask: Tensors,
                gradient: Tensors | None) -> Tensors | None:
         s = self.step(curvature, gradient)
-        self._step = None  # the curvature is dropped after the update
+        self.newton = None  # the step ends with its update: its curvature is dropped
         moved = {n: w.double() + s[n].to(w.device).double() for n, w in weights.items()}
         if self.options.update == "none":
             return {n: moved[n] - weights[n].double() for n in weights}

@@ -50,7 +50,7 @@ def test_diag_fisher_is_the_inverse_of_the_damped_gradient_second_moment():
 @pytest.mark.parametrize("mode", ["independent", "joint"])
 def test_diagonal_updates_only_zero_the_pruned_weights(mode):
     prob = problem()
-    curvature = DiagFisher(DiagFisherOptions()).fit(prob)
+    curvature = DiagFisher(DiagFisherOptions()).fit(prob.with_gradients())
     w = prob.weights()
     prune = {n: torch.rand(t.shape, generator=torch.Generator().manual_seed(1)) < 0.4
              for n, t in w.items()}

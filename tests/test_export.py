@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
-from wfcore.export import bench, checks, engines
+from wfcore.export import bench, checks, engines, provenance
 from wfcore.export.onnx import OnnxOptions, conv_linear_weights, export_checked
 from wfcore.plugins.models import MnistCNN, ResNet20
 
@@ -171,6 +171,12 @@ def test_pipeline_export_and_cli_export_bench(tmp_path, capsys):
     assert report["export"]["sparsity"] == pytest.approx(0.5, abs=1e-3)  # step 0, not the last
     assert report["export"]["dense"]["sparsity"] == 0.0
     assert (run / "model.onnx").is_file() and (run / "dense.onnx").is_file()
+    for name, state, step in (("model.onnx", "model_step0.pt", "0"),
+                              ("dense.onnx", "dense.pt", "dense")):  # as `wfcore export`'s
+        meta = {p.key: p.value for p in onnx.load(str(run / name)).metadata_props}
+        assert {"wfcore.run_dir": ".", "wfcore.state": state, "wfcore.step": step}.items() \
+            <= meta.items()
+        assert provenance.torch_model_for(run / name) is not None  # bench's torch row
 
     assert cli.main(["-q", "export", str(run)]) == 0  # default: the last step
     assert "sparsity 0.9000" in capsys.readouterr().out

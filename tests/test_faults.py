@@ -85,11 +85,11 @@ def interrupted(tmp_path_factory) -> Path:
     mp = mnist_parsed_once()
     real, calls = pipeline.Pruning.prune_to, []
 
-    def interrupt_second(self, target, timings):
+    def interrupt_second(self, target):
         calls.append(target)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, target, timings)
+        return real(self, target)
 
     mp.setattr(pipeline.Pruning, "prune_to", interrupt_second)
     try:

@@ -48,11 +48,11 @@ def test_resume_with_a_corrected_store_dir(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     real, calls = pipeline.Pruning.prune_to, []
 
-    def interrupt_second(self, target, timings):
+    def interrupt_second(self, target):
         calls.append(target)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, target, timings)
+        return real(self, target)
 
     monkeypatch.setattr(pipeline.Pruning, "prune_to", interrupt_second)
     assert cli.main(["-q", "prune", CONFIG, *FAST, "scheduler.sparsities=[0.5,0.9]",

@@ -1,7 +1,7 @@
 """A killed torchrun run leaks no shared gradient store (issue 25, case 2).
 
 Two ranks (gloo, CPU, launched as torchrun would: RANK, WORLD_SIZE, MASTER_*) set up one
-``GradientStore.shared_by_ranks``; one of them is SIGKILLed at a stage of the set-up, then
+``GradientStore(..., shared=True)``; one of them is SIGKILLed at a stage of the set-up, then
 the other too (the worst case: no ``finally`` runs anywhere). No ``.wfcore-gradients-*``
 file may remain in the store directory or in the shared-memory directory.
 """
@@ -49,7 +49,7 @@ WORKER = textwrap.dedent('''
     wrap(store.GradientStore, "_open_file", "start", "created")
     wrap(distributed, "on_main", "start", "received")
     wrap(distributed, "barrier", "opened", "released")
-    s = store.GradientStore.shared_by_ranks(64, 1000, place=place, directory=directory)
+    s = store.GradientStore(64, 1000, place=place, directory=directory, shared=True)
     s.close()
     print("done", flush=True)
 ''')

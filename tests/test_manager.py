@@ -165,3 +165,83 @@ def test_accepts_seed_reads_the_signature():
     assert not manager.accepts_seed(lambda options: None)
     assert not manager.accepts_seed(lambda options, seed, /: None)  # positional only
     assert not manager.accepts_seed(print)  # no signature
+
+
+class OptionsPlugin:
+    """Factories of every argument shape that ``Plugins.create`` must serve."""
+
+    calls: list[tuple[str, tuple, dict]] = []
+
+    @wfcore.hookimpl
+    def wfcore_scorers(self):
+        from dataclasses import dataclass
+
+        @dataclass
+        class Options:
+            width: int = 2
+
+            def validate(self) -> None:
+                if self.width < 1:
+                    raise ValueError("width must be >= 1")
+
+        def plain(options):
+            OptionsPlugin.calls.append(("plain", (options,), {}))
+            return options
+
+        def seeded(options, seed=0):
+            OptionsPlugin.calls.append(("seeded", (options,), {"seed": seed}))
+            return options
+
+        def broken(options):
+            raise RuntimeError("no such layer\nsecond line")
+
+        plain.Options = seeded.Options = Options
+        return {"plain": plain, "seeded": seeded, "broken": broken}
+
+    @wfcore.hookimpl
+    def wfcore_models(self):
+        def model(options, num_classes, input_shape, target):
+            OptionsPlugin.calls.append(("model", (num_classes, tuple(input_shape)),
+                                        {"target": target}))
+            return target
+
+        return {"net:": model}
+
+
+def test_create_looks_up_validates_and_calls_with_the_declared_arguments():
+    plugins = manager.build(extra_plugins=[("options", OptionsPlugin())])
+    OptionsPlugin.calls.clear()
+    made = plugins.create("scorers", manager.Section.of({"name": "plain", "width": 3}, "scorer"),
+                          seed=5)
+    assert made.width == 3 and OptionsPlugin.calls[-1][2] == {}  # no seed: not declared
+    plugins.create("scorers", manager.Section.of({"name": "seeded"}, "scorer"), seed=5)
+    assert OptionsPlugin.calls[-1][1][0].width == 2 and OptionsPlugin.calls[-1][2] == {"seed": 5}
+    section = manager.Section.nested({"name": "net:small", "options": {}}, "model")
+    assert plugins.create("models", section, num_classes=3, input_shape=(1, 4), seed=0) \
+        == "small"
+    assert OptionsPlugin.calls[-1] == ("model", (3, (1, 4)), {"target": "small"})
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"name": "plian"}, "scorer.name: unknown scorer 'plian' (did you mean 'plain'?)"),
+    ({"name": "plain", "widht": 3}, "scorer.widht' (did you mean 'scorer.width'?) "
+                                    "(scorer 'plain' of plugin 'options')"),
+    ({"name": "plain", "width": 0}, "scorer: width must be >= 1 (scorer 'plain' of plugin "
+                                    "'options')"),
+    ({"name": "broken"}, "scorer.name: plugin 'options' failed to build 'broken': "
+                         "RuntimeError: no such layer"),
+])
+def test_create_errors_are_one_line_naming_the_key_and_the_plugin(section, message):
+    plugins = manager.build(extra_plugins=[("options", OptionsPlugin())])
+    with pytest.raises((ConfigError, PluginError)) as info:
+        plugins.create("scorers", manager.Section.of(section, "scorer"), seed=0)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_create_refuses_arguments_its_kind_does_not_declare():
+    plugins = manager.build(extra_plugins=[("options", OptionsPlugin())])
+    with pytest.raises(TypeError, match="missing.*num_classes"):
+        plugins.create("models", manager.Section.nested({"name": "net:x"}, "model"),
+                       input_shape=(1,))
+    with pytest.raises(TypeError, match="unknown.*device"):
+        plugins.create("scorers", manager.Section.of({"name": "plain"}, "scorer"), device="cpu")

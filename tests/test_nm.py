@@ -69,7 +69,8 @@ def test_woodfisher_joint_update_with_a_two_of_four_mask():
         def sample(self):
             return G
 
-    problem = PruningProblem(None, None, None, Source(), None, torch.device("cpu"))
+    problem = PruningProblem(None, None, None, Source(), None,
+                             torch.device("cpu")).with_gradients()
     cur = WoodFisher(WoodFisherOptions(damp=1e-3, damp_mode="absolute", block_size=8)).fit(
         problem)
     w = torch.randn(4, 8, generator=g, dtype=torch.float64)

@@ -28,7 +28,7 @@ G_HAND = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]], dtype=torch.float64)
 
 def fit_woodfisher(G: torch.Tensor, **options):
     problem = PruningProblem(None, None, None, FixedSampler(G, {"x": (G.shape[1],)}), None,
-                             torch.device("cpu"))
+                             torch.device("cpu")).with_gradients()
     return WoodFisher(WoodFisherOptions(block_size="full", **options)).fit(problem)
 
 
@@ -49,7 +49,8 @@ def test_relative_damp_is_one_scale_for_all_blocks():
     """Blocks of very different gradient scale get one lambda (scores stay comparable)."""
     G = torch.cat([torch.randn(20, 5, dtype=torch.float64),
                    1e-3 * torch.randn(20, 5, dtype=torch.float64)], dim=1)
-    problem = PruningProblem(None, None, None, FixedSampler(G, {"x": (10,)}), None, "cpu")
+    problem = PruningProblem(None, None, None, FixedSampler(G, {"x": (10,)}), None,
+                             "cpu").with_gradients()
     cur = WoodFisher(WoodFisherOptions(block_size=5, damp=0.5)).fit(problem)
     damps = torch.cat([g.damp for _, g in cur.groups()])
     assert torch.all(damps == damps[0])
@@ -62,7 +63,7 @@ def test_kfac_and_diag_fisher_relative_damp_by_hand():
     assert kron_damp({"w": (A, G)}, 0.5, "relative") == pytest.approx(3.0)
     assert kron_damp({"w": (A, G)}, 0.5, "absolute") == 0.5
     problem = PruningProblem(None, None, None, FixedSampler(G_HAND.float(), {"x": (3,)}),
-                             None, "cpu")
+                             None, "cpu").with_gradients()
     cur = DiagFisher(DiagFisherOptions(damp=0.1, damp_mode="relative")).fit(problem)
     assert cur.damping() == pytest.approx(0.35)
     torch.testing.assert_close(cur.inverse_diagonal()["x"].double(),
@@ -175,17 +176,20 @@ def test_calibration_batch_and_gradients_never_touch_the_test_set(tmp_path, frac
         "estimator.name=woodfisher", "scorer.update=joint", f"data.train_fraction={fraction}",
         "safeguard.calibration_samples=500", f"output={tmp_path}", "device=cpu",
         f"cache_dir={tmp_path / 'cache'}"])
-    pruning = pipeline.Pruning(cfg, plugins, pipeline.build_components(cfg, plugins), tmp_path)
+    setup = pipeline.set_up(cfg, plugins, pipeline.build_components(cfg, plugins), tmp_path)
+    pruning = pipeline.Pruning(setup)
     test = bundles[-1].test
     batch = pruning.safeguard.batch
     assert bool((batch.x >= 0).all())  # every calibration sample is a training sample
     expected = 200 if fraction == 1.0 else 20
-    assert len(batch.x) == expected == pruning.pool_record["samples"]
+    assert len(batch.x) == expected == setup.pool_record["samples"]
     train_x, pool = bundles[-1].train.tensors[0], pruning.sampler.dataset
     for i, x in zip(batch.indices.tolist(), batch.x, strict=True):  # drawn from the pool
         original = pool.indices[i] if fraction < 1.0 else i
         assert torch.equal(train_x[original], x)
-    record = pruning.prune_to(0.5, dict.fromkeys(("gradients", "estimate", "prune"), 0.0))
+    result = pruning.prune_to(0.5)
+    record = result.record
+    assert set(result.timings) == {"gradients", "estimate", "prune"}
     assert record["mask"] in ("scores", "magnitude")
     assert test.reads == 0  # pruning (gradients, calibration, safeguard) never read it
     assert {"damp", "alpha", "predicted_increase", "actual_increase"} <= set(record)

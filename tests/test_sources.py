@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wfcore import testing
-from wfcore.errors import WfcoreDeprecationWarning
+from wfcore.errors import WfcoreDeprecationWarning, WfcoreError
 from wfcore.interfaces import GradientRows, GradientSource, HessianEstimator, PruningProblem
 from wfcore.store import GradientStore
 
@@ -40,7 +40,7 @@ def test_an_estimator_that_reads_problem_sampler_works_and_is_told_the_replaceme
     for n in expected:
         torch.testing.assert_close(diag[n], expected[n], rtol=1e-12, atol=0)
     with pytest.warns(FutureWarning, match=r"gradient_rows\(\)"):  # shown by default
-        problem.gradient_source()
+        problem.with_gradients().gradient_source()
 
 
 def test_batches_give_the_data_or_labels_drawn_from_the_model():
@@ -62,3 +62,13 @@ def test_batches_give_the_data_or_labels_drawn_from_the_model():
     drawn = sampled(3)
     assert torch.equal(drawn, sampled(3)) and not torch.equal(drawn, sampled(4))
     assert drawn.dtype == torch.long and 0 <= int(drawn.min()) and int(drawn.max()) < 3
+
+
+def test_gradient_rows_never_sample_on_their_own():
+    problem = testing.small_problem()
+    with pytest.raises(WfcoreError, match=r"no gradient rows.*with_gradients\(\)"):
+        problem.gradient_rows()
+    assert problem.gradients is None
+    rows = problem.with_gradients().gradient_rows()
+    torch.testing.assert_close(rows.tensor(), testing.small_problem().source.sample(),
+                               rtol=0, atol=0)  # the same seed: the same rows

@@ -264,3 +264,30 @@ def test_plan_of_the_paper_setting_fits_and_a_larger_m_is_refused(capsys):
     assert cli.main(["plan", config_path, "fisher.num_grads=100000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(r"needs [\d,]+ bytes .* [\d,]+ bytes .* free", err[0])
+
+
+def test_the_plan_decides_the_store_once_and_the_step_follows_it(monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    from wfcore import plan
+
+    fisher = OmegaConf.create({"num_grads": 8, "storage_dtype": "float16", "store": "auto",
+                               "offload": True})
+    monkeypatch.setattr(plan, "available_memory", lambda device="cpu": 2**40)
+    planned = plan.plan_store(fisher, 100, torch.device("cpu"), tmp_path)
+    assert (planned.place, planned.device, planned.pin, planned.shared, planned.nbytes) == \
+        ("memory", "cpu", False, False, 8 * 100 * 2)
+    monkeypatch.setattr(plan, "available_memory", lambda device="cpu": 0)  # later: no room
+    with planned.open() as store:  # the step opens what was planned, not a new decision
+        assert (store.place, store.dtype, store.m, store.d) == ("memory", torch.float16, 8, 100)
+    assert plan.plan_store(fisher, 100, torch.device("cpu"), tmp_path).place == "disk"
+    # the host-device rule: rows on the host with offload (pinned for a GPU), shared by the
+    # ranks of one machine only there
+    cuda = torch.device("cuda")
+    assert plan.plan_store(fisher, 100, cuda, tmp_path, shared_host=True).pin
+    assert plan.plan_store(fisher, 100, cuda, tmp_path, shared_host=True).shared
+    fisher.offload = False
+    on_gpu = plan.plan_store(fisher, 100, cuda, tmp_path, shared_host=True)
+    assert (on_gpu.device, on_gpu.pin, on_gpu.shared) == ("cuda", False, False)
+    on_cpu = plan.plan_store(fisher, 100, torch.device("cpu"), tmp_path, shared_host=True)
+    assert (on_cpu.device, on_cpu.shared) == ("cpu", True)

@@ -126,11 +126,11 @@ def test_interrupted_run_is_resumed(tmp_path, monkeypatch):
     real = pipeline.Pruning.prune_to
     calls = []
 
-    def interrupt_second(self, target, timings):
+    def interrupt_second(self, target):
         calls.append(target)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, target, timings)
+        return real(self, target)
 
     monkeypatch.setattr(pipeline.Pruning, "prune_to", interrupt_second)
     with pytest.raises(KeyboardInterrupt):  # an interrupt stops the sweep

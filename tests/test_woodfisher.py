@@ -46,7 +46,7 @@ class FixedSampler:
 
 def fit(G: torch.Tensor, shapes=SHAPES, **options) -> WoodFisherCurvature:
     problem = PruningProblem(None, None, None, FixedSampler(G, shapes), None,
-                             torch.device("cpu"))
+                             torch.device("cpu")).with_gradients()
     options.setdefault("damp_mode", "absolute")  # the references take damp as lambda
     return WoodFisher(WoodFisherOptions(**options)).fit(problem)
 
@@ -185,7 +185,8 @@ def test_batched_blocks_equal_blocks_one_by_one(G):
         part = slice(start, start + size)
         one = WoodFisher(WoodFisherOptions(damp=0.05, damp_mode="absolute",
                                            block_size="full")).fit(PruningProblem(
-            None, None, None, FixedSampler(G[:, part], {"x": (size,)}), None, "cpu"))
+            None, None, None, FixedSampler(G[:, part], {"x": (size,)}), None,
+            "cpu").with_gradients())
         torch.testing.assert_close(diag[part], one.inverse_diagonal()["x"], rtol=1e-12,
                                    atol=0)
         torch.testing.assert_close(mul[part], one.inverse_mul({"x": v[part]})["x"],
@@ -267,7 +268,7 @@ def test_cuda_matches_cpu(G, form):
     out = []
     for device in ("cpu", "cuda"):
         problem = PruningProblem(None, None, None, FixedSampler(G.to(device)), None,
-                                 torch.device(device))
+                                 torch.device(device)).with_gradients()
         cur = WoodFisher(WoodFisherOptions(damp=0.05, form=form, block_size=5)).fit(problem)
         dw = cur.prune_update(tree(cur, mask.to(device)), tree(cur, w.to(device)), "joint")
         out.append(flat(cur, dw).cpu())

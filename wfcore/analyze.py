@@ -141,11 +141,11 @@ def analysis_samples(cfg: DictConfig, dataset, device) -> tuple[torch.Tensor, to
     return x.to(device), y.to(device)
 
 
-def build_estimators(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, Any]:
-    """name -> (factory entry, validated options) for every analyze.estimators name."""
+def build_estimators(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, manager.Chosen]:
+    """name -> the estimator chosen, its options validated, for every analyze.estimators
+    name (built afresh for each fit)."""
     out = {}
     for name in cfg.analyze.estimators:
-        entry, extra = plugins.registry("estimators").lookup(name, "analyze.estimators")
         if name in cfg.analyze.options:
             values, where = config_mod.to_dict(cfg.analyze.options[name]), f"analyze.options.{name}"
         elif cfg.estimator.name == name:
@@ -153,8 +153,8 @@ def build_estimators(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, Any
             where = "estimator"
         else:
             values, where = {}, f"analyze.options.{name}"
-        options = config_mod.validate_options(where, values or {}, entry.options_class)
-        out[name] = (entry, options, extra)
+        out[name] = plugins.choose("estimators", manager.Section(name, values or {}, where,
+                                                                 "analyze.estimators"))
     return out
 
 
@@ -205,7 +205,7 @@ class Fitting:
     data: DataBundle
     loss_fn: Loss
     device: torch.device
-    estimators: dict[str, tuple[Any, Any, dict[str, Any]]]  # name -> (entry, options, extra)
+    estimators: dict[str, manager.Chosen]  # name -> the estimator chosen by the config
 
 
 @dataclass
@@ -288,7 +288,6 @@ def heatmap_block(cfg: DictConfig, layout: ParamLayout) -> tuple[str, slice]:
 
 def fit(cfg: DictConfig, setup: Fitting, name: str, m: int) -> Curvature:
     """The estimator ``name`` fitted at m gradients, through the pipeline's PruningProblem."""
-    entry, options, extra = setup.estimators[name]
     masks = Masks(setup.params)
     f = cfg.fisher
     sampler = GradientSampler(setup.model, setup.params, masks.keep, setup.data.train,
@@ -297,7 +296,10 @@ def fit(cfg: DictConfig, setup: Fitting, name: str, m: int) -> Curvature:
                               dtype=f.storage_dtype, offload=f.offload)
     problem = PruningProblem(setup.model, setup.params, masks, sampler, setup.loss_fn,
                              setup.device)
-    return manager.call_factory(entry.factory, options, seed=cfg.seed, **extra).fit(problem)
+    estimator = setup.estimators[name].build(seed=cfg.seed)
+    if estimator.needs_gradients:  # its m rows, in memory: the analysis is small by plan
+        problem = problem.with_gradients()
+    return estimator.fit(problem)
 
 
 def exact_loss(cfg: DictConfig, setup: Fitting) -> ExactLoss:

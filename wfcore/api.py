@@ -289,7 +289,6 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
     ``options``: the exporter's (``opset``, ``atol``, ``quantize_for``, ...).
     """
     from wfcore.masks import select_params
-    from wfcore.prepare import instantiate
 
     with console(quiet):
         if example_input is None:
@@ -297,8 +296,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
                 raise WfcoreError("wfcore.export needs example_input or input_shape")
             example_input = torch.randn(1, *input_shape)
         section = {"name": exporter, **options, **({"quantize": quantize} if quantize else {})}
-        made = instantiate(OmegaConf.create({"export": section, "seed": 0}), "export",
-                           manager.build())
+        made = manager.build().create("exporters", manager.Section.of(section, "export"),
+                                      seed=0)
         bundle = None
         if data is not None:
             bundle = inmemory.as_bundle(data, test if test is not None else data)

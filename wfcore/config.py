@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from wfcore import choices
 from wfcore.errors import ConfigError, first_line
+from wfcore.factories import Validated
 
 COMPONENT_KINDS = {
     "estimator": "estimators",
@@ -462,10 +463,9 @@ def validate_options(where: str, values: dict[str, Any], options_class: type | N
     except OmegaConfBaseException as exc:
         raise _wrap(exc, where, [f.name for f in dataclasses.fields(options_class)]) \
             from None
-    check = getattr(options, "validate", None)
-    if callable(check):
+    if isinstance(options, Validated):  # the Options convention (wfcore.factories)
         try:
-            check()
+            options.validate()
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return options

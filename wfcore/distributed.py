@@ -12,7 +12,7 @@ How a run is split (see DESIGN.md, "Scale and distribution"):
 - gradient rows: every rank draws the same seeded sample stream; each chunk of rows is cut
   into ``share`` ranges and each rank computes its range, so the rows are the same for
   any number of ranks. The ranks of one machine write them into one shared store
-  (``GradientStore.shared_by_ranks``); elsewhere ``gather_rows`` gives every rank the
+  (``GradientStore(..., shared=True)``); elsewhere ``gather_rows`` gives every rank the
   whole chunk for its own store;
 - block solves: the chunks of blocks are dealt to the ranks (``owns``); each per-weight
   result is filled on its owner and zero elsewhere, and ``sum_`` (an all-reduce) gives

@@ -32,7 +32,7 @@ from wfcore.choices import GRAD_METHODS, LABELS
 from wfcore.errors import WfcoreError, first_line
 from wfcore.grad_calibration import MethodChoice, calibrate
 from wfcore.precision import full_float32, math_attention
-from wfcore.store import STORAGE_DTYPES, GradientStore
+from wfcore.store import STORAGE_DTYPES, GradientStore, rows_host
 from wfcore.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -226,9 +226,8 @@ class GradientSampler:
     def sample(self, num_grads: int | None = None) -> torch.Tensor:
         """(m, d) gradients at the current weights, pruned coordinates zero, in memory."""
         m = num_grads or self.num_grads
-        device = torch.device("cpu") if self.offload else self.device
-        store = GradientStore(m, self.layout.d, dtype=self.dtype, device=device,
-                              pin=self.offload and self.device.type == "cuda")
+        host, pin = rows_host(self.device, self.offload)
+        store = GradientStore(m, self.layout.d, dtype=self.dtype, device=host, pin=pin)
         self.sample_into(store)
         return store.tensor()
 

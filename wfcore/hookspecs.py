@@ -1,11 +1,11 @@
 """Every wfcore hook. Plugins implement them with ``@wfcore.hookimpl``.
 
-Registration hooks return ``{name: factory}``. A factory is called with the component's
-validated options; it may carry an ``Options`` dataclass attribute, against which the
-config section is validated. A factory of any kind whose signature takes ``seed`` (or
-``**kwargs``) is also given ``seed=`` the run's seed (config key ``seed``), for anything
-it draws at random; a factory without it is called without it. Call hooks with keyword
-arguments only.
+Registration hooks return ``{name: factory}``. How a factory is called is declared once,
+in ``wfcore.factories``: with the component's validated options (its ``Options``
+dataclass attribute, with an optional ``validate()``), its kind's arguments, and
+``seed=`` the run's seed (config key ``seed``) when its signature takes ``seed`` (or
+``**kwargs``); ``wfcore.manager.Plugins.create`` is the one place that does it. Call
+hooks with keyword arguments only.
 
 Under torchrun the step hooks are called on every rank, ``wfcore_run_end`` on rank 0
 alone (the rank that wrote the report); a hook that writes files checks

@@ -7,6 +7,7 @@ Masks are boolean tensors, True where a weight is kept.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sized
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 
 # prune_update's modes; how an estimator's ``damp`` is read (public here too)
 from wfcore.choices import DAMP_MODES, UPDATE_MODES  # noqa: F401
-from wfcore.errors import WfcoreDeprecationWarning
+from wfcore.errors import WfcoreDeprecationWarning, WfcoreError
 from wfcore.masks import Masks, block_scores
 
 if TYPE_CHECKING:
@@ -153,12 +154,23 @@ class PruningProblem:
         return self.gradients.m if self.gradients is not None else self.source.num_grads
 
     def gradient_rows(self) -> GradientRows:
-        """The step's gradients; sampled into memory now if the pipeline gave none."""
+        """The step's m gradient rows, as the pipeline's gradient stage wrote them into the
+        store its plan decided. A problem given none has none: nothing is sampled here."""
         if self.gradients is None:
-            from wfcore.store import GradientStore
-
-            self.gradients = GradientStore.from_tensor(self.source.sample())
+            raise WfcoreError(
+                "PruningProblem.gradient_rows(): the problem holds no gradient rows; an "
+                "estimator that reads them declares needs_gradients = True (a run then samples "
+                "them), and a caller outside a run samples them first: "
+                "PruningProblem.with_gradients()")
         return self.gradients
+
+    def with_gradients(self) -> PruningProblem:
+        """This problem with its m gradient rows sampled now, in memory, through ``source``
+        (``GradientSource.sample``): for a caller outside a run (tests, ``wfcore analyze``);
+        a run's rows go into the store that its plan decided."""
+        from wfcore.store import GradientStore
+
+        return dataclasses.replace(self, gradients=GradientStore.from_tensor(self.source.sample()))
 
     def batches(self, samples: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(inputs, targets)`` mini-batches of the step's data (``GradientSource.batches``)."""

@@ -14,15 +14,28 @@ import importlib.metadata
 import inspect
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pluggy
+from omegaconf import DictConfig, OmegaConf
 
-from wfcore import hookspecs, specs
-from wfcore.errors import ConfigError, PluginError, first_line
+from wfcore import config, factories, hookspecs, specs
+from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from wfcore.interfaces import (
+        Allocator,
+        DataBundle,
+        Exporter,
+        HessianEstimator,
+        Scheduler,
+        Scorer,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +115,63 @@ class Registry:
 
 def accepts_seed(factory: Any) -> bool:
     """Whether ``factory`` takes a ``seed`` keyword: a ``seed`` parameter, or ``**kwargs``."""
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (a builtin)
-        return False
-    return any(p.kind is p.VAR_KEYWORD or
-               (p.name == "seed" and p.kind is not p.POSITIONAL_ONLY) for p in params)
+    return factories.declares(factory, "seed")
 
 
-def call_factory(factory: Any, *args: Any, seed: int, **kwargs: Any) -> Any:
-    """``factory(*args, **kwargs)``, with ``seed=seed`` (the run's seed) added when the
-    factory takes it (``accepts_seed``); factories without it are called as they were."""
-    if accepts_seed(factory):
-        kwargs["seed"] = seed
-    return factory(*args, **kwargs)
+@dataclass(frozen=True)
+class Section:
+    """A config section that names a component: the name, its option values, and the
+    config keys an error names (``key``: where the values are; ``name_key``: the name)."""
+
+    name: str
+    values: dict[str, Any]
+    key: str
+    name_key: str
+
+    @classmethod
+    def of(cls, section: Mapping[str, Any], key: str, name_key: str | None = None) -> Section:
+        """``{name: ..., **options}`` (a component section: ``estimator``, ``export``)."""
+        values = {k: v for k, v in to_plain(section).items() if k != "name"}
+        return cls(section["name"], values, key, name_key or f"{key}.name")
+
+    @classmethod
+    def nested(cls, section: Mapping[str, Any], key: str) -> Section:
+        """``{name: ..., options: {...}, ...}`` (``model``, ``data``)."""
+        return cls(section["name"], to_plain(section.get("options") or {}), f"{key}.options",
+                   f"{key}.name")
+
+
+def to_plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A config section (DictConfig or dict) as a plain dict, interpolations resolved."""
+    if isinstance(values, DictConfig):
+        return dict(OmegaConf.to_container(values, resolve=True))  # type: ignore[arg-type]
+    return dict(values)
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A component chosen by a config section, its options validated: built by
+    ``build`` (again for each fit, where a caller needs fresh ones)."""
+
+    kind: str
+    entry: Registered
+    options: Any  # the Options instance, or {} when the factory takes none
+    section: Section
+    extra: dict[str, Any] = field(default_factory=dict)  # target= of a prefix name
+
+    def build(self, **arguments: Any) -> Any:
+        """The factory called as its kind declares (``wfcore.factories``); an exception
+        other than a WfcoreError is the plugin's failure, one line naming the key."""
+        args, kwargs = factories.arguments(self.kind, self.entry.factory,
+                                           {**arguments, **self.extra})
+        try:
+            return self.entry.factory(self.options, *args, **kwargs)
+        except WfcoreError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"{self.section.name_key}: plugin '{self.entry.plugin}' failed to "
+                              f"build '{self.section.name}': {type(exc).__name__}: "
+                              f"{first_line(exc)}") from None
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
@@ -192,6 +248,46 @@ class Plugins:
 
     def registry(self, kind: str) -> Registry:
         return self.registries[kind]
+
+    def choose(self, kind: str, section: Section) -> Chosen:
+        """The component ``section`` names (looked up by name), its options validated
+        against the factory's ``Options`` (and ``validate()``); errors name the keys."""
+        entry, extra = self.registry(kind).lookup(section.name, section.name_key)
+        try:
+            options = config.validate_options(section.key, section.values, entry.options_class)
+        except ConfigError as exc:  # the key is named; say whose options they are
+            raise ConfigError(f"{exc} ({SINGULAR[kind]} '{section.name}' of plugin "
+                              f"'{entry.plugin}')") from None
+        return Chosen(kind, entry, options, section, extra)
+
+    @overload
+    def create(self, kind: Literal["estimators"], section: Section,
+               **arguments: Any) -> HessianEstimator: ...
+    @overload
+    def create(self, kind: Literal["scorers"], section: Section, **arguments: Any) -> Scorer: ...
+    @overload
+    def create(self, kind: Literal["allocators"], section: Section,
+               **arguments: Any) -> Allocator: ...
+    @overload
+    def create(self, kind: Literal["schedulers"], section: Section,
+               **arguments: Any) -> Scheduler: ...
+    @overload
+    def create(self, kind: Literal["exporters"], section: Section,
+               **arguments: Any) -> Exporter: ...
+    @overload
+    def create(self, kind: Literal["models"], section: Section, **arguments: Any) -> nn.Module: ...
+    @overload
+    def create(self, kind: Literal["datasets"], section: Section,
+               **arguments: Any) -> DataBundle: ...
+    @overload
+    def create(self, kind: str, section: Section, **arguments: Any) -> Any: ...
+
+    def create(self, kind: str, section: Section, **arguments: Any) -> Any:
+        """The one way a component is made: looked up by name, options validated, the
+        factory called with the arguments it declares (``wfcore.factories``): ``seed``
+        and the kind's own (``num_classes``, ``input_shape`` for a model; ``data`` for a
+        data set). Every error is one line naming the config key and the plugin."""
+        return self.choose(kind, section).build(**arguments)
 
 
 def unmarked_hooks(plugin: object) -> list[str]:

@@ -1,13 +1,17 @@
-"""run(config): model -> data -> dense -> pruning steps -> report -> export."""
+"""run(config): setup (model, data, plan, dense weights) -> pruning steps -> report ->
+export.
+
+``set_up`` builds what a run is made from once (``wfcore.prepare.RunSetup``); the steps
+(``wfcore.pruning.Pruning``) are driven by the Runner (``wfcore.runner``) through methods
+that return their results; ``run_plan`` writes the report and the export.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,31 +29,20 @@ from wfcore import (
     prunable,
     rundir,
     runs,
-    structured_run,
 )
 from wfcore import config as config_mod
-from wfcore.batchnorm import RunningStats
-from wfcore.degenerate import DegeneracyCheck
-from wfcore.dense_fit import DenseFit
 from wfcore.errors import ConfigError, WfcoreError
-from wfcore.gradients import GradientSampler
 from wfcore.interfaces import (
-    Allocator,
     DataBundle,
-    Exporter,
-    HessianEstimator,
     LayerwiseEstimator,
     Loss,
-    PruningProblem,
-    Scheduler,
-    Scorer,
-    Tensors,
+    PruneStep,
 )
-from wfcore.masks import Masks, block_scores, select_params, whole_blocks
-from wfcore.nm import nm_keep, parse_pattern
-from wfcore.plan import Plan, make_plan, store_place
+from wfcore.masks import select_params
+from wfcore.plan import Plan, make_plan
 from wfcore.prepare import (  # noqa: F401  (the setup of a run, re-exported here)
-    build,
+    Components,
+    RunSetup,
     build_model,
     cache_dir,
     data_fingerprint,
@@ -65,28 +58,12 @@ from wfcore.prepare import (  # noqa: F401  (the setup of a run, re-exported her
     resolve_device,
     versions,
 )
+from wfcore.pruning import Pruning
 from wfcore.report import Report, number
 from wfcore.runner import Runner
-from wfcore.safeguard import Safeguard, calibration_batch, magnitude_scores
 from wfcore.safeguard_plan import safeguard_cost
-from wfcore.store import STORAGE_DTYPES, GradientStore, store_bytes
-from wfcore.training import evaluate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Components:
-    estimator: HessianEstimator
-    scorer: Scorer
-    allocator: Allocator
-    scheduler: Scheduler
-    exporter: Exporter | None
-    hooks: dict[str, Any] = field(default_factory=dict)  # {name: options} of the event hooks
-
-    def need_gradients(self) -> bool:
-        """Whether a pruning step samples the m gradients (for the estimator or the scorer)."""
-        return self.estimator.needs_gradients or self.scorer.needs_gradient
 
 
 def resolved_config(cfg: DictConfig, plugins: manager.Plugins) -> DictConfig:
@@ -96,16 +73,12 @@ def resolved_config(cfg: DictConfig, plugins: manager.Plugins) -> DictConfig:
     for section, kind in config_mod.COMPONENT_KINDS.items():
         if cfg[section] is None:
             continue
-        entry, _ = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
-        options = config_mod.component_options(section, cfg, entry.options_class)
+        options = plugins.choose(kind, manager.Section.of(cfg[section], section)).options
         values = dataclasses.asdict(options) if dataclasses.is_dataclass(options) \
             and not isinstance(options, type) else {}
         out[section] = {"name": cfg[section].name, **values}
     for section, kind in (("model", "models"), ("data", "datasets")):
-        entry, _ = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
-        options = config_mod.validate_options(f"{section}.options",
-                                              config_mod.to_dict(cfg[section].options),
-                                              entry.options_class)
+        options = plugins.choose(kind, manager.Section.nested(cfg[section], section)).options
         if dataclasses.is_dataclass(options) and not isinstance(options, type):
             out[section].options = dataclasses.asdict(options)
     out.hooks = {name: dataclasses.asdict(options)
@@ -135,12 +108,8 @@ def bind_guide(estimator: LayerwiseEstimator, seed: int, plugins: manager.Plugin
     spec = estimator.guide()
     if spec is None:
         return
-    values = dict(spec)
-    name = values.pop("name")
-    entry, extra = plugins.registry("estimators").lookup(name, "estimator.guide.name")
-    options = config_mod.validate_options("estimator.guide", values, entry.options_class)
-    estimator.set_guide(build(entry, "estimator.guide.name", name, options, seed=seed,
-                              **extra))
+    estimator.set_guide(plugins.create("estimators",
+                                       manager.Section.of(spec, "estimator.guide"), seed=seed))
 
 
 def store_dir(cfg: DictConfig, run_dir: Path) -> Path:
@@ -163,7 +132,8 @@ def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
                      estimator=components.estimator, estimator_name=cfg.estimator.name,
                      needs_gradients=needs, fisher=cfg.fisher, store_dir=store_dir,
                      device=device, calibrate=calibrate, nproc=nproc,
-                     block=cfg.structure.block)
+                     block=cfg.structure.block,
+                     shared_host=nproc > 1 and distributed.one_machine())
     guard = safeguard_cost(cfg, model, example.unsqueeze(0).to(device),
                            components.estimator.baseline or components.scorer.baseline,
                            calibrate)
@@ -216,179 +186,46 @@ def plan_config(cfg: DictConfig, plugins: manager.Plugins | None = None,
     return plan
 
 
-class Pruning:
-    """One pruning run: the model, its masks, and how to prune it to a target."""
-
-    def __init__(self, cfg: DictConfig, plugins: manager.Plugins, components: Components,
-                 run_dir: Path):
-        self.cfg = cfg
-        self.plugins = plugins
-        self.c = components
-        self.run_dir = run_dir
-        self.device = resolve_device(distributed.local_device(cfg.device))
-        torch.manual_seed(cfg.seed)
-        self.data = load_data(cfg, plugins)
-        self.model = build_model(cfg, plugins, self.data).to(self.device)
-        self.loss_fn = loss_function(cfg, self.data)
-        self.params = select_params(self.model, cfg.model.params, cfg.model.prunable)
-        if not self.params:
-            raise ConfigError("config key 'model.params': no prunable parameters selected")
-        # every check that can fail the run, before --force removes anything or the dense
-        # model is trained (wfcore/admission.py)
-        admission.admit(cfg, components.scheduler.plan(), self.params, self.data,
-                        components.allocator, components.exporter, components.need_gradients())
-        self.store_dir = store_dir(cfg, run_dir)
-        self.plan = plan_run(cfg, components, self.model, self.params, self.data, self.loss_fn,
-                             self.device, self.store_dir, nproc=distributed.world())
-        for line in self.plan.lines():
-            log.info("plan: %s", line)
-        # before the dense model is trained or any gradient sampled; on every rank
-        distributed.agree(self.plan.check)
-        # rank 0 loads or trains the dense model (and alone writes the cache); every rank
-        # then holds its weights
-        provenance = dense_provenance(cfg, plugins, self.data)
-        self.dense_source = distributed.on_main(
-            lambda: dense_model(cfg, self.model, self.data, self.device, self.loss_fn,
-                                provenance))
-        distributed.broadcast_module(self.model)
-        self.masks = Masks(self.params)
-        self.pristine: nn.Module | None = None  # the dense architecture (structure.unit: channel)
-        self.dense_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        subset_seed = cfg.seed if cfg.data.subset_seed is None else cfg.data.subset_seed
-        pool, self.pool_record = pruning_subset(self.data.train, cfg.data.train_fraction,
-                                                subset_seed)
-        self.pool_record["finetune"] = "subset" if cfg.data.finetune_subset else "all"
-        self.finetune_data = pool if cfg.data.finetune_subset else self.data.train
-        bn = cfg.batchnorm  # running statistics re-estimated on the pool (wfcore/batchnorm.py)
-        self.stats = RunningStats.from_pool(self.model, pool, bn.samples, cfg.seed + 2,
-                                            self.device, enabled=bn.recalibrate,
-                                            chunk=cfg.data.batch_size)
-        self.pool_record["batchnorm"] = self.stats.record()
-        degenerate = cfg.degenerate
-        self.degeneracy = DegeneracyCheck(
-            calibration_batch(pool, degenerate.probe_samples, cfg.seed + 2, self.device).x,
-            degenerate.allow_empty_layers, degenerate.allow_constant_output)
-        self.degeneracy.dense(self.model)
-        guard = cfg.safeguard
-        self.safeguard = Safeguard(
-            self.model, self.params,
-            calibration_batch(pool, guard.calibration_samples, cfg.seed + 1, self.device),
-            alphas=list(guard.alphas), enabled=guard.enabled,
-            fallback=guard.fallback == "magnitude", labels=cfg.fisher.labels,
-            chunk=cfg.data.batch_size, loss_fn=self.loss_fn, screen=guard.screen_samples,
-            stats=self.stats)
-        # a baseline's own mask is its result: the safeguard never replaces it
-        self.baseline = components.estimator.baseline or components.scorer.baseline
-        self.dense_fit = DenseFit(components.estimator, cfg.fisher.reuse_dense)
-        fisher = cfg.fisher
-        self.sampler = GradientSampler(
-            self.model, self.params, self.masks.keep, pool, self.loss_fn,
-            num_grads=fisher.num_grads, grad_batch=fisher.grad_batch, labels=fisher.labels,
-            seed=cfg.seed, device=self.device, dtype=fisher.storage_dtype,
-            offload=fisher.offload, method=fisher.grad_method)
-
-    def evaluate(self) -> dict[str, float | None]:
-        return evaluate(self.model, self.data.test, batch_size=self.cfg.data.batch_size,
-                        loss_fn=self.loss_fn, device=self.device,
-                        num_workers=self.cfg.data.num_workers)
-
-    def restore_dense(self) -> None:
-        """The dense model, no masks, and the gradient sampler back at its seed."""
-        structured_run.restore_dense(self)
-        self.model.load_state_dict(self.dense_state)
-        self.masks.reset()
-        self.sampler.reset()
-        self.dense_fit.restored()
-
-    def gradient_store(self) -> GradientStore:
-        """An empty store for this step's m gradient rows, where the plan puts it."""
-        fisher, layout = self.cfg.fisher, self.sampler.layout
-        dtype = STORAGE_DTYPES[fisher.storage_dtype]
-        place = store_place(fisher.store, store_bytes(fisher.num_grads, layout.d, dtype))
-        host = torch.device("cpu") if fisher.offload else self.device
-        if distributed.world() > 1 and distributed.one_machine() and host.type == "cpu":
-            return GradientStore.shared_by_ranks(fisher.num_grads, layout.d, dtype=dtype,
-                                                 place=place, directory=self.store_dir)
-        return GradientStore(fisher.num_grads, layout.d, dtype=dtype, place=place,
-                             directory=self.store_dir, device=host,
-                             pin=fisher.offload and self.device.type == "cuda")
-
-    def prune_to(self, target: float, timings: dict[str, float]) -> dict[str, Any]:
-        """gradients -> estimate -> score -> allocate -> update (safeguarded): the model ends
-        at ``target`` sparsity. Each stage is timed; the gradient store lives for this step
-        only (it is closed, and an on-disk one removed, also on an error or Ctrl-C).
-
-        Returns the safeguard's record of the step (damp, alpha, loss increases).
-        """
-        if self.cfg.structure.unit == "channel":
-            return structured_run.prune_to(self, target, timings)
-        c = self.c
-        needs, block = c.need_gradients(), self.cfg.structure.block
-        stats_before = self.stats.mark()
-        pattern = parse_pattern(self.cfg.structure.pattern)  # N:M: the masks' own rule
-        with ExitStack() as stack:
-            gradients, curvature = self.dense_fit.take() or (None, None)
-            if needs and curvature is None:
-                start = time.perf_counter()
-                owner = self.dense_fit.stack if self.dense_fit.keeps() else stack
-                gradients = owner.enter_context(self.gradient_store())
-                self.sampler.sample_into(gradients)
-                timings["gradients"] += time.perf_counter() - start
-            problem = PruningProblem(self.model, self.params, self.masks, self.sampler,
-                                     self.loss_fn, self.device,
-                                     gradients if c.estimator.needs_gradients else None)
-            if curvature is None:
-                start = time.perf_counter()
-                curvature = c.estimator.fit(problem)
-                timings["estimate"] += time.perf_counter() - start
-                self.dense_fit.put(gradients, curvature)
-            start = time.perf_counter()
-            gradient = None
-            if c.scorer.needs_gradient:  # (then need_gradients(): they were sampled)
-                assert gradients is not None
-                gradient = self.sampler.layout.unflatten(gradients.mean().to(self.device))
-            weights = problem.weights()
-            scores = c.scorer.block_scores(weights, curvature, gradient, self.masks.keep, block)
-            for n, s in scores.items():
-                if s.shape != weights[n].shape or not torch.isfinite(s[self.masks.keep[n]]).all():
-                    raise WfcoreError(f"scorer '{self.cfg.scorer.name}' gave non-finite or "
-                                      f"misshapen scores for '{n}'")
-            new_keep = (nm_keep(scores, self.masks.keep, pattern) if pattern is not None
-                        else c.allocator.allocate(scores, dict(self.masks.keep), target))
-            new_keep = distributed.broadcast_masks(new_keep)  # rank 0's threshold everywhere
-            prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
-            del scores
-            update: Tensors | None
-            if isinstance(c.estimator, LayerwiseEstimator):  # each layer's own mask and update
-                update, new_keep = c.estimator.prune_layers(problem, new_keep, pattern)
-            else:
-                update = c.scorer.update(weights, curvature, prune_mask, gradient)
-            update, new_keep, record = self.safeguard.choose(
-                weights, update, new_keep, curvature, gradient,
-                magnitude_keep=None if self.baseline else lambda: nm_keep(
-                    magnitude_scores(weights), self.masks.keep, pattern) if pattern is not None
-                else c.allocator.allocate(
-                    block_scores(magnitude_scores(weights), self.masks.keep, block),
-                    dict(self.masks.keep), target))
-            if update is not None:
-                with torch.no_grad():
-                    for n, p in self.params.items():
-                        p.add_(update[n].to(device=p.device, dtype=p.dtype))
-            self.masks.set(new_keep)
-            distributed.broadcast_module(self.model)  # every rank ends with rank 0's weights
-            self.stats.refresh()  # fresh running statistics for the pruned weights
-            self.dense_fit.step_done()
-            timings["prune"] += time.perf_counter() - start
-        record["batchnorm"] = self.stats.record(since=stats_before)
-        if block > 1:
-            record["whole_blocks"] = whole_blocks(self.masks.keep, block)
-        if self.sampler.choice is not None:  # how per-sample gradients were taken, and why
-            record["gradient_method"] = self.sampler.choice.record()
-        self.degeneracy.check(self.model, self.masks, target)  # warns, or refuses
-        return {"target_sparsity": target, **record}
-
-    def model_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+def set_up(cfg: DictConfig, plugins: manager.Plugins, components: Components,
+           run_dir: Path) -> RunSetup:
+    """The setup of a run, built once: data, model, plan, then (after the plan's checks,
+    on every rank) the dense weights, loaded or trained by rank 0 and broadcast, and the
+    part of the training split that pruning sees."""
+    device = resolve_device(distributed.local_device(cfg.device))
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg, plugins)
+    model = build_model(cfg, plugins, data).to(device)
+    loss_fn = loss_function(cfg, data)
+    params = select_params(model, cfg.model.params, cfg.model.prunable)
+    if not params:
+        raise ConfigError("config key 'model.params': no prunable parameters selected")
+    # every check that can fail the run, before --force removes anything or the dense
+    # model is trained (wfcore/admission.py)
+    admission.admit(cfg, components.scheduler.plan(), params, data, components.allocator,
+                    components.exporter, components.need_gradients())
+    where = store_dir(cfg, run_dir)
+    plan = plan_run(cfg, components, model, params, data, loss_fn, device, where,
+                    nproc=distributed.world())
+    for line in plan.lines():
+        log.info("plan: %s", line)
+    # before the dense model is trained or any gradient sampled; on every rank
+    distributed.agree(plan.check)
+    # rank 0 loads or trains the dense model (and alone writes the cache); every rank
+    # then holds its weights
+    provenance = dense_provenance(cfg, plugins, data)
+    dense_source = distributed.on_main(
+        lambda: dense_model(cfg, model, data, device, loss_fn, provenance))
+    distributed.broadcast_module(model)
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    subset_seed = cfg.seed if cfg.data.subset_seed is None else cfg.data.subset_seed
+    pool, pool_record = pruning_subset(data.train, cfg.data.train_fraction, subset_seed)
+    pool_record["finetune"] = "subset" if cfg.data.finetune_subset else "all"
+    return RunSetup(cfg=cfg, plugins=plugins, components=components, run_dir=run_dir,
+                    device=device, data=data, loss_fn=loss_fn, model=model, params=params,
+                    plan=plan, store_dir=where, dense_source=dense_source,
+                    provenance=provenance, dense_state=dense_state, pool=pool,
+                    pool_record=pool_record,
+                    finetune_data=pool if cfg.data.finetune_subset else data.train)
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -488,7 +325,8 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
             return checkpoint.load(run_dir, cfg) if resume else None
 
         saved = distributed.on_main(lock_and_load)
-        pruning = Pruning(cfg, plugins, components, run_dir)
+        setup = set_up(cfg, plugins, components, run_dir)
+        pruning = Pruning(setup)
 
         def start() -> None:
             if saved is None:
@@ -499,49 +337,54 @@ def run(cfg: DictConfig, *, force: bool = False, resume: bool = False,
         distributed.on_main(start)
         with distributed.lost_rank(f"continue it with torchrun --nproc-per-node "
                                    f"{distributed.world()} -m wfcore prune --resume {run_dir}"):
-            return run_plan(pruning, plan, saved)
+            return run_plan(setup, pruning, plan, saved)
 
 
-def run_plan(pruning: Pruning, plan: list[Any], saved: dict[str, Any] | None) -> dict[str, Any]:
-    """The steps, the export and the report of a prepared run."""
-    cfg, components, run_dir = pruning.cfg, pruning.c, pruning.run_dir
+def run_plan(setup: RunSetup, pruning: Pruning, plan: list[PruneStep],
+             saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The steps, the export and the report of a run set up."""
+    cfg, components, run_dir = setup.cfg, setup.components, setup.run_dir
     report = Report(run_dir, config_mod.to_dict(cfg), write=distributed.is_main())
-    report.data["pruning_data"] = pruning.pool_record
+    report.data["pruning_data"] = pruning.pruning_data()
     overrides = components.scheduler.train_overrides()
-    runner = Runner(pruning, plan, report, overrides)
+    runner = Runner(pruning, plan, report, cfg, run_dir, overrides)
     if saved is not None:
         runner.restore(saved)
     # the processes of this part of the run (and of the parts before a --resume)
     parts = report.data.get("distributed", {}).get("parts", []) + [distributed.provenance()]
     report.data["distributed"] = {**distributed.provenance(), "parts": parts}
     if saved is None:
-        report.data["plan"] = pruning.plan.as_dict()
-        report.data["prunable"] = prunable_summary(cfg, pruning.model, pruning.params)
-        report.data["versions"] = versions(pruning.plugins)
+        report.data["plan"] = setup.plan.as_dict()
+        report.data["prunable"] = prunable_summary(cfg, setup.model, setup.params)
+        report.data["versions"] = versions(setup.plugins)
         if distributed.is_main():
             files.save_torch(run_dir / "dense.pt", pruning.model_state())
         dense = pruning.evaluate()
         report.set_dense(accuracy=dense["accuracy"], loss=dense["loss"],
-                         params=sum(p.numel() for p in pruning.model.parameters()),
-                         prunable=pruning.masks.numel(), source=pruning.dense_source)
+                         params=sum(p.numel() for p in setup.model.parameters()),
+                         prunable=sum(p.numel() for p in setup.params.values()),
+                         source=setup.dense_source)
         log.info("dense: top-1 %s, loss %s", number(dense["accuracy"], ".4f"),
                  number(dense["loss"], ".4f"))
         runner.save()
     try:
         runner.run()
     finally:  # the dense fit kept for oneshot's targets (an on-disk store is removed)
-        pruning.dense_fit.close()
+        pruning.close()
     # whether every rank ended with the same model, bit for bit
     report.data["distributed"]["replicas_equal"] = distributed.same_on_every_rank(
-        pruning.model.state_dict())
+        setup.model.state_dict())
     if not distributed.is_main():  # rank 0 alone exports and writes the report
         return report.data
     failed = None
-    if components.exporter is not None:
-        failed = runs.export_stage(pruning, report)  # None, or why it failed (one line)
+    if components.exporter is not None:  # None, or why it failed (one line)
+        step = components.exporter.step
+        failed = runs.export_stage(components.exporter, run_dir,
+                                   plan[-1].index if step is None else step,
+                                   pruning.architecture, setup.data, list(setup.params), report)
     report.finish()
     checkpoint.path(run_dir).unlink(missing_ok=True)  # finished: nothing left to resume
-    pruning.plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir),
+    setup.plugins.hook.wfcore_run_end(report=report.data, run_dir=str(run_dir),
                                         options=components.hooks)
     if failed is not None:
         raise WfcoreError(f"export failed: {failed}; the pruned steps are saved in {run_dir}: "

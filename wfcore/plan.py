@@ -6,7 +6,8 @@ cannot fit (``Plan.check``) before it trains or samples anything. The numbers:
 - d (prunable weights), m (gradients), the samples behind them;
 - the gradient store: m x d values in ``fisher.storage_dtype``, in memory when it fits in
   a quarter of the free memory (``fisher.store: auto``), else in a file in
-  ``fisher.store_dir`` (default: the run directory);
+  ``fisher.store_dir`` (default: the run directory); decided here once (``plan_store``),
+  and every pruning step opens the store as planned (``Plan.store``);
 - the peak working set: the model, the per-weight vectors of a step (weights, scores,
   masks, update), the gradient rows sampled at once, the store when in memory, and the
   estimator's own working set (``HessianEstimator.cost``);
@@ -27,6 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +37,14 @@ from wfcore.errors import WfcoreError
 from wfcore.gradients import ParamLayout
 from wfcore.interfaces import EstimatorCost, HessianEstimator, Loss
 from wfcore.masks import group_size
-from wfcore.store import DISK_MARGIN, STORAGE_DTYPES, free_disk, store_bytes
+from wfcore.store import (
+    DISK_MARGIN,
+    STORAGE_DTYPES,
+    StorePlan,
+    free_disk,
+    rows_host,
+    store_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,20 @@ def store_place(setting: str, nbytes: int) -> str:
     if setting != "auto":
         return setting
     return "memory" if nbytes <= STORE_MEMORY_SHARE * available_memory() else "disk"
+
+
+def plan_store(fisher: Any, d: int, device: torch.device, store_dir: str | Path,
+               shared_host: bool = False) -> StorePlan:
+    """The run's gradient store, decided once: m x d values in ``fisher.storage_dtype``, in
+    memory or on disk (``store_place``), its rows where ``rows_host`` puts them, and one
+    store for every rank of the machine when ``shared_host`` (torchrun on one machine) and
+    the rows are in host memory."""
+    dtype = STORAGE_DTYPES[fisher.storage_dtype]
+    host, pin = rows_host(device, fisher.offload)
+    return StorePlan(m=fisher.num_grads, d=d, dtype=fisher.storage_dtype,
+                     place=store_place(fisher.store, store_bytes(fisher.num_grads, d, dtype)),
+                     directory=str(store_dir), device=str(host), pin=pin,
+                     shared=shared_host and host.type == "cpu")
 
 
 def forward_flops(model: nn.Module, example: torch.Tensor) -> float:
@@ -159,11 +182,13 @@ class Plan:
     block_bytes: int = 0  # the group blocks [F^-1]_GG of structure.block (in peak_bytes)
     on_host: bool = True  # the ranks of one machine share its memory (CPU runs)
     notes: list[str] = field(default_factory=list)
+    # the store every step opens (None: no gradients); its numbers are the fields above
+    store: StorePlan | None = None
 
     def as_dict(self) -> dict:
         """The plan for report.json (NaN times, when not calibrated, as null)."""
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in dataclasses.asdict(self).items()}
+                for k, v in dataclasses.asdict(self).items() if k != "store"}
 
     def problems(self) -> list[str]:
         """What does not fit: one line each, with the numbers and what to change."""
@@ -258,7 +283,7 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
               target: torch.Tensor, loss_fn: Loss, estimator: HessianEstimator,
               estimator_name: str, needs_gradients: bool, fisher, store_dir: str | Path,
               device: torch.device, calibrate: bool = True, nproc: int = 1,
-              block: int = 1) -> Plan:
+              block: int = 1, shared_host: bool = False) -> Plan:
     """The plan of one pruning step of ``model`` (see the module doc).
 
     ``fisher`` is the config's fisher section. ``example``: one input, batch of one, on
@@ -267,12 +292,13 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
     ``nproc``: the processes of a torchrun run; the plan adds each rank's share.
     ``block``: ``structure.block``; with an estimator whose curvature gives the group
     blocks (``HessianEstimator.group_blocks``) they are part of the peak.
+    ``shared_host``: the ranks run on one machine (they may share a host-memory store).
     """
     layout = ParamLayout(params)
     d, m, grad_batch = layout.d, fisher.num_grads, fisher.grad_batch
-    dtype = STORAGE_DTYPES[fisher.storage_dtype]
-    nbytes = store_bytes(m, d, dtype) if needs_gradients else 0
-    place = store_place(fisher.store, nbytes) if needs_gradients else None
+    store = plan_store(fisher, d, device, store_dir, shared_host) if needs_gradients else None
+    nbytes = store.nbytes if store is not None else 0
+    place = store.place if store is not None else None
     cost: EstimatorCost = estimator.cost(layout, m, device)
     model_bytes = sum(t.numel() * t.element_size()
                       for t in [*model.parameters(), *model.buffers()])
@@ -299,7 +325,7 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
                 algebra_flops=cost.flops, gradient_seconds=grad_s, algebra_seconds=algebra_s,
                 store_passes=passes, store_read_seconds=passes * nbytes / STORE_READ_RATE,
                 nproc=nproc, block=block, block_bytes=blocks, on_host=device.type != "cuda",
-                notes=notes)
+                notes=notes, store=store)
 
 
 def group_entries(params: dict[str, nn.Parameter], block: int) -> int:

@@ -10,9 +10,9 @@ import hashlib
 import logging
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -21,11 +21,63 @@ from torch.utils.data import Dataset, Subset
 
 from wfcore import __version__, files, inmemory, manager, specs, states
 from wfcore import config as config_mod
-from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
-from wfcore.interfaces import DataBundle, Loss, dataset_size
+from wfcore.errors import ConfigError, WfcoreError
+from wfcore.interfaces import (
+    Allocator,
+    DataBundle,
+    Exporter,
+    HessianEstimator,
+    Loss,
+    Scheduler,
+    Scorer,
+    dataset_size,
+)
 from wfcore.training import train
 
+if TYPE_CHECKING:
+    from wfcore.plan import Plan
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """The components a config names, built (``wfcore.pipeline.build_components``)."""
+
+    estimator: HessianEstimator
+    scorer: Scorer
+    allocator: Allocator
+    scheduler: Scheduler
+    exporter: Exporter | None
+    hooks: dict[str, Any] = field(default_factory=dict)  # {name: options} of the event hooks
+
+    def need_gradients(self) -> bool:
+        """Whether a pruning step samples the m gradients (for the estimator or the scorer)."""
+        return self.estimator.needs_gradients or self.scorer.needs_gradient
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What a run is built from, once (``wfcore.pipeline.set_up``), before any step: handed
+    to the steps (``wfcore.pruning.Pruning``) and to the report, never changed after."""
+
+    cfg: DictConfig
+    plugins: manager.Plugins
+    components: Components
+    run_dir: Path
+    device: torch.device
+    data: DataBundle
+    loss_fn: Loss
+    model: nn.Module  # the run's model object, holding the dense weights when set up
+    params: dict[str, nn.Parameter]  # its prunable parameters
+    plan: Plan
+    store_dir: Path  # where an on-disk gradient store goes
+    dense_source: str  # where the dense weights came from (checkpoint, cache, trained)
+    provenance: dict[str, str]  # what made them besides the config (``dense_provenance``)
+    dense_state: dict[str, torch.Tensor]  # the dense weights, for steps from the dense model
+    pool: Dataset  # the part of the training split that pruning sees
+    pool_record: dict[str, Any]  # its record for the report (``pruning_subset``)
+    finetune_data: Dataset  # what fine-tuning trains on (the pool, or the whole split)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,10 +93,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: DictConfig, plugins: manager.Plugins) -> DataBundle:
-    entry, extra = plugins.registry("datasets").lookup(cfg.data.name, "data.name")
-    options = config_mod.validate_options("data.options", config_mod.to_dict(cfg.data.options),
-                                          entry.options_class)
-    return build(entry, "data.name", cfg.data.name, options, cfg.data, seed=cfg.seed, **extra)
+    return plugins.create("datasets", manager.Section.nested(cfg.data, "data"), data=cfg.data,
+                          seed=cfg.seed)
 
 
 def loss_function(cfg: DictConfig, data: DataBundle) -> Loss:
@@ -73,33 +123,17 @@ class DataShapes:
 
 def build_model(cfg: DictConfig, plugins: manager.Plugins,
                 data: DataBundle | DataShapes) -> nn.Module:
-    entry, extra = plugins.registry("models").lookup(cfg.model.name, "model.name")
-    options = config_mod.validate_options("model.options", config_mod.to_dict(cfg.model.options),
-                                          entry.options_class)
+    section = manager.Section.nested(cfg.model, "model")
+    chosen = plugins.choose("models", section)  # options checked before the seed is set
     torch.manual_seed(cfg.seed)
-    return build(entry, "model.name", cfg.model.name, options, num_classes=data.num_classes,
-                 input_shape=data.input_shape, seed=cfg.seed, **extra)
+    return chosen.build(num_classes=data.num_classes, input_shape=data.input_shape,
+                        seed=cfg.seed)
 
 
 def instantiate(cfg: DictConfig, section: str, plugins: manager.Plugins) -> Any:
     """The component that ``cfg[section]`` names, built from its validated options."""
-    kind = config_mod.COMPONENT_KINDS[section]
-    entry, extra = plugins.registry(kind).lookup(cfg[section].name, f"{section}.name")
-    options = config_mod.component_options(section, cfg, entry.options_class)
-    return build(entry, f"{section}.name", cfg[section].name, options, seed=cfg.seed, **extra)
-
-
-def build(entry: manager.Registered, key: str, name: str, *args: Any, seed: int,
-          **kwargs: Any) -> Any:
-    """``entry``'s factory called (``manager.call_factory``); an exception other than a
-    WfcoreError is the plugin's failure, one line that names the key and the plugin."""
-    try:
-        return manager.call_factory(entry.factory, *args, seed=seed, **kwargs)
-    except WfcoreError:
-        raise
-    except Exception as exc:
-        raise PluginError(f"{key}: plugin '{entry.plugin}' failed to build '{name}': "
-                          f"{type(exc).__name__}: {first_line(exc)}") from None
+    return plugins.create(config_mod.COMPONENT_KINDS[section],
+                          manager.Section.of(cfg[section], section), seed=cfg.seed)
 
 
 def hook_options(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, Any]:
@@ -110,8 +144,9 @@ def hook_options(cfg: DictConfig, plugins: manager.Plugins) -> dict[str, Any]:
     for name in cfg.hooks:
         registry.lookup(name, f"hooks.{name}")
     values = config_mod.to_dict(cfg.hooks)
-    return {name: config_mod.validate_options(f"hooks.{name}", values.get(name) or {},
-                                              registry.entries[name].options_class)
+    return {name: plugins.choose("hooks", manager.Section(name, values.get(name) or {},
+                                                          f"hooks.{name}",
+                                                          f"hooks.{name}")).options
             for name in registry.names()}
 
 

@@ -10,54 +10,67 @@ import logging
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from omegaconf import OmegaConf
 
 from wfcore import checkpoint, distributed, files, rundir, structured_run
 from wfcore import config as config_mod
 from wfcore.degenerate import collect_warnings
-from wfcore.interfaces import Loss, PruneStep, Stateful
+from wfcore.interfaces import PruneStep
 from wfcore.report import number
 from wfcore.training import Trainer, TrainingDiverged
 
 if TYPE_CHECKING:
     import torch
     from omegaconf import DictConfig
-    from torch import nn
-    from torch.utils.data import Dataset
 
-    from wfcore.gradients import GradientSampler
-    from wfcore.manager import Plugins
-    from wfcore.masks import Masks
     from wfcore.report import Report
 
 log = logging.getLogger(__name__)
 
 
-class PrunedRun(Protocol):
-    """What the Runner drives: the model, its masks and how to prune it to a target
-    (``wfcore.pipeline.Pruning``). The Runner needs nothing else, and does not import the
-    pipeline that uses it."""
+@dataclass
+class StepResult:
+    """What pruning to one target returned: its record (report.json ``steps[].safeguard``:
+    the safeguard's choice of damp, alpha and mask, the loss increases, BatchNorm and the
+    gradient method) and the seconds each stage took (gradients, estimate, prune)."""
 
-    cfg: DictConfig
-    run_dir: Any
-    plugins: Plugins
-    c: Any  # the run's components (estimator, scorer, allocator, scheduler, exporter)
-    model: nn.Module
-    masks: Masks
-    sampler: GradientSampler
-    device: torch.device
-    loss_fn: Loss
-    finetune_data: Dataset
+    record: dict[str, Any]
+    timings: dict[str, float]
+
+
+class PrunedRun(Protocol):
+    """What the Runner drives: methods on the run's model and masks
+    (``wfcore.pruning.Pruning``). The Runner reads no attribute of it, and does not import
+    the pipeline that uses it."""
 
     def evaluate(self) -> dict[str, float | None]: ...
 
     def restore_dense(self) -> None: ...
 
-    def prune_to(self, target: float, timings: dict[str, float]) -> dict[str, Any]: ...
+    def prune_to(self, target: float) -> StepResult: ...
+
+    def trainer(self, train_cfg: DictConfig, *, epochs: int, seed: int, decay_start: int,
+                lr_key: str) -> Trainer: ...
+
+    def sparsity(self) -> float: ...
+
+    def layer_sparsity(self) -> dict[str, dict[str, float]]: ...
+
+    def zero_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def step_start(self, step: PruneStep) -> None: ...
+
+    def step_end(self, step: PruneStep, record: dict[str, Any]) -> None: ...
 
     def model_state(self) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 TIMINGS = ("gradients", "estimate", "prune", "finetune", "evaluate")
@@ -73,17 +86,21 @@ class Runner:
     """
 
     def __init__(self, pruning: PrunedRun, plan: list[PruneStep], report: Report,
-                 overrides: dict[str, Any]):
+                 cfg: DictConfig, run_dir: Path, overrides: dict[str, Any]):
         self.p, self.plan, self.report = pruning, plan, report
-        self.cfg, self.run_dir = pruning.cfg, pruning.run_dir
+        self.cfg, self.run_dir = cfg, run_dir
         self.digest = checkpoint.config_digest(self.cfg)
         overrides = dict(overrides)
         self.decay_start = int(overrides.pop("lr_decay_start", 0))
         self.lr_key = "scheduler.lr" if overrides.get("lr") is not None else "train.lr"
-        self.train_cfg = OmegaConf.merge(self.cfg.train, overrides)
+        # a DictConfig merged with a dict stays a DictConfig
+        self.train_cfg = cast(DictConfig, OmegaConf.merge(self.cfg.train, overrides))
         self.position: dict[str, Any] = {"step": 0, "pruned": False, "step_epochs": 0,
                                          "epoch": 0}
         self.timings = dict.fromkeys(TIMINGS, 0.0)
+        # the step in progress once pruned: each target's record and the warnings raised
+        self.pruned: list[dict[str, Any]] = []
+        self.warned: list[str] = []
         self.trainer: Trainer | None = None
         self.segment = 0  # the step whose Trainer is live (it seeds the data order)
         self.metrics: dict[str, float | None] | None = None  # the last epoch's evaluation
@@ -102,47 +119,31 @@ class Runner:
         return total
 
     def make_trainer(self, segment: int) -> Trainer:
-        p = self.p
         self.segment = segment
-        return Trainer(p.model, p.finetune_data, self.train_cfg,
-                       epochs=self.segment_epochs(segment), batch_size=self.cfg.data.batch_size,
-                       loss_fn=p.loss_fn, device=p.device, seed=self.cfg.seed + 1000 + segment,
-                       masks=p.masks, num_workers=self.cfg.data.num_workers,
-                       decay_start=self.decay_start, desc="fine-tune", lr_key=self.lr_key)
+        return self.p.trainer(self.train_cfg, epochs=self.segment_epochs(segment),
+                              seed=self.cfg.seed + 1000 + segment,
+                              decay_start=self.decay_start, lr_key=self.lr_key)
 
     # -- checkpoints ------------------------------------------------------------------
-    def stateful(self) -> dict[str, Any]:
-        """The run's components that hold random state (``interfaces.Stateful``)."""
-        c = self.p.c
-        made = {"estimator": c.estimator, "scorer": c.scorer, "allocator": c.allocator,
-                "scheduler": c.scheduler}
-        return {s: comp for s, comp in made.items() if isinstance(comp, Stateful)}
-
     def save(self) -> None:
         if distributed.is_main():  # rank 0 alone writes; every rank passes here in step
             trainer = None
             if self.trainer is not None:
                 trainer = {"segment": self.segment, **self.trainer.state_dict()}
-            checkpoint.save(
-                self.run_dir, digest=self.digest,
-                position={**self.position, "timings": dict(self.timings)},
-                model=self.p.model_state(), masks=self.p.masks.state_dict(), trainer=trainer,
-                sampler=self.p.sampler.state_dict(), report=self.report.data,
-                components={section: c.state_dict() for section, c in self.stateful().items()})
+            position = {**self.position, "timings": dict(self.timings)}
+            if self.position["pruned"]:
+                position.update(safeguard=self.pruned, warnings=self.warned)
+            checkpoint.save(self.run_dir, digest=self.digest, position=position,
+                            trainer=trainer, report=self.report.data, **self.p.state_dict())
         self.saved = (self.position["epoch"], self.position["step"])
 
     def restore(self, state: dict[str, Any]) -> None:
         position = dict(state["position"])
         self.timings = position.pop("timings")
+        self.pruned = position.pop("safeguard", [])
+        self.warned = position.pop("warnings", [])
         self.position = position
-        structured_run.restore(self.p, state["model"])  # a shrunk architecture first
-        self.p.model.load_state_dict(state["model"])
-        self.p.masks.load_state_dict(state["masks"])
-        self.p.sampler.load_state_dict(state["sampler"])
-        saved_components = state.get("components", {})
-        for section, component in self.stateful().items():
-            if section in saved_components:
-                component.load_state_dict(saved_components[section])
+        self.p.load_state_dict(state)
         self.report.data = state["report"]
         self.report.data["config"] = config_mod.to_dict(self.cfg)  # output may have moved
         if state["trainer"] is not None:
@@ -192,14 +193,14 @@ class Runner:
         train_loss = self.trainer.run_epoch()
         self.timings["finetune"] += time.perf_counter() - start
         start = time.perf_counter()
-        self.metrics = metrics = self.p.evaluate()
+        self.metrics = self.p.evaluate()
         self.timings["evaluate"] += time.perf_counter() - start
         pos = self.position
         pos["epoch"] += 1
         pos["step_epochs"] += int(in_step)
         record = {"epoch": pos["epoch"], "step": step.index, "lr": lr, "train_loss": train_loss,
-                  "accuracy": metrics["accuracy"], "loss": metrics["loss"],
-                  "sparsity": self.p.masks.sparsity()}
+                  "accuracy": self.metrics["accuracy"], "loss": self.metrics["loss"],
+                  "sparsity": self.p.sparsity()}
         self.report.add_epoch(record)
         log.info("epoch %d: sparsity %.4f, lr %.3g, train loss %.4f, top-1 %s, loss %s",
                  pos["epoch"], record["sparsity"], lr, train_loss,
@@ -209,8 +210,7 @@ class Runner:
 
     def run_step(self, step: PruneStep) -> None:
         pos, p = self.position, self.p
-        self.p.plugins.hook.wfcore_step_start(step=step, run_dir=str(self.run_dir),
-                                              options=self.p.c.hooks)
+        p.step_start(step)
         if not pos["pruned"]:
             while step.epoch is not None and pos["epoch"] < step.epoch:
                 self.run_epoch(step, in_step=False)
@@ -219,13 +219,18 @@ class Runner:
                 if self.trainer is not None:
                     self.trainer.close()
                 self.trainer = None
+            self.pruned = []
             with collect_warnings() as warned:  # into the step's record (report.md too)
-                pos["safeguard"] = [p.prune_to(target, self.timings) for target in step.substeps]
-            pos["warnings"] = warned
+                for target in step.substeps:
+                    result = p.prune_to(target)
+                    self.pruned.append(result.record)
+                    for stage, seconds in result.timings.items():
+                        self.timings[stage] += seconds
+            self.warned = warned
             if self.trainer is not None and self.cfg.structure.unit == "channel":
                 self.trainer = structured_run.rebuilt_trainer(self, self.trainer)  # new tensors
             if self.trainer is not None:  # no momentum may revive a pruned weight
-                p.masks.zero_optimizer_state(self.trainer.optimizer)
+                p.zero_optimizer_state(self.trainer.optimizer)
             pos["pruned"], self.metrics = True, None
             self.save()
         while pos["step_epochs"] < step.finetune_epochs:
@@ -236,11 +241,11 @@ class Runner:
             metrics = p.evaluate()
             self.timings["evaluate"] += time.perf_counter() - start
         record = {"index": step.index, "target_sparsity": step.target_sparsity,
-                  "sparsity": p.masks.sparsity(), "accuracy": metrics["accuracy"],
+                  "sparsity": p.sparsity(), "accuracy": metrics["accuracy"],
                   "loss": metrics["loss"], "epoch": pos["epoch"],
-                  "safeguard": pos.pop("safeguard", []), "warnings": pos.pop("warnings", []),
+                  "safeguard": self.pruned, "warnings": self.warned,
                   "timings": {k: round(v, 4) for k, v in self.timings.items()},
-                  "layers": p.masks.layer_sparsity()}
+                  "layers": p.layer_sparsity()}
         if distributed.is_main():
             files.save_torch(rundir.RunDirectory(self.run_dir).step_state(step.index),
                              p.model_state())
@@ -250,9 +255,9 @@ class Runner:
                  number(record["loss"], ".4f"))
         pos.update(step=pos["step"] + 1, pruned=False, step_epochs=0)
         self.timings, self.metrics = dict.fromkeys(TIMINGS, 0.0), None
+        self.pruned, self.warned = [], []
         self.save()
-        p.plugins.hook.wfcore_step_end(step=step, record=record, run_dir=str(self.run_dir),
-                                       options=p.c.hooks)
+        p.step_end(step, record)
 
 
 def _terminated(signum: int, frame: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from wfcore import config as config_mod
-from wfcore import files, inmemory, manager, rundir, states, structured_run
+from wfcore import files, inmemory, manager, rundir, states
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.interfaces import DataBundle, Exporter
 from wfcore.masks import select_params
-from wfcore.prepare import DataShapes, build_model, instantiate, load_data
+from wfcore.prepare import DataShapes, build_model, load_data
 from wfcore.report import markdown
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,7 @@ def run_exporter(cfg: DictConfig, plugins: manager.Plugins,
              **{k: v for k, v in (("quantize", quantize), ("opset", opset)) if v is not None}}
     section.update(given)
     try:
-        return instantiate(OmegaConf.create({"export": section, "seed": cfg.seed}), "export",
-                           plugins)
+        return plugins.create("exporters", manager.Section.of(section, "export"), seed=cfg.seed)
     except ConfigError as exc:
         if not given:
             raise
@@ -272,26 +272,9 @@ def _export_locked(run_dir: Path, step: int | None, output: str | Path | None, d
     for target in targets:  # and the files each export writes beside it (INT8)
         for path in exporter.outputs(str(target)):
             refuse_foreign(Path(path), run_dir)
-    model, data = run.model, run.data
-    assert data is not None  # rebuilt without given shapes: with its data
-    example = data.test[0][0].unsqueeze(0)
-    pristine = copy.deepcopy(model) if dense else None  # before a shrunk state rebuilds it
-    state_path = load_step(model, run_dir, step)
-    # Paths relative to the ONNX file: nothing of the machine that made it is kept.
-    where = output.parent.resolve()
-    meta = {"run_dir": os.path.relpath(run_dir.resolve(), where),
-            "state": os.path.relpath(state_path.resolve(), where), "step": str(step)}
-    params = {n: p.detach() for n, p in model.named_parameters() if n in run.params}
-    result = {"step": step, "sparse": exporter.export(model, example, str(output), data=data,
-                                                      params=params, metadata=meta)}
-    if dense and pristine is not None:
-        dense_path = rundir.RunDirectory(run_dir).dense
-        dense_model = pristine
-        states.load_state(dense_model, dense_path, "wfcore export (dense model)")
-        meta = {**meta, "state": os.path.relpath(dense_path.resolve(), where), "step": "dense"}
-        dense_params = {n: p.detach() for n, p in dense_model.named_parameters() if n in params}
-        result["dense"] = exporter.export(dense_model, example, str(targets[1]), data=data,
-                                          params=dense_params, metadata=meta)
+    assert run.data is not None  # rebuilt without given shapes: with its data
+    result = export_states(exporter, run_dir, step, output, lambda: copy.deepcopy(run.model),
+                           run.data, list(run.params), targets[1] if dense else None)
     record_in_report(run_dir, result)
     return result
 
@@ -310,35 +293,49 @@ def record_in_report(run_dir: Path, result: dict[str, Any]) -> None:
     files.write_text(run_dir / "report.md", markdown(report))
 
 
-def export_stage(pruning: Any, report: Any) -> str | None:
-    """The pipeline's export stage: the run's exporter on the step ``export.step``
-    (default: the last) and, with ``export.dense``, on the dense model; the checks go into
-    the report. ``pruning`` is the run (``wfcore.pipeline.Pruning``), ``report`` its
-    ``wfcore.report.Report``.
+def export_states(exporter: Exporter, run_dir: Path, step: int, output: Path,
+                  architecture: Callable[[], nn.Module], data: DataBundle, names: list[str],
+                  dense: Path | None = None) -> dict[str, Any]:
+    """Step ``step``'s saved weights (``model_step<N>.pt``) exported to ``output`` and, with
+    ``dense``, the dense weights (``dense.pt``) to ``dense``: each loaded into a fresh
+    ``architecture()`` (a shrunk one rebuilt from its state), the zeros of the weights
+    ``names`` checked, the file naming its run and state (``metadata``, paths relative to
+    the file: what ``wfcore bench`` rebuilds the PyTorch model from). The one export of a
+    run: ``wfcore export`` and the pipeline's export stage."""
+    example = data.test[0][0].unsqueeze(0)
+    where = output.parent.resolve()  # paths relative to the file: nothing of the machine
+    result: dict[str, Any] = {"step": step}
+    made = [("sparse", output, step_state(run_dir, step), str(step), "wfcore export")]
+    if dense is not None:
+        made.append(("dense", dense, run_dir / "dense.pt", "dense",
+                       "wfcore export (dense model)"))
+    for label, path, state, tag, what in made:
+        model = architecture()
+        states.load_state(model, state, what)
+        meta = {"run_dir": os.path.relpath(run_dir.resolve(), where),
+                "state": os.path.relpath(state.resolve(), where), "step": tag}
+        params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+        result[label] = exporter.export(model.cpu().eval(), example, str(path), data=data,
+                                        params=params, metadata=meta)
+    return result
+
+
+def export_stage(exporter: Exporter, run_dir: Path, step: int,
+                 architecture: Callable[[], nn.Module], data: DataBundle, names: list[str],
+                 report: Any) -> str | None:
+    """The pipeline's export stage: ``export_states`` of step ``step`` (``export.step``,
+    else the last) to ``model.onnx`` and, with ``export.dense``, of the dense model to
+    ``dense.onnx``; the checks go into the report (``wfcore.report.Report``).
 
     A failure leaves the pruned steps usable: it is recorded in the report (``export.error``)
     and returned as one line, for the run to finish first and then say.
     """
-    components, run_dir = pruning.c, pruning.run_dir
     try:
-        example = pruning.data.test[0][0].unsqueeze(0)
-        model = pruning.model.cpu().eval()
-        step = components.exporter.step  # export.step; None = the last step
-        if step is not None:
-            structured_run.restore_dense(pruning)  # the architecture the state rebuilds from
-            model = pruning.model.cpu().eval()
-            states.load_state(model, rundir.RunDirectory(run_dir).step_state(step),
-                              "config key 'export.step'")
-        params = {n: p.detach() for n, p in pruning.params.items()}
-        report.data["export"] = components.exporter.export(
-            model, example, str(run_dir / "model.onnx"), data=pruning.data, params=params)
-        if components.exporter.dense:  # export.dense: dense.onnx beside it
-            structured_run.restore_dense(pruning)  # channels removed: the full architecture
-            model = pruning.model.cpu().eval()
-            states.load_state(model, rundir.RunDirectory(run_dir).dense, "dense model")
-            params = {n: p.detach() for n, p in pruning.params.items()}
-            report.data["export"]["dense"] = components.exporter.export(
-                model, example, str(run_dir / "dense.onnx"), data=pruning.data, params=params)
+        result = export_states(exporter, run_dir, step, run_dir / "model.onnx", architecture,
+                               data, names, run_dir / "dense.onnx" if exporter.dense else None)
+        report.data["export"] = result["sparse"]
+        if "dense" in result:
+            report.data["export"]["dense"] = result["dense"]
     except Exception as exc:  # the pruned steps stay usable: the run still finishes
         log.debug("export failed", exc_info=True)
         report.data["export"] = {"error": first_line(exc),

@@ -14,8 +14,13 @@ process's resident set, so a 20 GB store does not inflate the peak memory. On PO
 is unlinked as soon as it is open: it has no name while in use and its space returns to the
 file system when the store is closed or the process ends, even when it is killed.
 
-Under torchrun on one machine the ranks share one store (``shared_by_ranks``): each rank
-writes its own rows, and an in-memory store lives in /dev/shm, mapped once for all ranks.
+Under torchrun on one machine the ranks share one store (``shared``): each rank writes its
+own rows, and an in-memory store lives in /dev/shm, mapped once for all ranks.
+
+Where a run's store lives is decided once, by its plan (``wfcore.plan.plan_store``): a
+``StorePlan`` (m, d, dtype, memory or disk, the directory, the host of the rows, shared
+or not) that every step follows (``StorePlan.open``, the run's one way to make a store).
+Rows are put into a store only by the gradient sampler (``GradientSampler.sample_into``).
 
 A disk store sums the squares of each column as its rows are written (``square_mean``, what
 a relative damp scales by): reading a 20 GB store once more only for those d numbers
@@ -32,6 +37,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,6 +57,40 @@ SHARED_MEMORY = Path("/dev/shm")  # where the ranks of one machine share an in-m
 
 def store_bytes(m: int, d: int, dtype: torch.dtype) -> int:
     return m * d * dtype.itemsize
+
+
+def rows_host(device: torch.device, offload: bool) -> tuple[torch.device, bool]:
+    """Where gradient rows live, and whether pinned: with ``fisher.offload`` in host memory
+    (page-locked when the solves run on a GPU, for asynchronous copies), else on the run's
+    ``device``. The one rule: the plan's store and the sampler's own rows follow it."""
+    if offload:
+        return torch.device("cpu"), device.type == "cuda"
+    return device, False
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    """The gradient store of a run's pruning steps, decided once by its plan
+    (``wfcore.plan.plan_store``): every step opens an empty one (``open``) as planned."""
+
+    m: int
+    d: int
+    dtype: str  # fisher.storage_dtype (a key of STORAGE_DTYPES)
+    place: str  # memory | disk
+    directory: str  # where a disk store's file goes
+    device: str  # where the rows live (``rows_host``)
+    pin: bool  # page-locked host memory
+    shared: bool  # one store for the ranks of a torchrun run on one machine (host rows)
+
+    @property
+    def nbytes(self) -> int:
+        return store_bytes(self.m, self.d, STORAGE_DTYPES[self.dtype])
+
+    def open(self) -> GradientStore:
+        """An empty store as planned (close it, or use it as a context manager)."""
+        return GradientStore(self.m, self.d, dtype=STORAGE_DTYPES[self.dtype], place=self.place,
+                             directory=self.directory, device=self.device, pin=self.pin,
+                             shared=self.shared)
 
 
 def free_disk(directory: str | Path) -> int:
@@ -94,23 +134,28 @@ class GradientStore:
 
     def __init__(self, m: int, d: int, *, dtype: torch.dtype = torch.float32,
                  place: str = "memory", directory: str | Path | None = None,
-                 device: torch.device | str = "cpu", pin: bool = False):
+                 device: torch.device | str = "cpu", pin: bool = False, shared: bool = False):
+        """An empty store of m rows of d values (a run makes its stores from the plan's
+        ``StorePlan.open``). ``shared``: one store for all the ranks of a torchrun run on
+        one machine, each writing its own rows (host memory only; see ``_share``)."""
         if place not in PLACES:
             raise WfcoreError(f"fisher.store: '{place}' is not one of {', '.join(STORE_CHOICES)}")
-        self.m, self.d, self.dtype = m, d, dtype
-        self.place: str = place
-        self.device = torch.device(device)
+        self.m, self.d, self.dtype, self.place = m, d, dtype, place
+        self.device = torch.device("cpu") if shared else torch.device(device)
         self.nbytes = store_bytes(m, d, dtype)
         self.path: Path | None = None
         self._fd: int | None = None
         self._rows: torch.Tensor | None = None
-        self.shared = False  # one store written by every rank of a machine (``shared``)
+        self.shared = shared  # one store written by every rank of a machine
         self._square_sum: torch.Tensor | None = None  # (d + 1,): column sums, rows summed
-        if place == "memory":
+        where = Path(directory if directory is not None else tempfile.gettempdir())
+        if shared:
+            self._share(where)
+        elif place == "memory":
             self._rows = torch.empty(m, d, dtype=dtype, device=self.device,
                                      pin_memory=pin and self.device.type == "cpu")
         else:
-            self._open_file(Path(directory if directory is not None else tempfile.gettempdir()))
+            self._open_file(where)
 
     @classmethod
     def from_tensor(cls, G: torch.Tensor) -> GradientStore:
@@ -123,24 +168,16 @@ class GradientStore:
         store.shared, store._square_sum = False, None
         return store
 
-    @classmethod
-    def shared_by_ranks(cls, m: int, d: int, *, dtype: torch.dtype = torch.float32,
-                        place: str = "memory", directory: str | Path | None = None
-                        ) -> GradientStore:
-        """One store for all the ranks of a torchrun run on one machine, each writing its own
-        rows into it (CPU host memory only).
+    def _share(self, where: Path) -> None:
+        """Set up the store that all the ranks of a torchrun run on one machine share, each
+        writing its own rows into it (CPU host memory only).
 
         Rank 0 creates the file (``memory``: in /dev/shm when it has room, else in
-        ``directory``, mapped by every rank; ``disk``: in ``directory``, read and written
-        with pread / pwrite); every rank opens it without a name where /proc allows, else
-        by its name, removed once all have (wfcore/shared_store.py).
+        ``where``, mapped by every rank; ``disk``: in ``where``, read and written with
+        pread / pwrite); every rank opens it without a name where /proc allows, else by
+        its name, removed once all have (wfcore/shared_store.py).
         """
-        store = cls.__new__(cls)
-        store.m, store.d, store.dtype, store.place = m, d, dtype, place
-        store.device, store.nbytes = torch.device("cpu"), store_bytes(m, d, dtype)
-        store.path, store._fd, store._rows, store.shared = None, None, None, True
-        store._square_sum = None
-        where = Path(directory if directory is not None else tempfile.gettempdir())
+        store, m, d, dtype, place = self, self.m, self.d, self.dtype, self.place
         if place == "memory" and SHARED_MEMORY.is_dir() \
                 and free_disk(SHARED_MEMORY) > store.nbytes + DISK_MARGIN:
             where = SHARED_MEMORY
@@ -172,7 +209,6 @@ class GradientStore:
         # the same on every rank, or the ranks' collectives would not match
         store._square_sum = torch.zeros(d + 1, dtype=torch.float64) if place == "disk" \
             else None
-        return store
 
     def _open_file(self, directory: Path, keep_name: bool = False) -> None:
         directory = directory.expanduser()

@@ -37,7 +37,8 @@ from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params
 from wfcore.structured import prune_channels, recalibrate_batchnorm
 
-# the run (wfcore.pipeline.Pruning), which calls this module: not imported back
+# the run's step machinery (wfcore.pruning.Pruning), which calls this module: not
+# imported back
 Pruning = Any
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def group_scorer(pruning: Pruning, G: torch.Tensor | None, curvature: Any) -> Gr
     if scores == "magnitude" or cfg.estimator.name == "magnitude":
         return Diagonal()
     if cfg.estimator.name == "woodfisher":
-        est = pruning.c.estimator.options
+        est = pruning.setup.components.estimator.options
         assert G is not None  # WoodFisher needs gradients: the run sampled them
         square_mean = G.double().square().mean(0)
         live = square_mean > 0
@@ -116,13 +117,14 @@ class CurvatureGroups(Diagonal):
 
 def prune_to(pruning: Pruning, target: float, timings: dict[str, float]) -> dict[str, Any]:
     """``Pruning.prune_to`` under ``structure.unit: channel``: ``target`` is the share of
-    FLOPs (or parameters, ``structure.target``) removed from the dense model."""
-    cfg, c = pruning.cfg, pruning.c
+    FLOPs (or parameters, ``structure.target``) removed from the dense model. Returns the
+    step's record; ``timings`` (the step's own, by stage) is added to."""
+    cfg, c, device = pruning.cfg, pruning.setup.components, pruning.setup.device
     if cfg.structure.scores not in GROUP_SCORES:
         raise ConfigError(f"config key 'structure.scores': '{cfg.structure.scores}' is not "
                           f"one of {', '.join(GROUP_SCORES)}")
     structure = read_structure(pruning.model.state_dict())
-    example = pruning.data.test[0][0][None].to(pruning.device)
+    example = pruning.setup.data.test[0][0][None].to(device)
     if structure is None:
         macs, params = CostModel(pruning.model, example).total()
         structure = {"input_shape": list(example.shape), "history": [],
@@ -140,15 +142,17 @@ def prune_to(pruning: Pruning, target: float, timings: dict[str, float]) -> dict
     G = None
     needs = c.estimator.needs_gradients or cfg.structure.scores == "taylor"
     if needs and cfg.structure.scores != "random":
-        G = pruning.sampler.sample(cfg.fisher.num_grads).to(pruning.device)  # (m, d)
+        G = pruning.sampler.sample(cfg.fisher.num_grads).to(device)  # (m, d)
     timings["gradients"] += time.perf_counter() - start
     start = time.perf_counter()
     curvature = None
     if cfg.estimator.name not in ("woodfisher", "magnitude") and cfg.structure.scores == "auto":
         with torch.no_grad():
-            curvature = c.estimator.fit(PruningProblem(
-                pruning.model, pruning.params, pruning.masks, pruning.sampler, pruning.loss_fn,
-                pruning.device, None))
+            problem = PruningProblem(pruning.model, pruning.params, pruning.masks,
+                                     pruning.sampler, pruning.setup.loss_fn, device, None)
+            if c.estimator.needs_gradients:  # its own m rows, in memory (G is not stored)
+                problem = problem.with_gradients()
+            curvature = c.estimator.fit(problem)
     scorer = group_scorer(pruning, G, curvature)
     timings["estimate"] += time.perf_counter() - start
     start = time.perf_counter()

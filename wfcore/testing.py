@@ -17,7 +17,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from wfcore.gradients import GradientSampler, ParamLayout
-from wfcore.interfaces import Allocator, DataBundle, HessianEstimator, PruningProblem, Scorer
+from wfcore.interfaces import (
+    Allocator,
+    Curvature,
+    DataBundle,
+    HessianEstimator,
+    PruningProblem,
+    Scorer,
+)
 from wfcore.masks import Masks, select_params
 
 
@@ -35,6 +42,14 @@ def small_problem(seed: int = 0, num_grads: int = 16) -> PruningProblem:
     sampler = GradientSampler(model, params, masks.keep, data, loss_fn, num_grads=num_grads,
                               seed=seed, dtype=torch.float64, progress=False)
     return PruningProblem(model, params, masks, sampler, loss_fn, torch.device("cpu"))
+
+
+def fit(estimator: HessianEstimator, problem: PruningProblem) -> Curvature:
+    """``estimator.fit(problem)``, its gradient rows sampled first when it reads them and the
+    problem holds none (as a run's gradient stage does)."""
+    if estimator.needs_gradients and problem.gradients is None:
+        problem = problem.with_gradients()
+    return estimator.fit(problem)
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float) -> None:
@@ -83,7 +98,7 @@ def check_curvature(estimator: HessianEstimator, problem: PruningProblem | None 
     """
     problem = problem or small_problem()
     layout = ParamLayout(problem.params)
-    curvature = estimator.fit(problem)
+    curvature = fit(estimator, problem)
     diag = curvature.inverse_diagonal()
     for n, p in problem.params.items():
         assert n in diag, f"inverse_diagonal has no entry for '{n}'"
@@ -138,7 +153,7 @@ def check_scorer(scorer: Scorer, estimator: HessianEstimator,
     """One finite score per weight, of each parameter's shape, and an update (if any) of the
     same shapes, on a small problem with ``estimator``'s curvature."""
     problem = problem or small_problem()
-    curvature = estimator.fit(problem)
+    curvature = fit(estimator, problem)
     weights = problem.weights()
     gradient = None
     if scorer.needs_gradient:
