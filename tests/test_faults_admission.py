@@ -143,7 +143,7 @@ def test_the_plan_counts_the_group_blocks():
     model(example)
     params = {n: p for n, p in model.named_parameters() if p.dim() > 1}
     fisher = OmegaConf.create({"num_grads": 8, "grad_batch": 1, "storage_dtype": "float32",
-                               "store": "memory"})
+                               "store": "memory", "offload": False})
 
     def peak(estimator, block: int) -> int:
         return plan.make_plan(model=model, params=params, example=example,

@@ -94,7 +94,7 @@ class Runner:
         self.decay_start = int(overrides.pop("lr_decay_start", 0))
         self.lr_key = "scheduler.lr" if overrides.get("lr") is not None else "train.lr"
         # a DictConfig merged with a dict stays a DictConfig
-        self.train_cfg = cast(DictConfig, OmegaConf.merge(self.cfg.train, overrides))
+        self.train_cfg = cast("DictConfig", OmegaConf.merge(self.cfg.train, overrides))
         self.position: dict[str, Any] = {"step": 0, "pruned": False, "step_epochs": 0,
                                          "epoch": 0}
         self.timings = dict.fromkeys(TIMINGS, 0.0)
