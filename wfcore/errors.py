@@ -28,3 +28,15 @@ def first_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+def moved(old: str, new: str) -> None:
+    """Make the module ``old`` the module ``new`` (an import path kept for one release),
+    with a WfcoreDeprecationWarning naming the new path at the importer's line."""
+    import importlib
+    import sys
+    import warnings
+
+    warnings.warn(f"{old} moved to {new}: import it from there (the old path goes in the "
+                  "next release)", WfcoreDeprecationWarning, stacklevel=3)
+    sys.modules[old] = importlib.import_module(new)
