@@ -247,7 +247,8 @@ def seeded_fit(seed: int) -> torch.Tensor:
     sampler = GradientSampler(model, params, {"weight": torch.ones(3, 5, dtype=torch.bool)},
                               data, torch.nn.functional.cross_entropy, num_grads=6, seed=seed,
                               dtype=torch.float64, progress=False)
-    problem = PruningProblem(model, params, None, sampler, None, torch.device("cpu"))
+    problem = PruningProblem(model, params, None, sampler, None,
+                             torch.device("cpu")).with_gradients()
     cur = WoodFisher(WoodFisherOptions(block_size=5)).fit(problem)
     return cur.layout.flatten(cur.inverse_diagonal())
 
