@@ -317,7 +317,7 @@ class Pruning:
 
         Returns the safeguard's record of the step (damp, alpha, loss increases).
         """
-        if self.cfg.structure.unit == "channel":
+        if self.cfg.structure.unit in ("channel", "head"):
             return structured_run.prune_to(self, target, timings)
         c = self.c
         needs, block = c.need_gradients(), self.cfg.structure.block

@@ -221,7 +221,7 @@ class Runner:
             with collect_warnings() as warned:  # into the step's record (report.md too)
                 pos["safeguard"] = [p.prune_to(target, self.timings) for target in step.substeps]
             pos["warnings"] = warned
-            if self.trainer is not None and self.cfg.structure.unit == "channel":
+            if self.trainer is not None and self.cfg.structure.unit in ("channel", "head"):
                 self.trainer = structured_run.rebuilt_trainer(self, self.trainer)  # new tensors
             if self.trainer is not None:  # no momentum may revive a pruned weight
                 p.masks.zero_optimizer_state(self.trainer.optimizer)
