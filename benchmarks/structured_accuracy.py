@@ -134,13 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--target", type=float, default=0.5, help="share of FLOPs removed")
     ap.add_argument("--num-grads", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--write-doc", action="store_true",
-                    help="write the table into docs/results.md (section structured-accuracy)")
+                    help="write the table into docs/results.md (structured-accuracy-MODELS)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
@@ -175,8 +176,10 @@ def main(argv: list[str] | None = None) -> None:
                  "(structure.min_keep 0.1, round_to 1) and the same BatchNorm re-estimation "
                  "(1,024 training samples); tp-* are Torch-Pruning's importances of the same "
                  "groups. Top-1 on the 1,000 embedded test images.")
-        write_section("structured-accuracy", "Channel pruning: one-shot accuracy at 50% "
-                      "FLOPs removed", table, notes=notes)
+        models = args.models.replace(",", "-")
+        write_section(f"structured-accuracy-{models}", f"Channel pruning: one-shot accuracy "
+                      f"at {100 * args.target:.0f}% FLOPs removed ({args.models})", table,
+                      notes=notes)
 
 
 def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
