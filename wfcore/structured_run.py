@@ -144,13 +144,17 @@ def prune_to(pruning: Pruning, target: float, timings: dict[str, float]) -> dict
                      "dense": {"macs": macs, "params": params}}
     # a later step's target is from the dense model: the share still to go of what is left
     metric = "macs" if cfg.structure.target == "flops" else "params"
-    now = CostModel(pruning.model, example).total()[0 if metric == "macs" else 1]
-    left = 1 - (1 - target) * structure["dense"][metric] / now
+    totals = dict(zip(("macs", "params"), CostModel(pruning.model, example).total(),
+                      strict=True))
+    left = 1 - (1 - target) * structure["dense"][metric] / totals[metric]
     if left <= 0:
         log.info("structured: %.1f%% %s already removed", 100 * target, cfg.structure.target)
+        dense = structure["dense"]
+        counted = {**totals, "flops_removed_from_dense": 1 - totals["macs"] / dense["macs"],
+                   "params_removed_from_dense": 1 - totals["params"] / dense["params"]}
         return {"target_sparsity": target, "damp": None, "mask": "channels", "alpha": 0.0,
                 "predicted_increase": None, "actual_increase": None,
-                "structured": {"channels_removed": 0}}
+                "structured": {"channels_removed": 0, "counted": counted}}
     start = time.perf_counter()
     G = None
     needs = c.estimator.needs_gradients or cfg.structure.scores == "taylor"
