@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target", type=float, default=0.5, help="share of FLOPs removed")
     ap.add_argument("--num-grads", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--section", default=None,
+                    help="results.md section (default structured-accuracy-MODELS)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--write-doc", action="store_true",
                     help="write the table into docs/results.md (structured-accuracy-MODELS)")
@@ -177,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
                  "(1,024 training samples); tp-* are Torch-Pruning's importances of the same "
                  "groups. Top-1 on the 1,000 embedded test images.")
         models = args.models.replace(",", "-")
-        write_section(f"structured-accuracy-{models}", f"Channel pruning: one-shot accuracy "
-                      f"at {100 * args.target:.0f}% FLOPs removed ({args.models})", table,
+        title = (f"Channel pruning: one-shot accuracy at {100 * args.target:.0f}% FLOPs "
+                 f"removed ({args.models}; {args.methods})")
+        write_section(args.section or f"structured-accuracy-{models}", title, table,
                       notes=notes)
 
 
