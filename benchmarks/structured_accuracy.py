@@ -80,7 +80,7 @@ def tp_scores(method: str, model, groups, graph, batches) -> list[torch.Tensor]:
 
 
 def run_one(model_name: str, name: str, seed: int, target: float, m: int,
-            extra: list[str] = ()) -> dict[str, Any]:
+            extra: list[str] = (), min_keep: float = 0.1) -> dict[str, Any]:
     """``name``: a method, with ``@per_cost`` for that allocation order; ``extra``: config
     overrides (e.g. other dense epochs)."""
     method, _, rank = name.partition("@")
@@ -114,7 +114,7 @@ def run_one(model_name: str, name: str, seed: int, target: float, m: int,
     # the shrunk model's outputs equal the masked one's (to 1e-5, tests/test_structured.py):
     # its accuracy before the statistics are re-estimated is the masked model's
     step = prune_channels(model, example, params, scorer, target, rank=rank or "saliency",
-                          update=update)
+                          min_keep=min_keep, update=update)
     before = evaluate(model, p.data.test, batch_size=256, loss_fn=p.loss_fn,
                       device=p.device)["accuracy"]
     recalibrate_batchnorm(model, [x for x, _ in batches])
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target", type=float, default=0.5, help="share of FLOPs removed")
     ap.add_argument("--num-grads", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--min-keep", type=float, default=0.1, help="structure.min_keep")
     ap.add_argument("--section", default=None,
                     help="results.md section (default structured-accuracy-MODELS)")
     ap.add_argument("--markdown", action="store_true")
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods.split(","):
             for seed in map(int, args.seeds.split(",")):
                 row = run_one(model_name, method, seed, args.target, args.num_grads,
-                              args.overrides)
+                              args.overrides, args.min_keep)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     summary = []
@@ -175,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
                  + f", the rest as configs/mnist_cnn.yaml; extra overrides: {extra}). "
                  f"m = {args.num_grads} gradients for woodfisher (damp 0.1 x mean diagonal) "
                  "and taylor. Every method goes through the same global allocator "
-                 "(structure.min_keep 0.1, round_to 1) and the same BatchNorm re-estimation "
-                 "(1,024 training samples); tp-* are Torch-Pruning's importances of the same "
-                 "groups. Top-1 on the 1,000 embedded test images.")
+                 f"(structure.min_keep {args.min_keep}, round_to 1) and the same BatchNorm "
+                 "re-estimation (1,024 training samples); tp-* are Torch-Pruning's "
+                 "importances of the same groups. Top-1 on the 1,000 embedded test images.")
         models = args.models.replace(",", "-")
         title = (f"Channel pruning: one-shot accuracy at {100 * args.target:.0f}% FLOPs "
                  f"removed ({args.models}; {args.methods})")
