@@ -229,6 +229,26 @@ def structured_run(out: Path, *extra: str, resume: bool = False) -> dict:
     return pipeline.run(cfg, resume=resume)
 
 
+def resumed_like_whole(run, whole: dict, tmp_path: Path, monkeypatch) -> tuple[int, int]:
+    """Interrupt ``run`` in epoch 3 (after its second structured step), resume it: the
+    last step's state and every epoch's accuracy equal the uninterrupted ``whole``'s.
+    Returns the numbers in the exported model's and the dense model's ONNX files."""
+    out = tmp_path / "resumed"
+    interrupt_epoch(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    monkeypatch.undo()
+    resumed = run(out, resume=True)
+    last = len(whole["steps"]) - 1
+    a = torch.load(tmp_path / "whole" / f"model_step{last}.pt", weights_only=True)
+    b = torch.load(out / f"model_step{last}.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["accuracy"] for e in whole["epochs"]] == [e["accuracy"] for e in resumed["epochs"]]
+    return tuple(sum(math.prod(t.dims) for t in
+                     onnx.load(str(tmp_path / "whole" / name)).graph.initializer)
+                 for name in ("model.onnx", "dense.onnx"))
+
+
 @pytest.mark.slow  # two gradual runs with fine-tuning (a minute or more on two cores)
 @pytest.mark.usefixtures("one_thread")
 def test_gradual_channel_run_shrinks_fine_tunes_resumes_and_exports(tmp_path, monkeypatch):
@@ -239,21 +259,7 @@ def test_gradual_channel_run_shrinks_fine_tunes_resumes_and_exports(tmp_path, mo
              for s in whole["steps"]]
     assert flops == sorted(flops) and flops[-1] >= 0.6
     assert [s["target_sparsity"] for s in whole["steps"]][-1] == 0.6
-    out = tmp_path / "resumed"
-    interrupt_epoch(monkeypatch, 3)  # after the second structured step
-    with pytest.raises(KeyboardInterrupt):
-        structured_run(out)
-    monkeypatch.undo()
-    resumed = structured_run(out, resume=True)
-    last = len(whole["steps"]) - 1
-    a = torch.load(tmp_path / "whole" / f"model_step{last}.pt", weights_only=True)
-    b = torch.load(out / f"model_step{last}.pt", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [e["accuracy"] for e in whole["epochs"]] == [e["accuracy"] for e in resumed["epochs"]]
-    onnx_model = onnx.load(str(tmp_path / "whole" / "model.onnx"))
-    numel = sum(math.prod(t.dims) for t in onnx_model.graph.initializer)
-    dense = sum(math.prod(t.dims) for t in onnx.load(str(tmp_path / "whole" / "dense.onnx"))
-                .graph.initializer)
+    numel, dense = resumed_like_whole(structured_run, whole, tmp_path, monkeypatch)
     assert numel < 0.6 * dense
     assert whole["export"]["parity"]["max_abs_diff"] < 1e-4
     # a state of an earlier step rebuilds its own architecture (wfcore export RUN --step 0)

@@ -4,15 +4,13 @@ its ONNX export, and a run that removes heads, fine-tunes, resumes and exports."
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
-import onnx
 import onnxruntime as ort
 import pytest
 import reference
 import torch
-from test_resume import interrupt_epoch
+from test_structured import resumed_like_whole
 from wfcore.export.onnx import torch_to_onnx
 from wfcore.plugins.architectures import TinyViT
 
@@ -130,20 +128,6 @@ def test_gradual_head_run_fine_tunes_resumes_and_exports(tmp_path, monkeypatch):
     params = [s["safeguard"][0]["structured"]["counted"]["params_removed_from_dense"]
               for s in whole["steps"]]
     assert params == sorted(params) and params[-1] >= 0.2
-    out = tmp_path / "resumed"
-    interrupt_epoch(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        head_run(out)
-    monkeypatch.undo()
-    resumed = head_run(out, resume=True)
-    last = len(whole["steps"]) - 1
-    a = torch.load(tmp_path / "whole" / f"model_step{last}.pt", weights_only=True)
-    b = torch.load(out / f"model_step{last}.pt", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [e["accuracy"] for e in whole["epochs"]] == [e["accuracy"] for e in resumed["epochs"]]
-    numel = sum(math.prod(t.dims) for t in
-                onnx.load(str(tmp_path / "whole" / "model.onnx")).graph.initializer)
-    dense = sum(math.prod(t.dims) for t in
-                onnx.load(str(tmp_path / "whole" / "dense.onnx")).graph.initializer)
+    numel, dense = resumed_like_whole(head_run, whole, tmp_path, monkeypatch)
     assert numel < dense
     assert whole["export"]["parity"]["max_abs_diff"] < 1e-4
