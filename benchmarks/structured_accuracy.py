@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch_pruning as tp
+from results_doc import write_section
 from wfcore.plugins.diag_fisher import live_mean
 
 from wfcore import config as config_mod
@@ -79,7 +80,7 @@ def tp_scores(method: str, model, groups, graph, batches) -> list[torch.Tensor]:
 
 
 def run_one(model_name: str, name: str, seed: int, target: float, m: int,
-            extra: list[str] = ()) -> dict[str, Any]:
+            extra: list[str] = (), min_keep: float = 0.1) -> dict[str, Any]:
     """``name``: a method, with ``@per_cost`` for that allocation order; ``extra``: config
     overrides (e.g. other dense epochs)."""
     method, _, rank = name.partition("@")
@@ -114,7 +115,7 @@ def run_one(model_name: str, name: str, seed: int, target: float, m: int,
     # the shrunk model's outputs equal the masked one's (to 1e-5, tests/test_structured.py):
     # its accuracy before the statistics are re-estimated is the masked model's
     step = prune_channels(model, example, params, scorer, target, rank=rank or "saliency",
-                          update=update)
+                          min_keep=min_keep, update=update)
     before = evaluate(model, setup.data.test, batch_size=256, loss_fn=setup.loss_fn,
                       device=setup.device)["accuracy"]
     recalibrate_batchnorm(model, [x for x, _ in batches])
@@ -134,17 +135,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--target", type=float, default=0.5, help="share of FLOPs removed")
     ap.add_argument("--num-grads", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--min-keep", type=float, default=0.1, help="structure.min_keep")
+    ap.add_argument("--section", default=None,
+                    help="results.md section (default structured-accuracy-MODELS)")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--write-doc", action="store_true",
+                    help="write the table into docs/results.md (structured-accuracy-MODELS)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
             for seed in map(int, args.seeds.split(",")):
                 row = run_one(model_name, method, seed, args.target, args.num_grads,
-                              args.overrides)
+                              args.overrides, args.min_keep)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     summary = []
@@ -158,12 +165,42 @@ def main(argv: list[str] | None = None) -> None:
                  "seeds": len(accs)}
             summary.append(s)
             print(json.dumps({"summary": s}), flush=True)
+    table = markdown(summary, rows)
     if args.markdown:
-        print("| model | method | top-1 (mean ± std) | without BN re-estimation |")
-        print("|---|---|---|---|")
-        for s in summary:
-            print(f"| {s['model']} | {s['method']} | {100 * s['mean']:.2f} ± "
-                  f"{100 * s['std']:.2f} | {100 * s['mean_no_bn_recalibration']:.2f} |")
+        print(table)
+    if args.write_doc:
+        extra = " ".join(args.overrides) or "none"
+        notes = (f"One-shot, {100 * args.target:.0f}% of the Conv/Linear FLOPs removed, "
+                 f"seeds {args.seeds} (each seed trains its own dense model: "
+                 + "; ".join(f"{m}: {' '.join(o)}" for m, o in MODELS.items()
+                             if m in args.models.split(","))
+                 + f", the rest as configs/mnist_cnn.yaml; extra overrides: {extra}). "
+                 f"m = {args.num_grads} gradients for woodfisher (damp 0.1 x mean diagonal) "
+                 "and taylor. Every method goes through the same global allocator "
+                 f"(structure.min_keep {args.min_keep}, round_to 1) and the same BatchNorm "
+                 "re-estimation (1,024 training samples); tp-* are Torch-Pruning's "
+                 "importances of the same groups. Top-1 on the 1,000 embedded test images.")
+        models = args.models.replace(",", "-")
+        title = (f"Channel pruning: one-shot accuracy at {100 * args.target:.0f}% FLOPs "
+                 f"removed ({args.models}; {args.methods})")
+        write_section(args.section or f"structured-accuracy-{models}", title, table,
+                      notes=notes)
+
+
+def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | method | top-1 % (mean ± std) | per seed | without BN re-estimation "
+             "| dense | FLOPs / params removed |", "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        mine = [r for r in rows if r["model"] == s["model"] and r["method"] == s["method"]]
+        seeds = " / ".join(f"{100 * r['top1']:.1f}" for r in mine)
+        dense = statistics.mean(r["dense"] for r in mine)
+        flops = statistics.mean(r["flops_removed"] for r in mine)
+        params = statistics.mean(r["params_removed"] for r in mine)
+        lines.append(f"| {s['model']} | {s['method']} | {100 * s['mean']:.2f} ± "
+                     f"{100 * s['std']:.2f} | {seeds} | "
+                     f"{100 * s['mean_no_bn_recalibration']:.2f} | {100 * dense:.2f} | "
+                     f"{100 * flops:.1f}% / {100 * params:.1f}% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

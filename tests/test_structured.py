@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -12,6 +13,7 @@ import pytest
 import reference
 import torch
 from test_resume import interrupt_epoch
+from wfcore.export.onnx import torch_to_onnx
 from wfcore.plugins.architectures import ResidualBNCNN, TinyMobileNet
 
 from wfcore import config, pipeline
@@ -20,7 +22,13 @@ from wfcore.gradients import ParamLayout
 from wfcore.group_obs import Diagonal, DualFisher, Random, Taylor
 from wfcore.masks import select_params
 from wfcore.runs import export_run
-from wfcore.structured import CostModel, prunable_groups, prune_channels, recalibrate_batchnorm
+from wfcore.structured import (
+    CostModel,
+    chunks,
+    prunable_groups,
+    prune_channels,
+    recalibrate_batchnorm,
+)
 
 pytest.importorskip("torch_pruning")
 
@@ -164,6 +172,45 @@ def test_prune_channels_reaches_target_and_reports_both_metrics():
     assert torch.isfinite(model(EXAMPLE)).all()
 
 
+@pytest.mark.parametrize("round_to", [4, 8])
+@pytest.mark.parametrize("metric", ["flops", "params"])
+def test_round_to_keeps_multiples_and_still_reaches_the_target(round_to, metric):
+    """Every layer keeps a multiple of round_to channels (or all: the groups too small
+    to round), the target is still reached, and the exported model has the parameter
+    count the report says."""
+    model = tiny_model(12)  # groups of 12 and 24 channels: 12 is no multiple of 8
+    x = EXAMPLE
+    step = prune_channels(model, x, select_params(model, None), Diagonal(), 0.4,
+                          metric=metric, round_to=round_to)
+    record = step.record()
+    assert record["round_to"] == round_to
+    assert record["counted"][f"{metric}_removed"] >= 0.4
+    assert record["channels_removed"] > 0
+    for name in ("conv1", "layer1.conv1", "layer2.conv1"):
+        conv = dict(model.named_modules())[name]
+        dense = 12 if name != "layer2.conv1" else 24
+        assert conv.out_channels % round_to == 0 or conv.out_channels == dense, name
+    torch.testing.assert_close(record["counted"][f"{metric}_removed"],
+                               record["predicted"][f"{metric}_removed"])
+    path = torch_to_onnx(model.eval(), x, Path(tempfile.mkdtemp()) / "m.onnx")
+    init = onnx.load(str(path)).graph.initializer
+    # the report counts Conv/Linear weights and biases; the export folds each BatchNorm
+    # into the conv before it (bias-free here), which gains one bias per channel
+    norms = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert sum(math.prod(t.dims) for t in init) == record["counted"]["params"] + norms
+    assert sum(math.prod(t.dims) for t in init if len(t.dims) > 1) == \
+        sum(m.weight.numel() for m in model.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+
+
+def test_chunks_remove_the_remainder_first_and_respect_the_floor():
+    order = list(range(20))  # least salient first
+    assert chunks(order, 20, 2, 8) == [order[:4], order[4:12]]  # keeps 16, then 8 (>= 2)
+    assert chunks(order, 20, 9, 8) == [order[:4]]  # the floor 9 rounds up to 16
+    assert chunks(order, 6, 1, 8) == []  # smaller than round_to: kept whole
+    assert chunks(order[:6], 6, 1, 1) == [[c] for c in range(5)]
+
+
 # -- in a run ---------------------------------------------------------------------------
 
 GRADUAL = Path(__file__).parents[1] / "configs" / "mnist_cnn_gradual.yaml"
@@ -173,12 +220,33 @@ def structured_run(out: Path, *extra: str, resume: bool = False) -> dict:
     cfg = config.load(GRADUAL, [
         "model.name=bn_cnn", "model.options={width: 4}", "train.epochs=2",
         "data.options.test_size=4000", "estimator.name=woodfisher", "fisher.num_grads=32",
-        "structure.unit=channel", "structure.recalibrate=256", "scorer.update=joint",
+        "structure.unit=channel", "structure.round_to=1", "structure.recalibrate=256",
+        "scorer.update=joint",
         "scheduler.initial_sparsity=0.3", "scheduler.final_sparsity=0.6",
         "scheduler.start_epoch=1", "scheduler.end_epoch=3", "scheduler.freq=1",
         "scheduler.epochs=4", "scheduler.lr=0.01", "scheduler.lr_decay_start=3",
         "export={name: onnx}", f"output={out}", *extra])
     return pipeline.run(cfg, resume=resume)
+
+
+def resumed_like_whole(run, whole: dict, tmp_path: Path, monkeypatch) -> tuple[int, int]:
+    """Interrupt ``run`` in epoch 3 (after its second structured step), resume it: the
+    last step's state and every epoch's accuracy equal the uninterrupted ``whole``'s.
+    Returns the numbers in the exported model's and the dense model's ONNX files."""
+    out = tmp_path / "resumed"
+    interrupt_epoch(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    monkeypatch.undo()
+    resumed = run(out, resume=True)
+    last = len(whole["steps"]) - 1
+    a = torch.load(tmp_path / "whole" / f"model_step{last}.pt", weights_only=True)
+    b = torch.load(out / f"model_step{last}.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["accuracy"] for e in whole["epochs"]] == [e["accuracy"] for e in resumed["epochs"]]
+    return tuple(sum(math.prod(t.dims) for t in
+                     onnx.load(str(tmp_path / "whole" / name)).graph.initializer)
+                 for name in ("model.onnx", "dense.onnx"))
 
 
 @pytest.mark.slow  # two gradual runs with fine-tuning (a minute or more on two cores)
@@ -191,21 +259,7 @@ def test_gradual_channel_run_shrinks_fine_tunes_resumes_and_exports(tmp_path, mo
              for s in whole["steps"]]
     assert flops == sorted(flops) and flops[-1] >= 0.6
     assert [s["target_sparsity"] for s in whole["steps"]][-1] == 0.6
-    out = tmp_path / "resumed"
-    interrupt_epoch(monkeypatch, 3)  # after the second structured step
-    with pytest.raises(KeyboardInterrupt):
-        structured_run(out)
-    monkeypatch.undo()
-    resumed = structured_run(out, resume=True)
-    last = len(whole["steps"]) - 1
-    a = torch.load(tmp_path / "whole" / f"model_step{last}.pt", weights_only=True)
-    b = torch.load(out / f"model_step{last}.pt", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [e["accuracy"] for e in whole["epochs"]] == [e["accuracy"] for e in resumed["epochs"]]
-    onnx_model = onnx.load(str(tmp_path / "whole" / "model.onnx"))
-    numel = sum(math.prod(t.dims) for t in onnx_model.graph.initializer)
-    dense = sum(math.prod(t.dims) for t in onnx.load(str(tmp_path / "whole" / "dense.onnx"))
-                .graph.initializer)
+    numel, dense = resumed_like_whole(structured_run, whole, tmp_path, monkeypatch)
     assert numel < 0.6 * dense
     assert whole["export"]["parity"]["max_abs_diff"] < 1e-4
     # a state of an earlier step rebuilds its own architecture (wfcore export RUN --step 0)

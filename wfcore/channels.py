@@ -217,9 +217,11 @@ def replay(model: nn.Module, example: torch.Tensor, history: list[list[Any]]) ->
 
 
 class CostModel:
-    """Multiply-accumulates and parameters of the Conv/Linear layers, as functions of the
-    channels kept in each (exact for these layers: MACs = out * in/groups * kernel *
-    output positions; BatchNorm and activations are not counted)."""
+    """Multiply-accumulates and parameters of the Conv/Linear layers and attention
+    modules, as functions of the channels (heads) kept in each (exact for these layers:
+    MACs = out * in/groups * kernel * output positions; an attention module's four
+    projections and its two (T x S) products; BatchNorm and activations are not
+    counted)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
         self.layers: dict[str, dict[str, float]] = {}
@@ -228,6 +230,9 @@ class CostModel:
             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
                 hooks.append(m.register_forward_hook(
                     lambda mod, _i, out, name=name: self._record(name, mod, out)))
+            elif isinstance(m, nn.MultiheadAttention):
+                hooks.append(m.register_forward_hook(
+                    lambda mod, i, _o, name=name: self._record_attention(name, mod, i)))
         was_training = model.training
         model.eval()
         try:
@@ -250,9 +255,24 @@ class CostModel:
                              "positions": positions, "bias": float(m.bias is not None),
                              "depthwise": float(groups > 1 and groups == in_ch == out_ch)}
 
+    def _record_attention(self, name: str, m: nn.MultiheadAttention,
+                          inputs: tuple[Any, ...]) -> None:
+        axis = 1 if m.batch_first else 0
+        query = inputs[0]
+        key = inputs[1] if len(inputs) > 1 else query
+        self.layers[name] = {"out": m.num_heads, "in": m.embed_dim, "groups": 1, "kernel": 1,
+                             "positions": query.shape[axis], "sources": key.shape[axis],
+                             "head_dim": m.head_dim, "bias": float(m.in_proj_bias is not None),
+                             "depthwise": 0.0, "attention": 1.0}
+
     def layer_cost(self, name: str, out: float, in_: float) -> tuple[float, float]:
-        """(MACs per sample, parameters) of layer ``name`` with ``out``/``in_`` channels."""
+        """(MACs per sample, parameters) of layer ``name`` with ``out``/``in_`` channels
+        (an attention module: ``out`` heads over an ``in_`` wide stream)."""
         L = self.layers[name]
+        if L.get("attention"):
+            inner, T, S = out * L["head_dim"], L["positions"], L["sources"]
+            macs = (T + 2 * S) * inner * in_ + 2 * T * S * inner + T * inner * in_
+            return macs, 4 * inner * in_ + L["bias"] * (3 * inner + in_)
         per_group_in = 1 if L["depthwise"] else in_ / L["groups"]
         params = out * per_group_in * L["kernel"]
         return params * L["positions"], params + L["bias"] * out

@@ -48,8 +48,10 @@ Backend = Literal["auto", "gloo", "nccl"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)  # distributed.backend
 
 # -- structure -----------------------------------------------------------------------------
-Unit = Literal["weight", "channel"]
+Unit = Literal["weight", "channel", "head"]
 UNITS: tuple[Unit, ...] = get_args(Unit)  # structure.unit
+# the units removed from the modules (the model shrinks): wfcore.structured
+STRUCTURED_UNITS: tuple[Unit, ...] = ("channel", "head")
 Metric = Literal["flops", "params"]
 METRICS: tuple[Metric, ...] = get_args(Metric)  # structure.target
 Rank = Literal["saliency", "per_cost"]

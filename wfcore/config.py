@@ -190,10 +190,16 @@ class StructureSection:
     # weight: single weights or blocks (above). channel: whole output channels with
     # everything coupled to them (BatchNorm, next layers' inputs, residual additions,
     # concatenations; Torch-Pruning's DependencyGraph), removed from the modules: the
-    # model gets smaller and faster on any runtime. See docs/components.md.
+    # model gets smaller and faster on any runtime. head: whole attention heads of
+    # nn.MultiheadAttention (Q, K, V rows and out_proj columns; num_heads shrinks). See
+    # docs/structured.md.
     unit: str = "weight"
     target: str = "flops"  # channel: a step's target is the share of flops | params removed
     min_keep: float = 0.1  # channel: every group keeps at least this share (and one channel)
+    # channel: every group keeps a multiple of this many channels (or all of them): ONNX
+    # Runtime's and oneDNN's conv kernels work on blocks of 8 (AVX2) or 16 (AVX-512)
+    # channels, and a layer left with 45 runs like one with 48 or slower. 1 = any count.
+    round_to: int = 8
     # channel: order of removal: saliency (loss increase) | per_cost (saliency per FLOP or
     # parameter the channel costs)
     rank: str = "saliency"
@@ -259,6 +265,7 @@ MINIMUMS = {
     "fisher.num_grads": 1,
     "fisher.grad_batch": 1,
     "structure.block": 1,
+    "structure.round_to": 1,
     "degenerate.probe_samples": 2,
     "batchnorm.samples": 1,
     "safeguard.screen_samples": 0,

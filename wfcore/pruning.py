@@ -25,6 +25,7 @@ from torch import nn
 
 from wfcore import distributed, structured_run
 from wfcore.batchnorm import RunningStats
+from wfcore.choices import STRUCTURED_UNITS
 from wfcore.degenerate import DegeneracyCheck
 from wfcore.dense_fit import DenseFit
 from wfcore.errors import WfcoreError
@@ -175,7 +176,7 @@ class Pruning:
         BatchNorm, gradient method) and the seconds of each stage (``STAGES``).
         """
         timings = dict.fromkeys(STAGES, 0.0)
-        if self.cfg.structure.unit == "channel":
+        if self.cfg.structure.unit in STRUCTURED_UNITS:
             return StepResult(structured_run.prune_to(self, target, timings), timings)
         s, c = self.setup, self.setup.components
         needs, block = c.need_gradients(), self.cfg.structure.block

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from wfcore import checkpoint, distributed, files, rundir, structured_run
 from wfcore import config as config_mod
+from wfcore.choices import STRUCTURED_UNITS
 from wfcore.degenerate import collect_warnings
 from wfcore.interfaces import PruneStep
 from wfcore.report import number
@@ -227,7 +228,7 @@ class Runner:
                     for stage, seconds in result.timings.items():
                         self.timings[stage] += seconds
             self.warned = warned
-            if self.trainer is not None and self.cfg.structure.unit == "channel":
+            if self.trainer is not None and self.cfg.structure.unit in STRUCTURED_UNITS:
                 self.trainer = structured_run.rebuilt_trainer(self, self.trainer)  # new tensors
             if self.trainer is not None:  # no momentum may revive a pruned weight
                 p.zero_optimizer_state(self.trainer.optimizer)

@@ -30,10 +30,11 @@ from wfcore.channels import (
     shrink,
     zero_channels,
 )
-from wfcore.choices import METRICS, RANKS
+from wfcore.choices import METRICS, RANKS, STRUCTURED_UNITS
 from wfcore.errors import ConfigError
 from wfcore.gradients import ParamLayout
 from wfcore.group_obs import GroupScorer, score_groups
+from wfcore.heads import head_coordinates, head_groups, shrink_heads, zero_heads
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,13 @@ class Allocation:
     removed: dict[int, list[int]]  # group index -> removed root channels
     before: dict[str, float]  # {"macs", "params"} of the Conv/Linear layers
     after: dict[str, float]  # predicted by the cost model
+    round_to: int = 1  # every group keeps a multiple of this many channels (or all)
 
     def as_dict(self) -> dict[str, Any]:
         removed = {k: 1 - self.after[k] / self.before[k] if self.before[k] else 0.0
                    for k in self.before}
         return {"channels_removed": sum(len(c) for c in self.removed.values()),
+                "round_to": self.round_to,
                 "predicted": {"macs": self.after["macs"], "params": self.after["params"],
                               "flops_removed": removed["macs"],
                               "params_removed": removed["params"]}}
@@ -76,17 +79,39 @@ def channel_layers(group: ChannelGroup, cost: CostModel) -> list[list[tuple[str,
     return touched
 
 
+def chunks(order: list[int], size: int, floor: int, round_to: int) -> list[list[int]]:
+    """A group's channels (``order``: least salient first) cut into the pieces the
+    allocator removes whole, so that the channels kept are always a multiple of
+    ``round_to`` (or all of them): first the remainder (size mod round_to), then blocks
+    of ``round_to``, never past ``floor`` kept (itself rounded up to a multiple)."""
+    floor = min(size, math.ceil(floor / round_to) * round_to)
+    first = size % round_to
+    out, start = [], 0
+    for n in ([first] if first else []) + [round_to] * (size // round_to):
+        if size - (start + n) < floor:
+            break
+        out.append(order[start:start + n])
+        start += n
+    return out
+
+
 def allocate(groups: list[ChannelGroup], saliencies: list[torch.Tensor], cost: CostModel,
              target: float, metric: str = "flops", min_keep: float = 0.1,
-             rank: str = "saliency") -> Allocation:
+             rank: str = "saliency", round_to: int = 1) -> Allocation:
     """Remove the least salient channels of all groups until ``target`` of ``metric``
-    (flops | params) is gone; each group keeps max(1, ceil(min_keep * size)) channels."""
+    (flops | params) is gone; each group keeps max(1, ceil(min_keep * size)) channels,
+    and a multiple of ``round_to`` of them (vector units and the runtimes' channel
+    blocks run multiples of 8 or 16 fastest): channels then go ``round_to`` at a time
+    (a group's least salient ones), ranked by their mean key."""
     if metric not in METRICS:
         raise ConfigError(f"config key 'structure.target': '{metric}' is not one of "
                           f"{', '.join(METRICS)}")
     if rank not in RANKS:
         raise ConfigError(f"config key 'structure.rank': '{rank}' is not one of "
                           f"{', '.join(RANKS)}")
+    if round_to < 1:
+        raise ConfigError(f"config key 'structure.round_to': {round_to} is not a positive "
+                          "number of channels")
     counts = {n: {"out": L["out"], "in": L["in"]} for n, L in cost.layers.items()}
     layer_cost = {n: cost.layer_cost(n, c["out"], c["in"]) for n, c in counts.items()}
     total = [sum(c[0] for c in layer_cost.values()), sum(c[1] for c in layer_cost.values())]
@@ -96,35 +121,36 @@ def allocate(groups: list[ChannelGroup], saliencies: list[torch.Tensor], cost: C
     touched = [channel_layers(g, cost) for g in groups]
     candidates = []
     for g, s in enumerate(saliencies):
-        for c, value in enumerate(s.tolist()):
-            key = value
-            if rank == "per_cost":
+        keys = s.tolist()
+        if rank == "per_cost":
+            for c in range(len(keys)):
                 own = sum(layer_cost[n][which] / max(counts[n][k], 1) for n, k in touched[g][c])
-                key = value / max(own, 1e-30)
-            candidates.append((key, g, c))
-    candidates.sort()
-    kept = [g.size for g in groups]
-    floor = [max(1, math.ceil(min_keep * g.size)) for g in groups]
+                keys[c] = keys[c] / max(own, 1e-30)
+        order = sorted(range(len(keys)), key=lambda c: keys[c])
+        floor = max(1, math.ceil(min_keep * groups[g].size))
+        for k, piece in enumerate(chunks(order, groups[g].size, floor, round_to)):
+            # a group's pieces come in its own order (their mean keys never decrease)
+            candidates.append((sum(keys[c] for c in piece) / len(piece), g, k, piece))
+    candidates.sort(key=lambda t: t[:3])
     removed: dict[int, list[int]] = {}
-    for _, g, c in candidates:
+    for _, g, _, piece in candidates:
         if total[which] <= goal:
             break
-        if kept[g] <= floor[g]:
-            continue
-        kept[g] -= 1
-        removed.setdefault(g, []).append(c)
-        for n in {n for n, _ in touched[g][c]}:
-            for k in [k for m, k in touched[g][c] if m == n]:
-                counts[n][k] -= 1
-            new = cost.layer_cost(n, counts[n]["out"], counts[n]["in"])
-            total = [total[0] - layer_cost[n][0] + new[0], total[1] - layer_cost[n][1] + new[1]]
-            layer_cost[n] = new
+        removed.setdefault(g, []).extend(piece)
+        for c in piece:
+            for n in {n for n, _ in touched[g][c]}:
+                for side in [side for m, side in touched[g][c] if m == n]:
+                    counts[n][side] -= 1
+                new = cost.layer_cost(n, counts[n]["out"], counts[n]["in"])
+                total = [total[0] - layer_cost[n][0] + new[0],
+                         total[1] - layer_cost[n][1] + new[1]]
+                layer_cost[n] = new
     if total[which] > goal:
         log.warning("structured: the floors (structure.min_keep %.2f) stop at %.1f%% %s "
                     "removed, short of the target %.1f%%", min_keep,
                     100 * (1 - total[which] / before["macs" if which == 0 else "params"]),
                     metric, 100 * target)
-    return Allocation(removed, before, {"macs": total[0], "params": total[1]})
+    return Allocation(removed, before, {"macs": total[0], "params": total[1]}, round_to)
 
 
 @dataclass
@@ -145,20 +171,39 @@ class StructuredStep:
         return out
 
 
+UNITS = STRUCTURED_UNITS
+
+
 def prune_channels(model: nn.Module, example: torch.Tensor, params: dict[str, torch.Tensor],
                    scorer: GroupScorer, target: float, *, metric: str = "flops",
-                   min_keep: float = 0.1, rank: str = "saliency", update: bool = True,
-                   shrink_model: bool = True) -> StructuredStep:
-    """Score, allocate, update, zero and (``shrink_model``) remove coupled channels of
-    ``model`` so that ``target`` of its ``metric`` is gone. ``params``: the prunable
-    parameters, in the flat order the scorer's curvature was built on."""
-    graph, groups = prunable_groups(model, example)
-    cost = CostModel(model, example)
+                   min_keep: float = 0.1, rank: str = "saliency", round_to: int = 1,
+                   update: bool = True, shrink_model: bool = True,
+                   unit: str = "channel") -> StructuredStep:
+    """Score, allocate, update, zero and (``shrink_model``) remove coupled channels (or,
+    ``unit="head"``, attention heads) of ``model`` so that ``target`` of its ``metric``
+    is gone. ``params``: the prunable parameters, in the flat order the scorer's
+    curvature was built on."""
+    if unit not in UNITS:
+        raise ConfigError(f"config key 'structure.unit': '{unit}' is not one of "
+                          f"{', '.join(UNITS)}")
     layout = ParamLayout(params)
-    coords = [coordinates(g, model, layout.offsets, scorer.reads) for g in groups]
+    if unit == "channel":
+        graph, groups = prunable_groups(model, example)
+        coords = [coordinates(g, model, layout.offsets, scorer.reads) for g in groups]
+    else:
+        groups = head_groups(model)
+        if not groups:
+            raise ConfigError("config key 'structure.unit': 'head' needs nn.MultiheadAttention "
+                              "modules with two or more heads; the model has none")
+        coords = [head_coordinates(g, model, layout.offsets, scorer.reads) for g in groups]
+        if not all(c.numel() for cs in coords for c in cs):
+            raise ConfigError("structure.unit: head: the attention weights are not among the "
+                              "prunable parameters (model.params / model.prunable)")
+        round_to = 1  # heads are counted one by one
+    cost = CostModel(model, example)
     w = layout.flatten({n: p.detach() for n, p in params.items()})
     saliencies = score_groups(scorer, w, coords)
-    allocation = allocate(groups, saliencies, cost, target, metric, min_keep, rank)
+    allocation = allocate(groups, saliencies, cost, target, metric, min_keep, rank, round_to)
     if update:
         mask = torch.zeros(layout.d, dtype=torch.bool)
         for g, channels in allocation.removed.items():
@@ -169,17 +214,27 @@ def prune_channels(model: nn.Module, example: torch.Tensor, params: dict[str, to
             with torch.no_grad():
                 for n, t in layout.unflatten(dw).items():
                     params[n].add_(t.to(params[n].device, params[n].dtype))
-    zero_channels(model, groups, allocation.removed)
-    history = shrink(model, graph, groups, allocation.removed) if shrink_model else []
+    if unit == "channel":
+        zero_channels(model, groups, allocation.removed)
+        history = shrink(model, graph, groups, allocation.removed) if shrink_model else []
+    else:
+        zero_heads(model, groups, allocation.removed)
+        history = shrink_heads(model, groups, allocation.removed) if shrink_model else []
     macs, n_params = CostModel(model, example).total()
     step = StructuredStep(allocation, history, {"macs": macs, "params": n_params})
     record = step.record()
-    log.info("structured: %d channels removed; FLOPs removed %.1f%% (predicted %.1f%%), "
-             "parameters removed %.1f%% (predicted %.1f%%)", record["channels_removed"],
+    log.info("structured: %d %ss removed; FLOPs removed %.1f%% (predicted %.1f%%), "
+             "parameters removed %.1f%% (predicted %.1f%%)", record["channels_removed"], unit,
              100 * record["counted"]["flops_removed"], 100 * record["predicted"]["flops_removed"],
              100 * record["counted"]["params_removed"],
              100 * record["predicted"]["params_removed"])
     return step
+
+
+def prune_heads(model: nn.Module, example: torch.Tensor, params: dict[str, torch.Tensor],
+                scorer: GroupScorer, target: float, **options: Any) -> StructuredStep:
+    """``prune_channels`` with ``unit="head"``: whole attention heads."""
+    return prune_channels(model, example, params, scorer, target, unit="head", **options)
 
 
 @torch.no_grad()

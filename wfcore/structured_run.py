@@ -1,5 +1,5 @@
-"""``structure.unit: channel`` inside a run: the pruning step, and the shrunk architecture
-carried by the model's own state_dict.
+"""``structure.unit: channel`` and ``head`` inside a run: the pruning step, and the shrunk
+architecture carried by the model's own state_dict.
 
 A step samples the m gradients (when the estimator or ``structure.scores`` needs them),
 scores every coupled channel (``group_obs``: WoodFisher's group OBS over the whole
@@ -33,6 +33,7 @@ from wfcore.choices import GROUP_SCORES
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.gradients import ParamLayout
 from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Random, Taylor
+from wfcore.heads import remove_heads
 from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params
 from wfcore.structured import prune_channels, recalibrate_batchnorm
@@ -72,11 +73,27 @@ def fit_architecture(model: nn.Module, state: dict[str, Any], what: str) -> bool
         raise WfcoreError(f"{what}: its channels differ from the model's (another step of "
                           "a structure.unit: channel run); load it into a freshly built model")
     example = torch.zeros(saved["input_shape"])
-    replay(model, example, saved["history"])
+    replay_history(model, example, saved["history"])
     set_structure(model, saved)
     log.info("%s: architecture rebuilt from %d removals of channels", what,
              len(saved["history"]))
     return True
+
+
+def replay_history(model: nn.Module, example: torch.Tensor, history: list[list[Any]]) -> None:
+    """Apply a run's removals in order: runs of channel removals through Torch-Pruning's
+    history (``channels.replay``), head removals (``[module, "heads", indices]``) through
+    ``heads.remove_heads``."""
+    channels: list[list[Any]] = []
+    for entry in [*history, None]:
+        if entry is not None and entry[1] != "heads":
+            channels.append(entry)
+            continue
+        if channels:
+            replay(model, example, channels)
+            channels = []
+        if entry is not None:
+            remove_heads(model, entry[0], list(entry[2]))
 
 
 def group_scorer(pruning: Pruning, G: torch.Tensor | None, curvature: Any) -> GroupScorer:
@@ -131,13 +148,17 @@ def prune_to(pruning: Pruning, target: float, timings: dict[str, float]) -> dict
                      "dense": {"macs": macs, "params": params}}
     # a later step's target is from the dense model: the share still to go of what is left
     metric = "macs" if cfg.structure.target == "flops" else "params"
-    now = CostModel(pruning.model, example).total()[0 if metric == "macs" else 1]
-    left = 1 - (1 - target) * structure["dense"][metric] / now
+    totals = dict(zip(("macs", "params"), CostModel(pruning.model, example).total(),
+                      strict=True))
+    left = 1 - (1 - target) * structure["dense"][metric] / totals[metric]
     if left <= 0:
         log.info("structured: %.1f%% %s already removed", 100 * target, cfg.structure.target)
+        dense = structure["dense"]
+        counted = {**totals, "flops_removed_from_dense": 1 - totals["macs"] / dense["macs"],
+                   "params_removed_from_dense": 1 - totals["params"] / dense["params"]}
         return {"target_sparsity": target, "damp": None, "mask": "channels", "alpha": 0.0,
                 "predicted_increase": None, "actual_increase": None,
-                "structured": {"channels_removed": 0}}
+                "structured": {"channels_removed": 0, "counted": counted}}
     start = time.perf_counter()
     G = None
     needs = c.estimator.needs_gradients or cfg.structure.scores == "taylor"
@@ -160,7 +181,9 @@ def prune_to(pruning: Pruning, target: float, timings: dict[str, float]) -> dict
         pruning.pristine = copy.deepcopy(pruning.model)
     step = prune_channels(pruning.model, example, pruning.params, scorer, left,
                           metric=cfg.structure.target, min_keep=cfg.structure.min_keep,
-                          rank=cfg.structure.rank, update=cfg.scorer.get("update") != "none")
+                          rank=cfg.structure.rank, round_to=cfg.structure.round_to,
+                          unit=cfg.structure.unit,
+                          update=cfg.scorer.get("update") != "none")
     samples = cfg.structure.recalibrate
     if samples:
         batches = [x for x, _ in pruning.sampler.batches(samples, cfg.data.batch_size)]
