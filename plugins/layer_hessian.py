@@ -125,6 +125,30 @@ def obs_with_mask(W: torch.Tensor, Hinv: torch.Tensor, prune: torch.Tensor) -> t
     return out
 
 
+def obs_solve(W: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor, prune: torch.Tensor
+              ) -> torch.Tensor:
+    """``obs_with_mask`` through the smaller system of each row: with few weights kept
+    (K), w_K + (H_KK)^-1 H_KQ w_Q, the same minimiser of (w' - w)^T H (w' - w) with
+    w'_Q = 0; with few pruned, ``obs_with_mask``'s (Hinv_QQ)^-1 form. ``H`` is the damped
+    H whose inverse is ``Hinv``."""
+    out = W.clone()
+    for i in range(W.shape[0]):
+        Q = prune[i].nonzero().squeeze(1)
+        K = (~prune[i]).nonzero().squeeze(1)
+        w = W[i]
+        if Q.numel() == 0:
+            continue
+        if K.numel() < Q.numel():
+            row = torch.zeros_like(w)
+            if K.numel():
+                row[K] = w[K] + torch.linalg.solve(H[K][:, K], H[K][:, Q] @ w[Q])
+            out[i] = row
+        else:
+            out[i] = w - Hinv[:, Q] @ torch.linalg.solve(Hinv[Q][:, Q], w[Q])
+            out[i, Q] = 0.0
+    return out
+
+
 def reconstruction_error(W0: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W - W0) H (W - W0)^T) / 2: the layer's squared output error (H = 2 X X^T / n)."""
     dW = (W - W0).double()

@@ -47,6 +47,14 @@ from wfcore.plugins.layer_hessian import (
     prepare,
     reconstruction_error,
 )
+from wfcore.plugins.layer_search import (
+    LevelDatabase,
+    PathDatabase,
+    fine_slopes,
+    keep_with_count,
+    rank_slopes,
+    search,
+)
 from wfcore.plugins.magnitude import IdentityCurvature
 
 from wfcore import hookimpl
@@ -82,8 +90,16 @@ class LayerwiseOptions:
     # sparsities at which allocation: reconstruction measures each layer's error
     levels: list[float] = field(default_factory=lambda: list(LEVELS))
     memory_gb: float = 1.0  # working memory of one layer's algebra (ExactOBS: rows at once)
+    # allocation: reconstruction: candidate per-layer counts scored by the calibration loss
+    # of the model stitched from each layer's pruned weights (OBC's SPDY-style search; see
+    # plugins/layer_search.py); 0 = the curves' counts as the allocator gives them
+    search: int = 0
 
     def validate(self) -> None:
+        if self.search < 0:
+            raise ValueError(f"search {self.search} must be >= 0 (candidates scored)")
+        if self.search and self.allocation != "reconstruction":
+            raise ValueError("search needs allocation: reconstruction")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation '{self.allocation}' is not one of "
                              f"{', '.join(ALLOCATIONS)}")
@@ -149,7 +165,8 @@ class Calibration:
 
     def __init__(self, problem: PruningProblem, samples: int, batch_size: int):
         self.model = problem.model
-        self.inputs = [x for x, _ in problem.batches(samples, batch_size)]
+        self.batches = list(problem.batches(samples, batch_size))
+        self.inputs = [x for x, _ in self.batches]
         self.device = problem.device
 
     def run(self, modules: dict[str, nn.Module], sums: dict[str, list[HessianSum]],
@@ -216,6 +233,12 @@ class Layerwise(LayerwiseEstimator):
     def __init__(self, options: LayerwiseOptions | None = None):
         self.options = options or self.Options()
         self._guide: HessianEstimator | None = None
+        # allocation: reconstruction with search: each part's database, the curves and the
+        # calibration batches they were measured on (set by fit)
+        self._database: dict[str, list[tuple[Part, LevelDatabase]]] = {}
+        self._curves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._energy: dict[str, float] = {}
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- the method ---------------------------------------------------------------------
     def prune_matrix(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, zeros: int,
@@ -225,6 +248,14 @@ class Layerwise(LayerwiseEstimator):
     def profile(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor,
                 levels: list[int]) -> list[float]:
         raise NotImplementedError
+
+    def database(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor) -> LevelDatabase:
+        """The method's results on one part at any count (``layer_search``)."""
+        return LevelDatabase(W, H, keep, self.database_weights, self.profile)
+
+    def database_weights(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor,
+                         zeros: int) -> torch.Tensor:
+        return self.prune_matrix(W, H, keep, zeros, None).weights
 
     def algebra_cost(self, rows: int, cols: int) -> tuple[int, float]:
         """(bytes, flops) of one (rows, cols) matrix."""
@@ -273,9 +304,11 @@ class Layerwise(LayerwiseEstimator):
         layers = self.layers(problem)
         sums = {mod: hessian_sums(module, problem.params[parts_[0].param], problem.device)
                 for mod, (module, parts_) in layers.items()}
-        Calibration(problem, self.options.samples, self.options.batch_size).run(
-            {mod: module for mod, (module, _) in layers.items()}, sums, None)
+        calibration = Calibration(problem, self.options.samples, self.options.batch_size)
+        calibration.run({mod: module for mod, (module, _) in layers.items()}, sums, None)
         curves = {}
+        self._database, self._curves = {}, {}
+        self._batches = calibration.batches if self.options.search else []
         for mod, (module, parts_) in tqdm(layers.items(), desc="layer error curves",
                                           leave=False, disable=disabled(False)):
             for part in parts_:
@@ -289,6 +322,10 @@ class Layerwise(LayerwiseEstimator):
             energy = errors[-1] if errors[-1] > 0 else 1.0
             out[name] = (torch.tensor([z * len(pieces) for z in zeros], dtype=torch.float64)
                          .clamp(max=numel), torch.tensor(errors, dtype=torch.float64) / energy)
+        if self.options.search:
+            self._curves = out
+            self._energy = {n: float(sum(p[-1][1] for p in pieces))
+                            for n, pieces in curves.items()}
         return ReconstructionCurvature({n: p.detach() for n, p in problem.params.items()}, out)
 
     def part_curve(self, problem: PruningProblem, part: Part, module: nn.Module,
@@ -298,7 +335,10 @@ class Layerwise(LayerwiseEstimator):
         keep = problem.masks.keep[part.param][part.rows].flatten(1)
         numel, now = W.numel(), int((~keep).sum())
         levels = sorted({z for s in self.options.levels if (z := round(s * numel)) > now})
-        errors = self.profile(W, acc.H, keep, levels) if levels else []
+        database = self.database(W, acc.H, keep)
+        errors = database.errors(levels) if levels else []
+        if self.options.search:
+            self._database.setdefault(part.param, []).append((part, database))
         energy = 0.5 * float(((W @ acc.H) * W).sum())
         return [(now, 0.0), *zip(levels, errors, strict=True), (numel, energy)]
 
@@ -320,6 +360,8 @@ class Layerwise(LayerwiseEstimator):
     def prune_layers(self, problem: PruningProblem, keep: Tensors,
                      pattern: tuple[int, int] | None = None) -> tuple[Tensors, Tensors]:
         o = self.options
+        if o.search and self._curves and pattern is None:
+            keep = self.searched_keep(problem, keep)
         before = problem.weights()
         current = {n: k.clone() for n, k in problem.masks.keep.items()}
         new_keep = {n: k.clone() for n, k in keep.items()}
@@ -346,6 +388,72 @@ class Layerwise(LayerwiseEstimator):
             for n, p in problem.params.items():
                 p.copy_(before[n])
         return update, new_keep
+
+    def searched_keep(self, problem: PruningProblem, keep: Tensors) -> Tensors:
+        """The allocator's masks, with the per-layer counts of the calibration loss search
+        (``layer_search``) over the layers of the database."""
+        names = [n for n in self._database if n in self._curves]
+        numel = {n: problem.params[n].numel() for n in names}
+        now = {n: int((~problem.masks.keep[n]).sum()) for n in names}
+        if any(sum(int((~db.keep).sum()) for _, db in self._database[n]) != now[n]
+               for n in names):
+            log.warning("search: the masks changed since the curves were measured; "
+                        "the allocator's counts are kept")
+            return keep
+        base = {n: int((~keep[n]).sum()) for n in names}
+        top = max(self.options.levels)
+        caps = {n: min(numel[n], max(base[n], round(top * numel[n]))) for n in names}
+        slopes = {n: self.layer_slopes(n, numel[n], now[n]) for n in names}
+        best, tried = search(slopes, now, caps, base,
+                             lambda counts: self.stitched_loss(problem, keep, counts),
+                             self.options.search)
+        log.info("search: %d candidates; counts %s (loss %.4g) against the allocator's %s "
+                 "(loss %.4g)", len(tried), best, min(v for _, v in tried), base, tried[0][1])
+        out = dict(keep)
+        for n in names:
+            out[n] = keep_with_count(problem.params[n], problem.masks.keep[n], best[n])
+        return out
+
+    def layer_slopes(self, name: str, numel: int, now: int) -> torch.Tensor:
+        """The slope of a layer's relative error at each further zero: at every count
+        where the method's database gives its steps (ExactOBS's paths), else from the
+        hull of the curve at ``levels``."""
+        losses = [db.step_losses() for _, db in self._database[name]]
+        if all(x is not None for x in losses):
+            return fine_slopes([x for x in losses if x is not None], self._energy[name],
+                               numel, now)
+        zeros, errors = self._curves[name]
+        return rank_slopes(zeros.tolist(), errors.tolist(), numel, now)
+
+    @torch.no_grad()
+    def stitched_loss(self, problem: PruningProblem, keep: Tensors,
+                      counts: dict[str, int]) -> float:
+        """The calibration loss of the model whose layers hold their database weights at
+        ``counts`` (other prunable parameters: the allocator's masks)."""
+        before = problem.weights()
+        model = problem.model
+        was_training = model.training
+        try:
+            for n, p in problem.params.items():
+                if n not in counts:
+                    p.copy_(before[n] * keep[n].to(p.device))
+                    continue
+                mask = keep_with_count(before[n], problem.masks.keep[n], counts[n])
+                w = before[n].clone()
+                for part, db in self._database[n]:
+                    zeros = int((~mask[part.rows]).sum())
+                    w[part.rows] = db.weights(zeros).reshape(w[part.rows].shape).to(w)
+                p.copy_(w)
+            model.eval()
+            total, seen = 0.0, 0
+            for x, y in self._batches:
+                total += float(problem.loss_fn(model(x), y)) * len(x)
+                seen += len(x)
+            return total / max(seen, 1)
+        finally:
+            model.train(was_training)
+            for n, p in problem.params.items():
+                p.copy_(before[n])
 
     def prune_part(self, param: nn.Parameter, part: Part, acc: HessianSum, current: Tensors,
                    keep: Tensors, new_keep: Tensors, pattern: tuple[int, int] | None) -> None:
@@ -392,6 +500,10 @@ class ExactOBS(Layerwise):
 
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.options.dtype)
+
+    def database(self, W, H, keep):
+        return PathDatabase(W, H, keep, self.options.damp, self.chunk(W.shape[1]),
+                            self.dtype(), self.database_weights)
 
     def given_mask(self, W, H, keep):
         W0 = W
