@@ -30,6 +30,7 @@ WF = ["estimator.guide={name: woodfisher, damp: 0.1, block_size: 500}"]
 RECON = ["estimator.allocation=reconstruction", "allocator.name=global"]
 WHOLE = ["estimator.block_size=null"]
 SEARCH = ["estimator.search=32"]  # the calibration loss search over the curves' counts
+CORRECT = ["estimator.correct=true"]  # each layer fitted to the dense model's output
 POOL = ["estimator.samples=4000"]  # the whole pruning pool of mnist5k as calibration
 # method: overrides of the config (U: uniform; G: global magnitude; @WF: the counts of
 # WoodFisher's global threshold; R: the reconstruction-aware allocation; S: with the
@@ -52,6 +53,8 @@ METHODS: dict[str, list[str]] = {
     "exact_obs-RS": ["estimator.name=exact_obs", *RECON, *SEARCH],
     "exact_obs-RS4k": ["estimator.name=exact_obs", *RECON, *SEARCH, *POOL],
     "exact_obs-R4k": ["estimator.name=exact_obs", *RECON, *POOL],
+    "exact_obs-RC": ["estimator.name=exact_obs", *RECON, *CORRECT],
+    "exact_obs-RCS": ["estimator.name=exact_obs", *RECON, *CORRECT, *SEARCH],
 }
 for _name in ("magnitude", "woodfisher", "kfac", "diag_fisher", "wanda", "sparsegpt",
               "exact_obs"):

@@ -84,6 +84,31 @@ class HessianSum:
         self.H += (2.0 / self.n) * (X.T @ X).double()
 
 
+class PairedSum(HessianSum):
+    """H of the pruned model's inputs X^ and C = 2 (X - X^)^T X^ / n with the dense
+    model's inputs X of the same samples: the layer fitted to W X from X^ starts from
+    W* = W + W C (H + damp)^-1, the least-squares weights of ||W X - W* X^||^2 (then
+    ||W X - V X^||^2 = ||W* X^ - V X^||^2 + const for every V)."""
+
+    def __init__(self, cols: int, device: torch.device | str):
+        super().__init__(cols, device)
+        self.C = torch.zeros(cols, cols, dtype=torch.float64, device=device)
+
+    def add_pair(self, X: torch.Tensor, Xh: torch.Tensor) -> None:
+        """``X``, ``Xh`` (n, cols): the dense and the pruned model's input columns."""
+        k = Xh.shape[0]
+        self.C *= self.n / (self.n + k)
+        self.add(Xh)
+        Xh = Xh.detach().double()
+        self.C += (2.0 / self.n) * ((X.detach().double() - Xh).T @ Xh)
+
+    def target(self, W: torch.Tensor, damp: float) -> torch.Tensor:
+        """W* (float64) of the (rows, cols) weights ``W`` of the dense model."""
+        W = W.double()
+        _, _, Hinv = prepare(W, self.H, damp)
+        return W + W @ self.C @ Hinv
+
+
 def prepare(W: torch.Tensor, H: torch.Tensor, damp: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W, H, H^-1) in float64 as the reference code starts them: inputs that never fire

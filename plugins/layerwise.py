@@ -41,6 +41,7 @@ from wfcore.plugins.layer_hessian import (
     SUPPORTED,
     HessianSum,
     LayerResult,
+    PairedSum,
     columns_of,
     obs_with_mask,
     parts_of,
@@ -94,6 +95,10 @@ class LayerwiseOptions:
     # of the model stitched from each layer's pruned weights (OBC's SPDY-style search; see
     # plugins/layer_search.py); 0 = the curves' counts as the allocator gives them
     search: int = 0
+    # each layer fitted to the dense model's output from the pruned model's inputs
+    # (||W X - W^ X^||^2 instead of ||W X^ - W^ X^||^2): the error of the layers before
+    # is corrected rather than carried on (two forward passes per layer)
+    correct: bool = False
 
     def validate(self) -> None:
         if self.search < 0:
@@ -169,8 +174,8 @@ class Calibration:
         self.inputs = [x for x, _ in self.batches]
         self.device = problem.device
 
-    def run(self, modules: dict[str, nn.Module], sums: dict[str, list[HessianSum]],
-            stop_after: str | None) -> list[str]:
+    def run(self, modules: dict[str, nn.Module], sums: dict[str, list[Any]],
+            stop_after: str | None, inputs: list[torch.Tensor] | None = None) -> list[str]:
         """Every batch forward (eval mode, gradients on so that fused attention paths that
         skip submodules stay off), adding each module's input columns to its sums; stop a
         pass once ``stop_after`` has its input. Returns the modules in the order called."""
@@ -201,7 +206,7 @@ class Calibration:
         self.model.eval()
         try:
             with torch.enable_grad():
-                for x in self.inputs:
+                for x in self.inputs if inputs is None else inputs:
                     try:
                         self.model(x)
                     except StopForward:
@@ -217,6 +222,44 @@ def hessian_sums(module: nn.Module, weight: torch.Tensor, device: torch.device
                  ) -> list[HessianSum]:
     cols = weight.shape[1] * math.prod(weight.shape[2:])
     return [HessianSum(cols, device) for _ in range(parts_of(module))]
+
+
+class Columns:
+    """The input columns of one batch (a stand-in for a ``HessianSum``)."""
+
+    def __init__(self) -> None:
+        self.X: torch.Tensor | None = None
+
+    def add(self, X: torch.Tensor) -> None:
+        self.X = X.detach() if self.X is None else torch.cat([self.X, X.detach()])
+
+
+def paired_run(calibration: Calibration, problem: PruningProblem, dense: Tensors, mod: str,
+               module: nn.Module, param: torch.Tensor) -> list[HessianSum]:
+    """One ``PairedSum`` per part of ``mod``: each batch through the dense model (the
+    weights ``dense``) and through the model as it is now, the module's inputs paired."""
+    now = {n: p.detach().clone() for n, p in problem.params.items()}
+    cols = param.shape[1] * math.prod(param.shape[2:])
+    sums = [PairedSum(cols, problem.device) for _ in range(parts_of(module))]
+    try:
+        for x in calibration.inputs:
+            seen = []
+            for weights in (dense, now):
+                with torch.no_grad():
+                    for n, p in problem.params.items():
+                        p.copy_(weights[n])
+                cols_ = {mod: [Columns() for _ in sums]}
+                calibration.run({mod: module}, cols_, stop_after=mod, inputs=[x])
+                seen.append(cols_[mod])
+            for k, acc in enumerate(sums):
+                X, Xh = seen[0][k].X, seen[1][k].X
+                assert X is not None and Xh is not None
+                acc.add_pair(X, Xh)
+    finally:
+        with torch.no_grad():
+            for n, p in problem.params.items():
+                p.copy_(now[n])
+    return list(sums)
 
 
 def channels_last(shape: torch.Size) -> torch.Tensor:
@@ -378,7 +421,10 @@ class Layerwise(LayerwiseEstimator):
                 module, parts_ = layers[mod]
                 param = problem.params[parts_[0].param]
                 sums = {mod: hessian_sums(module, param, problem.device)}
-                calibration.run({mod: module}, sums, stop_after=mod)
+                if o.correct and not isinstance(module, nn.MultiheadAttention):
+                    sums = {mod: paired_run(calibration, problem, before, mod, module, param)}
+                else:
+                    calibration.run({mod: module}, sums, stop_after=mod)
                 for part in parts_:
                     self.prune_part(param, part, sums[mod][part.index], current, keep,
                                     new_keep, pattern)
@@ -461,6 +507,8 @@ class Layerwise(LayerwiseEstimator):
         ``current``: the masks before the step; ``keep``: the allocator's (its count)."""
         name, rows = part.param, part.rows
         W = param.detach()[rows].flatten(1).double()
+        if isinstance(acc, PairedSum):  # fitted to the dense model's output
+            W = acc.target(W, self.options.damp)
         now = current[name][rows].flatten(1).to(W.device)
         given = keep[name][rows].flatten(1).to(W.device)
         shape = param[rows].shape

@@ -89,3 +89,48 @@ def test_search_meets_the_target_and_is_no_worse_on_the_calibration_loss():
 def test_search_needs_the_reconstruction_allocation():
     with pytest.raises(ValueError, match="search needs allocation: reconstruction"):
         ExactOBSOptions(search=4).validate()
+
+
+def test_paired_target_is_the_least_squares_fit_to_the_dense_output():
+    from wfcore.plugins.layer_hessian import PairedSum
+
+    torch.manual_seed(4)
+    X = torch.randn(200, 6, dtype=torch.float64)
+    Xh = X + 0.3 * torch.randn(200, 6, dtype=torch.float64)
+    W = torch.randn(4, 6, dtype=torch.float64)
+    acc = PairedSum(6, "cpu")
+    for a, b in zip(X.split(64), Xh.split(64), strict=True):
+        acc.add_pair(a, b)
+    want = torch.linalg.lstsq(Xh, X @ W.T).solution.T  # argmin ||X W^T - Xh V^T||
+    assert torch.allclose(acc.target(W, 0.0), want, atol=1e-9)
+    # the objective ||W X - V Xh||^2 differs from ||W* Xh - V Xh||^2 by a constant
+    V1, V2 = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    Ws = acc.target(W, 0.0)
+
+    def gap(V):
+        return float(((X @ W.T - Xh @ V.T) ** 2).sum() - ((Xh @ Ws.T - Xh @ V.T) ** 2).sum())
+    assert gap(V1) == pytest.approx(gap(V2), rel=1e-9)
+
+
+def test_correct_fits_later_layers_to_the_dense_output_and_leaves_the_first_alone():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    x = torch.randn(80, 10, dtype=torch.float64)
+    out = {}
+    for correct in (False, True):
+        prob = problem(model, x)
+        est = ExactOBS(ExactOBSOptions(samples=80, batch_size=40, dtype="float64",
+                                       correct=correct))
+        keep = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) > 0.6
+                for n, p in prob.params.items()}
+        update, new_keep = est.prune_layers(prob, keep)
+        out[correct] = {n: prob.params[n].detach() + update[n] for n in update}
+    assert torch.allclose(out[True]["0.weight"], out[False]["0.weight"], atol=1e-12)
+    assert not torch.allclose(out[True]["2.weight"], out[False]["2.weight"])
+    with torch.no_grad():
+        hidden = torch.relu(x @ out[True]["0.weight"].T + model[0].bias)
+        dense = model(x)
+
+        def err(w):
+            return float(((hidden @ w.T + model[2].bias.detach() - dense) ** 2).sum())
+    assert err(out[True]["2.weight"]) < err(out[False]["2.weight"])
