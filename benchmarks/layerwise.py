@@ -38,6 +38,7 @@ POOL = ["estimator.samples=4000"]  # the whole pruning pool of mnist5k as calibr
 METHODS: dict[str, list[str]] = {
     "magnitude-G": ["estimator.name=magnitude"],
     "woodfisher-G": [],  # the shipped config
+    "best": [],  # the shipped config itself (configs/best_oneshot*.yaml)
     "wanda-U": ["estimator.name=wanda", "allocator.name=uniform"],
     "sparsegpt-U": ["estimator.name=sparsegpt", "allocator.name=uniform"],
     "exact_obs-U": ["estimator.name=exact_obs", "allocator.name=uniform"],

@@ -134,3 +134,17 @@ def test_correct_fits_later_layers_to_the_dense_output_and_leaves_the_first_alon
         def err(w):
             return float(((hidden @ w.T + model[2].bias.detach() - dense) ** 2).sum())
     assert err(out[True]["2.weight"]) < err(out[False]["2.weight"])
+
+
+@pytest.mark.parametrize("name", ["best_oneshot", "best_oneshot_mlpnet"])
+def test_the_best_configs_load_and_agree(name):
+    from pathlib import Path
+
+    from wfcore import config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = config.load(str(root / "configs" / f"{name}.yaml"), [])
+    assert cfg.estimator.name == "exact_obs"
+    assert cfg.estimator.allocation == "reconstruction" and cfg.estimator.correct
+    assert cfg.allocator.name == "global"
+    assert cfg.model.name == ("mlpnet" if name.endswith("mlpnet") else "mnist_cnn")
