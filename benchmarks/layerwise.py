@@ -69,7 +69,8 @@ NOTES = ("One-shot from each seed's own dense model (the shipped config, trained
          "the method's (its magnitude fallback), so the cell is not the method's own. "
          "Methods: `-G` global, `-U` uniform, `@WF` at the counts of WoodFisher's global "
          "threshold, `-R` `allocation: reconstruction`, `-RS` with `search: 32` (the "
-         "calibration loss search), `4k` the whole pool of 4,000 samples as calibration, "
+         "calibration loss search), `C` with `correct: true` (each layer fitted to the dense "
+         "model's output), `4k` the whole pool of 4,000 samples as calibration, "
          "`-2:4` `structure.pattern='2:4'` (the target is not used).")
 
 
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         from results_doc import write_section
 
         per_seed = "; ".join(
-            f"{r['config']} {r['method']} seed {r['seed']}: " + ", ".join(
+            f"{r['config']} {r['method']} seed {r['seed']} (dense {100 * r['dense']:.1f}): "
+            + ", ".join(
                 f"{100 * float(s):g}% {100 * a:.1f}" for s, a in r["top1"].items())
             for r in runs if "top1" in r)
         failed = "; ".join(f"{r['config']} {r['method']} seed {r['seed']}: {r['error']}"
