@@ -61,6 +61,8 @@ for _name in ("magnitude", "woodfisher", "kfac", "diag_fisher", "wanda", "sparse
               "exact_obs"):
     METHODS[f"{_name}-2:4"] = [f"estimator.name={_name}", "structure.pattern='2:4'",
                                *(WHOLE if _name == "sparsegpt" else [])]
+    # the method's own 2:4 mask even where the safeguard's fallback would choose magnitude's
+    METHODS[f"{_name}-2:4-own"] = [*METHODS[f"{_name}-2:4"], "safeguard.fallback=none"]
 
 
 NOTES = ("One-shot from each seed's own dense model (the shipped config, trained once and "
@@ -71,7 +73,8 @@ NOTES = ("One-shot from each seed's own dense model (the shipped config, trained
          "threshold, `-R` `allocation: reconstruction`, `-RS` with `search: 32` (the "
          "calibration loss search), `C` with `correct: true` (each layer fitted to the dense "
          "model's output), `4k` the whole pool of 4,000 samples as calibration, "
-         "`-2:4` `structure.pattern='2:4'` (the target is not used).")
+         "`-2:4` `structure.pattern='2:4'` (the target is not used), `-own` with "
+         "`safeguard.fallback=none` (the method's own mask).")
 
 
 def emit(record: dict[str, Any]) -> None:
