@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                  "the mask (never for `random` or `magnitude`, whose masks are their own). "
                  "Checks: " + ", ".join(f"{k} {'holds' if v else 'FAILS'}"
                                         for k, v in verdict.items()) + ".")
+        failed = [f"{r.run_dir.name}: {r.error}" for r in result.runs if r.status == "failed"]
+        if failed:
+            notes += (" `-`: a target the run was refused at (its earlier targets are shown): "
+                      + "; ".join(failed) + ".")
         write_section("sweep-mnist-cnn", "The quick-start sweep on mnist_cnn", table,
                       notes=notes)
     return 0 if all(verdict.values()) else 1
