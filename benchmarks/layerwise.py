@@ -56,9 +56,6 @@ METHODS: dict[str, list[str]] = {
     "exact_obs-R4k": ["estimator.name=exact_obs", *RECON, *POOL],
     "exact_obs-RC": ["estimator.name=exact_obs", *RECON, *CORRECT],
     "exact_obs-RCS": ["estimator.name=exact_obs", *RECON, *CORRECT, *SEARCH],
-    # global magnitude's counts with at least 2% of every layer kept, corrected
-    "exact_obs-GFC": ["estimator.name=exact_obs", "allocator.name=global",
-                      "allocator.floor=0.02", *CORRECT],
 }
 for _name in ("magnitude", "woodfisher", "kfac", "diag_fisher", "wanda", "sparsegpt",
               "exact_obs"):
