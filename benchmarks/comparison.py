@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/comparison"))
     ap.add_argument("--no-safeguard", action="store_true", help="safeguard.enabled=false")
     ap.add_argument("--markdown", action="store_true", help="print the markdown table too")
+    ap.add_argument("--collect", action="store_true",
+                    help="only read the finished runs back (run nothing)")
+    ap.add_argument("--write", default="",
+                    help="write the table into docs/results.md under this section name")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     models = args.models.split(",")
@@ -140,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                           else SPARSITIES + EXTRA.get(model, []))
             for estimator in estimators:
                 for allocator in args.allocators.split(","):
+                    done = pipeline.is_finished(args.out / model / f"{estimator}-{allocator}"
+                                                / f"seed{seed}")
+                    if args.collect and not done:
+                        continue
                     runs.append(run_one(model, estimator, allocator, seed, sparsities,
                                         args.out, not args.no_safeguard))
                     emit(runs[-1])
@@ -148,6 +156,24 @@ def main(argv: list[str] | None = None) -> int:
         emit(s)
     if args.markdown:
         print(markdown(summary), file=sys.stderr)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from results_doc import write_section
+
+        seeds = sorted({r["seed"] for r in runs if "top1" in r})
+        failed = "; ".join(f"{r['model']} {r['estimator']} {r['allocator']} seed {r['seed']}: "
+                           f"{r['error']}" for r in runs if "error" in r)
+        notes = ("One-shot from each seed's dense model of the model's shipped config, the "
+                 "shipped defaults (update safeguard on), top-1 % on the 1,000 test images, "
+                 f"mean over seeds {', '.join(map(str, seeds))}; `†`: in some seed the "
+                 "safeguard's magnitude fallback chose the mask (never for `random` or "
+                 "`magnitude`); s/step: mean seconds of gradients + estimate + prune per "
+                 "target on the machine above, under load from other jobs. The layer-wise "
+                 "estimators (`exact_obs`, `sparsegpt`, `wanda`) run with their defaults "
+                 "here: `global` = global magnitude's per-layer counts, `uniform` = the "
+                 "target in every layer.") + (f"\n\nFailed: {failed}." if failed else "")
+        write_section(args.write, "Every estimator, global and uniform, one-shot",
+                      markdown(summary), notes=notes)
     return 0
 
 

@@ -84,6 +84,31 @@ class HessianSum:
         self.H += (2.0 / self.n) * (X.T @ X).double()
 
 
+class PairedSum(HessianSum):
+    """H of the pruned model's inputs X^ and C = 2 (X - X^)^T X^ / n with the dense
+    model's inputs X of the same samples: the layer fitted to W X from X^ starts from
+    W* = W + W C (H + damp)^-1, the least-squares weights of ||W X - W* X^||^2 (then
+    ||W X - V X^||^2 = ||W* X^ - V X^||^2 + const for every V)."""
+
+    def __init__(self, cols: int, device: torch.device | str):
+        super().__init__(cols, device)
+        self.C = torch.zeros(cols, cols, dtype=torch.float64, device=device)
+
+    def add_pair(self, X: torch.Tensor, Xh: torch.Tensor) -> None:
+        """``X``, ``Xh`` (n, cols): the dense and the pruned model's input columns."""
+        k = Xh.shape[0]
+        self.C *= self.n / (self.n + k)
+        self.add(Xh)
+        Xh = Xh.detach().double()
+        self.C += (2.0 / self.n) * ((X.detach().double() - Xh).T @ Xh)
+
+    def target(self, W: torch.Tensor, damp: float) -> torch.Tensor:
+        """W* (float64) of the (rows, cols) weights ``W`` of the dense model."""
+        W = W.double()
+        _, _, Hinv = prepare(W, self.H, damp)
+        return W + W @ self.C @ Hinv
+
+
 def prepare(W: torch.Tensor, H: torch.Tensor, damp: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W, H, H^-1) in float64 as the reference code starts them: inputs that never fire
@@ -122,6 +147,30 @@ def obs_with_mask(W: torch.Tensor, Hinv: torch.Tensor, prune: torch.Tensor) -> t
         x = torch.linalg.solve(S, w[Q])
         out[i] = w - Hinv[:, Q] @ x
         out[i, Q] = 0.0
+    return out
+
+
+def obs_solve(W: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor, prune: torch.Tensor
+              ) -> torch.Tensor:
+    """``obs_with_mask`` through the smaller system of each row: with few weights kept
+    (K), w_K + (H_KK)^-1 H_KQ w_Q, the same minimiser of (w' - w)^T H (w' - w) with
+    w'_Q = 0; with few pruned, ``obs_with_mask``'s (Hinv_QQ)^-1 form. ``H`` is the damped
+    H whose inverse is ``Hinv``."""
+    out = W.clone()
+    for i in range(W.shape[0]):
+        Q = prune[i].nonzero().squeeze(1)
+        K = (~prune[i]).nonzero().squeeze(1)
+        w = W[i]
+        if Q.numel() == 0:
+            continue
+        if K.numel() < Q.numel():
+            row = torch.zeros_like(w)
+            if K.numel():
+                row[K] = w[K] + torch.linalg.solve(H[K][:, K], H[K][:, Q] @ w[Q])
+            out[i] = row
+        else:
+            out[i] = w - Hinv[:, Q] @ torch.linalg.solve(Hinv[Q][:, Q], w[Q])
+            out[i, Q] = 0.0
     return out
 
 

@@ -41,11 +41,20 @@ from wfcore.plugins.layer_hessian import (
     SUPPORTED,
     HessianSum,
     LayerResult,
+    PairedSum,
     columns_of,
     obs_with_mask,
     parts_of,
     prepare,
     reconstruction_error,
+)
+from wfcore.plugins.layer_search import (
+    LevelDatabase,
+    PathDatabase,
+    fine_slopes,
+    keep_with_count,
+    rank_slopes,
+    search,
 )
 from wfcore.plugins.magnitude import IdentityCurvature
 
@@ -82,8 +91,20 @@ class LayerwiseOptions:
     # sparsities at which allocation: reconstruction measures each layer's error
     levels: list[float] = field(default_factory=lambda: list(LEVELS))
     memory_gb: float = 1.0  # working memory of one layer's algebra (ExactOBS: rows at once)
+    # allocation: reconstruction: candidate per-layer counts scored by the calibration loss
+    # of the model stitched from each layer's pruned weights (OBC's SPDY-style search; see
+    # plugins/layer_search.py); 0 = the curves' counts as the allocator gives them
+    search: int = 0
+    # each layer fitted to the dense model's output from the pruned model's inputs
+    # (||W X - W^ X^||^2 instead of ||W X^ - W^ X^||^2): the error of the layers before
+    # is corrected rather than carried on (two forward passes per layer)
+    correct: bool = False
 
     def validate(self) -> None:
+        if self.search < 0:
+            raise ValueError(f"search {self.search} must be >= 0 (candidates scored)")
+        if self.search and self.allocation != "reconstruction":
+            raise ValueError("search needs allocation: reconstruction")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation '{self.allocation}' is not one of "
                              f"{', '.join(ALLOCATIONS)}")
@@ -149,11 +170,12 @@ class Calibration:
 
     def __init__(self, problem: PruningProblem, samples: int, batch_size: int):
         self.model = problem.model
-        self.inputs = [x for x, _ in problem.batches(samples, batch_size)]
+        self.batches = list(problem.batches(samples, batch_size))
+        self.inputs = [x for x, _ in self.batches]
         self.device = problem.device
 
-    def run(self, modules: dict[str, nn.Module], sums: dict[str, list[HessianSum]],
-            stop_after: str | None) -> list[str]:
+    def run(self, modules: dict[str, nn.Module], sums: dict[str, list[Any]],
+            stop_after: str | None, inputs: list[torch.Tensor] | None = None) -> list[str]:
         """Every batch forward (eval mode, gradients on so that fused attention paths that
         skip submodules stay off), adding each module's input columns to its sums; stop a
         pass once ``stop_after`` has its input. Returns the modules in the order called."""
@@ -184,7 +206,7 @@ class Calibration:
         self.model.eval()
         try:
             with torch.enable_grad():
-                for x in self.inputs:
+                for x in self.inputs if inputs is None else inputs:
                     try:
                         self.model(x)
                     except StopForward:
@@ -202,6 +224,44 @@ def hessian_sums(module: nn.Module, weight: torch.Tensor, device: torch.device
     return [HessianSum(cols, device) for _ in range(parts_of(module))]
 
 
+class Columns:
+    """The input columns of one batch (a stand-in for a ``HessianSum``)."""
+
+    def __init__(self) -> None:
+        self.X: torch.Tensor | None = None
+
+    def add(self, X: torch.Tensor) -> None:
+        self.X = X.detach() if self.X is None else torch.cat([self.X, X.detach()])
+
+
+def paired_run(calibration: Calibration, problem: PruningProblem, dense: Tensors, mod: str,
+               module: nn.Module, param: torch.Tensor) -> list[HessianSum]:
+    """One ``PairedSum`` per part of ``mod``: each batch through the dense model (the
+    weights ``dense``) and through the model as it is now, the module's inputs paired."""
+    now = {n: p.detach().clone() for n, p in problem.params.items()}
+    cols = param.shape[1] * math.prod(param.shape[2:])
+    sums = [PairedSum(cols, problem.device) for _ in range(parts_of(module))]
+    try:
+        for x in calibration.inputs:
+            seen = []
+            for weights in (dense, now):
+                with torch.no_grad():
+                    for n, p in problem.params.items():
+                        p.copy_(weights[n])
+                cols_ = {mod: [Columns() for _ in sums]}
+                calibration.run({mod: module}, cols_, stop_after=mod, inputs=[x])
+                seen.append(cols_[mod])
+            for k, acc in enumerate(sums):
+                X, Xh = seen[0][k].X, seen[1][k].X
+                assert X is not None and Xh is not None
+                acc.add_pair(X, Xh)
+    finally:
+        with torch.no_grad():
+            for n, p in problem.params.items():
+                p.copy_(now[n])
+    return list(sums)
+
+
 def channels_last(shape: torch.Size) -> torch.Tensor:
     """Column order (kernel..., in channel) of a conv weight's flattened columns, so that
     m consecutive columns are m consecutive input channels at one kernel position."""
@@ -216,6 +276,12 @@ class Layerwise(LayerwiseEstimator):
     def __init__(self, options: LayerwiseOptions | None = None):
         self.options = options or self.Options()
         self._guide: HessianEstimator | None = None
+        # allocation: reconstruction with search: each part's database, the curves and the
+        # calibration batches they were measured on (set by fit)
+        self._database: dict[str, list[tuple[Part, LevelDatabase]]] = {}
+        self._curves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._energy: dict[str, float] = {}
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- the method ---------------------------------------------------------------------
     def prune_matrix(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, zeros: int,
@@ -225,6 +291,14 @@ class Layerwise(LayerwiseEstimator):
     def profile(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor,
                 levels: list[int]) -> list[float]:
         raise NotImplementedError
+
+    def database(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor) -> LevelDatabase:
+        """The method's results on one part at any count (``layer_search``)."""
+        return LevelDatabase(W, H, keep, self.database_weights, self.profile)
+
+    def database_weights(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor,
+                         zeros: int) -> torch.Tensor:
+        return self.prune_matrix(W, H, keep, zeros, None).weights
 
     def algebra_cost(self, rows: int, cols: int) -> tuple[int, float]:
         """(bytes, flops) of one (rows, cols) matrix."""
@@ -275,9 +349,11 @@ class Layerwise(LayerwiseEstimator):
         layers = self.layers(problem)
         sums = {mod: hessian_sums(module, problem.params[parts_[0].param], problem.device)
                 for mod, (module, parts_) in layers.items()}
-        Calibration(problem, self.options.samples, self.options.batch_size).run(
-            {mod: module for mod, (module, _) in layers.items()}, sums, None)
+        calibration = Calibration(problem, self.options.samples, self.options.batch_size)
+        calibration.run({mod: module for mod, (module, _) in layers.items()}, sums, None)
         curves: dict[str, list[list[tuple[int, float]]]] = {}  # param -> its parts' curves
+        self._database, self._curves = {}, {}
+        self._batches = calibration.batches if self.options.search else []
         for mod, (module, parts_) in tqdm(layers.items(), desc="layer error curves",
                                           leave=False, disable=disabled(False)):
             for part in parts_:
@@ -291,6 +367,10 @@ class Layerwise(LayerwiseEstimator):
             energy = errors[-1] if errors[-1] > 0 else 1.0
             out[name] = (torch.tensor([z * len(pieces) for z in zeros], dtype=torch.float64)
                          .clamp(max=numel), torch.tensor(errors, dtype=torch.float64) / energy)
+        if self.options.search:
+            self._curves = out
+            self._energy = {n: float(sum(p[-1][1] for p in pieces))
+                            for n, pieces in curves.items()}
         return ReconstructionCurvature({n: p.detach() for n, p in problem.params.items()}, out)
 
     def part_curve(self, problem: PruningProblem, part: Part, module: nn.Module,
@@ -300,7 +380,10 @@ class Layerwise(LayerwiseEstimator):
         keep = problem.masks.keep[part.param][part.rows].flatten(1)
         numel, now = W.numel(), int((~keep).sum())
         levels = sorted({z for s in self.options.levels if (z := round(s * numel)) > now})
-        errors = self.profile(W, acc.H, keep, levels) if levels else []
+        database = self.database(W, acc.H, keep)
+        errors = database.errors(levels) if levels else []
+        if self.options.search:
+            self._database.setdefault(part.param, []).append((part, database))
         energy = 0.5 * float(((W @ acc.H) * W).sum())
         return [(now, 0.0), *zip(levels, errors, strict=True), (numel, energy)]
 
@@ -322,6 +405,8 @@ class Layerwise(LayerwiseEstimator):
     def prune_layers(self, problem: PruningProblem, keep: Tensors,
                      pattern: tuple[int, int] | None = None) -> tuple[Tensors, Tensors]:
         o = self.options
+        if o.search and self._curves and pattern is None:
+            keep = self.searched_keep(problem, keep)
         before = problem.weights()
         current = {n: k.clone() for n, k in problem.masks.keep.items()}
         new_keep = {n: k.clone() for n, k in keep.items()}
@@ -338,7 +423,10 @@ class Layerwise(LayerwiseEstimator):
                 module, parts_ = layers[mod]
                 param = problem.params[parts_[0].param]
                 sums = {mod: hessian_sums(module, param, problem.device)}
-                calibration.run({mod: module}, sums, stop_after=mod)
+                if o.correct and not isinstance(module, nn.MultiheadAttention):
+                    sums = {mod: paired_run(calibration, problem, before, mod, module, param)}
+                else:
+                    calibration.run({mod: module}, sums, stop_after=mod)
                 for part in parts_:
                     self.prune_part(param, part, sums[mod][part.index], current, keep,
                                     new_keep, pattern)
@@ -349,12 +437,80 @@ class Layerwise(LayerwiseEstimator):
                 p.copy_(before[n])
         return update, new_keep
 
+    def searched_keep(self, problem: PruningProblem, keep: Tensors) -> Tensors:
+        """The allocator's masks, with the per-layer counts of the calibration loss search
+        (``layer_search``) over the layers of the database."""
+        names = [n for n in self._database if n in self._curves]
+        numel = {n: problem.params[n].numel() for n in names}
+        now = {n: int((~problem.masks.keep[n]).sum()) for n in names}
+        if any(sum(int((~db.keep).sum()) for _, db in self._database[n]) != now[n]
+               for n in names):
+            log.warning("search: the masks changed since the curves were measured; "
+                        "the allocator's counts are kept")
+            return keep
+        base = {n: int((~keep[n]).sum()) for n in names}
+        top = max(self.options.levels)
+        caps = {n: min(numel[n], max(base[n], round(top * numel[n]))) for n in names}
+        slopes = {n: self.layer_slopes(n, numel[n], now[n]) for n in names}
+        best, tried = search(slopes, now, caps, base,
+                             lambda counts: self.stitched_loss(problem, keep, counts),
+                             self.options.search)
+        log.info("search: %d candidates; counts %s (loss %.4g) against the allocator's %s "
+                 "(loss %.4g)", len(tried), best, min(v for _, v in tried), base, tried[0][1])
+        out = dict(keep)
+        for n in names:
+            out[n] = keep_with_count(problem.params[n], problem.masks.keep[n], best[n])
+        return out
+
+    def layer_slopes(self, name: str, numel: int, now: int) -> torch.Tensor:
+        """The slope of a layer's relative error at each further zero: at every count
+        where the method's database gives its steps (ExactOBS's paths), else from the
+        hull of the curve at ``levels``."""
+        losses = [db.step_losses() for _, db in self._database[name]]
+        if all(x is not None for x in losses):
+            return fine_slopes([x for x in losses if x is not None], self._energy[name],
+                               numel, now)
+        zeros, errors = self._curves[name]
+        return rank_slopes(zeros.tolist(), errors.tolist(), numel, now)
+
+    @torch.no_grad()
+    def stitched_loss(self, problem: PruningProblem, keep: Tensors,
+                      counts: dict[str, int]) -> float:
+        """The calibration loss of the model whose layers hold their database weights at
+        ``counts`` (other prunable parameters: the allocator's masks)."""
+        before = problem.weights()
+        model = problem.model
+        was_training = model.training
+        try:
+            for n, p in problem.params.items():
+                if n not in counts:
+                    p.copy_(before[n] * keep[n].to(p.device))
+                    continue
+                mask = keep_with_count(before[n], problem.masks.keep[n], counts[n])
+                w = before[n].clone()
+                for part, db in self._database[n]:
+                    zeros = int((~mask[part.rows]).sum())
+                    w[part.rows] = db.weights(zeros).reshape(w[part.rows].shape).to(w)
+                p.copy_(w)
+            model.eval()
+            total, seen = 0.0, 0
+            for x, y in self._batches:
+                total += float(problem.loss_fn(model(x), y)) * len(x)
+                seen += len(x)
+            return total / max(seen, 1)
+        finally:
+            model.train(was_training)
+            for n, p in problem.params.items():
+                p.copy_(before[n])
+
     def prune_part(self, param: nn.Parameter, part: Part, acc: HessianSum, current: Tensors,
                    keep: Tensors, new_keep: Tensors, pattern: tuple[int, int] | None) -> None:
         """Prune one part in place: ``param`` and ``new_keep`` get its weights and mask.
         ``current``: the masks before the step; ``keep``: the allocator's (its count)."""
         name, rows = part.param, part.rows
         W = param.detach()[rows].flatten(1).double()
+        if isinstance(acc, PairedSum):  # fitted to the dense model's output
+            W = acc.target(W, self.options.damp)
         now = current[name][rows].flatten(1).to(W.device)
         given = keep[name][rows].flatten(1).to(W.device)
         shape = param[rows].shape
@@ -395,6 +551,10 @@ class ExactOBS(Layerwise):
 
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.options.dtype)
+
+    def database(self, W, H, keep):
+        return PathDatabase(W, H, keep, self.options.damp, self.chunk(W.shape[1]),
+                            self.dtype(), self.database_weights)
 
     def given_mask(self, W, H, keep):
         W0 = W

@@ -140,7 +140,7 @@ def test_lower_hull_drops_points_above_it():
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["mnist_mlpnet", "mnist_cnn"])
 @pytest.mark.parametrize("estimator", ["exact_obs", "sparsegpt", "wanda", "woodfisher",
-                                       "magnitude"])
+                                       "kfac", "diag_fisher", "magnitude"])
 def test_two_of_four_on_the_shipped_models(tmp_path, config, estimator):
     out = tmp_path / "run"
     code = cli.main(["-q", "prune", str(ROOT / "configs" / f"{config}.yaml"),

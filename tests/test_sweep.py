@@ -168,3 +168,21 @@ def test_one_key_turns_the_safeguard_off_for_every_row(tmp_path):
     _, _, runs = sweep.plan(CONFIG, [f"output={tmp_path}", "estimator.name=woodfisher,random",
                                      "safeguard.enabled=false"])
     assert len(runs) == 2 and all(run.cfg.safeguard.enabled is False for run in runs)
+
+
+def test_a_run_refused_at_a_later_target_keeps_its_earlier_steps(tmp_path):
+    """A target refused as degenerate fails the run, but the targets it finished before
+    stay in the table and the CSV (the failure is listed under them)."""
+    out = tmp_path / "sweep"
+    fast = [o for o in FAST if not o.startswith("scheduler.sparsities=")]
+    result = sweep.run_sweep(CONFIG, [f"output={out}", *fast, "estimator.name=random,magnitude",
+                                      "scheduler.sparsities=[0.5,0.995]",
+                                      "allocator.name=uniform"])
+    failed = [r for r in result.runs if r.status == "failed"]
+    assert failed and all("degenerate" in r.error or "output" in r.error for r in failed)
+    rows = read_csv(out / "results.csv")
+    for run in failed:
+        name = run.combo["estimator.name"]
+        assert [r["target_sparsity"] for r in rows if r["estimator.name"] == name] == ["0.5"]
+    text = (out / "results.md").read_text()
+    assert "## Failed runs" in text and "| 50% |" in text

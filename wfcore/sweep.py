@@ -223,6 +223,10 @@ def execute(run: SweepRun, plugins_cache: dict[tuple[str, ...], manager.Plugins]
         log.debug("%s", traceback.format_exc())
         if rundir.holder(run.run_dir) is None:  # not into another process's run
             files.write_text(run.run_dir / rundir.ERROR, traceback.format_exc())
+        # the steps it finished before the failure stay in the table (a later target
+        # refused as degenerate must not hide the earlier ones)
+        partial = saved_report(run)
+        run.report = partial if partial is not None and partial.get("steps") else None
 
 
 def run_sweep(config_path: str, overrides: list[str], *, force: bool = False) -> SweepResult:
