@@ -52,6 +52,8 @@ BENCHMARK_PRIVATE = {
                       "from wfcore import pipeline"},
     # the configuration page is generated from the schema and every component's Options
     "config_doc.py": {"from wfcore import config", "from wfcore import manager"},
+    # runs the quick-start sweep through the sweep tool and checks its table
+    "sweep_check.py": {"from wfcore import sweep"},
     "cpu_speedup.py": {"from wfcore.export import bench",
                        "from wfcore.export.onnx import OnnxOptions",
                        "from wfcore.export.onnx import conv_linear_weights",
@@ -83,7 +85,8 @@ BENCHMARK_PRIVATE = {
                                "from wfcore.structured import prune_channels",
                                "from wfcore.structured import recalibrate_batchnorm",
                                "from wfcore.training import evaluate"},
-    "structured_speedup.py": {"from wfcore.export.onnx import torch_to_onnx",
+    "structured_speedup.py": {"from wfcore.channels import CostModel",
+                              "from wfcore.export.onnx import torch_to_onnx",
                               "from wfcore.group_obs import Diagonal",
                               "from wfcore.structured import prune_channels"},
 }
