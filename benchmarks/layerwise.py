@@ -73,7 +73,9 @@ NOTES = ("One-shot from each seed's own dense model (the shipped config, trained
          "calibration loss search), `C` with `correct: true` (each layer fitted to the dense "
          "model's output), `4k` the whole pool of 4,000 samples as calibration, "
          "`-2:4` `structure.pattern='2:4'` (the target is not used), `-own` with "
-         "`safeguard.fallback=none` (the method's own mask).")
+         "`safeguard.fallback=none` (the method's own mask). With `allocation: choose` "
+         "(the shipped best configs) the per-seed cells name the allocation the step kept: "
+         "`[reconstruction]` the curves' counts, `[guide]` the guide's global threshold.")
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -98,7 +100,11 @@ def run_one(config: str, method: str, seed: int, sparsities: list[float], out: P
             "top1": {f"{s['target_sparsity']:g}": s["accuracy"] for s in report["steps"]},
             "sparsity": {f"{s['target_sparsity']:g}": s["sparsity"] for s in report["steps"]},
             "mask": {f"{s['target_sparsity']:g}": [r.get("mask") for r in s.get("safeguard", [])]
-                     for s in report["steps"]}}
+                     for s in report["steps"]},
+            # allocation: choose: the allocation each step kept
+            "allocation": {f"{s['target_sparsity']:g}": r["allocation_choice"]["allocation"]
+                           for s in report["steps"] for r in s.get("safeguard", [])
+                           if "allocation_choice" in r}}
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -175,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         per_seed = "; ".join(
             f"{r['config']} {r['method']} seed {r['seed']} (dense {100 * r['dense']:.1f}): "
             + ", ".join(
-                f"{100 * float(s):g}% {100 * a:.1f}" for s, a in r["top1"].items())
+                f"{100 * float(s):g}% {100 * a:.1f}"
+                + (f" [{r['allocation'][s]}]" if s in r.get("allocation", {}) else "")
+                for s, a in r["top1"].items())
             for r in runs if "top1" in r)
         failed = "; ".join(f"{r['config']} {r['method']} seed {r['seed']}: {r['error']}"
                            for r in runs if "error" in r)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 from wfcore.plugins import exact_obs, sparsegpt, wanda
+from wfcore.plugins.allocators import GlobalAllocator, global_with_caps
 from wfcore.plugins.layer_allocation import ReconstructionCurvature, ReconstructionScorer
 from wfcore.plugins.layer_hessian import (
     SUPPORTED,
@@ -57,6 +58,7 @@ from wfcore.plugins.layer_search import (
     search,
 )
 from wfcore.plugins.magnitude import IdentityCurvature
+from wfcore.plugins.scorers import Obs
 
 from wfcore import (
     Curvature,
@@ -72,7 +74,7 @@ from wfcore.progress import disabled
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("guide", "reconstruction")
+ALLOCATIONS = ("guide", "reconstruction", "choose")
 LEVELS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99]
 
 
@@ -88,6 +90,9 @@ class LayerwiseOptions:
     # {name, **options} of the estimator whose curvature the scorer and allocator read
     # with allocation: guide (magnitude = the weights' magnitudes)
     guide: dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
+    # choose: both allocations (the reconstruction curves' counts through the allocator,
+    # and one global threshold over the guide's OBS scores at the same total) are pruned
+    # layer after layer; the pruned model with the lower calibration loss is kept
     # sparsities at which allocation: reconstruction measures each layer's error
     levels: list[float] = field(default_factory=lambda: list(LEVELS))
     memory_gb: float = 1.0  # working memory of one layer's algebra (ExactOBS: rows at once)
@@ -103,8 +108,8 @@ class LayerwiseOptions:
     def validate(self) -> None:
         if self.search < 0:
             raise ValueError(f"search {self.search} must be >= 0 (candidates scored)")
-        if self.search and self.allocation != "reconstruction":
-            raise ValueError("search needs allocation: reconstruction")
+        if self.search and self.allocation not in ("reconstruction", "choose"):
+            raise ValueError("search needs allocation: reconstruction or choose")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation '{self.allocation}' is not one of "
                              f"{', '.join(ALLOCATIONS)}")
@@ -282,6 +287,9 @@ class Layerwise(LayerwiseEstimator):
         self._curves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._energy: dict[str, float] = {}
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # allocation: choose: the guide's curvature (set by fit) and the last step's choice
+        self._guide_curvature: Curvature | None = None
+        self._choice: dict[str, Any] = {}
 
     # -- the method ---------------------------------------------------------------------
     def prune_matrix(self, W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, zeros: int,
@@ -306,7 +314,8 @@ class Layerwise(LayerwiseEstimator):
 
     # -- the contract -------------------------------------------------------------------
     def guide(self) -> dict[str, Any] | None:
-        return dict(self.options.guide) if self.options.allocation == "guide" else None
+        return dict(self.options.guide) if self.options.allocation in ("guide", "choose") \
+            else None
 
     def set_guide(self, estimator: HessianEstimator) -> None:
         self._guide = estimator
@@ -318,7 +327,8 @@ class Layerwise(LayerwiseEstimator):
         return self._guide is not None and self._guide.needs_gradients
 
     def paired_scorer(self) -> Scorer | None:
-        return ReconstructionScorer() if self.options.allocation == "reconstruction" else None
+        return ReconstructionScorer() if self.options.allocation in ("reconstruction", "choose") \
+            else None
 
     def cost(self, layout, m: int, device: torch.device | str) -> EstimatorCost:
         peak, flops = 0, 0.0
@@ -336,6 +346,11 @@ class Layerwise(LayerwiseEstimator):
                                   f"{self.options.samples} calibration samples")
 
     def fit(self, problem: PruningProblem) -> Curvature:
+        if self.options.allocation == "choose":
+            self._guide_curvature = (
+                self._guide.fit(problem) if self._guide is not None
+                else IdentityCurvature({n: p.detach() for n, p in problem.params.items()}))
+            return self.reconstruction_curvature(problem)
         if self.options.allocation == "reconstruction":
             return self.reconstruction_curvature(problem)
         if self._guide is None:
@@ -401,17 +416,79 @@ class Layerwise(LayerwiseEstimator):
             out[name.rpartition(".")[0]] = (module, parts(name, module, p.shape))
         return out
 
+    def step_record(self) -> dict[str, Any]:
+        return dict(self._choice)
+
     @torch.no_grad()
     def prune_layers(self, problem: PruningProblem, keep: Tensors,
                      pattern: tuple[int, int] | None = None) -> tuple[Tensors, Tensors]:
         o = self.options
+        self._choice = {}
         if o.search and self._curves and pattern is None:
             keep = self.searched_keep(problem, keep)
+        if o.allocation != "choose" or pattern is not None or self._guide_curvature is None:
+            return self.sequential(problem, keep, pattern)
+        candidates = {"reconstruction": keep, "guide": self.guide_keep(problem, keep)}
+        calibration = Calibration(problem, o.samples, o.batch_size)
+        results, losses = {}, {}
+        for name, masks in candidates.items():
+            results[name] = self.sequential(problem, masks, pattern, calibration)
+            losses[name] = self.pruned_loss(problem, *results[name], calibration.batches)
+        best = min(losses, key=lambda n: losses[n])
+        counts = {name: {n: int((~k).sum()) for n, k in results[name][1].items()}
+                  for name in results}
+        self._choice = {"allocation": best, "calibration_loss": losses,
+                        "zeros": counts[best]}
+        log.info("allocation: choose: %s (calibration loss %s)", best,
+                 ", ".join(f"{n} {v:.4g}" for n, v in losses.items()))
+        return results[best]
+
+    def guide_keep(self, problem: PruningProblem, keep: Tensors) -> Tensors:
+        """One global threshold over the guide's OBS scores (the floors of the global
+        allocator's defaults), at the total count of zeros of ``keep``."""
+        assert self._guide_curvature is not None
+        scores = Obs().scores(problem.weights(), self._guide_curvature, None)
+        masks = {n: problem.masks.keep[n] for n in keep}
+        zeros = sum(int((~k).sum()) for k in keep.values())
+        return global_with_caps({n: scores[n] for n in keep}, masks, zeros,
+                                GlobalAllocator().caps(masks))
+
+    @torch.no_grad()
+    def pruned_loss(self, problem: PruningProblem, update: Tensors, keep: Tensors,
+                    batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """The loss on the calibration samples (those behind each layer's H) of the model
+        with ``update`` applied and ``keep`` zeroed; the weights are left as they came."""
+        before = problem.weights()
+        model = problem.model
+        was_training = model.training
+        try:
+            for n, p in problem.params.items():
+                p.copy_(((before[n].double() + update[n].to(p.device)) * keep[n].to(p.device))
+                        .to(p.dtype))
+            model.eval()
+            total, seen = 0.0, 0
+            for x, y in batches:
+                total += float(problem.loss_fn(model(x), y)) * len(x)
+                seen += len(x)
+            return total / max(seen, 1)
+        finally:
+            model.train(was_training)
+            for n, p in problem.params.items():
+                p.copy_(before[n])
+
+    @torch.no_grad()
+    def sequential(self, problem: PruningProblem, keep: Tensors,
+                   pattern: tuple[int, int] | None, calibration: Calibration | None = None
+                   ) -> tuple[Tensors, Tensors]:
+        """Every layer pruned to its count of ``keep``, in forward order (on the batches of
+        ``calibration``, else a fresh draw of ``samples``)."""
+        o = self.options
         before = problem.weights()
         current = {n: k.clone() for n, k in problem.masks.keep.items()}
         new_keep = {n: k.clone() for n, k in keep.items()}
         layers = self.layers(problem)
-        calibration = Calibration(problem, o.samples, o.batch_size)
+        if calibration is None:
+            calibration = Calibration(problem, o.samples, o.batch_size)
         modules = {mod: module for mod, (module, _) in layers.items()}
         order = calibration.run(modules, {m: [] for m in modules}, None)
         for mod in [m for m in modules if m not in order]:

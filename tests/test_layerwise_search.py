@@ -86,6 +86,49 @@ def test_search_meets_the_target_and_is_no_worse_on_the_calibration_loss():
         results[budget] = new_keep
 
 
+@pytest.mark.parametrize("seed", [3, 6])  # the guide wins on 3, the curves on 6
+def test_choose_keeps_the_allocation_of_lower_calibration_loss_at_the_exact_target(seed):
+    from wfcore.plugins.allocators import GlobalAllocator
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(5.0)  # magnitude's global threshold spares this layer
+    x = torch.randn(60, 12, dtype=torch.float64)
+    y = torch.randint(0, 3, (60,), generator=torch.Generator().manual_seed(0))  # problem's
+    prob = problem(model, x)
+    est = ExactOBS(ExactOBSOptions(samples=60, batch_size=60, dtype="float64",
+                                   allocation="choose", correct=True))
+    curvature = est.fit(prob)  # no guide set: magnitude's
+    scores = est.paired_scorer().scores(prob.weights(), curvature, None)
+    keep = GlobalAllocator().allocate(scores, dict(prob.masks.keep), 0.8)
+    target = round(0.8 * (12 * 16 + 16 * 8 + 8 * 3))
+    candidates = {"reconstruction": keep, "guide": est.guide_keep(prob, keep)}
+    assert {n: int((~k).sum()) for n, k in candidates["reconstruction"].items()} != \
+        {n: int((~k).sum()) for n, k in candidates["guide"].items()}
+    before = prob.weights()
+
+    def loss(update, masks):  # every calibration sample, float64, by hand
+        with torch.no_grad():
+            h = x
+            for i in (0, 2, 4):
+                w = (before[f"{i}.weight"] + update[f"{i}.weight"]) * masks[f"{i}.weight"]
+                h = h @ w.T + model[i].bias
+                h = torch.relu(h) if i < 4 else h
+            return float(nn.functional.cross_entropy(h, y))
+
+    losses = {k: loss(*est.sequential(prob, m, None)) for k, m in candidates.items()}
+    update, new_keep = est.prune_layers(prob, keep)
+    record = est.step_record()
+    assert record["allocation"] == min(losses, key=lambda k: losses[k])
+    assert record["calibration_loss"] == pytest.approx(losses, rel=1e-9)
+    assert loss(update, new_keep) == pytest.approx(min(losses.values()), rel=1e-9)
+    assert sum(int((~k).sum()) for k in new_keep.values()) == target
+    assert record["zeros"] == {n: int((~k).sum()) for n, k in new_keep.items()}
+    assert all(torch.equal(p.detach(), before[n]) for n, p in prob.params.items())
+
+
 def test_search_needs_the_reconstruction_allocation():
     with pytest.raises(ValueError, match="search needs allocation: reconstruction"):
         ExactOBSOptions(search=4).validate()

@@ -318,6 +318,10 @@ class LayerwiseEstimator(HessianEstimator):
     def set_guide(self, estimator: HessianEstimator) -> None:
         """Receive the estimator that ``guide`` names, built with its validated options."""
 
+    def step_record(self) -> dict[str, Any]:
+        """What the last ``prune_layers`` chose, for the step's record (empty: nothing)."""
+        return {}
+
     @abstractmethod
     def prune_layers(self, problem: PruningProblem, keep: Tensors,
                      pattern: tuple[int, int] | None = None) -> tuple[Tensors, Tensors]:

@@ -237,6 +237,8 @@ class Pruning:
             self.stats.refresh()  # fresh running statistics for the pruned weights
             self.dense_fit.step_done()
             timings["prune"] += time.perf_counter() - start
+        if isinstance(c.estimator, LayerwiseEstimator) and c.estimator.step_record():
+            record["allocation_choice"] = c.estimator.step_record()
         record["batchnorm"] = self.stats.record(since=stats_before)
         if block > 1:
             record["whole_blocks"] = whole_blocks(self.masks.keep, block)
