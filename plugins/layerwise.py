@@ -273,6 +273,29 @@ def channels_last(shape: torch.Size) -> torch.Tensor:
     return torch.arange(math.prod(shape[1:])).reshape(shape[1:]).movedim(0, -1).reshape(-1)
 
 
+@torch.no_grad()
+def loss_with(problem: PruningProblem, weights: Tensors,
+              batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The mean loss over ``batches`` (eval mode) of the model holding ``weights``; its
+    own weights are restored after."""
+    before = problem.weights()
+    model = problem.model
+    was_training = model.training
+    try:
+        for n, p in problem.params.items():
+            p.copy_(weights[n].to(device=p.device, dtype=p.dtype))
+        model.eval()
+        total, seen = 0.0, 0
+        for x, y in batches:
+            total += float(problem.loss_fn(model(x), y)) * len(x)
+            seen += len(x)
+        return total / max(seen, 1)
+    finally:
+        model.train(was_training)
+        for n, p in problem.params.items():
+            p.copy_(before[n])
+
+
 class Layerwise(LayerwiseEstimator):
     """The orchestration shared by the three methods; ``prune_matrix`` is the method."""
 
@@ -459,22 +482,8 @@ class Layerwise(LayerwiseEstimator):
         """The loss on the calibration samples (those behind each layer's H) of the model
         with ``update`` applied and ``keep`` zeroed; the weights are left as they came."""
         before = problem.weights()
-        model = problem.model
-        was_training = model.training
-        try:
-            for n, p in problem.params.items():
-                p.copy_(((before[n].double() + update[n].to(p.device)) * keep[n].to(p.device))
-                        .to(p.dtype))
-            model.eval()
-            total, seen = 0.0, 0
-            for x, y in batches:
-                total += float(problem.loss_fn(model(x), y)) * len(x)
-                seen += len(x)
-            return total / max(seen, 1)
-        finally:
-            model.train(was_training)
-            for n, p in problem.params.items():
-                p.copy_(before[n])
+        return loss_with(problem, {n: (before[n].double() + update[n].to(w.device))
+                                   * keep[n].to(w.device) for n, w in before.items()}, batches)
 
     @torch.no_grad()
     def sequential(self, problem: PruningProblem, keep: Tensors,
@@ -556,29 +565,18 @@ class Layerwise(LayerwiseEstimator):
         """The calibration loss of the model whose layers hold their database weights at
         ``counts`` (other prunable parameters: the allocator's masks)."""
         before = problem.weights()
-        model = problem.model
-        was_training = model.training
-        try:
-            for n, p in problem.params.items():
-                if n not in counts:
-                    p.copy_(before[n] * keep[n].to(p.device))
-                    continue
-                mask = keep_with_count(before[n], problem.masks.keep[n], counts[n])
-                w = before[n].clone()
-                for part, db in self._database[n]:
-                    zeros = int((~mask[part.rows]).sum())
-                    w[part.rows] = db.weights(zeros).reshape(w[part.rows].shape).to(w)
-                p.copy_(w)
-            model.eval()
-            total, seen = 0.0, 0
-            for x, y in self._batches:
-                total += float(problem.loss_fn(model(x), y)) * len(x)
-                seen += len(x)
-            return total / max(seen, 1)
-        finally:
-            model.train(was_training)
-            for n, p in problem.params.items():
-                p.copy_(before[n])
+        weights = {}
+        for n in problem.params:
+            if n not in counts:
+                weights[n] = before[n] * keep[n].to(before[n].device)
+                continue
+            mask = keep_with_count(before[n], problem.masks.keep[n], counts[n])
+            w = before[n].clone()
+            for part, db in self._database[n]:
+                zeros = int((~mask[part.rows]).sum())
+                w[part.rows] = db.weights(zeros).reshape(w[part.rows].shape).to(w)
+            weights[n] = w
+        return loss_with(problem, weights, self._batches)
 
     def prune_part(self, param: nn.Parameter, part: Part, acc: HessianSum, current: Tensors,
                    keep: Tensors, new_keep: Tensors, pattern: tuple[int, int] | None) -> None:
