@@ -16,6 +16,9 @@ share). A pruning step:
    the model once per layer, in forward order, with the layers before already pruned; a
    hook on the layer adds its input columns to H and stops the forward pass; the method
    prunes the layer to its count and writes its weights; the next layer follows.
+   ``allocation: choose`` does this twice, for the curves' counts and for one global
+   threshold over the guide's OBS scores, and keeps the pruned model whose loss on the
+   same calibration batches is the lower (``step_record`` says which).
 
 Layers: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (any ``groups``, through unfold) and
 ``nn.MultiheadAttention.in_proj_weight`` (the query, key and value rows see the query,
@@ -85,20 +88,20 @@ class LayerwiseOptions:
     damp: float = 0.01  # added to diag(H), as a fraction of its mean (SparseGPT: 1%)
     # guide: the guide estimator's curvature sets each layer's count through the scorer
     # and allocator; reconstruction: each layer's reconstruction error curve does (see
-    # the module doc; use with allocator.name=global)
+    # the module doc; use with allocator.name=global); choose: both (the curves' counts
+    # through the allocator, and one global threshold over the guide's OBS scores at the
+    # same total) pruned layer after layer, the lower calibration loss kept
     allocation: str = "guide"
     # {name, **options} of the estimator whose curvature the scorer and allocator read
-    # with allocation: guide (magnitude = the weights' magnitudes)
+    # with allocation: guide or choose (magnitude = the weights' magnitudes)
     guide: dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
-    # choose: both allocations (the reconstruction curves' counts through the allocator,
-    # and one global threshold over the guide's OBS scores at the same total) are pruned
-    # layer after layer; the pruned model with the lower calibration loss is kept
     # sparsities at which allocation: reconstruction measures each layer's error
     levels: list[float] = field(default_factory=lambda: list(LEVELS))
     memory_gb: float = 1.0  # working memory of one layer's algebra (ExactOBS: rows at once)
-    # allocation: reconstruction: candidate per-layer counts scored by the calibration loss
-    # of the model stitched from each layer's pruned weights (OBC's SPDY-style search; see
-    # plugins/layer_search.py); 0 = the curves' counts as the allocator gives them
+    # allocation: reconstruction or choose: candidate per-layer counts scored by the
+    # calibration loss of the model stitched from each layer's pruned weights (OBC's
+    # SPDY-style search; see plugins/layer_search.py); 0 = the curves' counts as the
+    # allocator gives them
     search: int = 0
     # each layer fitted to the dense model's output from the pruned model's inputs
     # (||W X - W^ X^||^2 instead of ||W X^ - W^ X^||^2): the error of the layers before

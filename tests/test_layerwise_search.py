@@ -188,6 +188,6 @@ def test_the_best_configs_load_and_agree(name):
     root = Path(__file__).resolve().parents[1]
     cfg = config.load(str(root / "configs" / f"{name}.yaml"), [])
     assert cfg.estimator.name == "exact_obs"
-    assert cfg.estimator.allocation == "reconstruction" and cfg.estimator.correct
+    assert cfg.estimator.allocation == "choose" and cfg.estimator.correct
     assert cfg.allocator.name == "global"
     assert cfg.model.name == ("mlpnet" if name.endswith("mlpnet") else "mnist_cnn")
