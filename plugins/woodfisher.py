@@ -41,6 +41,8 @@ anything is read, and a block that alone does not fit is refused with the number
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -186,19 +188,66 @@ def plan_chunks(layout: ParamLayout, block_size: int | str, form: str, m: int, i
     return chunks
 
 
-def algebra_flops(layout: ParamLayout, block_size: int | str, form: str, m: int) -> float:
-    """Floating-point operations of the fit (diag(F^-1)) and one update, all blocks."""
-    total = 0.0
+def algebra_flops(layout: ParamLayout, block_size: int | str, form: str,
+                  m: int) -> tuple[float, float]:
+    """Floating-point operations of the fit (diag(F^-1)) and of one update, all blocks."""
+    fit = update = 0.0
     for B, offsets in block_starts(layout, block_size).items():
         f = choose_form(form, m, B)
         if f == "dual":  # G G^T, Cholesky, L^-1 G; update: G_R G_R^T, Cholesky, products
-            per = 3 * m * m * B + m ** 3 / 3 + 2 * m * m * B + m ** 3 / 3
+            one = (3 * m * m * B + m ** 3 / 3, 2 * m * m * B + m ** 3 / 3)
         elif f == "primal":  # G^T G, Cholesky, inverse; update: S solve
-            per = m * B * B + B ** 3 / 3 + 2 * B ** 3 + B ** 3 / 3
+            one = (m * B * B + B ** 3 / 3 + 2 * B ** 3, B ** 3 / 3)
         else:
-            per = 4 * m * B * B + B ** 3 / 3
-        total += per * len(offsets)
-    return total
+            one = (4 * m * B * B, B ** 3 / 3)
+        fit, update = fit + one[0] * len(offsets), update + one[1] * len(offsets)
+    return fit, update
+
+
+PROBE_BLOCKS = 4  # blocks of the plan's timed piece of the algebra
+PROBE_MAX_BLOCK = 4096  # ... of at most this size (larger ones counted from it in flops)
+PROBE_PRUNED = 0.9  # the share of a block its timed update removes (the paper's one-shot)
+
+
+def probe_seconds(form: str, m: int, B: int, n: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[float, float]:
+    """Seconds of the fit and of a joint update of ``n`` blocks of size B, as a chunk
+    runs them (the columns stacked and converted from float32 included), on random
+    gradients: the better of two timed runs after one untimed."""
+    g = torch.Generator().manual_seed(0)
+    columns = torch.randn(m, n * B, generator=g)  # (m, n*B), the store's columns
+    w = torch.randn(n, B, generator=g, dtype=dtype).to(device)
+    mask = (torch.rand(n, B, generator=g) < PROBE_PRUNED).to(device)
+    chunk = Chunk(0, n * B, {B: list(range(0, n * B, B))}, 0)
+    options = WoodFisherOptions(damp=1e-2, form=form, dtype=str(dtype).removeprefix("torch."))
+
+    def groups() -> Iterator[tuple[torch.Tensor, BlockGroup]]:
+        return chunk_groups(None, columns, chunk, 1e-2, options, device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(run) -> float:
+        best = math.inf
+        for k in range(3):
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            if k:  # the first call warms the kernels up for the shapes
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    def fit() -> None:
+        for _, group in groups():
+            group.diag()
+
+    def update() -> None:
+        for _, group in groups():
+            group.joint(mask, w)
+
+    return timed(fit), timed(update)
 
 
 class WoodFisherCurvature(Curvature):
@@ -216,14 +265,27 @@ class WoodFisherCurvature(Curvature):
         self.layout, self.source, self.chunks, self.damps = layout, source, chunks, damps
         self.diag, self.options, self.cache = diag, options, cache
         self.device, self.dtype, self.out_device = device, DTYPES[options.dtype], out_device
+        self.backward = False  # the direction of the last pass over the chunks (the fit's)
+        # the change of the last update (flat, solve dtype: dw where kept, -w where pruned)
+        # and its dw^T F dw / 2, taken in the update's pass
+        self.last_change: tuple[torch.Tensor, float] | None = None
 
     def groups(self) -> Iterator[tuple[torch.Tensor, BlockGroup]]:
         """(flat indices (n, B), the group's factors) of every block group of this rank's
-        chunks (all of them in one process), chunk by chunk."""
+        chunks (all of them in one process), chunk by chunk.
+
+        Streamed passes alternate their direction: the fit read the chunks first to last,
+        the next pass reads them last to first, and so on. Of a disk store larger than the
+        page cache, the chunks a pass read last are the ones still cached, and the next
+        pass starts with them (the same direction again would evict each chunk just before
+        reading it). Each block's answer does not depend on the order.
+        """
         if self.cache is not None:
             yield from self.cache
             return
-        for chunk, damps in zip(self.chunks, self.damps, strict=True):
+        order = list(zip(self.chunks, self.damps, strict=True))
+        self.backward = not self.backward
+        for chunk, damps in reversed(order) if self.backward else order:
             yield from chunk_groups(self.layout, self.source, chunk, damps, self.options,
                                     self.device)
 
@@ -266,10 +328,20 @@ class WoodFisherCurvature(Curvature):
             raise ValueError(f"unknown update mode {mode!r}; expected one of {UPDATE_MODES}")
         mask = self.layout.flatten({n: t.to(self.device) for n, t in prune_mask.items()})
         w_flat = self._flat(w)
-        if mode == "independent":
-            u = torch.where(mask, w_flat / self.diag, 0.0)
-            return self._out(-self._map(BlockGroup.mul, u))
-        return self._out(self._map(lambda g, q, x: g.joint(q, x)[0], mask, w_flat))
+        out = torch.zeros(self.layout.d, dtype=self.dtype, device=self.device)
+        total = 0.0
+        for idx, group in self.groups():
+            q, x = mask[idx], w_flat[idx]
+            if mode == "independent":
+                out[idx] = -group.mul(torch.where(q, x / self.diag[idx], 0.0))
+            else:
+                out[idx] = group.joint(q, x)[0]
+            # the change the step makes, dw where kept and -w where pruned: the quadratic
+            # model's value of it (the safeguard's record asks next) from this pass
+            total += float(group.quadratic(torch.where(q, -x, out[idx])).sum())
+        out = distributed.sum_(out)  # each rank filled its own chunks' blocks
+        self.last_change = (torch.where(mask, -w_flat, out), distributed.sum_float(total))
+        return self._out(out)
 
     def predicted_increase(self, prune_mask: Tensors, w: Tensors) -> float:
         """The quadratic model's loss increase of the joint update: sum of w_Q^T S^-1 w_Q / 2."""
@@ -280,8 +352,12 @@ class WoodFisherCurvature(Curvature):
         return distributed.sum_float(total)
 
     def quadratic(self, dw: Tensors) -> float:
-        """dw^T F dw / 2: the quadratic model's loss increase of a weight change."""
+        """dw^T F dw / 2: the quadratic model's loss increase of a weight change. Of the
+        change of the last ``prune_update`` (dw where kept, -w where pruned, equal value
+        for value), the value its pass took: no pass over the store."""
         flat = self._flat(dw)
+        if self.last_change is not None and torch.equal(flat, self.last_change[0]):
+            return self.last_change[1]
         return distributed.sum_float(sum(float(group.quadratic(flat[idx]).sum())
                                          for idx, group in self.groups()))
 
@@ -291,16 +367,20 @@ class WoodFisherCurvature(Curvature):
         return float(damps.mean())
 
 
-def chunk_groups(layout: ParamLayout, source: GradientRows, chunk: Chunk,
-                 damps: dict[int, torch.Tensor] | float, options: WoodFisherOptions,
+def chunk_groups(layout: ParamLayout | None, source: GradientRows | torch.Tensor,
+                 chunk: Chunk, damps: dict[int, torch.Tensor] | float,
+                 options: WoodFisherOptions,
                  device: torch.device) -> Iterator[tuple[torch.Tensor, BlockGroup]]:
     """The chunk's block groups: its columns read once, each size's blocks batched.
 
+    ``source``: the store, or the chunk's columns already read ((m, cols) tensor).
     ``damps``: each group's damping as the fit settled it ({B: (n,)}), or the fit's
-    lambda for every block.
+    lambda for every block. ``layout`` names the blocks in messages (None: by offset).
     """
     dtype = DTYPES[options.dtype]
-    columns = source.columns(chunk.start, chunk.stop)  # (m, cols), storage dtype, host
+    # (m, cols), storage dtype, host
+    columns = source if isinstance(source, torch.Tensor) else source.columns(chunk.start,
+                                                                             chunk.stop)
     m = columns.shape[0]
     # blocks stacked in the storage dtype, then one conversion on the solve device
     stacked = {B: torch.stack([columns[:, o - chunk.start:o - chunk.start + B]
@@ -312,7 +392,8 @@ def chunk_groups(layout: ParamLayout, source: GradientRows, chunk: Chunk,
             + torch.arange(B, device=device)  # (n, B)
 
         def what(k: int, offsets=offsets, B=B) -> str:
-            return describe_block(layout, offsets[k], B)
+            return (describe_block(layout, offsets[k], B) if layout is not None
+                    else f"the block of {B} weights at offset {offsets[k]}")
 
         damp = damps[B] if isinstance(damps, dict) else damps
         yield flat, BlockGroup(stacked.pop(B), damp, choose_form(options.form, m, B), what)
@@ -360,18 +441,38 @@ class WoodFisher(HessianEstimator):
         device = self._device(device)
         chunks = self.chunks(layout, m, device)
         # besides the chunk: diag(F^-1) and the flat vectors of an update, solve dtype
-        flat = 4 * layout.d * DTYPES[self.options.dtype].itemsize
+        flat = 5 * layout.d * DTYPES[self.options.dtype].itemsize
         # the fit reads the store once (a relative damp's scale comes from the sums a disk
         # store takes while it is written); an update reads it again unless the chunks'
-        # factors are kept (see ``fit``)
+        # factors are kept (see ``fit``), and takes the quadratic model's value of its
+        # change in the same pass (the safeguard's record reads no more)
         cached = sum(c.nbytes for c in chunks) <= memory_budget(self.options, device) / 2
+        fit_flops, update_flops = algebra_flops(layout, self.options.block_size,
+                                                self.options.form, m)
         return EstimatorCost(
             working_bytes=max(c.nbytes for c in chunks) + flat,
-            flops=algebra_flops(layout, self.options.block_size, self.options.form, m),
+            flops=fit_flops + update_flops, update_flops=update_flops,
             note=f"{sum(len(o) for c in chunks for o in c.groups.values())} blocks in "
                  f"{len(chunks)} chunk(s)" + ("" if cached else ", the update reads the store "
                                              "again (factors not kept)"),
-            store_passes=1.0 if cached else 2.0)
+            store_passes=1.0 if cached else 2.0, update_store_passes=0.0 if cached else 1.0)
+
+    def stage_seconds(self, layout: ParamLayout, m: int,
+                      device: torch.device | str) -> tuple[float, float]:
+        """(fit, joint update) seconds of the algebra: ``PROBE_BLOCKS`` blocks of the size
+        holding most weights timed as a chunk runs them (``probe_seconds``), and every
+        block counted at that rate in flops (``algebra_flops``) per stage."""
+        device = self._device(device)
+        starts = block_starts(layout, self.options.block_size)
+        B = max(starts, key=lambda b: b * len(starts[b]))
+        form, dtype = choose_form(self.options.form, m, B), DTYPES[self.options.dtype]
+        B, n = min(B, PROBE_MAX_BLOCK), min(PROBE_BLOCKS, len(starts[B]))
+        fit_s, update_s = probe_seconds(form, m, B, n, dtype, device)
+        probed = ParamLayout({"probe": torch.empty(n * B)})
+        probe_fit, probe_update = algebra_flops(probed, B, form, m)
+        fit_flops, update_flops = algebra_flops(layout, self.options.block_size,
+                                                self.options.form, m)
+        return fit_s * fit_flops / probe_fit, update_s * update_flops / probe_update
 
     def fit(self, problem: PruningProblem) -> WoodFisherCurvature:
         opts = self.options

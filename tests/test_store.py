@@ -145,6 +145,64 @@ def test_chunks_on_disk_equal_the_in_memory_fit(tmp_path, case, form, block_size
     assert not open_store_files()
 
 
+@pytest.mark.parametrize("form", ["dual", "primal"])
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_passes_over_a_disk_store_alternate_and_the_updates_quadratic_reads_none(
+        tmp_path, form, mode):
+    """The fit reads each chunk once, first to last; the update once, last to first (the
+    chunks the fit read last first, while the page cache still holds them); the quadratic
+    model's value of that update (what the safeguard's record asks) reads nothing and
+    equals the in-memory fit's; any other change is streamed, first to last again. Masks
+    equal and updates within 1e-12 of the in-memory fit, in float64."""
+    params, G = gradients(MLPNet(), ["fc2.weight", "fc3.weight"], m=24)
+    layout = ParamLayout(params)
+    largest = block_bytes(choose_form(form, 24, 64), 24, 64, 8) + 24 * 64 * 8
+    reference = fit(params, G, GradientStore.from_tensor(G), form=form, block_size=64)
+    with GradientStore(24, layout.d, dtype=torch.float64, place="disk",
+                       directory=tmp_path) as store:
+        rows = G.clone()
+        store.write(0, G)
+        assert torch.equal(G, rows)  # the caller's rows as they were (float64 too)
+        reads: list[int] = []
+        columns = store.columns
+
+        def counted(start: int, stop: int, *args, **kwargs) -> torch.Tensor:
+            reads.append(start)
+            return columns(start, stop, *args, **kwargs)
+
+        store.columns = counted
+        streamed = fit(params, G, store, form=form, block_size=64,
+                       max_memory_gb=4.5 * largest / 2**30)
+        starts = [c.start for c in streamed.chunks]
+        assert streamed.cache is None and len(starts) >= 3 and reads == starts
+        weights = {n: p.detach().clone() for n, p in params.items()}
+        ones = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+        masks = []
+        for cur in (reference, streamed):
+            keep = GlobalAllocator().allocate(Obs().scores(weights, cur, None), ones, 0.7)
+            masks.append({n: ~k for n, k in keep.items()})
+        assert reads == starts  # scoring reads nothing
+        for n in weights:
+            assert torch.equal(masks[0][n], masks[1][n])
+        a = reference.prune_update(masks[0], weights, mode)
+        b = streamed.prune_update(masks[0], weights, mode)
+        assert reads == starts + starts[::-1]
+        for n in weights:
+            torch.testing.assert_close(b[n], a[n], rtol=1e-12,
+                                       atol=1e-12 * float(a[n].abs().max()))
+        # the safeguard's change of the whole update: alpha * dw where kept, -w where pruned
+        change = {n: torch.where(masks[0][n], -weights[n].double(), b[n]) for n in weights}
+        fresh = fit(params, G, GradientStore.from_tensor(G), form=form, block_size=64)
+        expected = fresh.quadratic({n: torch.where(masks[0][n], -weights[n].double(), a[n])
+                                    for n in weights})  # computed from G: no update before
+        assert streamed.quadratic(change) == pytest.approx(expected, rel=1e-12)
+        assert reads == starts + starts[::-1]
+        half = {n: 0.5 * t for n, t in change.items()}
+        assert streamed.quadratic(half) == pytest.approx(reference.quadratic(half), rel=1e-12)
+        assert reads == starts + starts[::-1] + starts
+    assert not open_store_files()
+
+
 def test_a_block_larger_than_the_budget_is_refused_with_numbers():
     params, G = gradients(MLPNet(), ["fc2.weight"], m=8)
     with pytest.raises(WfcoreError, match=r"fc2.weight\[0:800\].*needs .* GiB, more than"):

@@ -205,7 +205,8 @@ class GradientStore:
         step = max(1, SUM_SLICE_BYTES // max(1, 8 * stored.shape[0]))
         for a in range(0, self.d, step):
             b = min(self.d, a + step)
-            self._square_sum[a:b] += stored[:, a:b].double().square_().sum(0)
+            # a copy: a float64 ``stored`` may be the caller's own rows
+            self._square_sum[a:b] += stored[:, a:b].to(torch.float64, copy=True).square_().sum(0)
         self._square_sum[-1] += stored.shape[0]
 
     def finish_rows(self) -> None:
