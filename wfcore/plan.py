@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 STORE_MEMORY_SHARE = 0.25  # fisher.store=auto keeps the store in memory up to this share
 MEMORY_SHARE = 0.9  # of the available memory a run may plan to use at its peak
 GiB = 2**30
+BATCH_TIMED = 16  # samples of a row of grad_batch > 1 timed at once (memory stays small)
 STORE_READ_RATE = 400 * 2**20  # bytes/s of a column pass over a disk store (m reads per chunk)
 
 
@@ -111,8 +112,9 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
     """Seconds per gradient row as the sampler takes them (``wfcore.gradients``): with
     ``grad_batch`` 1, per-sample gradients by vmap over grad at the sampler's chunk of rows
     and by the loop of backward passes, the faster of the two unless ``method`` names one;
-    else one batched backward pass of ``grad_batch`` samples. The better of two timed calls
-    after one untimed (the first call of a shape costs more)."""
+    else one batched backward pass of ``grad_batch`` samples (timed on at most
+    ``BATCH_TIMED`` of them, per sample). The better of two timed calls after one untimed
+    (the first call of a shape costs more)."""
     from torch.func import functional_call, grad, vmap
 
     from wfcore.gradients import CHUNK_BYTES, MAX_CHUNK
@@ -136,9 +138,11 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
             times.append(time.perf_counter() - start)
         return min(times[1:]) / rows
 
+    batch = min(grad_batch, BATCH_TIMED)
+    xb, yb = repeat(example, batch), repeat(target.to(example.device), batch)
+
     def loop() -> None:
-        x, y = repeat(example, grad_batch), repeat(target.to(example.device), grad_batch)
-        torch.autograd.grad(loss_fn(model(x), y), [params[n] for n in names])
+        torch.autograd.grad(loss_fn(model(xb), yb), [params[n] for n in names])
 
     def row_loss(weights, x, y):
         return loss_fn(functional_call(model, {**fixed, **weights}, (x,)), y)
@@ -154,7 +158,7 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
     model.eval()
     try:
         if grad_batch != 1 or method == "loop":
-            return timed(loop, 1)
+            return timed(loop, 1) * grad_batch / batch
         with math_attention():
             try:
                 by_vmap = timed(vmapped, chunk)
