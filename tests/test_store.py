@@ -22,6 +22,7 @@ from wfcore.plugins.woodfisher import (
 )
 
 from wfcore import cli
+from wfcore import store as store_module
 from wfcore.errors import WfcoreError
 from wfcore.gradients import GradientSampler, ParamLayout
 from wfcore.interfaces import PruningProblem
@@ -45,14 +46,19 @@ def open_store_files() -> list[str]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("place", ["memory", "disk"])
-def test_rows_written_in_chunks_read_back_by_columns(tmp_path, place, dtype):
+@pytest.mark.parametrize(("place", "tile"), [("memory", None), ("disk", None), ("disk", 7)])
+def test_rows_written_in_chunks_read_back_by_columns(tmp_path, monkeypatch, place, tile,
+                                                     dtype):
+    if tile is not None:  # tiles of 7 columns on disk: 14 and a last one of 3
+        monkeypatch.setattr(store_module, "TILE_BYTES", 13 * dtype.itemsize * tile)
     G = torch.randn(13, 101, generator=torch.Generator().manual_seed(0))
     with GradientStore(13, 101, dtype=dtype, place=place, directory=tmp_path) as store:
+        assert store.tile == (tile or 101) or place == "memory"
         for start in range(0, 13, 5):
             store.write(start, G[start:start + 5])
         expected = G.to(dtype)
-        for a, b in [(0, 101), (7, 8), (40, 99), *store.column_ranges(17)]:
+        for a, b in [(0, 101), (7, 8), (40, 99), (7, 14), (3, 5), (98, 101), (5, 5),
+                     *store.column_ranges(17)]:
             assert torch.equal(store.columns(a, b), expected[:, a:b])
         torch.testing.assert_close(store.columns(3, 9, torch.float64),
                                    expected[:, 3:9].double(), rtol=0, atol=0)
