@@ -5,8 +5,11 @@ blocks into chunks whose working set fits the memory budget -> for each chunk, r
 columns of the step's (m, d) gradient store, factorise its blocks (blocks of one size
 batched) and keep only diag(F^-1) -> the ``WoodFisherCurvature`` answers
 ``inverse_diagonal`` from that, and ``inverse_mul`` and ``prune_update`` by streaming the
-chunks again (factors cached instead when all of them fit the budget) -> it is dropped
-with the store after the pruning step. On CUDA the chunks go to the GPU; the store stays
+chunks again (factors cached instead when all of them fit the budget; each streamed pass
+in the direction opposite to the one before, so that it starts with the chunks the page
+cache still holds; the update's pass also takes the quadratic model's value of the step's
+change, which the safeguard's record asks for next) -> it is dropped with the store after
+the pruning step. On CUDA the chunks go to the GPU; the store stays
 on the host. Under torchrun the chunks are dealt to the ranks and the per-weight results
 summed over them (``wfcore.distributed``). The chunking changes only the order of the
 work: every block is solved the same way, so scores, masks and updates equal those of
