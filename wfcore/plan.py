@@ -108,13 +108,15 @@ def matmul_rate(device: torch.device) -> float:
 
 
 def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torch.Tensor,
-                loss_fn: Loss, target: torch.Tensor, grad_batch: int, method: str) -> float:
-    """Seconds per gradient row as the sampler takes them (``wfcore.gradients``): with
-    ``grad_batch`` 1, per-sample gradients by vmap over grad at the sampler's chunk of rows
-    and by the loop of backward passes, the faster of the two unless ``method`` names one;
-    else one batched backward pass of ``grad_batch`` samples (timed on at most
-    ``BATCH_TIMED`` of them, per sample). The better of two timed calls after one untimed
-    (the first call of a shape costs more)."""
+                loss_fn: Loss, target: torch.Tensor, grad_batch: int,
+                method: str) -> tuple[float, float]:
+    """(seconds per gradient row, the first call's extra seconds) as the sampler takes
+    them (``wfcore.gradients``): with ``grad_batch`` 1, per-sample gradients by vmap over
+    grad at the sampler's chunk of rows and by the loop of backward passes, the faster of
+    the two unless ``method`` names one; else one batched backward pass of ``grad_batch``
+    samples (timed on at most ``BATCH_TIMED`` of them, per sample). The better of two
+    timed calls after one untimed; the first call of a shape costs more (vmap's much
+    more), which the sampling pays once."""
     from torch.func import functional_call, grad, vmap
 
     from wfcore.gradients import CHUNK_BYTES, MAX_CHUNK
@@ -130,13 +132,14 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
     def repeat(t: torch.Tensor, n: int) -> torch.Tensor:
         return t.expand(n, *t.shape[1:]).clone()
 
-    def timed(run, rows: int) -> float:
+    def timed(run, rows: int) -> tuple[float, float]:
         times = []
         for _ in range(3):
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
-        return min(times[1:]) / rows
+        best = min(times[1:])
+        return best / rows, max(0.0, times[0] - best)
 
     batch = min(grad_batch, BATCH_TIMED)
     xb, yb = repeat(example, batch), repeat(target.to(example.device), batch)
@@ -158,7 +161,8 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
     model.eval()
     try:
         if grad_batch != 1 or method == "loop":
-            return timed(loop, 1) * grad_batch / batch
+            row, first = timed(loop, 1)
+            return row * grad_batch / batch, first
         with math_attention():
             try:
                 by_vmap = timed(vmapped, chunk)
@@ -173,14 +177,20 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
 def sampling_seconds(model: nn.Module, params: dict[str, nn.Parameter],
                      example: torch.Tensor, loss_fn: Loss, target: torch.Tensor, m: int,
                      grad_batch: int, method: str) -> float:
-    """Seconds of the gradient stage: m rows at ``row_seconds``, and, where the sampler
-    calibrates its method (``wfcore.grad_calibration``), that calibration: at most an
-    eighth of the rows, on one thread."""
-    from wfcore.grad_calibration import MIN_GRADS, SHARE
+    """Seconds of the gradient stage: m rows at ``row_seconds`` and its first call, and,
+    where the sampler calibrates its method (``wfcore.grad_calibration``, with its rule
+    for when), that calibration: its rows on one thread."""
+    from wfcore.grad_calibration import MIN_GRADS, SHARE, calibration_rows
+    from wfcore.gradients import CHUNK_BYTES, MAX_CHUNK
 
-    row = row_seconds(model, params, example, loss_fn, target, grad_batch, method)
-    calibrates = method == "auto" and grad_batch == 1 and m >= MIN_GRADS
-    return row * (m + (m // SHARE) * torch.get_num_threads() if calibrates else m)
+    row, first = row_seconds(model, params, example, loss_fn, target, grad_batch, method)
+    d = sum(p.numel() for p in params.values())
+    n = min(max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d))), m // SHARE)
+    while n >= 2 and calibration_rows(n) > m // SHARE:
+        n -= 1
+    calibrates = method == "auto" and grad_batch == 1 and m >= MIN_GRADS and n >= 2
+    return row * m + first + (calibration_rows(n) * row * torch.get_num_threads()
+                              if calibrates else 0.0)
 
 
 @dataclass
