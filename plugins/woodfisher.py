@@ -207,7 +207,9 @@ def algebra_flops(layout: ParamLayout, block_size: int | str, form: str,
     return fit, update
 
 
-PROBE_BLOCKS = 4  # blocks of the plan's timed piece of the algebra
+# the plan's timed piece of the algebra: blocks of about this many bytes of gradients in
+# all (a chunk's rate, memory traffic included: a few blocks alone sit in the CPU's cache)
+PROBE_BYTES = 256 * 2**20
 PROBE_MAX_BLOCK = 4096  # ... of at most this size (larger ones counted from it in flops)
 PROBE_PRUNED = 0.9  # the share of a block its timed update removes (the paper's one-shot)
 
@@ -462,14 +464,17 @@ class WoodFisher(HessianEstimator):
 
     def stage_seconds(self, layout: ParamLayout, m: int,
                       device: torch.device | str) -> tuple[float, float]:
-        """(fit, joint update) seconds of the algebra: ``PROBE_BLOCKS`` blocks of the size
-        holding most weights timed as a chunk runs them (``probe_seconds``), and every
-        block counted at that rate in flops (``algebra_flops``) per stage."""
+        """(fit, joint update) seconds of the algebra: ``PROBE_BYTES`` of blocks of the size
+        holding most weights (at most a chunk's) timed as a chunk runs them
+        (``probe_seconds``), and every block counted at that rate in flops
+        (``algebra_flops``) per stage."""
         device = self._device(device)
         starts = block_starts(layout, self.options.block_size)
         B = max(starts, key=lambda b: b * len(starts[b]))
         form, dtype = choose_form(self.options.form, m, B), DTYPES[self.options.dtype]
-        B, n = min(B, PROBE_MAX_BLOCK), min(PROBE_BLOCKS, len(starts[B]))
+        per_chunk = max(len(c.groups.get(B, [])) for c in self.chunks(layout, m, device))
+        B = min(B, PROBE_MAX_BLOCK)
+        n = max(1, min(PROBE_BYTES // (m * B * dtype.itemsize), per_chunk))
         fit_s, update_s = probe_seconds(form, m, B, n, dtype, device)
         probed = ParamLayout({"probe": torch.empty(n * B)})
         probe_fit, probe_update = algebra_flops(probed, B, form, m)
