@@ -30,6 +30,8 @@ Safeguard: a failed Cholesky raises that block's damping x10 (logged, up to 8 ti
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import torch
 
@@ -254,3 +256,41 @@ def pair_entries(groups, rows: torch.Tensor, cols: torch.Tensor,
         pa, pb = pa[same], pb[same]
         out[inside[same]] = group.entries(pa // B, pa % B, pb % B)
     return out
+
+
+# the plan's timed piece of the algebra: blocks of about this many bytes of gradients in
+# all (a chunk's rate, memory traffic included: a few blocks alone sit in the CPU's cache)
+PROBE_BYTES = 256 * 2**20
+PROBE_MAX_BLOCK = 4096  # ... of at most this size (larger ones counted from it in flops)
+PROBE_PRUNED = 0.9  # the share of a block its timed update removes (the paper's one-shot)
+
+
+def probe_seconds(form: str, m: int, B: int, n: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[float, float]:
+    """Seconds of diag(F^-1) and of a joint update of ``n`` blocks of size B as a chunk
+    runs them (the store's float32 columns stacked and converted included), on random
+    gradients: the better of two timed runs after one untimed (kernels warm up)."""
+    g = torch.Generator().manual_seed(0)
+    columns = torch.randn(m, n * B, generator=g)  # (m, n*B), as read from a store
+    w = torch.randn(n, B, generator=g, dtype=dtype).to(device)
+    mask = (torch.rand(n, B, generator=g) < PROBE_PRUNED).to(device)
+
+    def group() -> BlockGroup:
+        G = torch.stack([columns[:, k * B:(k + 1) * B] for k in range(n)])  # (n, m, B)
+        return BlockGroup(G.to(device=device, dtype=dtype), 1e-2, form,
+                          lambda k: f"probe block {k}")
+
+    def timed(run) -> float:
+        best = math.inf
+        for k in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if k:
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    return timed(lambda: group().diag()), timed(lambda: group().joint(mask, w))

@@ -44,8 +44,6 @@ anything is read, and a block that alone does not fit is refused with the number
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -54,11 +52,14 @@ import torch
 from tqdm.auto import tqdm
 from wfcore.plugins.diag_fisher import live_mean
 from wfcore.plugins.woodbury import (
+    PROBE_BYTES,
+    PROBE_MAX_BLOCK,
     BlockGroup,
     choose_form,
     group_pairs,
     memory_needed,
     pair_entries,
+    probe_seconds,
 )
 
 from wfcore import distributed, hookimpl, progress
@@ -207,54 +208,6 @@ def algebra_flops(layout: ParamLayout, block_size: int | str, form: str,
     return fit, update
 
 
-# the plan's timed piece of the algebra: blocks of about this many bytes of gradients in
-# all (a chunk's rate, memory traffic included: a few blocks alone sit in the CPU's cache)
-PROBE_BYTES = 256 * 2**20
-PROBE_MAX_BLOCK = 4096  # ... of at most this size (larger ones counted from it in flops)
-PROBE_PRUNED = 0.9  # the share of a block its timed update removes (the paper's one-shot)
-
-
-def probe_seconds(form: str, m: int, B: int, n: int, dtype: torch.dtype,
-                  device: torch.device) -> tuple[float, float]:
-    """Seconds of the fit and of a joint update of ``n`` blocks of size B, as a chunk
-    runs them (the columns stacked and converted from float32 included), on random
-    gradients: the better of two timed runs after one untimed."""
-    g = torch.Generator().manual_seed(0)
-    columns = torch.randn(m, n * B, generator=g)  # (m, n*B), the store's columns
-    w = torch.randn(n, B, generator=g, dtype=dtype).to(device)
-    mask = (torch.rand(n, B, generator=g) < PROBE_PRUNED).to(device)
-    chunk = Chunk(0, n * B, {B: list(range(0, n * B, B))}, 0)
-    options = WoodFisherOptions(damp=1e-2, form=form, dtype=str(dtype).removeprefix("torch."))
-
-    def groups() -> Iterator[tuple[torch.Tensor, BlockGroup]]:
-        return chunk_groups(None, columns, chunk, 1e-2, options, device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def timed(run) -> float:
-        best = math.inf
-        for k in range(3):
-            sync()
-            start = time.perf_counter()
-            run()
-            sync()
-            if k:  # the first call warms the kernels up for the shapes
-                best = min(best, time.perf_counter() - start)
-        return best
-
-    def fit() -> None:
-        for _, group in groups():
-            group.diag()
-
-    def update() -> None:
-        for _, group in groups():
-            group.joint(mask, w)
-
-    return timed(fit), timed(update)
-
-
 class WoodFisherCurvature(Curvature):
     """F^-1 of every block of the prunable weights, answered chunk by chunk.
 
@@ -372,20 +325,16 @@ class WoodFisherCurvature(Curvature):
         return float(damps.mean())
 
 
-def chunk_groups(layout: ParamLayout | None, source: GradientRows | torch.Tensor,
-                 chunk: Chunk, damps: dict[int, torch.Tensor] | float,
-                 options: WoodFisherOptions,
+def chunk_groups(layout: ParamLayout, source: GradientRows, chunk: Chunk,
+                 damps: dict[int, torch.Tensor] | float, options: WoodFisherOptions,
                  device: torch.device) -> Iterator[tuple[torch.Tensor, BlockGroup]]:
     """The chunk's block groups: its columns read once, each size's blocks batched.
 
-    ``source``: the store, or the chunk's columns already read ((m, cols) tensor).
     ``damps``: each group's damping as the fit settled it ({B: (n,)}), or the fit's
-    lambda for every block. ``layout`` names the blocks in messages (None: by offset).
+    lambda for every block.
     """
     dtype = DTYPES[options.dtype]
-    # (m, cols), storage dtype, host
-    columns = source if isinstance(source, torch.Tensor) else source.columns(chunk.start,
-                                                                             chunk.stop)
+    columns = source.columns(chunk.start, chunk.stop)  # (m, cols), storage dtype, host
     m = columns.shape[0]
     # blocks stacked in the storage dtype, then one conversion on the solve device
     stacked = {B: torch.stack([columns[:, o - chunk.start:o - chunk.start + B]
@@ -397,8 +346,7 @@ def chunk_groups(layout: ParamLayout | None, source: GradientRows | torch.Tensor
             + torch.arange(B, device=device)  # (n, B)
 
         def what(k: int, offsets=offsets, B=B) -> str:
-            return (describe_block(layout, offsets[k], B) if layout is not None
-                    else f"the block of {B} weights at offset {offsets[k]}")
+            return describe_block(layout, offsets[k], B)
 
         damp = damps[B] if isinstance(damps, dict) else damps
         yield flat, BlockGroup(stacked.pop(B), damp, choose_form(options.form, m, B), what)
