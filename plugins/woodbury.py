@@ -156,6 +156,15 @@ class BlockGroup:
             F_inv.baddbmm_(u, v.transpose(1, 2), alpha=-1)
         return F_inv
 
+    def whitened(self) -> torch.Tensor:
+        """(n, m, B): A = L^-1 G (dual form), as L^-1 (m x m, a triangular solve of the
+        identity) times G: one batched GEMM. A triangular solve with G's B columns on the
+        right-hand side ran 5x slower on a CPU (ResNet-50's blocks, m = 100: 4.5 s against
+        0.8 s for 80 blocks), and both agree to rounding (1e-16 there)."""
+        eye = torch.eye(self.m, dtype=self.G.dtype, device=self.G.device)
+        L_inv = torch.linalg.solve_triangular(self.L, eye.expand_as(self.L), upper=False)
+        return L_inv @ self.G
+
     def drop_factors(self) -> None:
         """Free everything but diag(F^-1) and the settled damping."""
         self.G = self._L = self._F_inv = None
@@ -164,7 +173,7 @@ class BlockGroup:
         """(n, B): diag(F^-1)."""
         if self._diag is None:
             if self.form == "dual":
-                A = torch.linalg.solve_triangular(self.L, self.G, upper=False)  # (n, m, B)
+                A = self.whitened()  # (n, m, B)
                 self._diag = (1 - A.square_().sum(1)) / self.damp[:, None]
             else:
                 self._diag = self.F_inv.diagonal(dim1=1, dim2=2).clone()
@@ -178,7 +187,7 @@ class BlockGroup:
         """
         if self.form != "dual":
             return self.F_inv[k, i, j]
-        A = torch.linalg.solve_triangular(self.L, self.G, upper=False)  # (n, m, B)
+        A = self.whitened()  # (n, m, B)
         step = max(A.shape[0] * A.shape[2], 1)
         out = [((i[s:s + step] == j[s:s + step]).to(A.dtype)
                 - (A[k[s:s + step], :, i[s:s + step]] * A[k[s:s + step], :, j[s:s + step]]).sum(-1))
