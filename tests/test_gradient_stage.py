@@ -259,9 +259,8 @@ def test_the_plan_times_rows_the_way_the_sampler_takes_them():
     sampler, model = tiny_sampler()
     x, y = sampler._load(torch.tensor([0]))
     for method in ("auto", "vmap", "loop"):
-        seconds, first = row_seconds(model, sampler.params, x, nn.CrossEntropyLoss(), y, 1,
-                                     method)
-        assert 0 < seconds < 1 and 0 <= first < 10
+        seconds = row_seconds(model, sampler.params, x, nn.CrossEntropyLoss(), y, 1, method)
+        assert 0 < seconds < 1
 
 
 def test_the_plan_times_the_passes_over_a_disk_store(capsys):

@@ -109,14 +109,14 @@ def matmul_rate(device: torch.device) -> float:
 
 def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torch.Tensor,
                 loss_fn: Loss, target: torch.Tensor, grad_batch: int,
-                method: str) -> tuple[float, float]:
-    """(seconds per gradient row, the first call's extra seconds) as the sampler takes
-    them (``wfcore.gradients``): with ``grad_batch`` 1, per-sample gradients by vmap over
-    grad at the sampler's chunk of rows and by the loop of backward passes, the faster of
-    the two unless ``method`` names one; else one batched backward pass of ``grad_batch``
-    samples (timed on at most ``BATCH_TIMED`` of them, per sample). The better of two
-    timed calls after one untimed; the first call of a shape costs more (vmap's much
-    more), which the sampling pays once."""
+                method: str) -> float:
+    """Seconds per gradient row as the sampler takes them (``wfcore.gradients``): with
+    ``grad_batch`` 1, per-sample gradients by vmap over grad at the sampler's chunk of
+    rows and by the loop of backward passes, the faster of the two unless ``method`` names
+    one; else one batched backward pass of ``grad_batch`` samples (timed on at most
+    ``BATCH_TIMED`` of them, per sample). The better of two timed calls after one untimed:
+    the first call of a shape costs more (vmap's much more), and the plan, made in the
+    process that samples, has paid it for the sampler."""
     from torch.func import functional_call, grad, vmap
 
     from wfcore.gradients import CHUNK_BYTES, MAX_CHUNK
@@ -132,14 +132,13 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
     def repeat(t: torch.Tensor, n: int) -> torch.Tensor:
         return t.expand(n, *t.shape[1:]).clone()
 
-    def timed(run, rows: int) -> tuple[float, float]:
+    def timed(run, rows: int) -> float:
         times = []
         for _ in range(3):
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
-        best = min(times[1:])
-        return best / rows, max(0.0, times[0] - best)
+        return min(times[1:]) / rows
 
     batch = min(grad_batch, BATCH_TIMED)
     xb, yb = repeat(example, batch), repeat(target.to(example.device), batch)
@@ -161,8 +160,7 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
     model.eval()
     try:
         if grad_batch != 1 or method == "loop":
-            row, first = timed(loop, 1)
-            return row * grad_batch / batch, first
+            return timed(loop, 1) * grad_batch / batch
         with math_attention():
             try:
                 by_vmap = timed(vmapped, chunk)
@@ -177,19 +175,19 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
 def sampling_seconds(model: nn.Module, params: dict[str, nn.Parameter],
                      example: torch.Tensor, loss_fn: Loss, target: torch.Tensor, m: int,
                      grad_batch: int, method: str) -> float:
-    """Seconds of the gradient stage: m rows at ``row_seconds`` and its first call, and,
+    """Seconds of the gradient stage: m rows at ``row_seconds``, and,
     where the sampler calibrates its method (``wfcore.grad_calibration``, with its rule
     for when), that calibration: its rows on one thread."""
     from wfcore.grad_calibration import MIN_GRADS, SHARE, calibration_rows
     from wfcore.gradients import CHUNK_BYTES, MAX_CHUNK
 
-    row, first = row_seconds(model, params, example, loss_fn, target, grad_batch, method)
+    row = row_seconds(model, params, example, loss_fn, target, grad_batch, method)
     d = sum(p.numel() for p in params.values())
     n = min(max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d))), m // SHARE)
     while n >= 2 and calibration_rows(n) > m // SHARE:
         n -= 1
     calibrates = method == "auto" and grad_batch == 1 and m >= MIN_GRADS and n >= 2
-    return row * m + first + (calibration_rows(n) * row * torch.get_num_threads()
+    return row * m + (calibration_rows(n) * row * torch.get_num_threads()
                               if calibrates else 0.0)
 
 
