@@ -257,6 +257,33 @@ def test_on_disk_store_is_gone_after_each_step(tmp_path, monkeypatch):
     assert not open_store_files() and not list(store_dir.iterdir())
 
 
+def test_a_step_reads_a_disk_store_twice_and_plans_that(tmp_path, monkeypatch):
+    """The pipeline's step on a disk store: the fit reads every chunk once, the joint
+    update once more (last to first), and the safeguard's record of the update reads
+    nothing; the plan counts the two passes, one per stage, and report.json holds the
+    planned seconds of each stage beside the measured ones."""
+    reads = []
+    columns = GradientStore.columns
+
+    def counted(self, start, stop, *args, **kwargs):
+        reads.append(start)
+        return columns(self, start, stop, *args, **kwargs)
+
+    monkeypatch.setattr(GradientStore, "columns", counted)
+    assert prune(tmp_path, "fisher.store=disk", f"fisher.store_dir={tmp_path / 'store'}",
+                 "scheduler.sparsities=[0.7]", "estimator.max_memory_gb=0.004",
+                 "safeguard.enabled=false") == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    half = len(reads) // 2
+    assert half >= 2 and reads == reads[:half] + reads[:half][::-1]
+    assert reads[:half] == sorted(reads[:half])
+    plan = report["plan"]
+    assert plan["store_passes"] == 2.0 and plan["update_store_passes"] == 1.0
+    assert set(plan["stages"]) == {"gradients", "estimate", "prune"}
+    assert all(v > 0 for v in plan["stages"].values())
+    assert all(report["steps"][0]["timings"][k] > 0 for k in plan["stages"])
+
+
 @pytest.mark.parametrize("fault", [WfcoreError("bad block"), KeyboardInterrupt()])
 def test_on_disk_store_is_gone_after_an_error_or_ctrl_c(tmp_path, monkeypatch, fault):
     from wfcore.plugins import woodfisher
