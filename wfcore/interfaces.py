@@ -126,6 +126,9 @@ class EstimatorCost:
     # whole reads of the gradient store by the fit and one update: on disk, each costs
     # store bytes / the disk's read rate (the plan counts them)
     store_passes: float = 0.0
+    # of these, the update's (the pruning stage's; the rest are the fit's, the estimate stage)
+    update_flops: float = 0.0
+    update_store_passes: float = 0.0
 
 
 @dataclass
@@ -293,6 +296,14 @@ class HessianEstimator(ABC):
         that cannot run. The default counts a few per-weight float64 vectors.
         """
         return EstimatorCost(working_bytes=4 * layout.d * 8, flops=4.0 * m * layout.d)
+
+    def stage_seconds(self, layout: ParamLayout, m: int,
+                      device: torch.device | str) -> tuple[float, float] | None:
+        """(fit, update) seconds of the algebra over ``layout`` with m gradients, timed on a
+        small piece of it on ``device``, for the plan (the store's reads not included).
+        None, the default: the plan takes ``cost().flops`` at the device's measured float64
+        matrix-multiply rate."""
+        return None
 
 
 class LayerwiseEstimator(HessianEstimator):

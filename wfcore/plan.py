@@ -13,10 +13,17 @@ cannot fit (``Plan.check``) before it trains or samples anything. The numbers:
   estimator's own working set (``HessianEstimator.cost``);
 - flops: the gradients (forward + backward, counted with torch's FlopCounterMode on one
   sample) and the estimator's algebra;
-- time: the gradients from timing a few forward/backward passes of this model on this
-  machine, the algebra from the measured float64 matrix-multiply rate of the solve device,
-  and, for a store on disk, the estimator's passes over it (``EstimatorCost.store_passes``)
-  at ``STORE_READ_RATE`` (the pages of a store larger than the page cache come from disk).
+- time, per stage of the step (``Plan.stages``, in report.json beside the measured
+  seconds of each step): the gradients from timing a few rows of this model on this
+  machine the way the sampler takes them (``row_seconds``: vmap over grad at its chunk of
+  rows, or the loop of backward passes), with the sampler's own calibration; the estimate
+  and the prune from the estimator's timed piece of its algebra
+  (``HessianEstimator.stage_seconds``; else the flops at the measured float64
+  matrix-multiply rate of the solve device), split into the fit and the update, and, for
+  a store on disk, the estimator's passes over it (``EstimatorCost.store_passes``, the
+  update's ``update_store_passes``) at ``STORE_READ_RATE`` (the pages of a store larger
+  than the page cache come from disk); the prune adds the safeguard's and the running
+  statistics' forward passes (``wfcore.safeguard_plan``).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ log = logging.getLogger(__name__)
 STORE_MEMORY_SHARE = 0.25  # fisher.store=auto keeps the store in memory up to this share
 MEMORY_SHARE = 0.9  # of the available memory a run may plan to use at its peak
 GiB = 2**30
+BATCH_TIMED = 16  # samples of a row of grad_batch > 1 timed at once (memory stays small)
 STORE_READ_RATE = 400 * 2**20  # bytes/s of a column pass over a disk store (m reads per chunk)
 # Peak bytes per entry of structure.block's [F^-1]_GG blocks (b numbers a weight, b the
 # group size): the entries in float64 with the index pairs that gather them, and the
@@ -128,29 +136,88 @@ def matmul_rate(device: torch.device) -> float:
     return _MATMUL_RATE[key]
 
 
-def gradient_seconds(model: nn.Module, example: torch.Tensor, loss_fn: Loss,
-                     target: torch.Tensor, samples: int) -> float:
-    """Seconds for ``samples`` forward/backward passes, from timing one sample and, for a
-    fast model, a batch of up to 64 (per-sample overheads amortise as in the sampler)."""
+def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torch.Tensor,
+                loss_fn: Loss, target: torch.Tensor, grad_batch: int,
+                method: str) -> float:
+    """Seconds per gradient row as the sampler takes them (``wfcore.gradients``): with
+    ``grad_batch`` 1, per-sample gradients by vmap over grad at the sampler's chunk of
+    rows and by the loop of backward passes, the faster of the two unless ``method`` names
+    one; else one batched backward pass of ``grad_batch`` samples (timed on at most
+    ``BATCH_TIMED`` of them, per sample). The better of two timed calls after one untimed:
+    the first call of a shape costs more (vmap's much more), and the plan, made in the
+    process that samples, has paid it for the sampler."""
+    from torch.func import functional_call, grad, vmap
+
+    from wfcore.gradients import CHUNK_BYTES, MAX_CHUNK
+    from wfcore.precision import math_attention
+
+    d = sum(p.numel() for p in params.values())
+    chunk = max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d)))
+    names = list(params)
+    fixed = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if n not in params}
+    prunable = {n: p.detach() for n, p in params.items()}
+
+    def repeat(t: torch.Tensor, n: int) -> torch.Tensor:
+        return t.expand(n, *t.shape[1:]).clone()
+
+    def timed(run, rows: int) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times[1:]) / rows
+
+    batch = min(grad_batch, BATCH_TIMED)
+    xb, yb = repeat(example, batch), repeat(target.to(example.device), batch)
+
+    def loop() -> None:
+        torch.autograd.grad(loss_fn(model(xb), yb), [params[n] for n in names])
+
+    def row_loss(weights, x, y):
+        return loss_fn(functional_call(model, {**fixed, **weights}, (x,)), y)
+
+    x = repeat(example, chunk).unsqueeze(1)  # (chunk, 1, ...): one sample a row
+    y = repeat(target.to(example.device), chunk).unsqueeze(1)
+    row_grad = vmap(grad(row_loss), in_dims=(None, 0, 0))
+
+    def vmapped() -> None:
+        torch.cat([g.reshape(chunk, -1) for g in row_grad(prunable, x, y).values()], dim=1)
+
     was_training = model.training
     model.eval()
-
-    def timed(batch: int) -> float:
-        x = example.expand(batch, *example.shape[1:]).clone()
-        y = target.to(x.device).expand(batch, *target.shape[1:]).clone()
-        start = time.perf_counter()
-        loss_fn(model(x), y).backward()
-        return (time.perf_counter() - start) / batch
-
     try:
-        timed(1)  # warm-up
-        per_sample = timed(1)
-        if per_sample < 0.02 and samples > 1:
-            per_sample = timed(min(samples, 64))
+        if grad_batch != 1 or method == "loop":
+            return timed(loop, 1) * grad_batch / batch
+        with math_attention():
+            try:
+                by_vmap = timed(vmapped, chunk)
+            except Exception:  # a model torch.func cannot trace: the sampler loops too
+                return timed(loop, 1)
+        return by_vmap if method == "vmap" else min(by_vmap, timed(loop, 1))
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return per_sample * samples
+
+
+def sampling_seconds(model: nn.Module, params: dict[str, nn.Parameter],
+                     example: torch.Tensor, loss_fn: Loss, target: torch.Tensor, m: int,
+                     grad_batch: int, method: str) -> float:
+    """Seconds of the gradient stage: m rows at ``row_seconds``, and,
+    where the sampler calibrates its method (``wfcore.grad_calibration``, with its rule
+    for when), that calibration: its rows on one thread."""
+    from wfcore.grad_calibration import MIN_GRADS, SHARE, calibration_rows
+    from wfcore.gradients import CHUNK_BYTES, MAX_CHUNK
+
+    row = row_seconds(model, params, example, loss_fn, target, grad_batch, method)
+    d = sum(p.numel() for p in params.values())
+    n = min(max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d))), m // SHARE)
+    while n >= 2 and calibration_rows(n) > m // SHARE:
+        n -= 1
+    calibrates = method == "auto" and grad_batch == 1 and m >= MIN_GRADS and n >= 2
+    return row * m + (calibration_rows(n) * row * torch.get_num_threads()
+                              if calibrates else 0.0)
 
 
 @dataclass
@@ -175,6 +242,9 @@ class Plan:
     algebra_seconds: float
     store_passes: float = 0.0  # the estimator's whole reads of a disk store
     store_read_seconds: float = 0.0  # their time at STORE_READ_RATE
+    # of the algebra and of the passes, the update's (the prune stage's)
+    update_algebra_seconds: float = 0.0
+    update_store_passes: float = 0.0
     nproc: int = 1  # processes of a torchrun run (--nproc-per-node); the share is per rank
     # the update safeguard's and the running statistics' forward passes (safeguard_plan.py)
     safeguard_seconds: float = 0.0
@@ -185,10 +255,26 @@ class Plan:
     # the store every step opens (None: no gradients); its numbers are the fields above
     store: StorePlan | None = None
 
+    def stages(self) -> dict[str, float]:
+        """Planned seconds per stage of the step, as the step records time them: the
+        gradients; the estimate (the fit's algebra and passes over a disk store); the prune
+        (the update's algebra and passes, the safeguard and the running statistics)."""
+        per_pass = self.store_read_seconds / self.store_passes if self.store_passes else 0.0
+        update_read = per_pass * min(self.update_store_passes, self.store_passes)
+        return {"gradients": self.gradient_seconds,
+                "estimate": self.algebra_seconds - self.update_algebra_seconds
+                + self.store_read_seconds - update_read,
+                "prune": self.update_algebra_seconds + update_read + self.safeguard_seconds}
+
     def as_dict(self) -> dict:
-        """The plan for report.json (NaN times, when not calibrated, as null)."""
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in dataclasses.asdict(self).items() if k != "store"}
+        """The plan for report.json (NaN times, when not calibrated, as null), with its
+        seconds per stage (``stages``)."""
+        def clean(v):
+            return None if isinstance(v, float) and math.isnan(v) else v
+
+        out = {k: clean(v) for k, v in dataclasses.asdict(self).items() if k != "store"}
+        out["stages"] = {k: clean(v) for k, v in self.stages().items()}
+        return out
 
     def problems(self) -> list[str]:
         """What does not fit: one line each, with the numbers and what to change."""
@@ -254,6 +340,8 @@ class Plan:
             + (f", {self.store_passes:g} pass(es) over the disk store "
                f"{format_seconds(self.store_read_seconds)}" if self.store_read_seconds else "")
             + ")",
+            "per stage: " + ", ".join(f"{k} {format_seconds(v)}"
+                                      for k, v in self.stages().items()),
         ]
         if self.nproc > 1:
             n = self.nproc
@@ -312,10 +400,16 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
     fwd = forward_flops(model, example) if needs_gradients else 0.0
     samples = m * grad_batch if needs_gradients else 0
     grad_s = (0.0 if not needs_gradients else
-              gradient_seconds(model, example, loss_fn, target, samples) if calibrate
+              sampling_seconds(model, params, example, loss_fn, target, m, grad_batch,
+                               fisher.get("grad_method", "auto")) if calibrate
               else math.nan)
-    algebra_s = cost.flops / matmul_rate(device) if calibrate else math.nan
+    stages = estimator.stage_seconds(layout, m, device) if calibrate else None
+    if stages is None:  # the flops at the measured matrix-multiply rate
+        rate = matmul_rate(device) if calibrate else math.nan
+        stages = ((cost.flops - cost.update_flops) / rate, cost.update_flops / rate)
+    algebra_s, update_s = stages[0] + stages[1], stages[1]
     passes = cost.store_passes if place == "disk" else 0.0
+    update_passes = cost.update_store_passes if place == "disk" else 0.0
     notes = [f"estimator: {cost.note}"] if cost.note else []
     return Plan(d=d, m=m, grad_batch=grad_batch, estimator=estimator_name, store_place=place,
                 store_dir=str(store_dir), store_bytes=nbytes, model_bytes=model_bytes,
@@ -324,6 +418,7 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
                 disk_available=free_disk(store_dir), gradient_flops=3 * fwd * samples,
                 algebra_flops=cost.flops, gradient_seconds=grad_s, algebra_seconds=algebra_s,
                 store_passes=passes, store_read_seconds=passes * nbytes / STORE_READ_RATE,
+                update_algebra_seconds=update_s, update_store_passes=update_passes,
                 nproc=nproc, block=block, block_bytes=blocks, on_host=device.type != "cuda",
                 notes=notes, store=store)
 

@@ -224,10 +224,14 @@ class Safeguard:
                skipped: str | None) -> dict[str, Any]:
         """The step's record: damp, the mask and alpha chosen, the predicted (quadratic
         model) and the actual loss increase, every candidate tried."""
-        change = {}  # the whole change of the step: d = keep * (w + alpha * dw) - w
+        # the whole change of the step: d = keep * (w + alpha * dw) - w, written as
+        # alpha * dw where kept and -w where pruned (no w + dw - w rounding: the change of
+        # an update taken whole equals it value for value)
+        change = {}
         for n, w in weights.items():
-            moved = w.double() + (update[n].to(w.device).double() if update is not None else 0.0)
-            change[n] = moved * keep[n].to(w.device) - w.double()
+            moved = (update[n].to(w.device).double() if update is not None
+                     else torch.zeros_like(w, dtype=torch.float64))
+            change[n] = torch.where(keep[n].to(w.device), moved, -w.double())
         predicted = curvature.quadratic(change)
         if predicted is not None and gradient is not None:
             predicted += sum(float((gradient[n].double().to(change[n].device) * change[n]).sum())

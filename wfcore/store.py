@@ -2,8 +2,13 @@
 
 Rows are written once, a chunk of rows at a time, while the gradients are sampled; the
 estimators then read a contiguous range of columns (a chunk of blocks) for all m rows at
-once, as many times as they need (``columns``). The layout is row-major, so a chunk of rows
-is one contiguous write and a column range is m contiguous reads.
+once, as many times as they need (``columns``). In memory the layout is row-major. On disk
+the columns are cut into tiles of ``tile`` columns (about ``TILE_BYTES`` each), each tile
+row-major over all m rows and the tiles one after another: a chunk of rows is one
+contiguous write per tile, and a range of columns is one contiguous read per tile it
+covers (m short reads a tile's width apart for a tile it covers in part). A pass over the
+columns in order thus reads the file in order, as a disk serves fastest; with whole rows
+one after another it would read m pieces a whole row (tens of MB) apart for each chunk.
 
 ``memory``: one (m, d) tensor (pinned CPU memory when the solves run on a GPU, so that
 chunks copy to the device asynchronously). ``disk``: a file of m*d values in the storage
@@ -51,6 +56,7 @@ log = logging.getLogger(__name__)
 STORAGE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name)
                                            for name in STORAGE_DTYPE_NAMES}
 DISK_MARGIN = 1 * 2**30  # free space left on the file system beside a store
+TILE_BYTES = 64 * 2**20  # the columns of a disk store, m rows of them, per tile
 SUM_SLICE_BYTES = 64 * 2**20  # float64 temporaries of the column sums, per slice of columns
 SHARED_MEMORY = Path("/dev/shm")  # where the ranks of one machine share an in-memory store
 
@@ -124,6 +130,11 @@ def check_directory(directory: str | Path, key: str = "fisher.store_dir") -> Non
                           f"{exc.strerror or exc}") from None
 
 
+def tile_columns(m: int, d: int, dtype: torch.dtype) -> int:
+    """Columns per tile of a disk store: m rows of them fill about ``TILE_BYTES``."""
+    return max(1, min(d, TILE_BYTES // max(1, m * dtype.itemsize)))
+
+
 def _bytes_view(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor (any dtype, bfloat16 included)."""
     return t.view(torch.uint8).numpy().data.cast("B")
@@ -143,6 +154,7 @@ class GradientStore:
         self.m, self.d, self.dtype, self.place = m, d, dtype, place
         self.device = torch.device("cpu") if shared else torch.device(device)
         self.nbytes = store_bytes(m, d, dtype)
+        self.tile = tile_columns(m, d, dtype)  # columns per tile of the file (disk)
         self.path: Path | None = None
         self._fd: int | None = None
         self._rows: torch.Tensor | None = None
@@ -166,6 +178,7 @@ class GradientStore:
         store.nbytes, store.path, store._fd, store._rows = G.numel() * G.element_size(), \
             None, None, G
         store.shared, store._square_sum = False, None
+        store.tile = store.d
         return store
 
     def _share(self, where: Path) -> None:
@@ -253,10 +266,12 @@ class GradientStore:
             self._rows[start:start + rows.shape[0]].copy_(rows)
             return
         stored = rows.detach().to("cpu", self.dtype).contiguous()
-        data = _bytes_view(stored)
-        offset, done = start * self.d * self.dtype.itemsize, 0
-        while done < len(data):
-            done += os.pwrite(self._require_fd(), data[done:], offset + done)
+        fd = self._require_fd()
+        for a, b in self.column_ranges(self.tile):  # the rows' piece of each tile
+            data = _bytes_view(stored[:, a:b].contiguous())
+            offset, done = self._offset(start, a), 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
         if self._square_sum is not None:
             self._add_squares(self._square_sum, stored)
 
@@ -266,7 +281,8 @@ class GradientStore:
         step = max(1, SUM_SLICE_BYTES // max(1, 8 * stored.shape[0]))
         for a in range(0, self.d, step):
             b = min(self.d, a + step)
-            sums[a:b] += stored[:, a:b].double().square_().sum(0)
+            # a copy: a float64 ``stored`` may be the caller's own rows
+            sums[a:b] += stored[:, a:b].to(torch.float64, copy=True).square_().sum(0)
         sums[-1] += stored.shape[0]
 
     def finish_rows(self) -> None:
@@ -284,17 +300,34 @@ class GradientStore:
         if self._rows is not None:
             return self._rows[:, start:stop].to(device=device, dtype=dtype, copy=True)
         out = torch.empty(self.m, stop - start, dtype=self.dtype)
-        width = (stop - start) * self.dtype.itemsize
-        row_bytes, fd = self.d * self.dtype.itemsize, self._require_fd()
-        for i in range(self.m):
-            view = _bytes_view(out[i])
-            offset, done = i * row_bytes + start * self.dtype.itemsize, 0
-            while done < width:
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got <= 0:
-                    raise WfcoreError("gradient store: the file ended early (was it removed?)")
-                done += got
+        for t in range(start // self.tile, (stop - 1) // self.tile + 1):  # tiles, in order
+            lo, hi = t * self.tile, min(self.d, (t + 1) * self.tile)
+            a, b = max(start, lo), min(stop, hi)
+            if (a, b) == (lo, hi):  # the whole tile: one read
+                tile = out if (a, b) == (start, stop) else torch.empty(self.m, b - a,
+                                                                      dtype=self.dtype)
+                self._read(_bytes_view(tile), self._offset(0, a))
+                if tile is not out:
+                    out[:, a - start:b - start] = tile
+            else:  # part of it: m reads a tile row apart, each into its row of ``out``
+                for i in range(self.m):
+                    self._read(_bytes_view(out[i, a - start:b - start]), self._offset(i, a))
         return out.to(device=device, dtype=dtype)
+
+    def _offset(self, row: int, column: int) -> int:
+        """Byte offset of (row, column) in the file: tiles of ``tile`` columns, each
+        row-major over the m rows (the last tile may be narrower)."""
+        lo = column // self.tile * self.tile
+        width = min(self.tile, self.d - lo)
+        return (self.m * lo + row * width + column - lo) * self.dtype.itemsize
+
+    def _read(self, view: memoryview, offset: int) -> None:
+        done, fd = 0, self._require_fd()
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise WfcoreError("gradient store: the file ended early (was it removed?)")
+            done += got
 
     def column_ranges(self, max_columns: int) -> Iterator[tuple[int, int]]:
         """Consecutive (start, stop) ranges of at most ``max_columns`` covering 0..d."""
