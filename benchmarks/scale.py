@@ -5,7 +5,7 @@ torchvision's ResNet-50 (25.5M prunable weights, randomly initialised: the dense
 90% with global allocation: m = 400 per-sample gradients (grad_batch 1) in a float16
 gradient store, blocks of 2000, absolute damp 1e-5, float64 solves, ``obs`` with the joint
 update (the paper's setting: no update safeguard unless ``--safeguard``).
-The run goes through the ordinary pipeline (``wfcore.pipeline.run``), so the plan, the
+The run goes through the ordinary pipeline (``wfcore.run.pipeline.run``), so the plan, the
 store and the chunked solves are the ones a user gets.
 
 Prints ``seconds`` per stage (gradients, estimate, prune), ``peak_rss_gb`` (the process's
@@ -33,7 +33,8 @@ import sys
 import tempfile
 import time
 
-from wfcore import config, pipeline
+from wfcore import config
+from wfcore.run import pipeline
 
 
 def main() -> int:

@@ -28,10 +28,11 @@ from results_doc import write_section
 from wfcore.plugins.diag_fisher import live_mean
 
 from wfcore import config as config_mod
-from wfcore import manager, pipeline
+from wfcore import manager
 from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Taylor
+from wfcore.run import pipeline
+from wfcore.run.training import evaluate
 from wfcore.structured import prunable_groups, prune_channels, recalibrate_batchnorm
-from wfcore.training import evaluate
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "mnist_cnn.yaml"
 MODELS = {"bn_cnn": ["model.name=bn_cnn", "train.epochs=10"],

@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from wfcore.errors import WfcoreError
-from wfcore.gradients import GradientSampler
+from wfcore.fisher.gradients import GradientSampler
+from wfcore.fisher.store import GradientStore
+from wfcore.fisher.store_writer import StoreWriter
 from wfcore.masks import Masks, select_params
-from wfcore.store import GradientStore
-from wfcore.store_writer import StoreWriter
 
 
 def tiny_sampler(num_grads: int = 24) -> tuple[GradientSampler, nn.Module]:
@@ -212,7 +212,7 @@ def test_calibration_is_skipped_where_a_choice_could_change_more_than_speed(chan
 def test_woodfisher_passes_over_the_store_follow_whether_its_factors_are_kept():
     from wfcore.plugins.woodfisher import WoodFisher, WoodFisherOptions
 
-    from wfcore.gradients import ParamLayout
+    from wfcore.fisher.gradients import ParamLayout
 
     layout = ParamLayout({"w": torch.zeros(64, 100)})
     roomy = WoodFisher(WoodFisherOptions(block_size=100, max_memory_gb=1.0))
@@ -224,7 +224,7 @@ def test_woodfisher_passes_over_the_store_follow_whether_its_factors_are_kept():
 
 
 def test_the_plan_splits_its_seconds_into_the_stages_of_a_step():
-    from wfcore.plan import Plan
+    from wfcore.fisher.plan import Plan
 
     plan = Plan(d=10, m=4, grad_batch=1, estimator="woodfisher", store_place="disk",
                 store_dir=".", store_bytes=400, model_bytes=40, working_bytes=0, peak_bytes=0,
@@ -240,7 +240,7 @@ def test_the_plan_splits_its_seconds_into_the_stages_of_a_step():
 def test_woodfisher_times_a_piece_of_its_algebra_for_the_plan():
     from wfcore.plugins.woodfisher import WoodFisher, WoodFisherOptions, algebra_flops
 
-    from wfcore.gradients import ParamLayout
+    from wfcore.fisher.gradients import ParamLayout
 
     small = ParamLayout({"w": torch.zeros(8, 100)})
     large = ParamLayout({"w": torch.zeros(800, 100)})  # a hundred times the blocks
@@ -254,7 +254,7 @@ def test_woodfisher_times_a_piece_of_its_algebra_for_the_plan():
 
 
 def test_the_plan_times_rows_the_way_the_sampler_takes_them():
-    from wfcore.plan import row_seconds
+    from wfcore.fisher.plan import row_seconds
 
     sampler, model = tiny_sampler()
     x, y = sampler._load(torch.tensor([0]))

@@ -15,7 +15,7 @@ from wfcore.plugins.layer_hessian import HessianSum, columns_of
 from wfcore.plugins.layerwise import ExactOBS, ExactOBSOptions, SparseGPT, Wanda
 
 from wfcore import cli
-from wfcore.gradients import GradientSampler
+from wfcore.fisher.gradients import GradientSampler
 from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params, to_groups
 

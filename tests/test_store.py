@@ -22,12 +22,12 @@ from wfcore.plugins.woodfisher import (
 )
 
 from wfcore import cli
-from wfcore import store as store_module
 from wfcore.errors import WfcoreError
-from wfcore.gradients import GradientSampler, ParamLayout
+from wfcore.fisher import store as store_module
+from wfcore.fisher.gradients import GradientSampler, ParamLayout
+from wfcore.fisher.store import GradientStore
 from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params
-from wfcore.store import GradientStore
 
 ROOT = Path(__file__).parents[1]
 
@@ -360,7 +360,7 @@ def test_plan_of_the_paper_setting_fits_and_a_larger_m_is_refused(capsys):
 def test_the_plan_decides_the_store_once_and_the_step_follows_it(monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
-    from wfcore import plan
+    from wfcore.fisher import plan
 
     fisher = OmegaConf.create({"num_grads": 8, "storage_dtype": "float16", "store": "auto",
                                "offload": True})

@@ -24,7 +24,7 @@ from wfcore.errors import WfcoreDeprecationWarning, WfcoreError
 from wfcore.masks import Masks, block_scores
 
 if TYPE_CHECKING:
-    from wfcore.gradients import ParamLayout
+    from wfcore.fisher.gradients import ParamLayout
 
 Tensors = dict[str, torch.Tensor]
 # A data set's loss: (outputs, targets) -> the scalar mean over the batch.
@@ -69,7 +69,7 @@ class GradientRows(Protocol):
     """The m gradient rows of one pruning step, read a range of columns at a time.
 
     Column j is flat weight j of the problem's ``ParamLayout`` (parameters in order, each
-    flattened row-major). ``wfcore.store.GradientStore`` is the implementation.
+    flattened row-major). ``wfcore.fisher.store.GradientStore`` is the implementation.
     """
 
     m: int  # rows
@@ -94,7 +94,7 @@ class GradientSource(Protocol):
     Targets follow ``labels``: ``empirical``, the data's own; ``sampled``, drawn from the
     model's predictive distribution (the softmax of its outputs) at the current weights,
     with a generator seeded from the run's seed, so that a seed gives the same draws.
-    ``wfcore.gradients.GradientSampler`` is the implementation.
+    ``wfcore.fisher.gradients.GradientSampler`` is the implementation.
     """
 
     layout: ParamLayout  # the flat order of the prunable weights
@@ -171,7 +171,7 @@ class PruningProblem:
         """This problem with its m gradient rows sampled now, in memory, through ``source``
         (``GradientSource.sample``): for a caller outside a run (tests, ``wfcore analyze``);
         a run's rows go into the store that its plan decided."""
-        from wfcore.store import GradientStore
+        from wfcore.fisher.store import GradientStore
 
         return dataclasses.replace(self, gradients=GradientStore.from_tensor(self.source.sample()))
 

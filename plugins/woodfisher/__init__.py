@@ -28,7 +28,7 @@ rescale whole blocks against each other (w_q^2 lambda / 2 for weights the data d
 constrain).
 
 Forms (``form``): ``dual``, ``primal``, ``recursive`` or ``auto``; the per-block algebra
-of each is in ``wfcore.plugins.woodbury``.
+of each is in ``wfcore.plugins.woodfisher.algebra``.
 
 Blocks (``block_size``): ``full`` is one block over all prunable weights (layers coupled),
 ``layer`` one block per parameter, an int cuts each parameter's flat weights into
@@ -51,7 +51,7 @@ from typing import Optional, Union
 import torch
 from tqdm.auto import tqdm
 from wfcore.plugins.diag_fisher import live_mean
-from wfcore.plugins.woodbury import (
+from wfcore.plugins.woodfisher.algebra import (
     PROBE_BYTES,
     PROBE_MAX_BLOCK,
     BlockGroup,
