@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from wfcore import config as config_mod
-from wfcore import first_line, manager, pipeline
+from wfcore import first_line, manager
+from wfcore.run import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # model: its config under configs/

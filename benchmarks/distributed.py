@@ -43,10 +43,11 @@ ROOT = Path(__file__).parents[1]
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from wfcore import config, distributed, manager, pipeline
-    from wfcore.gradients import GradientSampler
+    from wfcore import config, distributed, manager
+    from wfcore.fisher.gradients import GradientSampler
+    from wfcore.fisher.store import GradientStore
     from wfcore.masks import Masks, select_params
-    from wfcore.store import GradientStore
+    from wfcore.run import pipeline
 
     distributed.init("gloo")
     cfg = config.load(args.config, ["device=cpu", *args.overrides])

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from wfcore import config as config_mod
-from wfcore import first_line, pipeline
+from wfcore import first_line
+from wfcore.run import pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WF = ["estimator.guide={name: woodfisher, damp: 0.1, block_size: 500}"]

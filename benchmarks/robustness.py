@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from wfcore import config as config_mod
-from wfcore import pipeline
+from wfcore.run import pipeline
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "mnist_mlpnet.yaml"
 SPARSITIES = [0.8, 0.9, 0.95]

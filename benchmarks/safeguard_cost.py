@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from wfcore import config as config_mod
-from wfcore import pipeline
+from wfcore.run import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("gradients", "estimate", "prune")

@@ -28,10 +28,11 @@ from results_doc import write_section
 from wfcore.plugins.diag_fisher import live_mean
 
 from wfcore import config as config_mod
-from wfcore import manager, pipeline
+from wfcore import manager
 from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Taylor
+from wfcore.run import pipeline
+from wfcore.run.training import evaluate
 from wfcore.structured import prunable_groups, prune_channels, recalibrate_batchnorm
-from wfcore.training import evaluate
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "mnist_cnn.yaml"
 MODELS = {"bn_cnn": ["model.name=bn_cnn", "train.epochs=10"],
@@ -80,7 +81,8 @@ def tp_scores(method: str, model, groups, graph, batches) -> list[torch.Tensor]:
 
 
 def run_one(model_name: str, name: str, seed: int, target: float, m: int,
-            extra: list[str] = (), min_keep: float = 0.1) -> dict[str, Any]:
+            extra: list[str] = (), min_keep: float = 0.1,
+            damp: float = 0.01) -> dict[str, Any]:
     """``name``: a method, with ``@per_cost`` for that allocation order; ``extra``: config
     overrides (e.g. other dense epochs)."""
     method, _, rank = name.partition("@")
@@ -102,8 +104,7 @@ def run_one(model_name: str, name: str, seed: int, target: float, m: int,
     update = True
     if method.startswith("woodfisher"):
         G = p.sampler.sample(m).double()  # (m, d)
-        damp = 0.1 * live_mean(G.square().mean(0))
-        scorer: GroupScorer = DualFisher(G, damp)
+        scorer: GroupScorer = DualFisher(G, damp * live_mean(G.square().mean(0)))
         update = method == "woodfisher"
     elif method == "magnitude":
         scorer = Diagonal()
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target", type=float, default=0.5, help="share of FLOPs removed")
     ap.add_argument("--num-grads", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--damp", type=float, default=0.01,
+                    help="woodfisher's relative damp (estimator.damp, damp_mode relative)")
     ap.add_argument("--min-keep", type=float, default=0.1, help="structure.min_keep")
     ap.add_argument("--section", default=None,
                     help="results.md section (default structured-accuracy-MODELS)")
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods.split(","):
             for seed in map(int, args.seeds.split(",")):
                 row = run_one(model_name, method, seed, args.target, args.num_grads,
-                              args.overrides, args.min_keep)
+                              args.overrides, args.min_keep, args.damp)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     summary = []
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
                  + "; ".join(f"{m}: {' '.join(o)}" for m, o in MODELS.items()
                              if m in args.models.split(","))
                  + f", the rest as configs/mnist_cnn.yaml; extra overrides: {extra}). "
-                 f"m = {args.num_grads} gradients for woodfisher (damp 0.1 x mean diagonal) "
+                 f"m = {args.num_grads} gradients for woodfisher (damp {args.damp} x mean "
+                 "diagonal) "
                  "and taylor. Every method goes through the same global allocator "
                  f"(structure.min_keep {args.min_keep}, round_to 1) and the same BatchNorm "
                  "re-estimation (1,024 training samples); tp-* are Torch-Pruning's "

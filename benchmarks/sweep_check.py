@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from wfcore import sweep
+from wfcore.tools import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 ESTIMATORS = "woodfisher,kfac,diag_fisher,magnitude,random"

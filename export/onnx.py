@@ -8,7 +8,7 @@ with a one-line error if either does not hold:
   per-initializer sparsity table; see export/checks.py for how weights are found);
 - ONNX Runtime's outputs match PyTorch's on a batch (max abs difference <= ``atol``).
 
-The exporter converts the model it is given; ``wfcore export RUN`` (wfcore/runs.py)
+The exporter converts the model it is given; ``wfcore export RUN`` (wfcore/run/saved.py)
 rebuilds a run's model, loads a step's weights and drives it.
 """
 

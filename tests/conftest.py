@@ -14,7 +14,7 @@ ROOT = Path(__file__).parents[1]
 # names and options, the train section, the seed, the plugin versions, a data fingerprint):
 # the code that builds and seeds a model, of the training loop, and of the built-in and test
 # models and data sets (a file moved falls back to every source file; name the new one here).
-DENSE_CODE = ("wfcore/prepare.py", "wfcore/training.py", "plugins/models.py",
+DENSE_CODE = ("wfcore/run/prepare.py", "wfcore/run/training.py", "plugins/models.py",
               "plugins/architectures.py", "plugins/datasets.py", "tests/user_models.py")
 
 

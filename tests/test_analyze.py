@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from wfcore import cli
-from wfcore.exact import DenseCurvature, ExactLoss, damped_inverse
-from wfcore.gradients import ParamLayout
+from wfcore.fisher.gradients import ParamLayout
+from wfcore.tools.exact import DenseCurvature, ExactLoss, damped_inverse
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "mnist_mlpnet.yaml"

@@ -161,7 +161,7 @@ def test_without_quiet_the_plan_steps_and_bars_are_shown_as_by_the_command():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=ROOT / "tests", timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "INFO wfcore.pipeline: plan: weights d=" in done.stderr
+    assert "INFO wfcore.run.pipeline: plan: weights d=" in done.stderr
     assert "step 0: sparsity" in done.stderr and done.stdout == ""
 
 

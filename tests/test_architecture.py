@@ -34,8 +34,8 @@ GRAPH = import_graph(MODULES)
 
 # The commands of the CLI that drive runs and read their directories; nothing else may
 # import them.
-TOOLS = frozenset({"wfcore.cli", "wfcore.__main__", "wfcore.sweep", "wfcore.analyze",
-                   "wfcore.analyze_dir", "wfcore.analyze_report"})
+TOOLS = frozenset({"wfcore.cli", "wfcore.__main__", "wfcore.tools.sweep", "wfcore.tools.analyze",
+                   "wfcore.tools.analyze_dir", "wfcore.tools.analyze_report"})
 # export/__init__.py makes the package callable as the function ``wfcore.export`` that it
 # shadows as an attribute of ``wfcore``; it calls that function where it is defined.
 PRIVATE_ALLOWED = {("wfcore.export", "from wfcore.api import export")}
@@ -43,17 +43,17 @@ PRIVATE_ALLOWED = {("wfcore.export", "from wfcore.api import export")}
 # none, but for these: the Python API and the CLI run ``wfcore bench``; group OBS shares
 # WoodFisher's block algebra.
 CORE_USES = {("wfcore.api", "wfcore.export.bench"), ("wfcore.cli", "wfcore.export.bench"),
-             ("wfcore.group_obs", "wfcore.plugins.woodbury")}
+             ("wfcore.group_obs", "wfcore.plugins.woodfisher.algebra")}
 # What benchmarks/ take from the machinery to measure it directly (a pipeline's stages, the
 # gradient store, group OBS): may only shrink. Anything else a benchmark needs goes through
 # the public API.
 BENCHMARK_PRIVATE = {
     "comparison.py": {"from wfcore import config", "from wfcore import manager",
-                      "from wfcore import pipeline"},
+                      "from wfcore.run import pipeline"},
     # the configuration page is generated from the schema and every component's Options
     "config_doc.py": {"from wfcore import config", "from wfcore import manager"},
     # runs the quick-start sweep through the sweep tool and checks its table
-    "sweep_check.py": {"from wfcore import sweep"},
+    "sweep_check.py": {"from wfcore.tools import sweep"},
     "cpu_speedup.py": {"from wfcore.export import bench",
                        "from wfcore.export.onnx import OnnxOptions",
                        "from wfcore.export.onnx import conv_linear_weights",
@@ -64,18 +64,18 @@ BENCHMARK_PRIVATE = {
     "bench_noise.py": {"from wfcore.export.onnx import OnnxOptions",
                        "from wfcore.export.onnx import export_checked"},
     "distributed.py": {"from wfcore import config", "from wfcore import manager",
-                       "from wfcore import pipeline",
-                       "from wfcore.gradients import GradientSampler",
-                       "from wfcore.store import GradientStore"},
+                       "from wfcore.run import pipeline",
+                       "from wfcore.fisher.gradients import GradientSampler",
+                       "from wfcore.fisher.store import GradientStore"},
     "estimator_speed.py": {"from wfcore.plugins.woodfisher import DTYPES",
                            "from wfcore.plugins.woodfisher import BlockGroup"},
-    "layerwise.py": {"from wfcore import config", "from wfcore import pipeline"},
-    "robustness.py": {"from wfcore import config", "from wfcore import pipeline"},
-    "safeguard_cost.py": {"from wfcore import config", "from wfcore import pipeline"},
-    "scale.py": {"from wfcore import config", "from wfcore import pipeline"},
+    "layerwise.py": {"from wfcore import config", "from wfcore.run import pipeline"},
+    "robustness.py": {"from wfcore import config", "from wfcore.run import pipeline"},
+    "safeguard_cost.py": {"from wfcore import config", "from wfcore.run import pipeline"},
+    "scale.py": {"from wfcore import config", "from wfcore.run import pipeline"},
     "semi_structured.py": {"from wfcore.nm import nm_keep", "from wfcore.nm import pattern_holds"},
     "structured_accuracy.py": {"from wfcore import config", "from wfcore import manager",
-                               "from wfcore import pipeline",
+                               "from wfcore.run import pipeline",
                                "from wfcore.group_obs import Diagonal",
                                "from wfcore.group_obs import DualFisher",
                                "from wfcore.group_obs import GroupScorer",
@@ -84,7 +84,7 @@ BENCHMARK_PRIVATE = {
                                "from wfcore.structured import prunable_groups",
                                "from wfcore.structured import prune_channels",
                                "from wfcore.structured import recalibrate_batchnorm",
-                               "from wfcore.training import evaluate"},
+                               "from wfcore.run.training import evaluate"},
     "structured_speedup.py": {"from wfcore.channels import CostModel",
                               "from wfcore.export.onnx import torch_to_onnx",
                               "from wfcore.group_obs import Diagonal",
@@ -114,7 +114,7 @@ def outside_the_api(module: str, path: Path) -> list[str]:
 
 
 def test_the_module_list_covers_every_source_folder():
-    assert {"wfcore.pipeline", "wfcore.plugins.woodfisher", "wfcore.export.onnx",
+    assert {"wfcore.run.pipeline", "wfcore.plugins.woodfisher", "wfcore.export.onnx",
             "wfcore.export"} <= set(MODULES)
     assert all(m.startswith("wfcore") for m in MODULES)
 
@@ -154,22 +154,22 @@ def test_benchmarks_import_only_public_names(path):
 def test_the_cycle_check_finds_a_cycle_through_any_import():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
-    graph = dict(GRAPH, **{"wfcore.errors": GRAPH["wfcore.errors"] | {"wfcore.pipeline"}})
+    graph = dict(GRAPH, **{"wfcore.errors": GRAPH["wfcore.errors"] | {"wfcore.run.pipeline"}})
     assert find_cycle(graph) is not None  # errors <- ... <- pipeline
 
 
 def test_the_import_walk_sees_every_form_of_import(tmp_path):
     path = tmp_path / "m.py"
-    path.write_text("from typing import TYPE_CHECKING\nimport wfcore.runner\n"
-                    "if TYPE_CHECKING:\n    from wfcore import pipeline\n"
-                    "def f():\n    from wfcore.prepare import build_model\n"
+    path.write_text("from typing import TYPE_CHECKING\nimport wfcore.run.runner\n"
+                    "if TYPE_CHECKING:\n    from wfcore.run import pipeline\n"
+                    "def f():\n    from wfcore.run.prepare import build_model\n"
                     "    from . import onnx\n    from .checks import zeros\n")
     found = {depends_on(u, MODULES) for u in file_uses("wfcore.export.m", path)}
-    assert found == {"wfcore.runner", "wfcore.pipeline", "wfcore.prepare",
+    assert found == {"wfcore.run.runner", "wfcore.run.pipeline", "wfcore.run.prepare",
                      "wfcore.export.onnx", "wfcore.export.checks"}
     lazy = {depends_on(u, MODULES) for u in file_uses(
         "wfcore.plugins.m", _write(tmp_path, "from wfcore import ParamLayout, hookimpl\n"))}
-    assert lazy == {"wfcore.gradients", "wfcore"}  # a public name: the module defining it
+    assert lazy == {"wfcore.fisher.gradients", "wfcore"}  # a public name: the module defining it
 
 
 def _write(tmp_path: Path, code: str) -> Path:
@@ -181,19 +181,21 @@ def _write(tmp_path: Path, code: str) -> Path:
 def test_the_public_api_check_catches_a_private_import(tmp_path):
     code = ("import wfcore\nfrom wfcore import hookimpl, ParamLayout, progress\n"
             "from wfcore.masks import to_groups\nfrom wfcore.plugins.models import BasicBlock\n"
-            "def f():\n    from wfcore.plan import available_memory\n"
+            "def f():\n    from wfcore.fisher.plan import available_memory\n"
             "    return wfcore.manager, wfcore.testing\n")
     assert outside_the_api("wfcore.plugins.m", _write(tmp_path, code)) == \
-        ["from wfcore.plan import available_memory", "wfcore.manager"]
-    assert private_uses("from ..runs import rebuild\n", "wfcore.export") == \
-        ["from wfcore.runs import rebuild"]
+        ["from wfcore.fisher.plan import available_memory", "wfcore.manager"]
+    assert private_uses("from ..run.saved import rebuild\n", "wfcore.export") == \
+        ["from wfcore.run.saved import rebuild"]
 
 
 def test_the_tool_check_catches_a_core_module_importing_a_tool():
-    graph = dict(GRAPH, **{"wfcore.runner": GRAPH["wfcore.runner"] | {"wfcore.sweep"}})
-    assert reverse_imports(graph, TOOLS) == ["wfcore.runner -> wfcore.sweep"]
+    runner = "wfcore.run.runner"
+    graph = dict(GRAPH, **{runner: GRAPH[runner] | {"wfcore.tools.sweep"}})
+    assert reverse_imports(graph, TOOLS) == ["wfcore.run.runner -> wfcore.tools.sweep"]
 
 
 def test_the_component_check_catches_a_core_module_importing_a_plugin():
-    graph = dict(GRAPH, **{"wfcore.pipeline": GRAPH["wfcore.pipeline"] | {"wfcore.plugins.kfac"}})
-    assert core_imports_of_components(graph) == ["wfcore.pipeline -> wfcore.plugins.kfac"]
+    pipeline = "wfcore.run.pipeline"
+    graph = dict(GRAPH, **{pipeline: GRAPH[pipeline] | {"wfcore.plugins.kfac"}})
+    assert core_imports_of_components(graph) == ["wfcore.run.pipeline -> wfcore.plugins.kfac"]

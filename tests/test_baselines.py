@@ -13,10 +13,10 @@ from wfcore.plugins.random_pruning import (
     RandomScorerOptions,
 )
 
-from wfcore.gradients import GradientSampler
+from wfcore.fisher.gradients import GradientSampler
+from wfcore.fisher.store import GradientStore
 from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params
-from wfcore.store import GradientStore
 
 
 def problem(seed: int = 0) -> PruningProblem:

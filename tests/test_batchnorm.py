@@ -1,4 +1,4 @@
-"""Running statistics re-estimated after the weights change (wfcore/batchnorm.py)."""
+"""Running statistics re-estimated after the weights change (wfcore/run/batchnorm.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from wfcore.plugins.magnitude import IdentityCurvature
 
-from wfcore.batchnorm import RunningStats, pool_inputs, stat_modules
-from wfcore.safeguard import Safeguard, calibration_batch
+from wfcore.run.batchnorm import RunningStats, pool_inputs, stat_modules
+from wfcore.run.safeguard import Safeguard, calibration_batch
 
 
 def bn_model(seed: int = 0) -> nn.Module:
@@ -118,7 +118,7 @@ def test_bn_cnn_keeps_70_percent_at_80_percent_one_shot(tmp_path):
     the safeguard keeps the OBS update (alpha > 0), and magnitude is not better. With the
     stale statistics the same WoodFisher step is worse. Minutes on two cores."""
     from wfcore import config as config_mod
-    from wfcore import pipeline
+    from wfcore.run import pipeline
 
     def run(name, *extra):
         cfg = config_mod.load("configs/bn_cnn.yaml", ["scheduler.sparsities=[0.8]", "export=null",

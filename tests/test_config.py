@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from wfcore import cli, config, manager, pipeline
+from wfcore import cli, config, manager
 from wfcore.errors import ConfigError
+from wfcore.run import pipeline
 
 CONFIG = Path(__file__).parents[1] / "configs" / "mnist_mlpnet.yaml"
 

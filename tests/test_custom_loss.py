@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from wfcore import config, hookimpl, manager, pipeline
+from wfcore import config, hookimpl, manager
 from wfcore.errors import ConfigError
 from wfcore.interfaces import DataBundle
+from wfcore.run import pipeline
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "mnist_mlpnet.yaml"

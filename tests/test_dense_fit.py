@@ -1,5 +1,5 @@
-"""oneshot fits the dense model once for all its targets (wfcore/dense_fit.py), and the
-plan counts the safeguard (wfcore/safeguard_plan.py)."""
+"""oneshot fits the dense model once for all its targets (wfcore/run/dense_fit.py), and the
+plan counts the safeguard (wfcore/run/safeguard_plan.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from wfcore import config as config_mod
-from wfcore import pipeline
-from wfcore.gradients import GradientSampler
-from wfcore.safeguard_plan import planned_forward_samples
+from wfcore.fisher.gradients import GradientSampler
+from wfcore.run import pipeline
+from wfcore.run.safeguard_plan import planned_forward_samples
 
 FAST = ["model.name=mlpnet", "train.epochs=1", "data.batch_size=500", "fisher.num_grads=32",
         "estimator.name=woodfisher", "scorer.update=joint", "scheduler.name=oneshot",

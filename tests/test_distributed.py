@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wfcore import checkpoint, cli, config, distributed, pipeline
+from wfcore import cli, config, distributed
+from wfcore.run import checkpoint, pipeline
 
 ROOT = Path(__file__).parents[1]
 CNN = ROOT / "configs" / "mnist_cnn.yaml"

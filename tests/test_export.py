@@ -19,7 +19,7 @@ from wfcore.plugins.models import MnistCNN, ResNet20
 
 from wfcore import cli
 from wfcore.errors import WfcoreError
-from wfcore.report import export_table
+from wfcore.run.report import export_table
 
 ROOT = Path(__file__).parents[1]
 

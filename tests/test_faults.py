@@ -26,7 +26,9 @@ from onnx import TensorProto, helper
 from wfcore.export.onnx import export_checked
 from wfcore.plugins.models import MnistCNN
 
-from wfcore import cli, config, errors, files, manager, pipeline, rundir
+from wfcore import cli, config, errors, files, manager
+from wfcore.run import directory as rundir
+from wfcore.run import pipeline
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")
@@ -126,7 +128,7 @@ def test_a_second_run_into_a_locked_directory_is_refused(run_copy, capsys):
     before = snapshot(run_copy)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from wfcore.rundir import RunLock\n"
+         "from wfcore.run.directory import RunLock\n"
          "with RunLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
          str(run_copy)], stdout=subprocess.PIPE, text=True)
     try:

@@ -1,6 +1,6 @@
 """Every check that can fail a run comes before ``--force`` removes anything and before
 the dense model is trained (issue 25, cases 1 and 3): the plan's admission
-(``wfcore/admission.py``) and its memory check, ``structure.block``'s group blocks
+(``wfcore/run/admission.py``) and its memory check, ``structure.block``'s group blocks
 included. MLPNet: 784-40-20-10, 32,360 prunable weights.
 """
 
@@ -16,10 +16,12 @@ from torch import nn
 from wfcore.plugins.allocators import GlobalAllocator, GlobalOptions, ManualAllocator, ManualOptions
 from wfcore.plugins.kfac import Kfac, KfacOptions
 
-from wfcore import plan, prepare, rundir, shared_store
 from wfcore.errors import WfcoreError
-from wfcore.gradients import ParamLayout
+from wfcore.fisher import plan, shared_store
+from wfcore.fisher.gradients import ParamLayout
 from wfcore.masks import block_scores, group_size, to_groups
+from wfcore.run import directory as rundir
+from wfcore.run import prepare
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")
@@ -90,7 +92,7 @@ def test_a_store_dir_that_cannot_hold_the_store_is_refused_first(tmp_path, capsy
 
 
 def test_the_store_dir_is_probed_without_leaving_a_file(tmp_path):
-    from wfcore.store import check_directory
+    from wfcore.fisher.store import check_directory
 
     check_directory(tmp_path)
     check_directory(tmp_path / "not" / "yet")

@@ -19,8 +19,9 @@ import cli_checks
 import numpy as np
 import pytest
 
-from wfcore import analyze as analyze_mod
-from wfcore import cli, rundir
+from wfcore import cli
+from wfcore.run import directory as rundir
+from wfcore.tools import analyze as analyze_mod
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")
@@ -153,7 +154,7 @@ def test_an_analysis_into_a_locked_directory_is_refused(tmp_path, capsys, no_wor
     out.mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from wfcore.rundir import RunLock\n"
+         "from wfcore.run.directory import RunLock\n"
          "with RunLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
          str(out)], stdout=subprocess.PIPE, text=True)
     try:

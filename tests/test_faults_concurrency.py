@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from cli_checks import fails
 
-from wfcore import checkpoint, files, rundir
+from wfcore import files
+from wfcore.run import checkpoint
+from wfcore.run import directory as rundir
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")
@@ -48,7 +50,7 @@ def locked(directory: Path, check: bool = True) -> Iterator[int]:
     """Another process holds ``directory``'s lock (a run in progress); yields its pid."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from wfcore.rundir import RunLock\n"
+         "from wfcore.run.directory import RunLock\n"
          "with RunLock(Path(sys.argv[1]), check=sys.argv[2] == '1'):\n"
          "    print('locked', flush=True); time.sleep(60)", str(directory), str(int(check))],
         stdout=subprocess.PIPE, text=True)

@@ -10,8 +10,10 @@ import pytest
 import torch
 from cli_checks import fails
 
-from wfcore import checkpoint, cli, config, pipeline, rundir
+from wfcore import cli, config
 from wfcore.errors import WfcoreError
+from wfcore.run import checkpoint, pipeline
+from wfcore.run import directory as rundir
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")

@@ -13,9 +13,10 @@ import torch
 from cli_checks import fails
 from torch import nn
 
-from wfcore import rundir, targets
 from wfcore.errors import ConfigError
 from wfcore.interfaces import PruneStep
+from wfcore.run import directory as rundir
+from wfcore.run import targets
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")

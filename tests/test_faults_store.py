@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from wfcore import shared_store
+from wfcore.fisher import shared_store
 
 WORKER = textwrap.dedent('''
     import os, signal, sys

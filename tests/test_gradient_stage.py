@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from wfcore.errors import WfcoreError
-from wfcore.gradients import GradientSampler
+from wfcore.fisher.gradients import GradientSampler
+from wfcore.fisher.store import GradientStore
+from wfcore.fisher.store_writer import StoreWriter
 from wfcore.masks import Masks, select_params
-from wfcore.store import GradientStore
-from wfcore.store_writer import StoreWriter
 
 
 def tiny_sampler(num_grads: int = 24) -> tuple[GradientSampler, nn.Module]:
@@ -212,13 +212,55 @@ def test_calibration_is_skipped_where_a_choice_could_change_more_than_speed(chan
 def test_woodfisher_passes_over_the_store_follow_whether_its_factors_are_kept():
     from wfcore.plugins.woodfisher import WoodFisher, WoodFisherOptions
 
-    from wfcore.gradients import ParamLayout
+    from wfcore.fisher.gradients import ParamLayout
 
     layout = ParamLayout({"w": torch.zeros(64, 100)})
     roomy = WoodFisher(WoodFisherOptions(block_size=100, max_memory_gb=1.0))
     tight = WoodFisher(WoodFisherOptions(block_size=100, max_memory_gb=0.0002))
     assert roomy.cost(layout, 50, "cpu").store_passes == 1.0  # factors kept for the update
     assert tight.cost(layout, 50, "cpu").store_passes == 2.0  # the update reads it again
+    assert roomy.cost(layout, 50, "cpu").update_store_passes == 0.0
+    assert tight.cost(layout, 50, "cpu").update_store_passes == 1.0  # in the prune stage
+
+
+def test_the_plan_splits_its_seconds_into_the_stages_of_a_step():
+    from wfcore.fisher.plan import Plan
+
+    plan = Plan(d=10, m=4, grad_batch=1, estimator="woodfisher", store_place="disk",
+                store_dir=".", store_bytes=400, model_bytes=40, working_bytes=0, peak_bytes=0,
+                memory_available=1, disk_available=1, gradient_flops=0.0, algebra_flops=0.0,
+                gradient_seconds=5.0, algebra_seconds=3.0, store_passes=2.0,
+                store_read_seconds=8.0, update_algebra_seconds=1.0, update_store_passes=1.0,
+                safeguard_seconds=0.5)
+    assert plan.stages() == {"gradients": 5.0, "estimate": 2.0 + 4.0, "prune": 1.0 + 4.0 + 0.5}
+    assert plan.as_dict()["stages"] == plan.stages()
+    assert sum(plan.stages().values()) == 5.0 + 3.0 + 8.0 + 0.5  # the step's estimate, whole
+
+
+def test_woodfisher_times_a_piece_of_its_algebra_for_the_plan():
+    from wfcore.plugins.woodfisher import WoodFisher, WoodFisherOptions, algebra_flops
+
+    from wfcore.fisher.gradients import ParamLayout
+
+    small = ParamLayout({"w": torch.zeros(8, 100)})
+    large = ParamLayout({"w": torch.zeros(800, 100)})  # a hundred times the blocks
+    estimator = WoodFisher(WoodFisherOptions(block_size=100, form="dual"))
+    fit_s, update_s = estimator.stage_seconds(large, 50, "cpu")
+    assert 0 < fit_s < 60 and 0 < update_s < 60
+    fit_flops, update_flops = algebra_flops(large, 100, "dual", 50)
+    cost = estimator.cost(large, 50, "cpu")
+    assert cost.flops == fit_flops + update_flops and cost.update_flops == update_flops
+    assert algebra_flops(small, 100, "dual", 50)[0] * 100 == fit_flops
+
+
+def test_the_plan_times_rows_the_way_the_sampler_takes_them():
+    from wfcore.fisher.plan import row_seconds
+
+    sampler, model = tiny_sampler()
+    x, y = sampler._load(torch.tensor([0]))
+    for method in ("auto", "vmap", "loop"):
+        seconds = row_seconds(model, sampler.params, x, nn.CrossEntropyLoss(), y, 1, method)
+        assert 0 < seconds < 1
 
 
 def test_the_plan_times_the_passes_over_a_disk_store(capsys):

@@ -9,9 +9,9 @@ from torch.utils.data import Dataset, TensorDataset
 from wfcore.plugins.models import MLPNet, MnistCNN
 
 from wfcore.errors import WfcoreError
-from wfcore.gradients import GradientSampler
+from wfcore.fisher.gradients import GradientSampler
+from wfcore.fisher.store import GradientStore
 from wfcore.masks import Masks, select_params
-from wfcore.store import GradientStore
 
 
 class SmallBN(nn.Module):
@@ -150,7 +150,7 @@ def test_cuda_matches_cpu(data):
 
 
 def test_full_float32_restores_the_settings():
-    from wfcore.precision import full_float32
+    from wfcore.fisher.precision import full_float32
 
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = True

@@ -10,9 +10,10 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from wfcore.plugins.gradual import Gradual, GradualOptions, polynomial_sparsity
 
-from wfcore import config, manager, pipeline
+from wfcore import config, manager
 from wfcore.errors import ConfigError
 from wfcore.masks import Masks
+from wfcore.run import pipeline
 
 ROOT = Path(__file__).parents[1]
 # The gradual config with MLPNet instead of the CNN and 1,000 training images: the same

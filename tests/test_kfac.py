@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from wfcore.plugins.kfac import Kfac, KfacCurvature, KfacOptions, damped_block
 
-from wfcore.gradients import GradientSampler
+from wfcore.fisher.gradients import GradientSampler
 from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params
 

@@ -143,7 +143,8 @@ class SeededPlugin:
 def test_factories_get_the_run_seed_when_they_take_it():
     from pathlib import Path
 
-    from wfcore import config, pipeline, prepare
+    from wfcore import config
+    from wfcore.run import pipeline, prepare
 
     plugins = manager.build(extra_plugins=[("seeded", SeededPlugin())])
     cfg = config.load(Path(__file__).parents[1] / "configs" / "mnist_mlpnet.yaml",

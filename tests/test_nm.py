@@ -10,7 +10,7 @@ from wfcore.plugins.woodfisher import WoodFisher, WoodFisherOptions
 
 from wfcore import config
 from wfcore.errors import ConfigError
-from wfcore.gradients import ParamLayout
+from wfcore.fisher.gradients import ParamLayout
 from wfcore.interfaces import PruningProblem
 from wfcore.masks import to_groups
 from wfcore.nm import nm_keep, parse_pattern, pattern_holds

@@ -95,8 +95,9 @@ def test_the_wheel_declares_the_command_and_every_built_in_plugin(wheel):
     assert not undeclared_plugins(wheel), \
         f"built-in plugins without an entry point: {sorted(undeclared_plugins(wheel))}"
     names = set(wheel.namelist())
-    missing = sorted(m for m in points["wfcore"].values()
-                     if f"{m.replace('.', '/')}.py" not in names)
+    missing = sorted(m for m in points["wfcore"].values()  # a module, or a package
+                     if f"{m.replace('.', '/')}.py" not in names
+                     and f"{m.replace('.', '/')}/__init__.py" not in names)
     assert not missing, f"entry points of modules not in the wheel: {missing}"
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from plugin_packages import wfcore_subprocess
 
-from wfcore import cli, prepare
+from wfcore import cli
+from wfcore.run import prepare
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "mnist_mlpnet.yaml"

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from wfcore import cli, config, hookimpl, manager, pipeline
+from wfcore import cli, config, hookimpl, manager
 from wfcore.errors import ConfigError, PluginError
+from wfcore.run import pipeline
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "mnist_mlpnet.yaml"

@@ -19,9 +19,9 @@ from wfcore.export.onnx import export_checked
 from wfcore.plugins.architectures import TinyMobileNet, ViTOptions, vit_tiny
 
 from wfcore import cli, prunable
-from wfcore.degenerate import DegeneracyCheck, collect_warnings
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.masks import Masks, select_params
+from wfcore.run.degenerate import DegeneracyCheck, collect_warnings
 
 ROOT = Path(__file__).parents[1]
 

@@ -30,9 +30,9 @@ def test_the_docs_import_only_public_names(path):
 
 
 def test_the_check_catches_a_private_import():
-    assert private_uses("from wfcore.pipeline import run\nimport wfcore\nwfcore.manager\n"
+    assert private_uses("from wfcore.run.pipeline import run\nimport wfcore\nwfcore.manager\n"
                         "from wfcore.testing import check_curvature\nwfcore.prune") == \
-        ["from wfcore.pipeline import run", "wfcore.manager"]
+        ["from wfcore.run.pipeline import run", "wfcore.manager"]
 
 
 def test_every_public_name_resolves_and_import_wfcore_does_not_load_torch():

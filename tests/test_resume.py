@@ -11,7 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from wfcore import checkpoint, cli, config, hookimpl, manager, pipeline, training
+from wfcore import cli, config, hookimpl, manager
+from wfcore.run import checkpoint, pipeline, training
 
 ROOT = Path(__file__).parents[1]
 # The gradual config with MLPNet instead of the CNN and 1,000 training images: the same

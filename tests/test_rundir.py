@@ -1,4 +1,4 @@
-"""The run directory's rules, against ``wfcore.rundir.RunDirectory`` alone (no CLI, no
+"""The run directory's rules, against ``wfcore.run.directory.RunDirectory`` alone (no CLI, no
 model trained): its files' names (old runs' included), what --force clears, which
 directories it refuses, its lock, and in progress / interrupted / finished."""
 
@@ -13,9 +13,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from wfcore import checkpoint, runs
 from wfcore.errors import WfcoreError
-from wfcore.rundir import LOCK, MARKER, RunDirectory, RunLock
+from wfcore.run import checkpoint
+from wfcore.run import saved as runs
+from wfcore.run.directory import LOCK, MARKER, RunDirectory, RunLock
 
 
 def a_run(path: Path, steps: tuple[int, ...] = (0, 1), finished: bool = True) -> RunDirectory:
@@ -103,7 +104,7 @@ def test_the_states(tmp_path):
         assert run.holder() is None
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from wfcore.rundir import RunLock\n"
+         "from wfcore.run.directory import RunLock\n"
          "with RunLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
          str(run.path)], stdout=subprocess.PIPE, text=True)
     try:

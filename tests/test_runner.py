@@ -1,4 +1,4 @@
-"""The Runner drives a run through methods alone (``wfcore.runner.PrunedRun``): a stand-in
+"""The Runner drives a run through methods alone (``wfcore.run.runner.PrunedRun``): a stand-in
 with no attributes, whose steps return their records and timings, is run, interrupted and
 resumed in milliseconds, without a model or data."""
 
@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from wfcore import checkpoint
 from wfcore import config as config_mod
 from wfcore.interfaces import PruneStep
-from wfcore.report import Report
-from wfcore.runner import Runner, StepResult
+from wfcore.run import checkpoint
+from wfcore.run.report import Report
+from wfcore.run.runner import Runner, StepResult
 
 
 class StandIn:

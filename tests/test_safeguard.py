@@ -15,11 +15,12 @@ from wfcore.plugins.kfac import kron_damp
 from wfcore.plugins.magnitude import IdentityCurvature
 from wfcore.plugins.woodfisher import WoodFisher, WoodFisherOptions, fisher_scale
 
-from wfcore import cli, hookimpl, manager, pipeline
+from wfcore import cli, hookimpl, manager
 from wfcore import config as config_mod
+from wfcore.fisher.store import GradientStore
 from wfcore.interfaces import DataBundle, PruningProblem
-from wfcore.safeguard import Safeguard, calibration_batch
-from wfcore.store import GradientStore
+from wfcore.run import pipeline
+from wfcore.run.safeguard import Safeguard, calibration_batch
 
 # (m, d) = (2, 3): diag(G^T G / m) = [(1 + 9) / 2, 0, 4 / 2] = [5, 0, 2]; the middle
 # weight is dead (pruned), so the mean over live weights is (5 + 2) / 2 = 3.5.

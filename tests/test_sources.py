@@ -7,8 +7,8 @@ import torch
 
 from wfcore import testing
 from wfcore.errors import WfcoreDeprecationWarning, WfcoreError
+from wfcore.fisher.store import GradientStore
 from wfcore.interfaces import GradientRows, GradientSource, HessianEstimator, PruningProblem
-from wfcore.store import GradientStore
 
 
 class OldStyleDiagonal(HessianEstimator):

@@ -11,8 +11,9 @@ import pytest
 import torch
 from user_models import SmallCNN
 
-from wfcore import config, manager, prepare, specs
+from wfcore import config, manager, specs
 from wfcore.errors import ConfigError, PluginError, WfcoreError
+from wfcore.run import prepare
 
 ROOT = Path(__file__).parents[1]
 MODELS = ROOT / "tests" / "user_models.py"

@@ -23,10 +23,11 @@ from wfcore.plugins.woodfisher import (
 
 from wfcore import cli
 from wfcore.errors import WfcoreError
-from wfcore.gradients import GradientSampler, ParamLayout
+from wfcore.fisher import store as store_module
+from wfcore.fisher.gradients import GradientSampler, ParamLayout
+from wfcore.fisher.store import GradientStore
 from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params
-from wfcore.store import GradientStore
 
 ROOT = Path(__file__).parents[1]
 
@@ -45,14 +46,19 @@ def open_store_files() -> list[str]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("place", ["memory", "disk"])
-def test_rows_written_in_chunks_read_back_by_columns(tmp_path, place, dtype):
+@pytest.mark.parametrize(("place", "tile"), [("memory", None), ("disk", None), ("disk", 7)])
+def test_rows_written_in_chunks_read_back_by_columns(tmp_path, monkeypatch, place, tile,
+                                                     dtype):
+    if tile is not None:  # tiles of 7 columns on disk: 14 and a last one of 3
+        monkeypatch.setattr(store_module, "TILE_BYTES", 13 * dtype.itemsize * tile)
     G = torch.randn(13, 101, generator=torch.Generator().manual_seed(0))
     with GradientStore(13, 101, dtype=dtype, place=place, directory=tmp_path) as store:
+        assert store.tile == (tile or 101) or place == "memory"
         for start in range(0, 13, 5):
             store.write(start, G[start:start + 5])
         expected = G.to(dtype)
-        for a, b in [(0, 101), (7, 8), (40, 99), *store.column_ranges(17)]:
+        for a, b in [(0, 101), (7, 8), (40, 99), (7, 14), (3, 5), (98, 101), (5, 5),
+                     *store.column_ranges(17)]:
             assert torch.equal(store.columns(a, b), expected[:, a:b])
         torch.testing.assert_close(store.columns(3, 9, torch.float64),
                                    expected[:, 3:9].double(), rtol=0, atol=0)
@@ -145,6 +151,64 @@ def test_chunks_on_disk_equal_the_in_memory_fit(tmp_path, case, form, block_size
     assert not open_store_files()
 
 
+@pytest.mark.parametrize("form", ["dual", "primal"])
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_passes_over_a_disk_store_alternate_and_the_updates_quadratic_reads_none(
+        tmp_path, form, mode):
+    """The fit reads each chunk once, first to last; the update once, last to first (the
+    chunks the fit read last first, while the page cache still holds them); the quadratic
+    model's value of that update (what the safeguard's record asks) reads nothing and
+    equals the in-memory fit's; any other change is streamed, first to last again. Masks
+    equal and updates within 1e-12 of the in-memory fit, in float64."""
+    params, G = gradients(MLPNet(), ["fc2.weight", "fc3.weight"], m=24)
+    layout = ParamLayout(params)
+    largest = block_bytes(choose_form(form, 24, 64), 24, 64, 8) + 24 * 64 * 8
+    reference = fit(params, G, GradientStore.from_tensor(G), form=form, block_size=64)
+    with GradientStore(24, layout.d, dtype=torch.float64, place="disk",
+                       directory=tmp_path) as store:
+        rows = G.clone()
+        store.write(0, G)
+        assert torch.equal(G, rows)  # the caller's rows as they were (float64 too)
+        reads: list[int] = []
+        columns = store.columns
+
+        def counted(start: int, stop: int, *args, **kwargs) -> torch.Tensor:
+            reads.append(start)
+            return columns(start, stop, *args, **kwargs)
+
+        store.columns = counted
+        streamed = fit(params, G, store, form=form, block_size=64,
+                       max_memory_gb=4.5 * largest / 2**30)
+        starts = [c.start for c in streamed.chunks]
+        assert streamed.cache is None and len(starts) >= 3 and reads == starts
+        weights = {n: p.detach().clone() for n, p in params.items()}
+        ones = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+        masks = []
+        for cur in (reference, streamed):
+            keep = GlobalAllocator().allocate(Obs().scores(weights, cur, None), ones, 0.7)
+            masks.append({n: ~k for n, k in keep.items()})
+        assert reads == starts  # scoring reads nothing
+        for n in weights:
+            assert torch.equal(masks[0][n], masks[1][n])
+        a = reference.prune_update(masks[0], weights, mode)
+        b = streamed.prune_update(masks[0], weights, mode)
+        assert reads == starts + starts[::-1]
+        for n in weights:
+            torch.testing.assert_close(b[n], a[n], rtol=1e-12,
+                                       atol=1e-12 * float(a[n].abs().max()))
+        # the safeguard's change of the whole update: alpha * dw where kept, -w where pruned
+        change = {n: torch.where(masks[0][n], -weights[n].double(), b[n]) for n in weights}
+        fresh = fit(params, G, GradientStore.from_tensor(G), form=form, block_size=64)
+        expected = fresh.quadratic({n: torch.where(masks[0][n], -weights[n].double(), a[n])
+                                    for n in weights})  # computed from G: no update before
+        assert streamed.quadratic(change) == pytest.approx(expected, rel=1e-12)
+        assert reads == starts + starts[::-1]
+        half = {n: 0.5 * t for n, t in change.items()}
+        assert streamed.quadratic(half) == pytest.approx(reference.quadratic(half), rel=1e-12)
+        assert reads == starts + starts[::-1] + starts
+    assert not open_store_files()
+
+
 def test_a_block_larger_than_the_budget_is_refused_with_numbers():
     params, G = gradients(MLPNet(), ["fc2.weight"], m=8)
     with pytest.raises(WfcoreError, match=r"fc2.weight\[0:800\].*needs .* GiB, more than"):
@@ -205,6 +269,33 @@ def test_on_disk_store_is_gone_after_each_step(tmp_path, monkeypatch):
                  "--force") == 0
     assert [place for place, _ in seen] == ["disk"]
     assert not open_store_files() and not list(store_dir.iterdir())
+
+
+def test_a_step_reads_a_disk_store_twice_and_plans_that(tmp_path, monkeypatch):
+    """The pipeline's step on a disk store: the fit reads every chunk once, the joint
+    update once more (last to first), and the safeguard's record of the update reads
+    nothing; the plan counts the two passes, one per stage, and report.json holds the
+    planned seconds of each stage beside the measured ones."""
+    reads = []
+    columns = GradientStore.columns
+
+    def counted(self, start, stop, *args, **kwargs):
+        reads.append(start)
+        return columns(self, start, stop, *args, **kwargs)
+
+    monkeypatch.setattr(GradientStore, "columns", counted)
+    assert prune(tmp_path, "fisher.store=disk", f"fisher.store_dir={tmp_path / 'store'}",
+                 "scheduler.sparsities=[0.7]", "estimator.max_memory_gb=0.004",
+                 "safeguard.enabled=false") == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    half = len(reads) // 2
+    assert half >= 2 and reads == reads[:half] + reads[:half][::-1]
+    assert reads[:half] == sorted(reads[:half])
+    plan = report["plan"]
+    assert plan["store_passes"] == 2.0 and plan["update_store_passes"] == 1.0
+    assert set(plan["stages"]) == {"gradients", "estimate", "prune"}
+    assert all(v > 0 for v in plan["stages"].values())
+    assert all(report["steps"][0]["timings"][k] > 0 for k in plan["stages"])
 
 
 @pytest.mark.parametrize("fault", [WfcoreError("bad block"), KeyboardInterrupt()])
@@ -269,7 +360,7 @@ def test_plan_of_the_paper_setting_fits_and_a_larger_m_is_refused(capsys):
 def test_the_plan_decides_the_store_once_and_the_step_follows_it(monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
-    from wfcore import plan
+    from wfcore.fisher import plan
 
     fisher = OmegaConf.create({"num_grads": 8, "storage_dtype": "float16", "store": "auto",
                                "offload": True})

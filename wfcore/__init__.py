@@ -20,7 +20,7 @@ The public surface, for users and plugin authors alike, is what ``__all__`` name
 Plugins (plugins/), the exporters and ``wfcore bench`` (export/) and the docs import
 only these (benchmarks/ too, but for the machinery some measure directly);
 tests/test_architecture.py keeps it so. Everything else
-(``wfcore.pipeline``, ``wfcore.manager``, ...) is machinery that may change. Names are
+(``wfcore.run.pipeline``, ``wfcore.manager``, ...) is machinery that may change. Names are
 imported on first use, so ``import wfcore`` (and the ``wfcore`` command's start) does not
 load torch.
 """
@@ -40,7 +40,7 @@ hookimpl = pluggy.HookimplMarker("wfcore")
 # public name -> the module that defines it
 _LAZY = {
     "prune": "wfcore.api", "export": "wfcore.api", "bench": "wfcore.api",
-    "Result": "wfcore.api", "load_model": "wfcore.runs",
+    "Result": "wfcore.api", "load_model": "wfcore.run.saved",
     "DataBundle": "wfcore.interfaces", "Loss": "wfcore.interfaces",
     "Tensors": "wfcore.interfaces", "UPDATE_MODES": "wfcore.interfaces",
     "DAMP_MODES": "wfcore.interfaces", "GradientRows": "wfcore.interfaces",
@@ -52,19 +52,21 @@ _LAZY = {
     "PruneStep": "wfcore.interfaces", "Scheduler": "wfcore.interfaces",
     "Exporter": "wfcore.interfaces", "dataset_size": "wfcore.interfaces",
     "declare_options": "wfcore.interfaces",
-    "ParamLayout": "wfcore.gradients", "Masks": "wfcore.masks",
+    "ParamLayout": "wfcore.fisher.gradients", "Masks": "wfcore.masks",
     "WfcoreError": "wfcore.errors", "ConfigError": "wfcore.errors",
     "PluginError": "wfcore.errors", "first_line": "wfcore.errors",
-    "available_memory": "wfcore.plan",
-    "RunDirectory": "wfcore.rundir",
+    "available_memory": "wfcore.fisher.plan",
+    "RunDirectory": "wfcore.run.directory",
 }
 # public submodules (their functions and classes): ``from wfcore.testing import check_curvature``;
 # ``wfcore.choices``: the names each choice setting takes
-_MODULES = ("testing", "masks", "progress", "distributed", "rounds", "choices", "files")
+_MODULES = ("testing", "masks", "progress", "distributed", "rounds", "choices", "files",
+            "structured", "group_obs")
 
 __all__ = [  # _LAZY and _MODULES, spelled out for linters and readers
     "__version__", "hookimpl", "testing", "masks", "progress", "distributed", "rounds",
-    "choices", "files", "prune", "export", "bench", "Result", "load_model",
+    "choices", "files", "structured", "group_obs", "prune", "export", "bench", "Result",
+    "load_model",
     "DataBundle", "Loss", "Tensors", "UPDATE_MODES", "DAMP_MODES", "GradientRows",
     "GradientSource", "EstimatorCost", "PruningProblem", "Curvature", "Stateful",
     "HessianEstimator", "LayerwiseEstimator", "Scorer", "Allocator", "PruneStep",
@@ -74,10 +76,21 @@ __all__ = [  # _LAZY and _MODULES, spelled out for linters and readers
 ]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them
-    from wfcore import choices, distributed, files, masks, progress, rounds, testing
+    from wfcore import (
+        choices,
+        distributed,
+        files,
+        group_obs,
+        masks,
+        progress,
+        rounds,
+        structured,
+        testing,
+    )
     from wfcore.api import Result, bench, export, prune
     from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
-    from wfcore.gradients import ParamLayout
+    from wfcore.fisher.gradients import ParamLayout
+    from wfcore.fisher.plan import available_memory
     from wfcore.interfaces import (
         DAMP_MODES,
         UPDATE_MODES,
@@ -101,9 +114,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
         declare_options,
     )
     from wfcore.masks import Masks
-    from wfcore.plan import available_memory
-    from wfcore.rundir import RunDirectory
-    from wfcore.runs import load_model
+    from wfcore.run.directory import RunDirectory
+    from wfcore.run.saved import load_model
 
 
 def __getattr__(name: str) -> Any:

@@ -31,11 +31,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from wfcore import config as config_mod
-from wfcore import inmemory, manager, pipeline, rundir
+from wfcore import inmemory, manager
 from wfcore.choices import ENGINES
 from wfcore.errors import ConfigError, WfcoreError, first_line
 from wfcore.interfaces import Loss
-from wfcore.report import table
+from wfcore.run import directory as rundir
+from wfcore.run import pipeline
+from wfcore.run.report import table
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +267,7 @@ def copied(model: nn.Module) -> nn.Module:
 
 def pruned_model(run_dir: Path, plugins: manager.Plugins) -> nn.Module:
     """The model of a finished run at its last step (a model the config built)."""
-    from wfcore import runs
+    from wfcore.run import saved as runs
 
     rebuilt = runs.rebuild(run_dir, plugins=plugins)
     runs.load_step(rebuilt.model, run_dir, runs.steps_in(run_dir)[-1], "wfcore.prune")

@@ -21,7 +21,8 @@ log = logging.getLogger("wfcore")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from wfcore import api, config, distributed, pipeline
+    from wfcore import api, config, distributed
+    from wfcore.run import pipeline
 
     if args.resume:
         cfg = pipeline.resume_config(args.resume, args.config, args.overrides)
@@ -38,7 +39,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from wfcore import config, pipeline
+    from wfcore import config
+    from wfcore.run import pipeline
 
     cfg = config.load(args.config, args.overrides)
     if args.nproc_per_node < 1:
@@ -77,7 +79,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from wfcore import config, manager, pipeline
+    from wfcore import config, manager
+    from wfcore.run import pipeline
 
     cfg = config.load(args.config, args.overrides)
     plugins = manager.build(cfg.plugins, base_dir=cfg.base_dir)
@@ -105,7 +108,7 @@ def cmd_options(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from wfcore.runs import export_run
+    from wfcore.run.saved import export_run
 
     result = export_run(args.run_dir, step=args.step, output=args.output,
                         sparsity=args.sparsity, quantize=args.quantize, opset=args.opset,
@@ -146,7 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from wfcore.sweep import run_sweep, table
+    from wfcore.tools.sweep import run_sweep, table
 
     result = run_sweep(args.config, args.overrides, force=args.force)
     print(table(result))
@@ -162,7 +165,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from wfcore import config
-    from wfcore.analyze import analyze
+    from wfcore.tools.analyze import analyze
 
     result = analyze(config.load(args.config, args.overrides), force=args.force)
     print(f"analysis directory: {result['run_dir']} (analysis.json, analysis.md, "

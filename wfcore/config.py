@@ -98,11 +98,11 @@ class FisherSection:
     store: str = "auto"  # auto | memory | disk
     store_dir: Optional[str] = None  # directory of an on-disk store; null = the run directory
     # how per-sample gradients are taken: auto = timed once on the model at hand (vmap at
-    # a few chunk sizes, or the plain loop; wfcore/grad_calibration.py); vmap | loop fixes
+    # a few chunk sizes, or the plain loop; wfcore/fisher/grad_calibration.py); vmap | loop fixes
     # it (vmap rows are the same bit for bit at any chunk; the loop's only to rounding)
     grad_method: str = "auto"
     # steps that start from the dense model (every oneshot target) reuse the gradients and
-    # curvature of the first one (wfcore/dense_fit.py); false: sample and fit every step
+    # curvature of the first one (wfcore/run/dense_fit.py); false: sample and fit every step
     reuse_dense: bool = True
 
 
@@ -118,7 +118,7 @@ class DistributedSection:
 
 @dataclass
 class AnalyzeSection:
-    """`wfcore analyze`: exact curvatures against each estimator (see wfcore/analyze.py)."""
+    """`wfcore analyze`: exact curvatures against each estimator (see wfcore/tools/analyze.py)."""
 
     params: Optional[list[str]] = None  # globs over parameter names; null = model.params
     # registered estimators compared with the exact curvatures (plugins included)
@@ -160,14 +160,14 @@ class SafeguardSection:
 @dataclass
 class BatchNormSection:
     # Re-estimate the running statistics (BatchNorm, tracked InstanceNorm) after every
-    # pruning step and for every candidate the safeguard judges (wfcore/batchnorm.py).
+    # pruning step and for every candidate the safeguard judges (wfcore/run/batchnorm.py).
     recalibrate: bool = True  # false: keep the statistics of the dense model / fine-tuning
     samples: int = 1000  # training samples of the pruning pool (seeded), never the test set
 
 
 @dataclass
 class DegenerateSection:
-    """Degenerate pruning results (wfcore/degenerate.py): each is a warning in the log and
+    """Degenerate pruning results (wfcore/run/degenerate.py): each is a warning in the log and
     the report, and stops the run unless allowed here."""
 
     allow_empty_layers: bool = False  # a layer pruned to 100% (only its bias is left)

@@ -11,7 +11,7 @@ update dw = -F^-1 E_Q ([F^-1]_QQ)^-1 w_Q (dw_Q = -w_Q exactly).
 
 ``DualFisher`` is WoodFisher's empirical Fisher F = damp*I + (1/m) G^T G over ALL
 prunable coordinates at once (one block: a group couples coordinates of several layers,
-which WoodFisher's per-layer blocks would cut apart). Dual form, as plugins/woodbury.py:
+which WoodFisher's per-layer blocks would cut apart). Dual form, as plugins/woodfisher/algebra.py:
 K = G G^T + m*damp*I (m x m, Cholesky in float64), A = L^-1 G (m, d), so
 F^-1 = (I - A^T A)/damp and [F^-1]_GG = (I - A_G^T A_G)/damp, solved as a b x b system
 (b = |G| <= m) or through Woodbury as an m x m one, (I - A_G^T A_G)^-1
@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 import torch
 from tqdm import tqdm
 
-from wfcore.plugins.woodbury import BlockGroup, cholesky_raising_damp, solve_spd
+from wfcore.plugins.woodfisher.algebra import BlockGroup, cholesky_raising_damp, solve_spd
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from wfcore import hookimpl, states
+from wfcore import hookimpl
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.interfaces import DataBundle, Loss, dataset_size
+from wfcore.run import states
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from wfcore.errors import WfcoreDeprecationWarning, WfcoreError
 from wfcore.masks import Masks, block_scores
 
 if TYPE_CHECKING:
-    from wfcore.gradients import ParamLayout
+    from wfcore.fisher.gradients import ParamLayout
 
 Tensors = dict[str, torch.Tensor]
 # A data set's loss: (outputs, targets) -> the scalar mean over the batch.
@@ -69,7 +69,7 @@ class GradientRows(Protocol):
     """The m gradient rows of one pruning step, read a range of columns at a time.
 
     Column j is flat weight j of the problem's ``ParamLayout`` (parameters in order, each
-    flattened row-major). ``wfcore.store.GradientStore`` is the implementation.
+    flattened row-major). ``wfcore.fisher.store.GradientStore`` is the implementation.
     """
 
     m: int  # rows
@@ -94,7 +94,7 @@ class GradientSource(Protocol):
     Targets follow ``labels``: ``empirical``, the data's own; ``sampled``, drawn from the
     model's predictive distribution (the softmax of its outputs) at the current weights,
     with a generator seeded from the run's seed, so that a seed gives the same draws.
-    ``wfcore.gradients.GradientSampler`` is the implementation.
+    ``wfcore.fisher.gradients.GradientSampler`` is the implementation.
     """
 
     layout: ParamLayout  # the flat order of the prunable weights
@@ -126,6 +126,9 @@ class EstimatorCost:
     # whole reads of the gradient store by the fit and one update: on disk, each costs
     # store bytes / the disk's read rate (the plan counts them)
     store_passes: float = 0.0
+    # of these, the update's (the pruning stage's; the rest are the fit's, the estimate stage)
+    update_flops: float = 0.0
+    update_store_passes: float = 0.0
 
 
 @dataclass
@@ -168,7 +171,7 @@ class PruningProblem:
         """This problem with its m gradient rows sampled now, in memory, through ``source``
         (``GradientSource.sample``): for a caller outside a run (tests, ``wfcore analyze``);
         a run's rows go into the store that its plan decided."""
-        from wfcore.store import GradientStore
+        from wfcore.fisher.store import GradientStore
 
         return dataclasses.replace(self, gradients=GradientStore.from_tensor(self.source.sample()))
 
@@ -293,6 +296,14 @@ class HessianEstimator(ABC):
         that cannot run. The default counts a few per-weight float64 vectors.
         """
         return EstimatorCost(working_bytes=4 * layout.d * 8, flops=4.0 * m * layout.d)
+
+    def stage_seconds(self, layout: ParamLayout, m: int,
+                      device: torch.device | str) -> tuple[float, float] | None:
+        """(fit, update) seconds of the algebra over ``layout`` with m gradients, timed on a
+        small piece of it on ``device``, for the plan (the store's reads not included).
+        None, the default: the plan takes ``cost().flops`` at the device's measured float64
+        matrix-multiply rate."""
+        return None
 
 
 class LayerwiseEstimator(HessianEstimator):

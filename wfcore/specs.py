@@ -37,9 +37,9 @@ from typing import Any, Optional
 
 from torch import nn
 
-from wfcore import states
 from wfcore.errors import ConfigError, PluginError, WfcoreError, first_line
 from wfcore.interfaces import declare_options
+from wfcore.run import states
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from wfcore.channels import (
 )
 from wfcore.choices import METRICS, RANKS, STRUCTURED_UNITS
 from wfcore.errors import ConfigError
-from wfcore.gradients import ParamLayout
+from wfcore.fisher.gradients import ParamLayout
 from wfcore.group_obs import GroupScorer, score_groups
 from wfcore.heads import head_coordinates, head_groups, shrink_heads, zero_heads
 

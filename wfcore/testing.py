@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from wfcore.gradients import GradientSampler, ParamLayout
+from wfcore.fisher.gradients import GradientSampler, ParamLayout
 from wfcore.interfaces import (
     Allocator,
     Curvature,

@@ -5,8 +5,11 @@ blocks into chunks whose working set fits the memory budget -> for each chunk, r
 columns of the step's (m, d) gradient store, factorise its blocks (blocks of one size
 batched) and keep only diag(F^-1) -> the ``WoodFisherCurvature`` answers
 ``inverse_diagonal`` from that, and ``inverse_mul`` and ``prune_update`` by streaming the
-chunks again (factors cached instead when all of them fit the budget) -> it is dropped
-with the store after the pruning step. On CUDA the chunks go to the GPU; the store stays
+chunks again (factors cached instead when all of them fit the budget; each streamed pass
+in the direction opposite to the one before, so that it starts with the chunks the page
+cache still holds; the update's pass also takes the quadratic model's value of the step's
+change, which the safeguard's record asks for next) -> it is dropped with the store after
+the pruning step. On CUDA the chunks go to the GPU; the store stays
 on the host. Under torchrun the chunks are dealt to the ranks and the per-weight results
 summed over them (``wfcore.distributed``). The chunking changes only the order of the
 work: every block is solved the same way, so scores, masks and updates equal those of
@@ -25,7 +28,7 @@ rescale whole blocks against each other (w_q^2 lambda / 2 for weights the data d
 constrain).
 
 Forms (``form``): ``dual``, ``primal``, ``recursive`` or ``auto``; the per-block algebra
-of each is in ``wfcore.plugins.woodbury``.
+of each is in ``wfcore.plugins.woodfisher.algebra``.
 
 Blocks (``block_size``): ``full`` is one block over all prunable weights (layers coupled),
 ``layer`` one block per parameter, an int cuts each parameter's flat weights into
@@ -48,12 +51,15 @@ from typing import Optional, Union
 import torch
 from tqdm.auto import tqdm
 from wfcore.plugins.diag_fisher import live_mean
-from wfcore.plugins.woodbury import (
+from wfcore.plugins.woodfisher.algebra import (
+    PROBE_BYTES,
+    PROBE_MAX_BLOCK,
     BlockGroup,
     choose_form,
     group_pairs,
     memory_needed,
     pair_entries,
+    probe_seconds,
 )
 
 from wfcore import (
@@ -188,19 +194,20 @@ def plan_chunks(layout: ParamLayout, block_size: int | str, form: str, m: int, i
     return chunks
 
 
-def algebra_flops(layout: ParamLayout, block_size: int | str, form: str, m: int) -> float:
-    """Floating-point operations of the fit (diag(F^-1)) and one update, all blocks."""
-    total = 0.0
+def algebra_flops(layout: ParamLayout, block_size: int | str, form: str,
+                  m: int) -> tuple[float, float]:
+    """Floating-point operations of the fit (diag(F^-1)) and of one update, all blocks."""
+    fit = update = 0.0
     for B, offsets in block_starts(layout, block_size).items():
         f = choose_form(form, m, B)
         if f == "dual":  # G G^T, Cholesky, L^-1 G; update: G_R G_R^T, Cholesky, products
-            per = 3 * m * m * B + m ** 3 / 3 + 2 * m * m * B + m ** 3 / 3
+            one = (3 * m * m * B + m ** 3 / 3, 2 * m * m * B + m ** 3 / 3)
         elif f == "primal":  # G^T G, Cholesky, inverse; update: S solve
-            per = m * B * B + B ** 3 / 3 + 2 * B ** 3 + B ** 3 / 3
+            one = (m * B * B + B ** 3 / 3 + 2 * B ** 3, B ** 3 / 3)
         else:
-            per = 4 * m * B * B + B ** 3 / 3
-        total += per * len(offsets)
-    return total
+            one = (4 * m * B * B, B ** 3 / 3)
+        fit, update = fit + one[0] * len(offsets), update + one[1] * len(offsets)
+    return fit, update
 
 
 class WoodFisherCurvature(Curvature):
@@ -218,14 +225,27 @@ class WoodFisherCurvature(Curvature):
         self.layout, self.source, self.chunks, self.damps = layout, source, chunks, damps
         self.diag, self.options, self.cache = diag, options, cache
         self.device, self.dtype, self.out_device = device, DTYPES[options.dtype], out_device
+        self.backward = False  # the direction of the last pass over the chunks (the fit's)
+        # the change of the last update (flat, solve dtype: dw where kept, -w where pruned)
+        # and its dw^T F dw / 2, taken in the update's pass
+        self.last_change: tuple[torch.Tensor, float] | None = None
 
     def groups(self) -> Iterator[tuple[torch.Tensor, BlockGroup]]:
         """(flat indices (n, B), the group's factors) of every block group of this rank's
-        chunks (all of them in one process), chunk by chunk."""
+        chunks (all of them in one process), chunk by chunk.
+
+        Streamed passes alternate their direction: the fit read the chunks first to last,
+        the next pass reads them last to first, and so on. Of a disk store larger than the
+        page cache, the chunks a pass read last are the ones still cached, and the next
+        pass starts with them (the same direction again would evict each chunk just before
+        reading it). Each block's answer does not depend on the order.
+        """
         if self.cache is not None:
             yield from self.cache
             return
-        for chunk, damps in zip(self.chunks, self.damps, strict=True):
+        order = list(zip(self.chunks, self.damps, strict=True))
+        self.backward = not self.backward
+        for chunk, damps in reversed(order) if self.backward else order:
             yield from chunk_groups(self.layout, self.source, chunk, damps, self.options,
                                     self.device)
 
@@ -269,10 +289,20 @@ class WoodFisherCurvature(Curvature):
             raise ValueError(f"unknown update mode {mode!r}; expected one of {UPDATE_MODES}")
         mask = self.layout.flatten({n: t.to(self.device) for n, t in prune_mask.items()})
         w_flat = self._flat(w)
-        if mode == "independent":
-            u = torch.where(mask, w_flat / self.diag, 0.0)
-            return self._out(-self._map(BlockGroup.mul, u))
-        return self._out(self._map(lambda g, q, x: g.joint(q, x)[0], mask, w_flat))
+        out = torch.zeros(self.layout.d, dtype=self.dtype, device=self.device)
+        total = 0.0
+        for idx, group in self.groups():
+            q, x = mask[idx], w_flat[idx]
+            if mode == "independent":
+                out[idx] = -group.mul(torch.where(q, x / self.diag[idx], 0.0))
+            else:
+                out[idx] = group.joint(q, x)[0]
+            # the change the step makes, dw where kept and -w where pruned: the quadratic
+            # model's value of it (the safeguard's record asks next) from this pass
+            total += float(group.quadratic(torch.where(q, -x, out[idx])).sum())
+        out = distributed.sum_(out)  # each rank filled its own chunks' blocks
+        self.last_change = (torch.where(mask, -w_flat, out), distributed.sum_float(total))
+        return self._out(out)
 
     def predicted_increase(self, prune_mask: Tensors, w: Tensors) -> float:
         """The quadratic model's loss increase of the joint update: sum of w_Q^T S^-1 w_Q / 2."""
@@ -283,8 +313,12 @@ class WoodFisherCurvature(Curvature):
         return distributed.sum_float(total)
 
     def quadratic(self, dw: Tensors) -> float:
-        """dw^T F dw / 2: the quadratic model's loss increase of a weight change."""
+        """dw^T F dw / 2: the quadratic model's loss increase of a weight change. Of the
+        change of the last ``prune_update`` (dw where kept, -w where pruned, equal value
+        for value), the value its pass took: no pass over the store."""
         flat = self._flat(dw)
+        if self.last_change is not None and torch.equal(flat, self.last_change[0]):
+            return self.last_change[1]
         return distributed.sum_float(sum(float(group.quadratic(flat[idx]).sum())
                                          for idx, group in self.groups()))
 
@@ -305,10 +339,8 @@ def chunk_groups(layout: ParamLayout, source: GradientRows, chunk: Chunk,
     dtype = DTYPES[options.dtype]
     columns = source.columns(chunk.start, chunk.stop)  # (m, cols), storage dtype, host
     m = columns.shape[0]
-    # blocks stacked in the storage dtype, then one conversion on the solve device
-    stacked = {B: torch.stack([columns[:, o - chunk.start:o - chunk.start + B]
-                               for o in offsets]).to(device=device, dtype=dtype)  # (n, m, B)
-               for B, offsets in chunk.groups.items()}
+    stacked = {B: stack_blocks(columns, [o - chunk.start for o in offsets], B, dtype, device)
+               for B, offsets in chunk.groups.items()}  # {B: (n, m, B)}
     del columns
     for B, offsets in chunk.groups.items():
         flat = torch.tensor(offsets, device=device)[:, None] \
@@ -319,6 +351,25 @@ def chunk_groups(layout: ParamLayout, source: GradientRows, chunk: Chunk,
 
         damp = damps[B] if isinstance(damps, dict) else damps
         yield flat, BlockGroup(stacked.pop(B), damp, choose_form(options.form, m, B), what)
+
+
+def stack_blocks(columns: torch.Tensor, starts: list[int], B: int, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """(n, m, B): the blocks of B columns of ``columns`` (m, cols) at ``starts``, in
+    ``dtype`` on ``device``. Each run of adjacent blocks is one strided copy with the
+    conversion (a run of n blocks is the (m, n, B) view, permuted): torch.stack of the
+    float16 slices and a conversion after it took 16x longer on a CPU."""
+    m = columns.shape[0]
+    out = torch.empty(len(starts), m, B, dtype=dtype, device=device)
+    k = 0
+    while k < len(starts):
+        end = k + 1
+        while end < len(starts) and starts[end] == starts[end - 1] + B:
+            end += 1
+        run = columns[:, starts[k]:starts[k] + (end - k) * B]
+        out[k:end].copy_(run.view(m, end - k, B).permute(1, 0, 2))
+        k = end
+    return out
 
 
 def memory_budget(options: WoodFisherOptions, device: torch.device) -> int:
@@ -364,18 +415,41 @@ class WoodFisher(HessianEstimator):
         device = self._device(device)
         chunks = self.chunks(layout, m, device)
         # besides the chunk: diag(F^-1) and the flat vectors of an update, solve dtype
-        flat = 4 * layout.d * DTYPES[self.options.dtype].itemsize
+        flat = 5 * layout.d * DTYPES[self.options.dtype].itemsize
         # the fit reads the store once (a relative damp's scale comes from the sums a disk
         # store takes while it is written); an update reads it again unless the chunks'
-        # factors are kept (see ``fit``)
+        # factors are kept (see ``fit``), and takes the quadratic model's value of its
+        # change in the same pass (the safeguard's record reads no more)
         cached = sum(c.nbytes for c in chunks) <= memory_budget(self.options, device) / 2
+        fit_flops, update_flops = algebra_flops(layout, self.options.block_size,
+                                                self.options.form, m)
         return EstimatorCost(
             working_bytes=max(c.nbytes for c in chunks) + flat,
-            flops=algebra_flops(layout, self.options.block_size, self.options.form, m),
+            flops=fit_flops + update_flops, update_flops=update_flops,
             note=f"{sum(len(o) for c in chunks for o in c.groups.values())} blocks in "
                  f"{len(chunks)} chunk(s)" + ("" if cached else ", the update reads the store "
                                              "again (factors not kept)"),
-            store_passes=1.0 if cached else 2.0)
+            store_passes=1.0 if cached else 2.0, update_store_passes=0.0 if cached else 1.0)
+
+    def stage_seconds(self, layout: ParamLayout, m: int,
+                      device: torch.device | str) -> tuple[float, float]:
+        """(fit, joint update) seconds of the algebra: ``PROBE_BYTES`` of blocks of the size
+        holding most weights (at most a chunk's) timed as a chunk runs them
+        (``probe_seconds``), and every block counted at that rate in flops
+        (``algebra_flops``) per stage."""
+        device = self._device(device)
+        starts = block_starts(layout, self.options.block_size)
+        B = max(starts, key=lambda b: b * len(starts[b]))
+        form, dtype = choose_form(self.options.form, m, B), DTYPES[self.options.dtype]
+        per_chunk = max(len(c.groups.get(B, [])) for c in self.chunks(layout, m, device))
+        B = min(B, PROBE_MAX_BLOCK)
+        n = max(1, min(PROBE_BYTES // (m * B * dtype.itemsize), per_chunk))
+        fit_s, update_s = probe_seconds(form, m, B, n, dtype, device)
+        probed = ParamLayout({"probe": torch.empty(n * B)})
+        probe_fit, probe_update = algebra_flops(probed, B, form, m)
+        fit_flops, update_flops = algebra_flops(layout, self.options.block_size,
+                                                self.options.form, m)
+        return fit_s * fit_flops / probe_fit, update_s * update_flops / probe_update
 
     def fit(self, problem: PruningProblem) -> WoodFisherCurvature:
         opts = self.options

@@ -1,0 +1,2 @@
+"""The Fisher machinery: per-sample gradients, the gradient store and its writer, the plan of a
+run's memory, disk and time."""

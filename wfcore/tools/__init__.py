@@ -1,0 +1,1 @@
+"""The tools only the command line uses: sweeps and `wfcore analyze`."""
