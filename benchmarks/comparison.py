@@ -54,11 +54,20 @@ def registered_estimators() -> list[str]:
     return manager.build([]).registry("estimators").names()
 
 
+class Unfinished(Exception):
+    """A run read back (``--collect``) that stopped before its last target."""
+
+
 def run_one(model: str, estimator: str, allocator: str, seed: int, sparsities: list[float],
-            out: Path, safeguard: bool) -> dict[str, Any]:
+            out: Path, safeguard: bool, collect: bool = False) -> dict[str, Any]:
+    """One combination, run (or read back); a run refused at some target (a degenerate
+    model) keeps the targets it finished, with the error beside them."""
     run_dir = out / model / f"{estimator}-{allocator}" / f"seed{seed}"
-    record = {"model": model, "estimator": estimator, "allocator": allocator, "seed": seed}
+    record: dict[str, Any] = {"model": model, "estimator": estimator, "allocator": allocator,
+                              "seed": seed}
     try:
+        if not pipeline.is_finished(run_dir) and collect:
+            raise Unfinished("did not finish (run it without --collect to see why)")
         if not pipeline.is_finished(run_dir):
             overrides = [f"estimator.name={estimator}", f"allocator.name={allocator}",
                          "scheduler.name=oneshot", f"scheduler.sparsities={sparsities}",
@@ -70,7 +79,14 @@ def run_one(model: str, estimator: str, allocator: str, seed: int, sparsities: l
                          force=True)
         report = json.loads((run_dir / "report.json").read_text())
     except Exception as exc:  # one failed combination must not stop the table
-        return {**record, "error": f"{type(exc).__name__}: {first_line(exc)}"}
+        record["error"] = (str(exc) if isinstance(exc, Unfinished)
+                           else f"{type(exc).__name__}: {first_line(exc)}")
+        try:  # the targets it finished before the failure
+            report = json.loads((run_dir / "report.json").read_text())
+        except (OSError, ValueError):
+            return record
+        if not report.get("steps"):
+            return record
     steps = report["steps"]
     return {**record, "dense": report["dense"]["accuracy"],
             "top1": {f"{s['target_sparsity']:g}": s["accuracy"] for s in steps},
@@ -101,7 +117,9 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(summary: list[dict[str, Any]]) -> str:
     """Rows (model, estimator, allocator), columns the sparsities: mean top-1 (%) over the
-    seeds, ``†`` where the fallback chose the mask in some seed; then seconds per step."""
+    seeds, ``†`` where the fallback chose the mask in some seed, ``(k)`` where only k seeds
+    reached that target (the others were refused before it); then seconds per step."""
+    full = max(s["seeds"] for s in summary)
     cell = {(s["model"], s["estimator"], s["allocator"], s["sparsity"]): s for s in summary}
     sparsities = sorted({s["sparsity"] for s in summary})
     rows = list(dict.fromkeys((s["model"], s["estimator"], s["allocator"]) for s in summary))
@@ -111,7 +129,7 @@ def markdown(summary: list[dict[str, Any]]) -> str:
     for model, est, alloc in rows:
         cells = [cell.get((model, est, alloc, s)) for s in sparsities]
         text = ["-" if c is None else f"{c['mean']:.1f}" + ("†" if c["fallbacks"] else "")
-                for c in cells]
+                + (f" ({c['seeds']})" if c["seeds"] < full else "") for c in cells]
         seconds = statistics.fmean(c["seconds"] for c in cells if c is not None)
         lines.append(f"| {model} | {est} | {alloc} | " + " | ".join(text) + f" | {seconds:.1f} |")
     return "\n".join(lines)
@@ -129,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print the markdown table too")
     ap.add_argument("--collect", action="store_true",
                     help="only read the finished runs back (run nothing)")
+    ap.add_argument("--title", default="Every estimator, global and uniform, one-shot",
+                    help="the title of the docs/results.md section")
     ap.add_argument("--write", default="",
                     help="write the table into docs/results.md under this section name")
     args = ap.parse_args(argv)
@@ -145,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
                           else SPARSITIES + EXTRA.get(model, []))
             for estimator in estimators:
                 for allocator in args.allocators.split(","):
-                    done = pipeline.is_finished(args.out / model / f"{estimator}-{allocator}"
-                                                / f"seed{seed}")
-                    if args.collect and not done:
+                    run_dir = args.out / model / f"{estimator}-{allocator}" / f"seed{seed}"
+                    done = pipeline.is_finished(run_dir)
+                    if args.collect and not done and not (run_dir / "report.json").is_file():
                         continue
                     runs.append(run_one(model, estimator, allocator, seed, sparsities,
-                                        args.out, not args.no_safeguard))
+                                        args.out, not args.no_safeguard, args.collect))
                     emit(runs[-1])
     summary = summarise(runs)
     for s in summary:
@@ -172,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                  "target on the machine above, under load from other jobs. The layer-wise "
                  "estimators (`exact_obs`, `sparsegpt`, `wanda`) run with their defaults "
                  "here: `global` = global magnitude's per-layer counts, `uniform` = the "
-                 "target in every layer.") + (f"\n\nFailed: {failed}." if failed else "")
-        write_section(args.write, "Every estimator, global and uniform, one-shot",
+                 "target in every layer. `(k)`: only k seeds reached that target; `-`: none "
+                 "did (each run stopped there is listed below).")
+        if failed:
+            notes += f"\n\nStopped: {failed}."
+        write_section(args.write, args.title,
                       markdown(summary), notes=notes)
     return 0
 
