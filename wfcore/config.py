@@ -445,17 +445,6 @@ def describe_options(options_class: type | None) -> list[tuple[str, str, Any, st
     return rows
 
 
-def component_options(section: str, cfg: DictConfig, options_class: type | None) -> Any:
-    """Validate ``cfg[section]`` (less ``name``) against ``options_class``.
-
-    Returns an instance of the dataclass, or {} when the component takes no options.
-    """
-    # a section is a mapping (``load`` checks it)
-    values = cast(dict[str, Any], OmegaConf.to_container(cfg[section], resolve=True))
-    values.pop("name", None)
-    return validate_options(section, values, options_class)
-
-
 def validate_options(where: str, values: dict[str, Any], options_class: type | None) -> Any:
     """``values`` checked against the dataclass ``options_class``; errors name ``where.key``."""
     if options_class is None:

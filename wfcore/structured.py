@@ -171,7 +171,6 @@ class StructuredStep:
         return out
 
 
-UNITS = STRUCTURED_UNITS
 
 
 def prune_channels(model: nn.Module, example: torch.Tensor, params: dict[str, torch.Tensor],
@@ -183,9 +182,9 @@ def prune_channels(model: nn.Module, example: torch.Tensor, params: dict[str, to
     ``unit="head"``, attention heads) of ``model`` so that ``target`` of its ``metric``
     is gone. ``params``: the prunable parameters, in the flat order the scorer's
     curvature was built on."""
-    if unit not in UNITS:
+    if unit not in STRUCTURED_UNITS:
         raise ConfigError(f"config key 'structure.unit': '{unit}' is not one of "
-                          f"{', '.join(UNITS)}")
+                          f"{', '.join(STRUCTURED_UNITS)}")
     layout = ParamLayout(params)
     if unit == "channel":
         graph, groups = prunable_groups(model, example)

@@ -218,8 +218,10 @@ class Pruning:
             prune_mask = {n: self.masks.keep[n] & ~new_keep[n] for n in new_keep}
             del scores
             update: Tensors | None
+            choice: dict[str, Any] = {}  # a layer-wise estimator's record of what it chose
             if isinstance(c.estimator, LayerwiseEstimator):  # each layer's own mask and update
                 update, new_keep = c.estimator.prune_layers(problem, new_keep, pattern)
+                choice = c.estimator.step_record()
             else:
                 update = c.scorer.update(weights, curvature, prune_mask, gradient)
             update, new_keep, record = self.safeguard.choose(
@@ -238,8 +240,8 @@ class Pruning:
             self.stats.refresh()  # fresh running statistics for the pruned weights
             self.dense_fit.step_done()
             timings["prune"] += time.perf_counter() - start
-        if isinstance(c.estimator, LayerwiseEstimator) and c.estimator.step_record():
-            record["allocation_choice"] = c.estimator.step_record()
+        if choice:
+            record["allocation_choice"] = choice
         record["batchnorm"] = self.stats.record(since=stats_before)
         if block > 1:
             record["whole_blocks"] = whole_blocks(self.masks.keep, block)
