@@ -22,6 +22,20 @@ from wfcore import Allocator, Tensors, WfcoreError, hookimpl
 log = logging.getLogger(__name__)
 
 
+def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat bool mask of the ``k`` lowest of the flat ``scores``, ties broken by position
+    (the first ``k`` of a stable argsort), found by selection: ``torch.kthvalue`` is O(n),
+    where sorting ResNet-50's 25.5M scores took 9 s on two CPU cores against 0.5 s."""
+    n = scores.numel()
+    if k <= 0 or k >= n:
+        return torch.full_like(scores, k > 0, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, k).values
+    out = scores < threshold
+    ties = (scores == threshold).nonzero()[:k - int(out.sum()), 0]  # in position order
+    out[ties] = True
+    return out
+
+
 def prune_lowest(scores: torch.Tensor, keep: torch.Tensor, num_zeros: int) -> torch.Tensor:
     """Keep-mask with exactly ``num_zeros`` zeros: the already pruned, then the lowest scores.
 
@@ -29,11 +43,7 @@ def prune_lowest(scores: torch.Tensor, keep: torch.Tensor, num_zeros: int) -> to
     """
     s = scores.double().masked_fill(~keep, float("-inf"))
     num_zeros = max(num_zeros, int((~keep).sum()))
-    new_keep = torch.ones_like(keep)
-    if num_zeros > 0:
-        order = torch.argsort(s, stable=True)
-        new_keep[order[:num_zeros]] = False
-    return new_keep
+    return ~lowest(s, num_zeros)
 
 
 def first_match(name: str, patterns: dict[str, float] | list[str]) -> str | None:
@@ -71,15 +81,11 @@ def global_with_caps(scores: Tensors, masks: Tensors, num_zeros: int,
         if room >= int(keep.sum()):  # the cap does not bind: every kept weight is eligible
             eligible.append(keep)
             continue
-        rank = torch.empty_like(keep, dtype=torch.long)
-        rank[torch.argsort(s, stable=True)] = torch.arange(s.numel())
-        eligible.append(keep & (rank < room))
+        eligible.append(keep & lowest(s, room))
     all_s, all_eligible = torch.cat(flat_s), torch.cat(eligible)
     flat_k = torch.cat([masks[n].reshape(-1).cpu() for n in names])
     new_zeros = max(num_zeros - int((~flat_k).sum()), 0)
-    new_keep = flat_k.clone()
-    order = torch.argsort(all_s.masked_fill(~all_eligible, float("inf")), stable=True)
-    new_keep[order[:new_zeros]] = False
+    new_keep = flat_k & ~lowest(all_s.masked_fill(~all_eligible, float("inf")), new_zeros)
     out, offset = {}, 0
     for n in names:
         k = masks[n].numel()

@@ -58,3 +58,17 @@ def test_already_pruned_weights_stay_pruned(name):
     total = sum(s.numel() for s in scores.values())
     zeros = sum(int((~k).sum()) for k in second.values())
     assert abs(zeros - 0.8 * total) <= len(scores)
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 50, 199, 200, 250])
+def test_lowest_equals_the_first_k_of_a_stable_sort(k):
+    from wfcore.plugins.allocators import lowest
+
+    g = torch.Generator().manual_seed(k)
+    # few distinct values, infinities among them: ties everywhere, broken by position
+    s = torch.randint(0, 5, (200,), generator=g).double()
+    s[torch.randperm(200, generator=g)[:30]] = float("inf")
+    s[torch.randperm(200, generator=g)[:10]] = float("-inf")
+    expected = torch.zeros(200, dtype=torch.bool)
+    expected[torch.argsort(s, stable=True)[:k]] = True
+    assert torch.equal(lowest(s, k), expected)

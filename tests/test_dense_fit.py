@@ -54,6 +54,9 @@ def test_plan_counts_the_safeguard_and_nothing_for_a_baseline():
     assert planned_forward_samples(cfg, False, True) == k + 6 * 100 + 2 * (k - 100) + 7 * stats
     assert planned_forward_samples(cfg, True, True) == stats  # the refresh after the step
     assert planned_forward_samples(cfg, True, False) == 0
+    # a pool smaller than what they ask for: both draw all of it (no screening below it)
+    assert planned_forward_samples(cfg, True, True, pool=64) == 64
+    assert planned_forward_samples(cfg, False, True, pool=64) == 64 + 6 * 64 + 7 * 64
     cfg.batchnorm.recalibrate = False
     assert planned_forward_samples(cfg, True, True) == 0
 

@@ -122,6 +122,22 @@ def test_non_finite_gradient_names_the_parameter(data):
         s.sample()
 
 
+def test_flat_rows_masks_checks_and_names_the_parameter(data):
+    model = MLPNet()
+    s, _ = sampler(model, data)
+    names = s.layout.names
+    grads = {n: torch.full((2, *p.shape), 3e38) for n, p in s.params.items()}
+    for n in names:  # prune every other weight of each parameter
+        s.masks[n] = (torch.arange(s.params[n].numel()) % 2 == 0).view(s.params[n].shape)
+    # finite values whose sum overflows: no error, and the pruned coordinates are zero
+    rows = s._flat_rows(grads)
+    expected = torch.cat([(grads[n] * s.masks[n]).reshape(2, -1) for n in names], 1)
+    assert torch.equal(rows, expected) and not torch.isfinite(rows.sum())
+    grads[names[-1]][1, 0] = float("inf")  # in the last parameter, at a kept weight
+    with pytest.raises(WfcoreError, match=f"parameter '{names[-1]}'"):
+        s._flat_rows(grads)
+
+
 def test_sampled_labels_need_no_labels(data):
     model = MLPNet()
     s, _ = sampler(model, Unlabelled(data), labels="sampled")

@@ -400,3 +400,38 @@ def test_sampled_labels_without_labels_match_empirical(tmp_path, monkeypatch):
                        f"fisher.labels={labels}", *overrides)
         result[labels] = accuracies(report)[0.9]
     assert abs(result["sampled"] - result["empirical"]) <= 0.02, result
+
+
+@pytest.mark.parametrize("m", [128, 131, 203])  # parts of rows: even, uneven, m > B
+def test_row_parts_of_the_dual_form_match_explicit_inverse(m):
+    """m >= TRIANGLE_MIN_ROWS: K = G G^T and L^-1 G are taken in row parts (only the
+    blocks on and below the diagonal multiplied): diag(F^-1) and the joint update still
+    equal the explicit inverse's."""
+    from wfcore.plugins.woodfisher.algebra import gram, row_parts
+
+    assert len(row_parts(m)) > 1
+    gen = torch.Generator().manual_seed(m)
+    G = torch.randn(m, 300, generator=gen, dtype=torch.float64)
+    blocks = G.view(m, 2, 150).transpose(0, 1).contiguous()  # (2, m, 150)
+    torch.testing.assert_close(gram(blocks), blocks @ blocks.transpose(1, 2),
+                               rtol=1e-12, atol=1e-10)
+    damp, shapes = 0.05, {"a": (300,)}
+    cur = fit(G, shapes, damp=damp, form="dual", block_size=200)
+    F_inv = ref.inverse(ref.block_fisher(G, damp, [(0, 200), (200, 100)]))
+    close(flat(cur, cur.inverse_diagonal()), F_inv.diagonal())
+    w = torch.randn(300, generator=gen, dtype=torch.float64)
+    mask = torch.rand(300, generator=gen) < 0.8
+    Q = mask.nonzero().flatten()
+    for a, b in [(0, 200), (200, 300)]:  # the joint OBS update of each block, explicitly
+        q = Q[(Q >= a) & (Q < b)]
+        block = F_inv[a:b, a:b]
+        x = torch.linalg.solve(block[(q - a)][:, (q - a)], w[q])
+        expected = -block[:, q - a] @ x
+        update = flat(cur, cur.prune_update({"a": mask}, {"a": w}, "joint"))[a:b]
+        close(update, expected)
+    # the quadratic model's value of the whole change, which the update's pass took from
+    # its own loss increase, against dw^T F dw / 2 with F explicit
+    change = torch.where(mask, -w, flat(cur, cur.prune_update({"a": mask}, {"a": w}, "joint")))
+    F = ref.block_fisher(G, damp, [(0, 200), (200, 100)])
+    assert cur.quadratic({"a": change}) == pytest.approx(float(change @ F @ change) / 2,
+                                                         rel=1e-9)

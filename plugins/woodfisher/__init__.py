@@ -293,13 +293,16 @@ class WoodFisherCurvature(Curvature):
         total = 0.0
         for idx, group in self.groups():
             q, x = mask[idx], w_flat[idx]
+            # the change the step makes, dw where kept and -w where pruned: the quadratic
+            # model's value of it (the safeguard's record asks next) from this pass. The
+            # joint update is the quadratic's minimum under the constraint, so its value is
+            # the update's own loss increase, w_Q^T S^-1 w_Q / 2 (no pass over G for it)
             if mode == "independent":
                 out[idx] = -group.mul(torch.where(q, x / self.diag[idx], 0.0))
+                total += float(group.quadratic(torch.where(q, -x, out[idx])).sum())
             else:
-                out[idx] = group.joint(q, x)[0]
-            # the change the step makes, dw where kept and -w where pruned: the quadratic
-            # model's value of it (the safeguard's record asks next) from this pass
-            total += float(group.quadratic(torch.where(q, -x, out[idx])).sum())
+                out[idx], increase = group.joint(q, x)
+                total += float(increase.sum())
         out = distributed.sum_(out)  # each rank filled its own chunks' blocks
         self.last_change = (torch.where(mask, -w_flat, out), distributed.sum_float(total))
         return self._out(out)

@@ -139,13 +139,21 @@ def matmul_rate(device: torch.device) -> float:
 def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torch.Tensor,
                 loss_fn: Loss, target: torch.Tensor, grad_batch: int,
                 method: str) -> float:
+    """Seconds per gradient row (``row_timing``'s first number)."""
+    return row_timing(model, params, example, loss_fn, target, grad_batch, method)[0]
+
+
+def row_timing(model: nn.Module, params: dict[str, nn.Parameter], example: torch.Tensor,
+               loss_fn: Loss, target: torch.Tensor, grad_batch: int,
+               method: str) -> tuple[float, float]:
     """Seconds per gradient row as the sampler takes them (``wfcore.fisher.gradients``): with
     ``grad_batch`` 1, per-sample gradients by vmap over grad at the sampler's chunk of
     rows and by the loop of backward passes, the faster of the two unless ``method`` names
     one; else one batched backward pass of ``grad_batch`` samples (timed on at most
-    ``BATCH_TIMED`` of them, per sample). The better of two timed calls after one untimed:
-    the first call of a shape costs more (vmap's much more), and the plan, made in the
-    process that samples, has paid it for the sampler."""
+    ``BATCH_TIMED`` of them, per sample). The better of two timed calls after a first one:
+    the first call of a shape costs more (vmap's much more: ResNet-50's took 12 s against
+    0.4 s for the next ones), and the sampler pays that again (its own functions, its own
+    fresh memory). Returns (seconds per row, the first call's extra seconds)."""
     from torch.func import functional_call, grad, vmap
 
     from wfcore.fisher.gradients import CHUNK_BYTES, MAX_CHUNK
@@ -161,12 +169,15 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
     def repeat(t: torch.Tensor, n: int) -> torch.Tensor:
         return t.expand(n, *t.shape[1:]).clone()
 
+    first: list[float] = []  # the extra seconds of each timed method's first call
+
     def timed(run, rows: int) -> float:
         times = []
         for _ in range(3):
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
+        first.append(max(times[0] - min(times[1:]), 0.0))
         return min(times[1:]) / rows
 
     batch = min(grad_batch, BATCH_TIMED)
@@ -189,13 +200,16 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
     model.eval()
     try:
         if grad_batch != 1 or method == "loop":
-            return timed(loop, 1) * grad_batch / batch
+            return timed(loop, 1) * grad_batch / batch, first[-1]
         with math_attention():
             try:
                 by_vmap = timed(vmapped, chunk)
             except Exception:  # a model torch.func cannot trace: the sampler loops too
-                return timed(loop, 1)
-        return by_vmap if method == "vmap" else min(by_vmap, timed(loop, 1))
+                return timed(loop, 1), first[-1]
+        if method == "vmap":
+            return by_vmap, first[0]
+        by_loop = timed(loop, 1)
+        return (by_vmap, first[0]) if by_vmap <= by_loop else (by_loop, first[1])
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -204,20 +218,21 @@ def row_seconds(model: nn.Module, params: dict[str, nn.Parameter], example: torc
 def sampling_seconds(model: nn.Module, params: dict[str, nn.Parameter],
                      example: torch.Tensor, loss_fn: Loss, target: torch.Tensor, m: int,
                      grad_batch: int, method: str) -> float:
-    """Seconds of the gradient stage: m rows at ``row_seconds``, and,
+    """Seconds of the gradient stage: m rows at ``row_timing``'s rate and its first call's
+    extra once, and,
     where the sampler calibrates its method (``wfcore.fisher.grad_calibration``, with its rule
     for when), that calibration: its rows on one thread."""
     from wfcore.fisher.grad_calibration import MIN_GRADS, SHARE, calibration_rows
     from wfcore.fisher.gradients import CHUNK_BYTES, MAX_CHUNK
 
-    row = row_seconds(model, params, example, loss_fn, target, grad_batch, method)
+    row, first_call = row_timing(model, params, example, loss_fn, target, grad_batch, method)
     d = sum(p.numel() for p in params.values())
     n = min(max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d))), m // SHARE)
     while n >= 2 and calibration_rows(n) > m // SHARE:
         n -= 1
     calibrates = method == "auto" and grad_batch == 1 and m >= MIN_GRADS and n >= 2
-    return row * m + (calibration_rows(n) * row * torch.get_num_threads()
-                              if calibrates else 0.0)
+    return row * m + first_call + (calibration_rows(n) * row * torch.get_num_threads()
+                                   if calibrates else 0.0)
 
 
 @dataclass

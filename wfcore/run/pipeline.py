@@ -28,6 +28,7 @@ from wfcore.interfaces import (
     LayerwiseEstimator,
     Loss,
     PruneStep,
+    dataset_size,
 )
 from wfcore.masks import select_params
 from wfcore.run import admission, checkpoint
@@ -47,6 +48,7 @@ from wfcore.run.prepare import (  # noqa: F401  (the setup of a run, re-exported
     load_data,
     load_state,
     loss_function,
+    pool_size,
     pruning_subset,
     resolve_device,
     versions,
@@ -127,9 +129,10 @@ def plan_run(cfg: DictConfig, components: Components, model: nn.Module,
                      device=device, calibrate=calibrate, nproc=nproc,
                      block=cfg.structure.block,
                      shared_host=nproc > 1 and distributed.one_machine())
+    pool = pool_size(dataset_size(data.train), cfg.data.train_fraction)
     guard = safeguard_cost(cfg, model, example.unsqueeze(0).to(device),
                            components.estimator.baseline or components.scorer.baseline,
-                           calibrate)
+                           calibrate, pool)
     plan.safeguard_seconds = guard.seconds
     plan.notes.append(guard.line())
     plan.notes = prunable.summary_lines(prunable_summary(cfg, model, params)) + plan.notes

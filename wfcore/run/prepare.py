@@ -248,12 +248,17 @@ def versions(plugins: manager.Plugins) -> dict[str, Any]:
                         if info.source != "built-in"}}
 
 
+def pool_size(total: int, fraction: float) -> int:
+    """Samples of the pruning pool: ``fraction`` (``data.train_fraction``) of ``total``."""
+    return total if fraction >= 1.0 else max(1, round(fraction * total))
+
+
 def pruning_subset(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, dict[str, Any]]:
     """The part of the training split that pruning may see, and its record for the report."""
     total = dataset_size(train)
     if fraction >= 1.0:
         return train, {"train_fraction": 1.0, "samples": total, "of": total, "seed": None}
-    count = max(1, round(fraction * total))
+    count = pool_size(total, fraction)
     indices = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]
     log.info("pruning sees %d of the %d training samples (data.train_fraction %g, seed %d)",
              count, total, fraction, seed)

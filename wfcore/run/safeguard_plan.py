@@ -36,14 +36,21 @@ class SafeguardCost:
                 f"per step, {seconds}")
 
 
-def planned_forward_samples(cfg: DictConfig, baseline: bool, has_stats: bool) -> int:
-    """Samples run forward in one step by the safeguard and the statistics (see the doc)."""
+def planned_forward_samples(cfg: DictConfig, baseline: bool, has_stats: bool,
+                            pool: int | None = None) -> int:
+    """Samples run forward in one step by the safeguard and the statistics (see the doc).
+    ``pool``: the samples of the pruning pool, which both draw from (all of it when it
+    holds fewer than they ask for); None: as many as they ask for."""
     guard, bn = cfg.safeguard, cfg.batchnorm
-    stats = bn.samples if bn.recalibrate and has_stats else 0
+
+    def drawn(asked: int) -> int:
+        return asked if pool is None else min(asked, pool)
+
+    stats = drawn(bn.samples) if bn.recalibrate and has_stats else 0
     if not guard.enabled or baseline:
         return stats  # nothing to choose; the statistics after the step
     candidates = len({*guard.alphas, 0.0}) + (guard.fallback == "magnitude")
-    k = guard.calibration_samples
+    k = drawn(guard.calibration_samples)
     screen = guard.screen_samples if 0 < guard.screen_samples < k else k
     finals = FINALISTS * (k - screen)  # the rest of the samples, for the close ones
     return k + candidates * screen + finals + (candidates + 1) * stats
@@ -65,8 +72,8 @@ def forward_seconds(model: nn.Module, example: torch.Tensor, batch: int = 64) ->
 
 
 def safeguard_cost(cfg: DictConfig, model: nn.Module, example: torch.Tensor, baseline: bool,
-                   calibrate: bool = True) -> SafeguardCost:
-    samples = planned_forward_samples(cfg, baseline, bool(stat_modules(model)))
+                   calibrate: bool = True, pool: int | None = None) -> SafeguardCost:
+    samples = planned_forward_samples(cfg, baseline, bool(stat_modules(model)), pool)
     seconds = samples * forward_seconds(model, example) if calibrate and samples else (
         0.0 if not samples else math.nan)
     return SafeguardCost(samples, seconds)
