@@ -371,8 +371,9 @@ def write_heads(args: argparse.Namespace, table: str, rows: list[dict[str, Any]]
              f"OBS over the whole Fisher with the OBS update (m = {args.num_grads}, damp "
              f"{args.damp} x mean diagonal) of the weights that read a head (its out_proj "
              "columns); magnitude: group L2 of the head's Q, K, V rows and out_proj columns. "
-             f"Same global allocator (structure.min_keep {args.min_keep}); no fine-tuning. "
-             "Top-1 on the 1,000 embedded test images.")
+             f"Same global allocator (structure.min_keep {args.min_keep}); no fine-tuning; "
+             "no BatchNorm (the column without re-estimation is the same top-1). Top-1 on "
+             "the 1,000 embedded test images.")
     title = (f"Head pruning: one-shot accuracy at {100 * args.target:.0f}% FLOPs removed "
              f"({args.models}; {args.methods})")
     write_section(args.section or f"structured-accuracy-heads-{args.models.replace(',', '-')}",
