@@ -80,8 +80,7 @@ def write_doc(rows: list[dict], args: argparse.Namespace) -> None:
              "weights (initializers with two or more dimensions) equal the report's "
              "parameters less the biases; the ONNX file also holds one bias per channel of "
              "each BatchNorm folded into its conv.")
-    write_section("structured-speedup", "Channel pruning: speed of the smaller dense model",
-                  "\n".join(lines), notes=notes)
+    write_section(args.section, args.title, "\n".join(lines), notes=notes)
 
 
 def timer(engine: str, model: torch.nn.Module, path: Path, x: torch.Tensor, threads: int):
@@ -127,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     # the 1x1 ones whole, which gains less speed for the same FLOPs (docs/structured.md)
     ap.add_argument("--min-keep", type=float, default=0.4, help="structure.min_keep")
     ap.add_argument("--write-doc", action="store_true",
-                    help="write the table into docs/results.md (section structured-speedup)")
+                    help="write the table into docs/results.md (section --section)")
+    ap.add_argument("--section", default="structured-speedup",
+                    help="the section of docs/results.md that --write-doc writes")
+    ap.add_argument("--title", default="Channel pruning: speed of the smaller dense model")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)

@@ -263,6 +263,20 @@ def test_the_plan_times_rows_the_way_the_sampler_takes_them():
         assert 0 < seconds < 1
 
 
+def test_the_plan_times_the_stores_writes_where_the_run_would_write(tmp_path):
+    from wfcore.fisher.plan import write_seconds
+    from wfcore.fisher.store import StorePlan
+
+    store = StorePlan(m=1000, d=5000, dtype="float16", place="disk",
+                      directory=str(tmp_path / "run" / "not-made-yet"), device="cpu",
+                      pin=False, shared=False)
+    assert write_seconds(store, 4) > 0
+    assert list(tmp_path.iterdir()) == []  # probed in the nearest parent, nothing left
+    (tmp_path / "file").write_text("")  # a directory that cannot be: not timed, no error
+    blocked = StorePlan(**{**store.__dict__, "directory": str(tmp_path / "file" / "x")})
+    assert write_seconds(blocked, 4) == 0.0
+
+
 def test_the_plan_times_the_passes_over_a_disk_store(capsys):
     from pathlib import Path
 

@@ -245,7 +245,9 @@ class WoodFisherCurvature(Curvature):
             return
         order = list(zip(self.chunks, self.damps, strict=True))
         self.backward = not self.backward
-        for chunk, damps in reversed(order) if self.backward else order:
+        for chunk, damps in tqdm(order[::-1] if self.backward else order,
+                                 desc="woodfisher pass", unit="chunk", leave=False, delay=1,
+                                 disable=progress.disabled(len(order) < 2)):
             yield from chunk_groups(self.layout, self.source, chunk, damps, self.options,
                                     self.device)
 

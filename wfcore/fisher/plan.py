@@ -59,7 +59,11 @@ STORE_MEMORY_SHARE = 0.25  # fisher.store=auto keeps the store in memory up to t
 MEMORY_SHARE = 0.9  # of the available memory a run may plan to use at its peak
 GiB = 2**30
 BATCH_TIMED = 16  # samples of a row of grad_batch > 1 timed at once (memory stays small)
-STORE_READ_RATE = 400 * 2**20  # bytes/s of a column pass over a disk store (m reads per chunk)
+# bytes/s of a column pass over a disk store (a read per tile of a chunk, and the copy of
+# the tiles into the chunk's columns). Measured on the paper's step, a 19 GiB store read
+# right after it was written: 1.1-1.2 GB/s on a 2-core machine with an NVMe disk (2.5 GB/s
+# raw), most pages still in the page cache
+STORE_READ_RATE = 2**30
 # Peak bytes per entry of structure.block's [F^-1]_GG blocks (b numbers a weight, b the
 # group size): the entries in float64 with the index pairs that gather them, and the
 # scorer's copy and factor. Measured: MLPNet, WoodFisher, m = 16, blocks of 256 (10.5M
@@ -215,11 +219,35 @@ def row_timing(model: nn.Module, params: dict[str, nn.Parameter], example: torch
         model.train(was_training)
 
 
+def write_seconds(store: StorePlan, rows: int) -> float:
+    """Seconds per row of writing ``rows`` gradient rows at once into a store like ``store``
+    (its dtype, place and directory; a disk store also sums the squares of its columns):
+    the second of two writes of random rows, to fresh rows of a store of twice as many.
+    A store directory not made yet (the run's own) is probed in its nearest existing
+    parent; 0 when even that cannot be written (the run's checks say why)."""
+    directory = Path(store.directory)
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    probe = dataclasses.replace(store, m=2 * rows, shared=False, directory=str(directory))
+    data = torch.randn(rows, store.d)
+    try:
+        with probe.open() as written:
+            written.write(0, data)
+            start = time.perf_counter()
+            written.write(rows, data)
+            return (time.perf_counter() - start) / rows
+    except (OSError, WfcoreError) as exc:
+        log.debug("plan: the store's write was not timed (%s)", exc)
+        return 0.0
+
+
 def sampling_seconds(model: nn.Module, params: dict[str, nn.Parameter],
                      example: torch.Tensor, loss_fn: Loss, target: torch.Tensor, m: int,
-                     grad_batch: int, method: str) -> float:
+                     grad_batch: int, method: str, store: StorePlan | None = None) -> float:
     """Seconds of the gradient stage: m rows at ``row_timing``'s rate and its first call's
-    extra once, and,
+    extra once; each row's write into the store (``write_seconds``: a disk store is
+    written by a thread of its own beside the computation, but on a machine whose cores
+    the computation keeps busy, the cast, the column sums and the write add to it);
     where the sampler calibrates its method (``wfcore.fisher.grad_calibration``, with its rule
     for when), that calibration: its rows on one thread."""
     from wfcore.fisher.grad_calibration import MIN_GRADS, SHARE, calibration_rows
@@ -227,6 +255,8 @@ def sampling_seconds(model: nn.Module, params: dict[str, nn.Parameter],
 
     row, first_call = row_timing(model, params, example, loss_fn, target, grad_batch, method)
     d = sum(p.numel() for p in params.values())
+    if store is not None:
+        row += write_seconds(store, max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d), m)))
     n = min(max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d))), m // SHARE)
     while n >= 2 and calibration_rows(n) > m // SHARE:
         n -= 1
@@ -416,7 +446,7 @@ def make_plan(*, model: nn.Module, params: dict[str, nn.Parameter], example: tor
     samples = m * grad_batch if needs_gradients else 0
     grad_s = (0.0 if not needs_gradients else
               sampling_seconds(model, params, example, loss_fn, target, m, grad_batch,
-                               fisher.get("grad_method", "auto")) if calibrate
+                               fisher.get("grad_method", "auto"), store) if calibrate
               else math.nan)
     stages = estimator.stage_seconds(layout, m, device) if calibrate else None
     if stages is None:  # the flops at the measured matrix-multiply rate
