@@ -13,9 +13,9 @@ Each seed trains its own dense model once (cached like any wfcore run's).
 
 ``--finetune`` adds the fine-tuned comparison: every method is an ordinary wfcore run with
 ``scheduler.name=gradual`` and ``structure.unit=channel`` (pruning steps on the shrunk
-model, fine-tuning between and after them); Torch-Pruning's importances enter the same
-run through a ``Fixed`` scorer in place of the run's own (``structured_run.group_scorer``),
-so schedule, allocator, BatchNorm re-estimation and fine-tuning are the same for all.
+model, fine-tuning between and after them); Torch-Pruning's magnitude importance is the
+run's own ``structure.scores: tp_magnitude``, so schedule, allocator, BatchNorm
+re-estimation and fine-tuning are the same for all.
 
     nice -n 10 python benchmarks/structured_accuracy.py --finetune \\
         --methods woodfisher,magnitude,tp-magnitude --write-doc
@@ -30,11 +30,8 @@ import shutil
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 import torch_pruning as tp
@@ -44,7 +41,7 @@ from wfcore.plugins.diag_fisher import live_mean
 from wfcore import config as config_mod
 from wfcore import manager
 from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Taylor
-from wfcore.run import pipeline, structured_run
+from wfcore.run import pipeline
 from wfcore.run.training import evaluate
 from wfcore.structured import prunable_groups, prune_channels, recalibrate_batchnorm
 
@@ -159,53 +156,29 @@ def schedule(args: argparse.Namespace) -> list[str]:
             "scheduler.lr_schedule=cosine", f"scheduler.lr_decay_start={args.ft_end_epoch}"]
 
 
-@contextmanager
-def tp_in_runs(method: str) -> Iterator[None]:
-    """Runs inside this block score channels by Torch-Pruning's ``method`` (computed on the
-    run's current, possibly shrunk, model at each step) instead of the run's own scores;
-    everything else of the step (allocation, removal, BatchNorm re-estimation) is the
-    run's."""
-
-    def scorer(pruning: Any, G: torch.Tensor | None, curvature: Any) -> GroupScorer:
-        model = pruning.model
-        example = pruning.setup.data.test[0][0][None].to(pruning.setup.device)
-        graph, groups = prunable_groups(model, example)
-        batches = [] if method == "tp-magnitude" else list(pruning.sampler.batches(256, 128))
-        training = model.training
-        model.eval()
-        scores = tp_scores(method, model, groups, graph, batches)
-        model.train(training)
-        return Fixed(scores)
-
-    with mock.patch.object(structured_run, "group_scorer", scorer):
-        yield
-
-
 def finetune_one(model_name: str, method: str, seed: int,
                  args: argparse.Namespace) -> dict[str, Any]:
     """One wfcore run with the gradual schedule: woodfisher (group OBS over the whole
-    Fisher, with the OBS update) or magnitude (group L2) as the run's own scores, tp-* as
-    Torch-Pruning's importances of the same groups."""
+    Fisher, with the OBS update), magnitude (group L2) or tp-magnitude (Torch-Pruning's
+    group magnitude importance, ``structure.scores: tp_magnitude``)."""
     overrides = [*MODELS[model_name], f"seed={seed}", f"fisher.num_grads={args.num_grads}",
                  "structure.unit=channel", "structure.target=flops", "structure.round_to=1",
                  f"structure.min_keep={args.min_keep}", "structure.recalibrate=1024",
                  "scorer.update=joint", *schedule(args)]
     if method == "woodfisher":
         overrides += ["estimator.name=woodfisher", f"estimator.damp={args.damp}"]
-    elif method == "magnitude" or method.startswith("tp-"):
+    elif method == "magnitude":
         overrides += ["estimator.name=magnitude"]
+    elif method == "tp-magnitude":
+        overrides += ["estimator.name=magnitude", "structure.scores=tp_magnitude"]
     else:
         raise SystemExit(f"--finetune: method {method!r} is not one of woodfisher, "
-                         "magnitude, tp-magnitude, tp-taylor, tp-hessian")
+                         "magnitude, tp-magnitude")
     out = Path(tempfile.mkdtemp(prefix="wfcore-structured-ft-"))
     try:
         cfg = config_mod.load(BASES.get(model_name, BASE),
                               [*overrides, *args.overrides, f"output={out}"])
-        if method.startswith("tp-"):
-            with tp_in_runs(method):
-                report = pipeline.run(cfg, force=True)
-        else:
-            report = pipeline.run(cfg, force=True)
+        report = pipeline.run(cfg, force=True)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     last = report["steps"][-1]

@@ -18,6 +18,7 @@ from wfcore.plugins.architectures import ResidualBNCNN, TinyMobileNet
 
 from wfcore import config
 from wfcore.channels import channel_groups, coordinates, shrink
+from wfcore.errors import ConfigError, WfcoreError
 from wfcore.fisher.gradients import ParamLayout
 from wfcore.group_obs import Diagonal, DualFisher, Random, Taylor
 from wfcore.masks import select_params
@@ -282,3 +283,39 @@ def test_reading_coordinates_are_the_next_layers_inputs():
         assert set(r.tolist()) < set(a.tolist()) and not conv1 & set(r.tolist())
     # layer1.conv1, layer2.conv1 and the shortcut read channel c: 4*9 + 8*9 + 8 weights
     assert all(r.numel() == 4 * 9 + 8 * 9 + 8 for r in reads)
+
+
+def test_torch_pruning_magnitude_scores_every_group_and_enters_a_step():
+    from wfcore.group_obs import Precomputed
+    from wfcore.structured import torch_pruning_magnitude
+
+    model = tiny_model()
+    _, groups = prunable_groups(model, EXAMPLE)
+    scores = torch_pruning_magnitude(model, EXAMPLE)
+    assert [s.numel() for s in scores] == [g.size for g in groups]
+    # a channel whose every weight in the group is zero scores lowest in its group
+    params = select_params(model, None)
+    sets, layout = channel_sets(model, params)
+    with torch.no_grad():
+        w = layout.flatten({n: p.detach() for n, p in params.items()})
+        w[sets[0][1]] = 0.0
+        for n, t in layout.unflatten(w).items():
+            params[n].copy_(t)
+    zeroed = torch_pruning_magnitude(model, EXAMPLE)[0]
+    assert float(zeroed[1]) < float(torch.cat([zeroed[:1], zeroed[2:]]).min())
+    # and twice every parameter (BatchNorm's too): the same (mean-normalised) scores
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    torch.testing.assert_close(torch_pruning_magnitude(model, EXAMPLE)[0], zeroed)
+    step = prune_channels(model, EXAMPLE, params,
+                          Precomputed(torch_pruning_magnitude(model, EXAMPLE)), 0.5)
+    assert step.record()["predicted"]["flops_removed"] >= 0.5
+    with pytest.raises(WfcoreError, match="does not match"):
+        prune_channels(tiny_model(), EXAMPLE, select_params(tiny_model(), None),
+                       Precomputed(scores[:1]), 0.5)
+
+
+def test_tp_magnitude_scores_channels_only():
+    with pytest.raises(ConfigError, match="structure.scores"):
+        config.load(None, ["structure.unit=head", "structure.scores=tp_magnitude"])

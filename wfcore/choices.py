@@ -56,7 +56,7 @@ Metric = Literal["flops", "params"]
 METRICS: tuple[Metric, ...] = get_args(Metric)  # structure.target
 Rank = Literal["saliency", "per_cost"]
 RANKS: tuple[Rank, ...] = get_args(Rank)  # structure.rank
-GroupScores = Literal["auto", "magnitude", "taylor", "random"]
+GroupScores = Literal["auto", "magnitude", "taylor", "random", "tp_magnitude"]
 GROUP_SCORES: tuple[GroupScores, ...] = get_args(GroupScores)  # structure.scores
 
 # -- export and bench ----------------------------------------------------------------------

@@ -205,7 +205,8 @@ class StructureSection:
     rank: str = "saliency"
     # channel: auto = the estimator's group OBS (woodfisher: the whole Fisher in the dual
     # form; other curvatures: their diagonal and their own update) | magnitude (group L2) |
-    # taylor ((g.w)^2 of the group) | random
+    # taylor ((g.w)^2 of the group) | random | tp_magnitude (Torch-Pruning's group magnitude
+    # importance, mean-normalised within each group, no update; channels only)
     scores: str = "auto"
     recalibrate: int = 1024  # channel: training samples that re-estimate BatchNorm statistics
 
@@ -374,6 +375,9 @@ def check_ranges(cfg: DictConfig) -> None:
         if cfg.structure.block > 1:
             raise ConfigError("config keys 'structure.block' and 'structure.pattern': "
                               "choose one")
+    if cfg.structure.scores == "tp_magnitude" and cfg.structure.unit == "head":
+        raise ConfigError("config key 'structure.scores': tp_magnitude scores channels "
+                          "(structure.unit: channel), not attention heads")
     if any(not 0.0 <= a <= 1.0 for a in cfg.safeguard.alphas):
         raise ConfigError(f"config key 'safeguard.alphas': {list(cfg.safeguard.alphas)} are "
                           "not all in [0, 1]")

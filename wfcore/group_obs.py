@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 import torch
 from tqdm import tqdm
 
+from wfcore.errors import WfcoreError
 from wfcore.plugins.woodfisher.algebra import BlockGroup, cholesky_raising_damp, solve_spd
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,22 @@ class GroupScorer(ABC):
         """(d,) the change of ``w`` removing the coordinates where ``removed`` (d,) holds
         (zeroing them is done by the caller); None = no compensation."""
         return None
+
+
+class Precomputed(GroupScorer):
+    """Scores computed before the step (e.g. Torch-Pruning's importances), one tensor per
+    group in the order the step scores its groups (``structured.prunable_groups``); no
+    update."""
+
+    def __init__(self, scores: list[torch.Tensor]):
+        self.scores, self.taken = list(scores), 0
+
+    def saliencies(self, w: torch.Tensor, channels: list[torch.Tensor]) -> torch.Tensor:
+        if self.taken >= len(self.scores) or self.scores[self.taken].numel() != len(channels):
+            raise WfcoreError(f"precomputed group scores: group {self.taken} of the step does "
+                              "not match the scores given (another model or order?)")
+        self.taken += 1
+        return self.scores[self.taken - 1].double()
 
 
 class DualFisher(GroupScorer):

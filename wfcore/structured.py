@@ -28,6 +28,7 @@ from wfcore.channels import (
     channel_groups,
     coordinates,
     shrink,
+    torch_pruning,
     zero_channels,
 )
 from wfcore.choices import METRICS, RANKS, STRUCTURED_UNITS
@@ -55,6 +56,24 @@ class Allocation:
                 "predicted": {"macs": self.after["macs"], "params": self.after["params"],
                               "flops_removed": removed["macs"],
                               "params_removed": removed["params"]}}
+
+
+def torch_pruning_magnitude(model: nn.Module, example: torch.Tensor) -> list[torch.Tensor]:
+    """Torch-Pruning's ``GroupMagnitudeImportance`` (p=2, its defaults: the mean over a
+    group's layers, normalised by the group's mean) of every channel of each group
+    ``prunable_groups`` gives, in its order (``structure.scores: tp_magnitude``)."""
+    tp = torch_pruning()
+    graph, groups = prunable_groups(model, example)
+    importance = tp.importance.GroupMagnitudeImportance(p=2)
+    modules = dict(model.named_modules())
+    out = []
+    with torch.no_grad():
+        for g in groups:
+            root = modules[g.root]
+            group = graph.get_pruning_group(
+                root, graph.get_pruner_of_module(root).prune_out_channels, list(range(g.size)))
+            out.append(importance(group).detach().double().cpu())
+    return out
 
 
 def prunable_groups(model: nn.Module, example: torch.Tensor) -> tuple[Any, list[ChannelGroup]]:

@@ -32,11 +32,11 @@ from wfcore.channels import CostModel, replay
 from wfcore.choices import GROUP_SCORES
 from wfcore.errors import ConfigError, WfcoreError
 from wfcore.fisher.gradients import ParamLayout
-from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Random, Taylor
+from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Precomputed, Random, Taylor
 from wfcore.heads import remove_heads
 from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params
-from wfcore.structured import prune_channels, recalibrate_batchnorm
+from wfcore.structured import prune_channels, recalibrate_batchnorm, torch_pruning_magnitude
 
 # the run's step machinery (wfcore.run.pruning.Pruning), which calls this module: not
 # imported back
@@ -104,6 +104,9 @@ def group_scorer(pruning: Pruning, G: torch.Tensor | None, curvature: Any) -> Gr
     if scores == "taylor":
         assert G is not None  # taylor scores make the run sample gradients
         return Taylor(G.mean(0))
+    if scores == "tp_magnitude":
+        example = pruning.setup.data.test[0][0][None].to(pruning.setup.device)
+        return Precomputed(torch_pruning_magnitude(pruning.model, example))
     if scores == "magnitude" or cfg.estimator.name == "magnitude":
         return Diagonal()
     if cfg.estimator.name == "woodfisher":
