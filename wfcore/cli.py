@@ -337,9 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if distributed.env_rank() > 0:  # under torchrun rank 0 speaks for the run
         level = max(level, logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    finished = False
     try:
         with logging_redirect_tqdm():
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+        finished = True
+        return code
     except WfcoreError as exc:
         # every rank reads the same config and arguments: an error in them, met before the
         # process group exists, is every rank's too
@@ -355,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wfcore: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(barrier=finished)
 
 
 def _error(exc: BaseException, agreed: bool = False) -> None:

@@ -112,10 +112,15 @@ def init(backend: str = "auto", timeout_s: float = 1800.0) -> Group:
     return _group
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op without one)."""
+def shutdown(barrier: bool = False) -> None:
+    """Leave the process group (no-op without one). ``barrier``: first wait for every rank
+    to get here (a command that finished on every rank), so that no rank tears its
+    connections down while another still uses them; a rank that exits with an error does
+    not wait for the others (they may be waiting in a collective for it)."""
     global _group
     if _group.backend is not None and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
     _group = Group()
 
