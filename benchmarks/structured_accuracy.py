@@ -97,9 +97,11 @@ def tp_scores(method: str, model, groups, graph, batches) -> list[torch.Tensor]:
 def run_one(model_name: str, name: str, seed: int, target: float, m: int,
             extra: list[str] = (), min_keep: float = 0.1,
             damp: float = 0.01, unit: str = "channel") -> dict[str, Any]:
-    """``name``: a method, with ``@per_cost`` for that allocation order; ``extra``: config
+    """``name``: a method, with ``@per_cost`` for that allocation order and ``+mean`` for
+    scores divided by their group's mean (``structure.normalize: mean``); ``extra``: config
     overrides (e.g. other dense epochs); ``unit``: channel | head."""
-    method, _, rank = name.partition("@")
+    scored, _, normalize = name.partition("+")
+    method, _, rank = scored.partition("@")
     cfg = config_mod.load(BASES.get(model_name, BASE),
                           MODELS[model_name] + [f"seed={seed}", f"fisher.num_grads={m}", *extra])
     plugins = manager.build(cfg.plugins)
@@ -130,7 +132,8 @@ def run_one(model_name: str, name: str, seed: int, target: float, m: int,
     # the shrunk model's outputs equal the masked one's (to 1e-5, tests/test_structured.py):
     # its accuracy before the statistics are re-estimated is the masked model's
     step = prune_channels(model, example, params, scorer, target, rank=rank or "saliency",
-                          min_keep=min_keep, update=update, unit=unit)
+                          min_keep=min_keep, update=update, unit=unit,
+                          normalize=normalize or "none")
     before = evaluate(model, setup.data.test, batch_size=256, loss_fn=setup.loss_fn,
                       device=setup.device)["accuracy"]
     recalibrate_batchnorm(model, [x for x, _ in batches])
@@ -160,16 +163,19 @@ def finetune_one(model_name: str, method: str, seed: int,
                  args: argparse.Namespace) -> dict[str, Any]:
     """One wfcore run with the gradual schedule: woodfisher (group OBS over the whole
     Fisher, with the OBS update), magnitude (group L2) or tp-magnitude (Torch-Pruning's
-    group magnitude importance, ``structure.scores: tp_magnitude``)."""
+    group magnitude importance, ``structure.scores: tp_magnitude``); ``+mean``: with
+    ``structure.normalize: mean``."""
+    base, _, normalize = method.partition("+")
     overrides = [*MODELS[model_name], f"seed={seed}", f"fisher.num_grads={args.num_grads}",
                  "structure.unit=channel", "structure.target=flops", "structure.round_to=1",
                  f"structure.min_keep={args.min_keep}", "structure.recalibrate=1024",
-                 "scorer.update=joint", *schedule(args)]
-    if method == "woodfisher":
+                 "scorer.update=joint", f"structure.normalize={normalize or 'none'}",
+                 *schedule(args)]
+    if base == "woodfisher":
         overrides += ["estimator.name=woodfisher", f"estimator.damp={args.damp}"]
-    elif method == "magnitude":
+    elif base == "magnitude":
         overrides += ["estimator.name=magnitude"]
-    elif method == "tp-magnitude":
+    elif base == "tp-magnitude":
         overrides += ["estimator.name=magnitude", "structure.scores=tp_magnitude"]
     else:
         raise SystemExit(f"--finetune: method {method!r} is not one of woodfisher, "
@@ -244,7 +250,9 @@ def finetune_table(args: argparse.Namespace) -> None:
              f"whole Fisher with the OBS update (m = {args.num_grads}, damp {args.damp} x "
              "mean diagonal), magnitude group L2 (estimator.name=magnitude), tp-magnitude "
              "Torch-Pruning's GroupMagnitudeImportance of the same groups, recomputed at each "
-             "step. One-shot: the same dense models pruned at once to the target (the path "
+             "step (structure.scores=tp_magnitude); a method without +mean has "
+             "structure.normalize=none, +mean each group's scores divided by their mean. "
+             "One-shot: the same dense models pruned at once to the target (the path "
              "of the one-shot tables), BatchNorm statistics re-estimated, no training. Top-1 "
              "on the 1,000 embedded test images.")
     title = (f"Channel pruning with fine-tuning (gradual): accuracy at "

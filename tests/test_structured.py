@@ -319,3 +319,24 @@ def test_torch_pruning_magnitude_scores_every_group_and_enters_a_step():
 def test_tp_magnitude_scores_channels_only():
     with pytest.raises(ConfigError, match="structure.scores"):
         config.load(None, ["structure.unit=head", "structure.scores=tp_magnitude"])
+
+
+def test_mean_normalised_scores_ignore_each_groups_scale():
+    """structure.normalize: mean: a group's scores times 1000 remove the same channels;
+    as they are (none), that group keeps more."""
+    from wfcore.group_obs import Precomputed
+
+    model = tiny_model()
+    _, groups = prunable_groups(model, EXAMPLE)
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.rand(g.size, generator=gen, dtype=torch.float64) + 0.1 for g in groups]
+    scaled = [s * 1000 if k == 0 else s for k, s in enumerate(base)]
+
+    def removed(scores, normalize):
+        m = tiny_model()
+        step = prune_channels(m, EXAMPLE, select_params(m, None), Precomputed(scores), 0.4,
+                              update=False, shrink_model=False, normalize=normalize)
+        return {g: sorted(c) for g, c in step.allocation.removed.items() if c}
+
+    assert removed(base, "mean") == removed(scaled, "mean")
+    assert len(removed(scaled, "none").get(0, [])) < len(removed(base, "none").get(0, []))

@@ -56,6 +56,8 @@ Metric = Literal["flops", "params"]
 METRICS: tuple[Metric, ...] = get_args(Metric)  # structure.target
 Rank = Literal["saliency", "per_cost"]
 RANKS: tuple[Rank, ...] = get_args(Rank)  # structure.rank
+Normalize = Literal["none", "mean"]
+NORMALIZE: tuple[Normalize, ...] = get_args(Normalize)  # structure.normalize
 GroupScores = Literal["auto", "magnitude", "taylor", "random", "tp_magnitude"]
 GROUP_SCORES: tuple[GroupScores, ...] = get_args(GroupScores)  # structure.scores
 

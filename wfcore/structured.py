@@ -196,11 +196,12 @@ def prune_channels(model: nn.Module, example: torch.Tensor, params: dict[str, to
                    scorer: GroupScorer, target: float, *, metric: str = "flops",
                    min_keep: float = 0.1, rank: str = "saliency", round_to: int = 1,
                    update: bool = True, shrink_model: bool = True,
-                   unit: str = "channel") -> StructuredStep:
+                   unit: str = "channel", normalize: str = "none") -> StructuredStep:
     """Score, allocate, update, zero and (``shrink_model``) remove coupled channels (or,
     ``unit="head"``, attention heads) of ``model`` so that ``target`` of its ``metric``
     is gone. ``params``: the prunable parameters, in the flat order the scorer's
-    curvature was built on."""
+    curvature was built on. ``normalize``: "mean" divides each group's saliencies by their
+    mean before the allocation (``structure.normalize``)."""
     if unit not in STRUCTURED_UNITS:
         raise ConfigError(f"config key 'structure.unit': '{unit}' is not one of "
                           f"{', '.join(STRUCTURED_UNITS)}")
@@ -221,6 +222,8 @@ def prune_channels(model: nn.Module, example: torch.Tensor, params: dict[str, to
     cost = CostModel(model, example)
     w = layout.flatten({n: p.detach() for n, p in params.items()})
     saliencies = score_groups(scorer, w, coords)
+    if normalize == "mean":  # a group whose mean is 0 (all its channels free) stays 0
+        saliencies = [s / s.mean() if float(s.mean()) > 0 else s for s in saliencies]
     allocation = allocate(groups, saliencies, cost, target, metric, min_keep, rank, round_to)
     if update:
         mask = torch.zeros(layout.d, dtype=torch.bool)

@@ -185,7 +185,7 @@ def prune_to(pruning: Pruning, target: float, timings: dict[str, float]) -> dict
     step = prune_channels(pruning.model, example, pruning.params, scorer, left,
                           metric=cfg.structure.target, min_keep=cfg.structure.min_keep,
                           rank=cfg.structure.rank, round_to=cfg.structure.round_to,
-                          unit=cfg.structure.unit,
+                          unit=cfg.structure.unit, normalize=cfg.structure.normalize,
                           update=cfg.scorer.get("update") != "none")
     samples = cfg.structure.recalibrate
     if samples:
