@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 2**20  # per-sample gradients held at once by one vmap call
 MAX_CHUNK = 256  # rows per vmap call
+
+
+def chunk_rows(d: int) -> int:
+    """Rows of d gradient values per vmap call that fit ``CHUNK_BYTES`` (float32 rows held
+    before a write), at most ``MAX_CHUNK``."""
+    return max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d)))
+
+
 Write = Callable[[int, torch.Tensor], None]  # (first row, rows (c, d)) into the store
 
 
@@ -218,9 +226,8 @@ class GradientSampler:
         return self.max_chunk_rows()
 
     def max_chunk_rows(self) -> int:
-        """Rows per vmap call that fit ``CHUNK_BYTES`` (float32 rows held before a write)."""
-        per_row = self.layout.d * 4
-        return max(1, min(MAX_CHUNK, CHUNK_BYTES // per_row))
+        """Rows per vmap call that fit ``CHUNK_BYTES`` (``chunk_rows``)."""
+        return chunk_rows(self.layout.d)
 
     # -- sampling -----------------------------------------------------------------------
     def sample(self, num_grads: int | None = None) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from wfcore.errors import WfcoreError
-from wfcore.fisher.gradients import ParamLayout
+from wfcore.fisher.gradients import ParamLayout, chunk_rows
 from wfcore.fisher.store import (
     DISK_MARGIN,
     STORAGE_DTYPES,
@@ -160,11 +160,10 @@ def row_timing(model: nn.Module, params: dict[str, nn.Parameter], example: torch
     fresh memory). Returns (seconds per row, the first call's extra seconds)."""
     from torch.func import functional_call, grad, vmap
 
-    from wfcore.fisher.gradients import CHUNK_BYTES, MAX_CHUNK
     from wfcore.fisher.precision import math_attention
 
     d = sum(p.numel() for p in params.values())
-    chunk = max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d)))
+    chunk = chunk_rows(d)
     names = list(params)
     fixed = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]
              if n not in params}
@@ -251,13 +250,12 @@ def sampling_seconds(model: nn.Module, params: dict[str, nn.Parameter],
     where the sampler calibrates its method (``wfcore.fisher.grad_calibration``, with its rule
     for when), that calibration: its rows on one thread."""
     from wfcore.fisher.grad_calibration import MIN_GRADS, SHARE, calibration_rows
-    from wfcore.fisher.gradients import CHUNK_BYTES, MAX_CHUNK
 
     row, first_call = row_timing(model, params, example, loss_fn, target, grad_batch, method)
     d = sum(p.numel() for p in params.values())
     if store is not None:
-        row += write_seconds(store, max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d), m)))
-    n = min(max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * d))), m // SHARE)
+        row += write_seconds(store, min(chunk_rows(d), m))
+    n = min(chunk_rows(d), m // SHARE)
     while n >= 2 and calibration_rows(n) > m // SHARE:
         n -= 1
     calibrates = method == "auto" and grad_batch == 1 and m >= MIN_GRADS and n >= 2
