@@ -39,11 +39,11 @@ from results_doc import write_section
 from wfcore.plugins.diag_fisher import live_mean
 
 from wfcore import config as config_mod
-from wfcore import manager
+from wfcore import group_obs, manager, structured
 from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Taylor
 from wfcore.run import pipeline
 from wfcore.run.training import evaluate
-from wfcore.structured import prunable_groups, prune_channels, recalibrate_batchnorm
+from wfcore.structured import prune_channels, recalibrate_batchnorm
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE = CONFIGS / "mnist_cnn.yaml"
@@ -55,20 +55,10 @@ METHODS = ("woodfisher", "woodfisher-noupdate", "magnitude", "taylor", "tp-magni
            "tp-taylor", "tp-hessian")
 
 
-class Fixed(GroupScorer):
-    """Scores computed elsewhere (Torch-Pruning's importances), one tensor per group."""
-
-    def __init__(self, scores: list[torch.Tensor]):
-        self.scores, self.k = scores, 0
-
-    def saliencies(self, w, channels):
-        self.k += 1
-        return self.scores[self.k - 1].double()
-
-
-def tp_scores(method: str, model, groups, graph, batches) -> list[torch.Tensor]:
-    """Torch-Pruning's importance of every channel of our groups (same roots), with the
-    gradients Taylor and Hessian need accumulated over ``batches``."""
+def tp_scores(method: str, model, example, batches) -> list[torch.Tensor]:
+    """Torch-Pruning's importance of every channel of our groups (``torch_pruning_scores``:
+    the groups prune_channels traces), with the gradients Taylor and Hessian need
+    accumulated over ``batches``."""
     imp = {"tp-magnitude": tp.importance.GroupMagnitudeImportance(p=2),
            "tp-taylor": tp.importance.GroupTaylorImportance(),
            "tp-hessian": tp.importance.GroupHessianImportance()}[method]
@@ -83,13 +73,7 @@ def tp_scores(method: str, model, groups, graph, batches) -> list[torch.Tensor]:
     elif method == "tp-taylor":
         for x, y in batches:
             loss_fn(model(x), y).backward()
-    modules = dict(model.named_modules())
-    out = []
-    for g in groups:
-        root = modules[g.root]
-        group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels,
-                                        list(range(g.size)))
-        out.append(imp(group).detach().cpu())
+    out = structured.torch_pruning_scores(model, example, imp)
     model.zero_grad()
     return out
 
@@ -127,8 +111,7 @@ def run_one(model_name: str, name: str, seed: int, target: float, m: int,
     elif method == "taylor":
         scorer = Taylor(p.sampler.sample(m).double().mean(0))
     else:
-        graph, groups = prunable_groups(model, example)  # the groups prune_channels traces
-        scorer = Fixed(tp_scores(method, model, groups, graph, batches[:2]))
+        scorer = group_obs.Precomputed(tp_scores(method, model, example, batches[:2]))
     # the shrunk model's outputs equal the masked one's (to 1e-5, tests/test_structured.py):
     # its accuracy before the statistics are re-estimated is the masked model's
     step = prune_channels(model, example, params, scorer, target, rank=rank or "saliency",

@@ -81,7 +81,6 @@ BENCHMARK_PRIVATE = {
                                "from wfcore.group_obs import GroupScorer",
                                "from wfcore.group_obs import Taylor",
                                "from wfcore.plugins.diag_fisher import live_mean",
-                               "from wfcore.structured import prunable_groups",
                                "from wfcore.structured import prune_channels",
                                "from wfcore.structured import recalibrate_batchnorm",
                                "from wfcore.run.training import evaluate"},

@@ -285,13 +285,13 @@ def test_reading_coordinates_are_the_next_layers_inputs():
     assert all(r.numel() == 4 * 9 + 8 * 9 + 8 for r in reads)
 
 
-def test_torch_pruning_magnitude_scores_every_group_and_enters_a_step():
+def test_torch_pruning_scores_scores_every_group_and_enters_a_step():
     from wfcore.group_obs import Precomputed
-    from wfcore.structured import torch_pruning_magnitude
+    from wfcore.structured import torch_pruning_scores
 
     model = tiny_model()
     _, groups = prunable_groups(model, EXAMPLE)
-    scores = torch_pruning_magnitude(model, EXAMPLE)
+    scores = torch_pruning_scores(model, EXAMPLE)
     assert [s.numel() for s in scores] == [g.size for g in groups]
     # a channel whose every weight in the group is zero scores lowest in its group
     params = select_params(model, None)
@@ -301,15 +301,15 @@ def test_torch_pruning_magnitude_scores_every_group_and_enters_a_step():
         w[sets[0][1]] = 0.0
         for n, t in layout.unflatten(w).items():
             params[n].copy_(t)
-    zeroed = torch_pruning_magnitude(model, EXAMPLE)[0]
+    zeroed = torch_pruning_scores(model, EXAMPLE)[0]
     assert float(zeroed[1]) < float(torch.cat([zeroed[:1], zeroed[2:]]).min())
     # and twice every parameter (BatchNorm's too): the same (mean-normalised) scores
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(2)
-    torch.testing.assert_close(torch_pruning_magnitude(model, EXAMPLE)[0], zeroed)
+    torch.testing.assert_close(torch_pruning_scores(model, EXAMPLE)[0], zeroed)
     step = prune_channels(model, EXAMPLE, params,
-                          Precomputed(torch_pruning_magnitude(model, EXAMPLE)), 0.5)
+                          Precomputed(torch_pruning_scores(model, EXAMPLE)), 0.5)
     assert step.record()["predicted"]["flops_removed"] >= 0.5
     with pytest.raises(WfcoreError, match="does not match"):
         prune_channels(tiny_model(), EXAMPLE, select_params(tiny_model(), None),

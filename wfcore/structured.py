@@ -58,13 +58,17 @@ class Allocation:
                               "params_removed": removed["params"]}}
 
 
-def torch_pruning_magnitude(model: nn.Module, example: torch.Tensor) -> list[torch.Tensor]:
-    """Torch-Pruning's ``GroupMagnitudeImportance`` (p=2, its defaults: the mean over a
-    group's layers, normalised by the group's mean) of every channel of each group
-    ``prunable_groups`` gives, in its order (``structure.scores: tp_magnitude``)."""
+def torch_pruning_scores(model: nn.Module, example: torch.Tensor,
+                         importance: Any = None) -> list[torch.Tensor]:
+    """A Torch-Pruning importance of every channel of each group ``prunable_groups`` gives,
+    in its order. ``importance``: one of ``torch_pruning.importance`` (those that read
+    gradients read what the model's parameters hold); default ``GroupMagnitudeImportance``
+    (p=2, its defaults: the mean over a group's layers, normalised by the group's mean),
+    ``structure.scores: tp_magnitude``."""
     tp = torch_pruning()
     graph, groups = prunable_groups(model, example)
-    importance = tp.importance.GroupMagnitudeImportance(p=2)
+    if importance is None:
+        importance = tp.importance.GroupMagnitudeImportance(p=2)
     modules = dict(model.named_modules())
     out = []
     with torch.no_grad():

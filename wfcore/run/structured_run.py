@@ -36,7 +36,7 @@ from wfcore.group_obs import Diagonal, DualFisher, GroupScorer, Precomputed, Ran
 from wfcore.heads import remove_heads
 from wfcore.interfaces import PruningProblem
 from wfcore.masks import Masks, select_params
-from wfcore.structured import prune_channels, recalibrate_batchnorm, torch_pruning_magnitude
+from wfcore.structured import prune_channels, recalibrate_batchnorm, torch_pruning_scores
 
 # the run's step machinery (wfcore.run.pruning.Pruning), which calls this module: not
 # imported back
@@ -106,7 +106,7 @@ def group_scorer(pruning: Pruning, G: torch.Tensor | None, curvature: Any) -> Gr
         return Taylor(G.mean(0))
     if scores == "tp_magnitude":
         example = pruning.setup.data.test[0][0][None].to(pruning.setup.device)
-        return Precomputed(torch_pruning_magnitude(pruning.model, example))
+        return Precomputed(torch_pruning_scores(pruning.model, example))
     if scores == "magnitude" or cfg.estimator.name == "magnitude":
         return Diagonal()
     if cfg.estimator.name == "woodfisher":
