@@ -172,16 +172,14 @@ def row_timing(model: nn.Module, params: dict[str, nn.Parameter], example: torch
     def repeat(t: torch.Tensor, n: int) -> torch.Tensor:
         return t.expand(n, *t.shape[1:]).clone()
 
-    first: list[float] = []  # the extra seconds of each timed method's first call
-
-    def timed(run, rows: int) -> float:
+    def timed(run, rows: int) -> tuple[float, float]:
+        """(seconds per row, the first call's extra seconds)."""
         times = []
         for _ in range(3):
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
-        first.append(max(times[0] - min(times[1:]), 0.0))
-        return min(times[1:]) / rows
+        return min(times[1:]) / rows, max(times[0] - min(times[1:]), 0.0)
 
     batch = min(grad_batch, BATCH_TIMED)
     xb, yb = repeat(example, batch), repeat(target.to(example.device), batch)
@@ -203,16 +201,16 @@ def row_timing(model: nn.Module, params: dict[str, nn.Parameter], example: torch
     model.eval()
     try:
         if grad_batch != 1 or method == "loop":
-            return timed(loop, 1) * grad_batch / batch, first[-1]
+            row, first = timed(loop, 1)
+            return row * grad_batch / batch, first
         with math_attention():
             try:
                 by_vmap = timed(vmapped, chunk)
             except Exception:  # a model torch.func cannot trace: the sampler loops too
-                return timed(loop, 1), first[-1]
+                return timed(loop, 1)
         if method == "vmap":
-            return by_vmap, first[0]
-        by_loop = timed(loop, 1)
-        return (by_vmap, first[0]) if by_vmap <= by_loop else (by_loop, first[1])
+            return by_vmap
+        return min(by_vmap, timed(loop, 1), key=lambda t: t[0])
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
